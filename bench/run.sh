@@ -1,0 +1,736 @@
+#!/usr/bin/env bash
+# Benchmark: pingora-vhost beside nginx and HAProxy, same origin, one worker each.
+#
+#   bench/run.sh [--only-baselines | --only nginx,haproxy,pingora-vhost] [--skip-build] [--help]
+#
+#   --only-baselines  run nginx and HAProxy only (no cargo build, no pingora-vhost)
+#   --only LIST       run only the listed proxies (comma-separated); ratios need all three
+#   --skip-build      do not run `cargo build --release`; use the existing binary
+#
+# See bench/README.md for what is measured and how. Run as root on Debian (it installs
+# missing packages with apt-get). Everything it starts is killed on exit and its temp
+# dir removed.
+#
+# Environment overrides:
+#   BENCH_DURATION=10      measured seconds per run
+#   BENCH_WARMUP=2         warm-up seconds per run (not measured)
+#   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
+#   BENCH_PORT_BASE=18400  first loopback port tried; busy ports are skipped
+#   BENCH_CPU_LOAD / BENCH_CPU_PROXY   CPUs for wrk+origin / for the proxy
+#                          (default: first and second CPU of this process's affinity)
+#   BENCH_PV_BIN=path      pingora-vhost binary (default <target dir>/release/pingora-vhost)
+#   BENCH_RESULTS=path     markdown output (default bench/results/latest.md)
+#   BENCH_KEEP_TMP=1       keep the temp dir (configs, logs, raw wrk output) for debugging
+
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
+
+DURATION="${BENCH_DURATION:-10}"
+WARMUP="${BENCH_WARMUP:-2}"
+CONNECTIONS="${BENCH_CONNECTIONS:-50}"
+PORT_BASE="${BENCH_PORT_BASE:-18400}"
+RESULTS_MD="${BENCH_RESULTS:-$SCRIPT_DIR/results/latest.md}"
+HOST_HEADER="bench.local"
+
+PROXIES=(nginx haproxy pingora-vhost)
+SKIP_BUILD=0
+
+usage() {
+    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only-baselines) PROXIES=(nginx haproxy) ;;
+        --only)
+            [ $# -ge 2 ] || { echo "run.sh: --only needs a list" >&2; exit 2; }
+            IFS=, read -r -a PROXIES <<< "$2"; shift
+            for p in "${PROXIES[@]}"; do
+                case "$p" in nginx|haproxy|pingora-vhost) ;;
+                    *) echo "run.sh: --only: unknown proxy '$p' (nginx, haproxy, pingora-vhost)" >&2; exit 2 ;;
+                esac
+            done ;;
+        --skip-build) SKIP_BUILD=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+for v in DURATION WARMUP CONNECTIONS PORT_BASE; do
+    case "${!v}" in
+        ''|*[!0-9]*) echo "run.sh: BENCH_$v must be a non-negative integer, got '${!v}'" >&2; exit 2 ;;
+    esac
+done
+has_proxy() { local p; for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+RUN_PV=0; has_proxy pingora-vhost && RUN_PV=1
+ALL3=0; has_proxy nginx && has_proxy haproxy && [ "$RUN_PV" -eq 1 ] && ALL3=1
+BASE2=0; has_proxy nginx && has_proxy haproxy && BASE2=1
+
+[ "$DURATION" -ge 1 ] || { echo "run.sh: BENCH_DURATION must be >= 1" >&2; exit 2; }
+[ "$CONNECTIONS" -ge 1 ] || { echo "run.sh: BENCH_CONNECTIONS must be >= 1" >&2; exit 2; }
+
+log()  { printf '[bench] %s\n' "$*" >&2; }
+die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    die "run as root (it installs packages with apt-get and binds loopback ports)"
+fi
+
+# ---------------------------------------------------------------------------------------
+# Prerequisites
+# ---------------------------------------------------------------------------------------
+export PATH="$PATH:/usr/sbin:/sbin"
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+
+apt_install() {
+    # apt_install PKG... ; does not let package install scripts start system services
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        APT_UPDATED=1
+    fi
+    local made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    log "apt-get install $*"
+    local rc=0
+    apt-get install -y -qq --no-install-recommends "$@" >&2 || rc=$?
+    if [ "$made_policy" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    return "$rc"
+}
+
+need_cmd() {
+    # need_cmd CMD PKG [FALLBACK_PKG]
+    local cmd="$1" pkg="$2" alt="${3:-}"
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    apt_install "$pkg" || { [ -n "$alt" ] && apt_install "$alt"; } || true
+    command -v "$cmd" >/dev/null 2>&1 || die "cannot install '$cmd' (package $pkg${alt:+ or $alt})"
+}
+
+command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this script targets Debian"
+need_cmd nginx nginx nginx-light
+need_cmd haproxy haproxy
+need_cmd wrk wrk
+need_cmd openssl openssl
+need_cmd curl curl
+need_cmd taskset util-linux
+need_cmd timeout coreutils
+need_cmd getconf libc-bin
+need_cmd awk mawk
+
+CLK_TCK="$(getconf CLK_TCK)"
+
+# Enough file descriptors for CONNECTIONS client + upstream connections in each proxy.
+MAXCONN=$(( CONNECTIONS * 2 + 1024 ))
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MAXCONN * 2 + 64)) ]; then
+    die "open-file limit $(ulimit -n) too low for $CONNECTIONS connections"
+fi
+
+# ---------------------------------------------------------------------------------------
+# Build pingora-vhost
+# ---------------------------------------------------------------------------------------
+PV_BIN="${BENCH_PV_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/pingora-vhost}"
+if [ "$RUN_PV" -eq 1 ]; then
+    if [ "$SKIP_BUILD" -eq 0 ]; then
+        if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        fi
+        command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain with rustup), or use --only-baselines"
+        need_cmd cmake cmake            # pingora-core builds zlib-ng
+        need_cmd cc gcc
+        need_cmd make make
+        log "cargo build --release (in $REPO_DIR)"
+        (cd "$REPO_DIR" && cargo build --release --locked 2>&1 || cargo build --release 2>&1) | tail -n 5 >&2
+    fi
+    [ -x "$PV_BIN" ] || die "pingora-vhost binary not found at $PV_BIN"
+fi
+
+# ---------------------------------------------------------------------------------------
+# CPU pinning: wrk + origin on one CPU, the proxy under test alone on another.
+# ---------------------------------------------------------------------------------------
+expand_cpulist() {
+    # "0-2,5" -> "0 1 2 5"
+    local IFS=, part out=""
+    for part in $1; do
+        if [[ "$part" == *-* ]]; then
+            out="$out $(seq "${part%-*}" "${part#*-}" | tr '\n' ' ')"
+        else
+            out="$out $part"
+        fi
+    done
+    echo $out
+}
+ALLOWED_CPUS=($(expand_cpulist "$(taskset -pc $$ | sed 's/.*: *//')"))
+PIN=0
+if [ "${#ALLOWED_CPUS[@]}" -ge 2 ]; then
+    CPU_LOAD="${BENCH_CPU_LOAD:-${ALLOWED_CPUS[0]}}"
+    CPU_PROXY="${BENCH_CPU_PROXY:-${ALLOWED_CPUS[1]}}"
+    PIN=1
+else
+    log "fewer than 2 CPUs available: running without CPU pinning"
+    CPU_LOAD="-"; CPU_PROXY="-"
+fi
+# Command prefixes (arrays, so `exec` and `$!` reach the real program, not a shell function).
+PIN_LOAD=(); PIN_PROXY=()
+if [ "$PIN" -eq 1 ]; then PIN_LOAD=(taskset -c "$CPU_LOAD"); PIN_PROXY=(taskset -c "$CPU_PROXY"); fi
+
+# ---------------------------------------------------------------------------------------
+# Temp dir, process bookkeeping, cleanup
+# ---------------------------------------------------------------------------------------
+TMP="$(mktemp -d /tmp/pv-bench.XXXXXX)"
+chmod 755 "$TMP"
+STARTED_PIDS=()
+
+# Print PID and all its descendants (from /proc; no procps needed).
+proc_tree() {
+    local root="$1"
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$root" '
+        { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " "); parent[pid] = f[2] }
+        END {
+            n = 1; q[1] = root; seen[root] = 1; out = root
+            for (i = 1; i <= n; i++)
+                for (p in parent)
+                    if (parent[p] == q[i] && !(p in seen)) { seen[p] = 1; q[++n] = p; out = out " " p }
+            print out
+        }'
+}
+
+# Sum utime+stime (clock ticks) of PID and all its descendants. Per-process stat already
+# includes all threads of that process.
+tree_ticks() {
+    local root="$1"
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$root" '
+        { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " ")
+          parent[pid] = f[2]; ticks[pid] = f[12] + f[13] }
+        END {
+            if (!(root in ticks)) { print -1; exit }
+            n = 1; q[1] = root; seen[root] = 1; sum = ticks[root]
+            for (i = 1; i <= n; i++)
+                for (p in parent)
+                    if (parent[p] == q[i] && !(p in seen)) { seen[p] = 1; q[++n] = p; sum += ticks[p] }
+            print sum
+        }'
+}
+
+kill_tree() {
+    local root="$1" pids p i
+    [ -d "/proc/$root" ] || return 0
+    pids="$(proc_tree "$root")"
+    kill -TERM "$root" 2>/dev/null || true
+    for i in $(seq 1 30); do
+        [ -d "/proc/$root" ] || break
+        # reap if it is our child
+        sleep 0.1
+    done
+    for p in $pids; do
+        [ -d "/proc/$p" ] && kill -KILL "$p" 2>/dev/null || true
+    done
+    wait "$root" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local i
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+        kill_tree "${STARTED_PIDS[$i]}"
+    done
+    if [ "${BENCH_KEEP_TMP:-0}" = "1" ]; then
+        log "kept temp dir $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() {
+    local pid="$1" i
+    for i in "${!STARTED_PIDS[@]}"; do
+        [ "${STARTED_PIDS[$i]}" = "$pid" ] && unset 'STARTED_PIDS[i]'
+    done
+    STARTED_PIDS=("${STARTED_PIDS[@]}")
+}
+
+# ---------------------------------------------------------------------------------------
+# Ports
+# ---------------------------------------------------------------------------------------
+NEXT_PORT="$PORT_BASE"
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# take_port VAR: next port from NEXT_PORT with no TCP listener on 127.0.0.1
+take_port() {
+    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
+    [ "$NEXT_PORT" -le 65535 ] || die "no free port at or above $PORT_BASE"
+    printf -v "$1" '%s' "$NEXT_PORT"
+    NEXT_PORT=$((NEXT_PORT + 1))
+}
+
+take_port ORIGIN_PORT
+take_port NGINX_HTTP;  take_port NGINX_HTTPS
+take_port HAPROXY_HTTP; take_port HAPROXY_HTTPS
+take_port PV_HTTP; take_port PV_HTTPS; take_port PV_API; take_port PV_RPC; take_port PV_GOSSIP
+
+wait_port() {
+    # wait_port PORT PID NAME [TIMEOUT_S]
+    local port="$1" pid="$2" name="$3" t="${4:-30}" i
+    for i in $(seq 1 $((t * 10))); do
+        port_busy "$port" && return 0
+        [ -d "/proc/$pid" ] || { show_log "$name"; die "$name exited before listening on $port"; }
+        sleep 0.1
+    done
+    show_log "$name"; die "$name did not listen on 127.0.0.1:$port within ${t}s"
+}
+
+show_log() {
+    local f="$TMP/$1.log"
+    [ -f "$f" ] && { log "--- last lines of $f ---"; tail -n 30 "$f" >&2; }
+    return 0
+}
+
+# wait_http NAME PID TIMEOUT_S EXPECT_BODY curl-args...  -> waits for a 200 (and body if given)
+wait_http() {
+    local name="$1" pid="$2" t="$3" body="$4"; shift 4
+    local i out code
+    for i in $(seq 1 $((t * 5))); do
+        out="$(curl -sk --max-time 2 -o "$TMP/probe.body" -w '%{http_code}' "$@" 2>/dev/null || true)"
+        if [ "$out" = "200" ]; then
+            if [ -z "$body" ] || [ "$(cat "$TMP/probe.body")" = "$body" ]; then return 0; fi
+        fi
+        code="$out"
+        [ -d "/proc/$pid" ] || { show_log "$name"; die "$name exited while waiting for $*"; }
+        sleep 0.2
+    done
+    show_log "$name"
+    die "$name: no 200 from curl $* within ${t}s (last status: ${code:-none})"
+}
+
+# ---------------------------------------------------------------------------------------
+# Certificate (shared by all three proxies)
+# ---------------------------------------------------------------------------------------
+CERT="$TMP/cert.pem"; KEY="$TMP/key.pem"; COMBINED="$TMP/combined.pem"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$KEY" -out "$CERT" -days 2 -subj "/CN=$HOST_HEADER" \
+    -addext "subjectAltName=DNS:$HOST_HEADER,DNS:localhost,IP:127.0.0.1" >/dev/null 2>&1 \
+    || die "openssl could not make the self-signed certificate"
+cat "$CERT" "$KEY" > "$COMBINED"
+chmod 644 "$CERT" "$KEY" "$COMBINED"
+
+# ---------------------------------------------------------------------------------------
+# Origin: its own nginx, 1 worker, `return 200 "ok\n"`, keep-alive.
+# ---------------------------------------------------------------------------------------
+nginx_common() {
+    # nginx_common DIR -> top-level + temp paths so nothing outside DIR is touched
+    local d="$1"
+    cat <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+user root;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+worker_rlimit_nofile $((MAXCONN * 2 + 64));
+events { worker_connections $MAXCONN; }
+EOF
+}
+nginx_temp_paths() {
+    local d="$1"
+    cat <<EOF
+    client_body_temp_path $d/client_body;
+    proxy_temp_path $d/proxy;
+    fastcgi_temp_path $d/fastcgi;
+    uwsgi_temp_path $d/uwsgi;
+    scgi_temp_path $d/scgi;
+EOF
+}
+
+start_origin() {
+    local d="$TMP/origin"; mkdir -p "$d"
+    {
+        nginx_common "$d"
+        echo "http {"
+        nginx_temp_paths "$d"
+        cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+        location / {
+            default_type text/plain;
+            return 200 "ok\n";
+        }
+    }
+}
+EOF
+    } > "$d/nginx.conf"
+    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/origin.log" 2>&1 || { show_log origin; die "origin nginx config invalid"; }
+    "${PIN_LOAD[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/origin.log" 2>&1 &
+    ORIGIN_PID=$!
+    STARTED_PIDS+=("$ORIGIN_PID")
+    wait_port "$ORIGIN_PORT" "$ORIGIN_PID" origin
+    wait_http origin "$ORIGIN_PID" 10 "ok" "http://127.0.0.1:$ORIGIN_PORT/"
+    log "origin nginx on 127.0.0.1:$ORIGIN_PORT (pid $ORIGIN_PID)"
+}
+
+# ---------------------------------------------------------------------------------------
+# Proxies. Each start_* sets PROXY_PID, PROXY_HTTP, PROXY_HTTPS.
+# ---------------------------------------------------------------------------------------
+start_nginx() {
+    local d="$TMP/nginx"; mkdir -p "$d"
+    {
+        nginx_common "$d"
+        echo "http {"
+        nginx_temp_paths "$d"
+        cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_PORT;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_HTTP backlog=4096;
+        listen 127.0.0.1:$NGINX_HTTPS ssl backlog=4096;
+        server_name $HOST_HEADER;
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$host;
+        }
+    }
+}
+EOF
+    } > "$d/nginx.conf"
+    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/nginx.log" 2>&1 || { show_log nginx; die "nginx config invalid"; }
+    "${PIN_PROXY[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/nginx.log" 2>&1 &
+    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
+    PROXY_HTTP="$NGINX_HTTP"; PROXY_HTTPS="$NGINX_HTTPS"
+    wait_port "$NGINX_HTTP" "$PROXY_PID" nginx
+    wait_port "$NGINX_HTTPS" "$PROXY_PID" nginx
+}
+
+start_haproxy() {
+    local d="$TMP/haproxy"; mkdir -p "$d"
+    cat > "$d/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $MAXCONN
+    tune.ssl.default-dh-param 2048
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 300s
+
+frontend fe
+    bind 127.0.0.1:$HAPROXY_HTTP
+    bind 127.0.0.1:$HAPROXY_HTTPS ssl crt $COMBINED
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https if { ssl_fc }
+    http-request set-header X-Forwarded-Proto http if !{ ssl_fc }
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend be
+
+backend be
+    http-reuse always
+    server origin 127.0.0.1:$ORIGIN_PORT pool-max-conn 64
+EOF
+    haproxy -c -q -f "$d/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 || { show_log haproxy; die "haproxy config invalid"; }
+    "${PIN_PROXY[@]}" haproxy -db -f "$d/haproxy.cfg" >>"$TMP/haproxy.log" 2>&1 &
+    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
+    PROXY_HTTP="$HAPROXY_HTTP"; PROXY_HTTPS="$HAPROXY_HTTPS"
+    wait_port "$HAPROXY_HTTP" "$PROXY_PID" haproxy
+    wait_port "$HAPROXY_HTTPS" "$PROXY_PID" haproxy
+}
+
+start_pingora_vhost() {
+    local d="$TMP/pingora-vhost"; mkdir -p "$d/data"
+    PV_TOKEN="bench-$(openssl rand -hex 16)"
+    cat > "$d/config.toml" <<EOF
+[proxy]
+listen_addr = "127.0.0.1:$PV_HTTPS"
+listen_addr_http = "127.0.0.1:$PV_HTTP"
+management_api_addr = "127.0.0.1:$PV_API"
+threads = 1
+# wrk sends the URL host (127.0.0.1) as SNI, so the default certificate is the one it
+# negotiates: make it the same cert as the virtual host's (and as nginx/HAProxy use).
+default_cert_path = "$CERT"
+default_key_path = "$KEY"
+
+[api]
+token = "$PV_TOKEN"
+
+[cluster]
+node_id = 1
+data_dir = "$d/data"
+rpc_addr = "127.0.0.1:$PV_RPC"
+gossip_addr = "127.0.0.1:$PV_GOSSIP"
+seeds = []
+bootstrap_expect = 1
+
+[logging]
+level = "warn"
+
+[health_check]
+interval_secs = 2
+timeout_secs = 1
+healthy_threshold = 1
+unhealthy_threshold = 3
+path = "/"
+
+[[virtual_hosts]]
+domain = "$HOST_HEADER"
+enabled_backends_tag = "a"
+http_to_https = false
+tls = "manual"
+cert_path = "$CERT"
+key_path = "$KEY"
+
+[[backends]]
+id = "origin"
+address = "127.0.0.1:$ORIGIN_PORT"
+tags = ["a"]
+EOF
+    (cd "$d" && exec "$PV_BIN" --config "$d/config.toml" --check) >"$TMP/pingora-vhost.log" 2>&1 \
+        || { show_log pingora-vhost; die "pingora-vhost --check rejected $d/config.toml"; }
+    (cd "$d" && exec "${PIN_PROXY[@]}" "$PV_BIN" --config "$d/config.toml") >>"$TMP/pingora-vhost.log" 2>&1 &
+    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
+    PROXY_HTTP="$PV_HTTP"; PROXY_HTTPS="$PV_HTTPS"
+    wait_port "$PV_HTTP" "$PROXY_PID" pingora-vhost 60
+    wait_port "$PV_HTTPS" "$PROXY_PID" pingora-vhost 60
+    wait_http pingora-vhost "$PROXY_PID" 60 "" "http://127.0.0.1:$PV_API/api/v1/health"
+}
+
+# Waits until PROXY serves the origin's "ok" for Host: bench.local over HTTP and HTTPS.
+wait_proxy_ready() {
+    local name="$1"
+    wait_http "$name" "$PROXY_PID" 60 "ok" -H "Host: $HOST_HEADER" "http://127.0.0.1:$PROXY_HTTP/"
+    wait_http "$name" "$PROXY_PID" 60 "ok" --resolve "$HOST_HEADER:$PROXY_HTTPS:127.0.0.1" "https://$HOST_HEADER:$PROXY_HTTPS/"
+    wait_http "$name" "$PROXY_PID" 60 "ok" -H "Host: $HOST_HEADER" "https://127.0.0.1:$PROXY_HTTPS/"
+}
+
+# ---------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------
+declare -A RPS P50 P99 CPU_US CPU_PCT ORIGIN_PCT REQS NOTES
+
+to_ms() {
+    # wrk latency "812.00us" / "1.23ms" / "1.01s" / "2.00m" -> ms
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+
+# measure NAME PROTO URL
+measure() {
+    local name="$1" proto="$2" url="$3" raw="$TMP/wrk-$1-$2.txt"
+    local t0 t1 w0 w1 o0 o1
+    if [ "$WARMUP" -gt 0 ]; then
+        log "$name/$proto: warm-up ${WARMUP}s"
+        "${PIN_LOAD[@]}" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" \
+            -H "Host: $HOST_HEADER" "$url" >/dev/null 2>&1 || die "$name/$proto: wrk warm-up failed"
+    fi
+    [ -d "/proc/$PROXY_PID" ] || { show_log "$name"; die "$name died during warm-up"; }
+    log "$name/$proto: measuring ${DURATION}s, $CONNECTIONS connections"
+    o0="$(tree_ticks "$ORIGIN_PID")"
+    t0="$(tree_ticks "$PROXY_PID")"
+    w0="$(date +%s.%N)"
+    "${PIN_LOAD[@]}" timeout $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+        -H "Host: $HOST_HEADER" "$url" >"$raw" 2>&1 || { cat "$raw" >&2; die "$name/$proto: wrk failed"; }
+    w1="$(date +%s.%N)"
+    t1="$(tree_ticks "$PROXY_PID")"
+    o1="$(tree_ticks "$ORIGIN_PID")"
+    [ "$t0" -ge 0 ] && [ "$t1" -ge 0 ] || { show_log "$name"; die "$name died during the run"; }
+
+    local key="$name/$proto" reqs rps p50 p99 non2xx sockerr
+    reqs="$(awk '/requests in/ { print $1; exit }' "$raw")"
+    rps="$(awk '/^Requests\/sec:/ { print $2; exit }' "$raw")"
+    p50="$(awk '$1 == "50%" { print $2; exit }' "$raw")"
+    p99="$(awk '$1 == "99%" { print $2; exit }' "$raw")"
+    non2xx="$(awk '/Non-2xx or 3xx responses:/ { print $NF; exit }' "$raw")"
+    sockerr="$(awk '/Socket errors:/ { sub(/.*Socket errors: /, ""); print; exit }' "$raw")"
+    [ -n "$reqs" ] && [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] \
+        || { cat "$raw" >&2; die "$key: could not parse wrk output"; }
+    [ "$reqs" -gt 0 ] || { cat "$raw" >&2; die "$key: wrk completed no request"; }
+
+    REQS[$key]="$reqs"
+    RPS[$key]="$(awk -v r="$rps" 'BEGIN { printf "%.0f", r }')"
+    P50[$key]="$(to_ms "$p50")"
+    P99[$key]="$(to_ms "$p99")"
+    CPU_US[$key]="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')"
+    CPU_PCT[$key]="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
+    ORIGIN_PCT[$key]="$(awk -v d=$((o1 - o0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
+    local note=""
+    [ -n "$non2xx" ] && note="$note non-2xx/3xx: $non2xx;"
+    [ -n "$sockerr" ] && note="$note socket errors: $sockerr;"
+    NOTES[$key]="${note# }"
+    if [ -n "$note" ]; then log "WARNING $key:$note"; fi
+    log "$key: ${RPS[$key]} req/s, p50 ${P50[$key]} ms, p99 ${P99[$key]} ms, ${CPU_US[$key]} us CPU/req (proxy CPU ${CPU_PCT[$key]}%, origin CPU ${ORIGIN_PCT[$key]}%)"
+}
+
+stop_proxy() {
+    kill_tree "$PROXY_PID"
+    forget_pid "$PROXY_PID"
+}
+
+run_proxy() {
+    local name="$1"
+    log "=== $name ==="
+    "start_${name//-/_}"
+    wait_proxy_ready "$name"
+    measure "$name" http  "http://127.0.0.1:$PROXY_HTTP/"
+    measure "$name" https "https://127.0.0.1:$PROXY_HTTPS/"
+    stop_proxy
+}
+
+# ---------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------
+
+log "temp dir $TMP; CPUs: wrk+origin=$CPU_LOAD proxy=$CPU_PROXY; ${DURATION}s x $CONNECTIONS connections, warm-up ${WARMUP}s"
+start_origin
+for p in "${PROXIES[@]}"; do run_proxy "$p"; done
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
+verdict() { # verdict OK_EXPR_RESULT
+    if [ "$1" = 1 ]; then echo "PASS"; else echo "FAIL"; fi; }
+
+NGINX_VER="$( (nginx -v 2>&1 || true) | sed 's/.*nginx\///')"
+HAPROXY_VER="$( (haproxy -v 2>/dev/null || true) | awk 'NR==1 { print $3 }')"
+WRK_VER="$( (wrk -v 2>&1 || true) | awk 'NR==1 { print $2 }')"
+PV_VER="not run"
+if [ "$RUN_PV" -eq 1 ]; then
+    PV_VER="$(timeout 5 "$PV_BIN" --version 2>/dev/null | head -n1 || true)"
+    PV_REV="$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    [ -n "$(git -C "$REPO_DIR" status --porcelain 2>/dev/null | head -n1)" ] && PV_REV="$PV_REV+dirty"
+    PV_VER="${PV_VER:-pingora-vhost} (git $PV_REV)"
+fi
+CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+
+md_table() {
+    local proto="$1" p key
+    echo "| proxy | req/s | p50 (ms) | p99 (ms) | CPU µs/req | proxy CPU % | origin CPU % | notes |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|"
+    for p in "${PROXIES[@]}"; do
+        key="$p/$proto"
+        echo "| $p | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} | ${CPU_US[$key]} | ${CPU_PCT[$key]} | ${ORIGIN_PCT[$key]} | ${NOTES[$key]:-} |"
+    done
+}
+
+md_ratios() {
+    local proto="$1" n="nginx/$1" h="haproxy/$1" v="pingora-vhost/$1" best ok
+    if [ "$ALL3" -eq 0 ]; then
+        echo "Ratios and targets need all three proxies; this run had: ${PROXIES[*]}."
+        if [ "$BASE2" -eq 1 ]; then
+            echo "haproxy/nginx: req/s $(ratio "${RPS[$h]}" "${RPS[$n]}"), CPU/req $(ratio "${CPU_US[$h]}" "${CPU_US[$n]}")."
+        fi
+        return
+    fi
+    best="$(awk -v a="${RPS[$n]}" -v b="${RPS[$h]}" 'BEGIN { print (a > b ? a : b) }')"
+    echo "| ratio | value | target | verdict |"
+    echo "|---|---:|---|---|"
+    ok="$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print (v >= b) ? 1 : 0 }')"
+    echo "| req/s pingora-vhost / nginx | $(ratio "${RPS[$v]}" "${RPS[$n]}") | | |"
+    echo "| req/s pingora-vhost / haproxy | $(ratio "${RPS[$v]}" "${RPS[$h]}") | | |"
+    echo "| req/s pingora-vhost / best(nginx, haproxy) | $(ratio "${RPS[$v]}" "$best") | >= 1.00 | $(verdict "$ok") |"
+    ok="$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print (v <= 0.9 * n) ? 1 : 0 }')"
+    echo "| CPU/req pingora-vhost / nginx | $(ratio "${CPU_US[$v]}" "${CPU_US[$n]}") | <= 0.90 | $(verdict "$ok") |"
+    echo "| CPU/req pingora-vhost / haproxy | $(ratio "${CPU_US[$v]}" "${CPU_US[$h]}") | | |"
+}
+
+report() {
+    echo "# pingora-vhost benchmark results"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- machine: $(nproc) CPUs ($CPU_MODEL), kernel $(uname -r)"
+    echo "- pinning: wrk + origin on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY"
+    echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, ${WARMUP}s warm-up + ${DURATION}s measured, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`"
+    echo "- proxies (1 worker each): nginx $NGINX_VER, HAProxy $HAPROXY_VER, $PV_VER"
+    echo "- origin: nginx, 1 worker, \`return 200 \"ok\\n\"\`"
+    echo "- CPU µs/req: proxy utime+stime (all processes and threads) during the measured run / requests"
+    echo
+    for proto in http https; do
+        echo "## ${proto^^}"
+        echo
+        md_table "$proto"
+        echo
+        md_ratios "$proto"
+        echo
+    done
+    echo "<details><summary>raw wrk output</summary>"
+    echo
+    for p in "${PROXIES[@]}"; do
+        for proto in http https; do
+            echo "### $p / $proto"
+            echo
+            echo '```'
+            cat "$TMP/wrk-$p-$proto.txt"
+            echo '```'
+            echo
+        done
+    done
+    echo "</details>"
+}
+
+text_report() {
+    local proto p key n h v best
+    for proto in http https; do
+        echo
+        echo "== ${proto^^} (wrk: 1 thread, $CONNECTIONS conns, ${DURATION}s) =="
+        printf '%-15s %10s %10s %10s %12s %8s %8s  %s\n' proxy "req/s" "p50 ms" "p99 ms" "CPU us/req" "proxy%" "origin%" notes
+        for p in "${PROXIES[@]}"; do
+            key="$p/$proto"
+            printf '%-15s %10s %10s %10s %12s %8s %8s  %s\n' "$p" "${RPS[$key]}" "${P50[$key]}" "${P99[$key]}" \
+                "${CPU_US[$key]}" "${CPU_PCT[$key]}" "${ORIGIN_PCT[$key]}" "${NOTES[$key]:-}"
+        done
+        n="nginx/$proto"; h="haproxy/$proto"; v="pingora-vhost/$proto"
+        if [ "$ALL3" -eq 0 ]; then
+            if [ "$BASE2" -eq 1 ]; then
+                echo "haproxy/nginx: req/s $(ratio "${RPS[$h]}" "${RPS[$n]}"), CPU/req $(ratio "${CPU_US[$h]}" "${CPU_US[$n]}")"
+            fi
+            echo "(ratios to pingora-vhost and targets need all three proxies)"
+            continue
+        fi
+        best="$(awk -v a="${RPS[$n]}" -v b="${RPS[$h]}" 'BEGIN { print (a > b ? a : b) }')"
+        echo "ratios:"
+        printf '  req/s   pingora-vhost/nginx   %5s   pingora-vhost/haproxy %5s   vs best %5s  (target >= 1.00: %s)\n' \
+            "$(ratio "${RPS[$v]}" "${RPS[$n]}")" "$(ratio "${RPS[$v]}" "${RPS[$h]}")" "$(ratio "${RPS[$v]}" "$best")" \
+            "$(verdict "$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print (v >= b) ? 1 : 0 }')")"
+        printf '  CPU/req pingora-vhost/nginx   %5s   pingora-vhost/haproxy %5s                 (target <= 0.90 x nginx: %s)\n' \
+            "$(ratio "${CPU_US[$v]}" "${CPU_US[$n]}")" "$(ratio "${CPU_US[$v]}" "${CPU_US[$h]}")" \
+            "$(verdict "$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print (v <= 0.9 * n) ? 1 : 0 }')")"
+    done
+}
+
+mkdir -p "$(dirname "$RESULTS_MD")"
+report > "$RESULTS_MD"
+text_report
+echo
+log "results written to $RESULTS_MD"

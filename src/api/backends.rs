@@ -1,0 +1,247 @@
+//! /api/v1/backends: the backend registry, drain and on-demand health probes.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::body::Body;
+use super::domains::unexpected;
+use super::{ApiError, ApiState};
+use crate::proxy::DataPlane;
+use crate::state::{Applied, Backend, BackendPatch, Command};
+use crate::validate;
+
+pub fn backend_json(b: &Backend, data: &DataPlane) -> Value {
+    let rt = data.backends.get(&b.id);
+    json!({
+        "id": b.id,
+        "address": b.address,
+        "tags": b.tags,
+        "health_check_path": b.health_check_path,
+        "healthy": rt.as_ref().map(|r| r.healthy.load(Ordering::Relaxed)).unwrap_or(true),
+        "draining": b.draining,
+        "in_flight": rt.as_ref().map(|r| r.in_flight.load(Ordering::Relaxed).max(0)).unwrap_or(0),
+        "requests": rt.as_ref().map(|r| r.requests.load(Ordering::Relaxed)).unwrap_or(0),
+        "connect_failures": rt.as_ref().map(|r| r.failures.load(Ordering::Relaxed)).unwrap_or(0),
+    })
+}
+
+fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
+    state
+        .node
+        .sm
+        .with_state(|s| s.backends.get(id).cloned())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("backend {id:?} not found")))
+}
+
+fn parse_tags(tags: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(tags) = tags else { return Ok(None) };
+    let mut out: Vec<String> = Vec::new();
+    for t in tags {
+        validate::tag(&t).map_err(|e| ApiError::field("tags", e))?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn parse_address(a: &str) -> Result<(), ApiError> {
+    validate::backend_address(a).map_err(|e| ApiError::field("address", e))
+}
+
+/// Read-only status fields clients may echo back from a GET.
+fn ignore_status_fields(body: &mut Body) {
+    for f in [
+        "healthy",
+        "draining",
+        "in_flight",
+        "requests",
+        "connect_failures",
+    ] {
+        body.ignore(f);
+    }
+}
+
+pub async fn list(State(state): State<ApiState>) -> Json<Value> {
+    let list: Vec<Value> = state.node.sm.with_state(|s| {
+        s.backends
+            .values()
+            .map(|b| backend_json(b, &state.data))
+            .collect()
+    });
+    Json(Value::Array(list))
+}
+
+pub async fn get_one(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(backend_json(&lookup(&state, &id)?, &state.data)))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    bytes: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut body = Body::parse(&bytes)?;
+    let id = body.req_str("id")?;
+    validate::backend_id(&id).map_err(|e| ApiError::field("id", e))?;
+    let address = body.req_str("address")?;
+    parse_address(&address)?;
+    let tags = parse_tags(body.opt_str_list("tags")?)?.unwrap_or_default();
+    let health_check_path = body.nullable_str("health_check_path")?.flatten();
+    if let Some(p) = &health_check_path {
+        validate::health_path(p).map_err(|e| ApiError::field("health_check_path", e))?;
+    }
+    ignore_status_fields(&mut body);
+    body.finish()?;
+    let b = Backend {
+        id,
+        address,
+        tags,
+        health_check_path,
+        draining: false,
+    };
+    match state.write(Command::CreateBackend(b)).await? {
+        Applied::Backend(b) => Ok((StatusCode::CREATED, Json(backend_json(&b, &state.data)))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn update(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let current = lookup(&state, &id)?;
+    let mut body = Body::parse(&bytes)?;
+    if let Some(given) = body.opt_str("id")? {
+        if given != current.id {
+            return Err(ApiError::field(
+                "id",
+                "cannot be changed (delete and create instead)",
+            ));
+        }
+    }
+    let address = body.opt_str("address")?;
+    if let Some(a) = &address {
+        parse_address(a)?;
+    }
+    let tags = parse_tags(body.opt_str_list("tags")?)?;
+    let health_check_path = body.nullable_str("health_check_path")?;
+    if let Some(Some(p)) = &health_check_path {
+        validate::health_path(p).map_err(|e| ApiError::field("health_check_path", e))?;
+    }
+    ignore_status_fields(&mut body);
+    body.finish()?;
+    let patch = BackendPatch {
+        address,
+        tags,
+        health_check_path,
+    };
+    match state
+        .write(Command::UpdateBackend {
+            id: current.id,
+            patch,
+        })
+        .await?
+    {
+        Applied::Backend(b) => Ok(Json(backend_json(&b, &state.data))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let current = lookup(&state, &id)?;
+    state.write(Command::DeleteBackend(current.id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_draining(
+    state: ApiState,
+    id: String,
+    draining: bool,
+) -> Result<Json<Value>, ApiError> {
+    let current = lookup(&state, &id)?;
+    match state
+        .write(Command::SetDraining {
+            id: current.id,
+            draining,
+        })
+        .await?
+    {
+        Applied::Backend(b) => Ok(Json(backend_json(&b, &state.data))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn drain(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(state, id, true).await
+}
+
+pub async fn undrain(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(state, id, false).await
+}
+
+/// Probes the backend now from this node: HTTP GET on its health path, or a TCP connect when
+/// the path is "". Reports the result; it does not change routing.
+pub async fn probe(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let b = lookup(&state, &id)?;
+    let path = b
+        .health_check_path
+        .clone()
+        .unwrap_or_else(|| state.health_check.path.clone());
+    let timeout = Duration::from_secs(state.health_check.timeout_secs);
+    let started = Instant::now();
+    let (healthy, detail) = if path.is_empty() {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&b.address)).await {
+            Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
+            Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
+            Err(_) => (
+                false,
+                format!("TCP connect timed out after {}s", timeout.as_secs()),
+            ),
+        }
+    } else {
+        let url = format!("http://{}{}", b.address, path);
+        match state.http.get(&url).timeout(timeout).send().await {
+            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+                (true, format!("GET {path} answered {}", r.status().as_u16()))
+            }
+            Ok(r) => (
+                false,
+                format!("GET {path} answered {}", r.status().as_u16()),
+            ),
+            Err(e) if e.is_timeout() => (
+                false,
+                format!("GET {path} timed out after {}s", timeout.as_secs()),
+            ),
+            Err(e) => (false, format!("GET {path} failed: {e}")),
+        }
+    };
+    Ok(Json(json!({
+        "id": b.id,
+        "healthy": healthy,
+        "detail": detail,
+        "latency_ms": started.elapsed().as_millis() as u64,
+    })))
+}

@@ -1,0 +1,139 @@
+//! Reading JSON request bodies field by field, so every 400 names the field at fault and
+//! unknown fields are refused instead of silently ignored.
+
+use serde_json::{Map, Value};
+
+use super::ApiError;
+
+pub struct Body {
+    fields: Map<String, Value>,
+    seen: Vec<&'static str>,
+}
+
+impl Body {
+    /// Parses `bytes` as a JSON object. An empty body is an empty object.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(Self {
+                fields: Map::new(),
+                seen: Vec::new(),
+            });
+        }
+        match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(fields)) => Ok(Self {
+                fields,
+                seen: Vec::new(),
+            }),
+            Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "request body is not valid JSON: {e}"
+            ))),
+        }
+    }
+
+    fn take(&mut self, name: &'static str) -> Option<Value> {
+        self.seen.push(name);
+        self.fields.get(name).cloned()
+    }
+
+    fn type_error(name: &str, expected: &str, got: &Value) -> ApiError {
+        let kind = match got {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        };
+        ApiError::bad_request(format!("field `{name}`: expected {expected}, got {kind}"))
+    }
+
+    pub fn opt_str(&mut self, name: &'static str) -> Result<Option<String>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(Self::type_error(name, "a string", &other)),
+        }
+    }
+
+    pub fn req_str(&mut self, name: &'static str) -> Result<String, ApiError> {
+        self.opt_str(name)?
+            .ok_or_else(|| ApiError::bad_request(format!("field `{name}` is required")))
+    }
+
+    /// `None` = absent, `Some(None)` = explicit null (clear), `Some(Some(s))` = set.
+    pub fn nullable_str(&mut self, name: &'static str) -> Result<Option<Option<String>>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(s)) => Ok(Some(Some(s))),
+            Some(other) => Err(Self::type_error(name, "a string or null", &other)),
+        }
+    }
+
+    pub fn opt_bool(&mut self, name: &'static str) -> Result<Option<bool>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(Self::type_error(name, "true or false", &other)),
+        }
+    }
+
+    pub fn opt_str_list(&mut self, name: &'static str) -> Result<Option<Vec<String>>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(Self::type_error(name, "an array of strings", &other)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(other) => Err(Self::type_error(name, "an array of strings", &other)),
+        }
+    }
+
+    /// Ignores `name` if present (e.g. read-only fields echoed back by clients).
+    pub fn ignore(&mut self, name: &'static str) {
+        self.seen.push(name);
+    }
+
+    /// Refuses fields the endpoint does not know.
+    pub fn finish(self) -> Result<(), ApiError> {
+        let mut unknown: Vec<&String> = self
+            .fields
+            .keys()
+            .filter(|k| !self.seen.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(k) => Err(ApiError::bad_request(format!(
+                "field `{k}` is not known here (allowed: {})",
+                self.seen.join(", ")
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fields() {
+        let mut b = Body::parse(br#"{"a": 1, "b": "x", "z": true}"#).unwrap();
+        assert!(b.req_str("a").unwrap_err().message.contains("`a`"));
+        assert_eq!(b.req_str("b").unwrap(), "x");
+        assert!(b
+            .req_str("c")
+            .unwrap_err()
+            .message
+            .contains("`c` is required"));
+        assert!(b.finish().unwrap_err().message.contains("`z`"));
+        assert!(Body::parse(b"{").is_err());
+        assert!(Body::parse(b"[]").is_err());
+        assert!(Body::parse(b"").unwrap().finish().is_ok());
+    }
+}

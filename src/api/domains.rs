@@ -1,0 +1,289 @@
+//! /api/v1/domains: virtual hosts, their certificates and a/b switching.
+
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::backends::backend_json;
+use super::body::Body;
+use super::{rfc3339, ApiError, ApiState};
+use crate::proxy::tls;
+use crate::state::{Applied, CertPair, Command, Domain, DomainPatch, TlsMode};
+use crate::validate;
+
+pub fn domain_json(d: &Domain) -> Value {
+    json!({
+        "domain": d.domain,
+        "enabled_backends_tag": d.enabled_backends_tag,
+        "http_to_https": d.http_to_https,
+        "tls": d.tls,
+        "certificate": d.cert.as_ref().map(|c| json!({
+            "not_after": rfc3339(c.not_after),
+            "names": c.names,
+        })),
+    })
+}
+
+fn parse_tls(raw: Option<String>) -> Result<Option<TlsMode>, ApiError> {
+    raw.map(|s| match s.as_str() {
+        "none" => Ok(TlsMode::None),
+        "manual" => Ok(TlsMode::Manual),
+        "acme" => Ok(TlsMode::Acme),
+        other => Err(ApiError::field(
+            "tls",
+            format!("{other:?} is not one of \"none\", \"manual\", \"acme\""),
+        )),
+    })
+    .transpose()
+}
+
+/// Reads `cert_pem` + `key_pem` (both or neither) and validates them as a matching pair.
+fn parse_cert(body: &mut Body) -> Result<Option<CertPair>, ApiError> {
+    let cert = body.opt_str("cert_pem")?;
+    let key = body.opt_str("key_pem")?;
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ApiError::field("key_pem", "is required with cert_pem")),
+        (None, Some(_)) => Err(ApiError::field("cert_pem", "is required with key_pem")),
+        (Some(c), Some(k)) => tls::cert_pair(&c, &k).map(Some).map_err(|e| match e {
+            tls::CertError::NoKey | tls::CertError::Key(_) => ApiError::field("key_pem", e),
+            tls::CertError::Mismatch => ApiError::field("key_pem", e),
+            _ => ApiError::field("cert_pem", e),
+        }),
+    }
+}
+
+fn lookup(state: &ApiState, name: &str) -> Result<Domain, ApiError> {
+    let name = name.to_ascii_lowercase();
+    state
+        .node
+        .sm
+        .with_state(|s| s.domains.get(&name).cloned())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("domain {name:?} not found")))
+}
+
+pub async fn list(State(state): State<ApiState>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .node
+        .sm
+        .with_state(|s| s.domains.values().map(domain_json).collect());
+    Json(Value::Array(list))
+}
+
+pub async fn get_one(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(domain_json(&lookup(&state, &name)?)))
+}
+
+pub async fn create(
+    State(state): State<ApiState>,
+    bytes: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut body = Body::parse(&bytes)?;
+    let domain = validate::domain_name(&body.req_str("domain")?)
+        .map_err(|e| ApiError::field("domain", e))?;
+    let tag = body.req_str("enabled_backends_tag")?;
+    validate::tag(&tag).map_err(|e| ApiError::field("enabled_backends_tag", e))?;
+    let http_to_https = body.opt_bool("http_to_https")?.unwrap_or(false);
+    let tls_mode = parse_tls(body.opt_str("tls")?)?;
+    let cert = parse_cert(&mut body)?;
+    body.ignore("certificate");
+    body.finish()?;
+    let tls_mode = tls_mode.unwrap_or(if cert.is_some() {
+        TlsMode::Manual
+    } else {
+        TlsMode::None
+    });
+    if tls_mode == TlsMode::Manual && cert.is_none() {
+        return Err(ApiError::field(
+            "cert_pem",
+            "is required with tls = \"manual\" (with key_pem)",
+        ));
+    }
+    let d = Domain {
+        domain,
+        enabled_backends_tag: tag,
+        http_to_https,
+        tls: tls_mode,
+        cert,
+    };
+    match state.write(Command::CreateDomain(d)).await? {
+        Applied::Domain(d) => Ok((StatusCode::CREATED, Json(domain_json(&d)))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn update(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let current = lookup(&state, &name)?;
+    let mut body = Body::parse(&bytes)?;
+    if let Some(d) = body.opt_str("domain")? {
+        if validate::domain_name(&d).ok().as_deref() != Some(current.domain.as_str()) {
+            return Err(ApiError::field(
+                "domain",
+                "cannot be changed (delete and create instead)",
+            ));
+        }
+    }
+    let tag = body.opt_str("enabled_backends_tag")?;
+    if let Some(t) = &tag {
+        validate::tag(t).map_err(|e| ApiError::field("enabled_backends_tag", e))?;
+    }
+    let http_to_https = body.opt_bool("http_to_https")?;
+    let tls_mode = parse_tls(body.opt_str("tls")?)?;
+    let cert = parse_cert(&mut body)?;
+    body.ignore("certificate");
+    body.finish()?;
+    let final_tls = tls_mode.unwrap_or(current.tls);
+    if final_tls == TlsMode::Manual && cert.is_none() && current.cert.is_none() {
+        return Err(ApiError::field(
+            "cert_pem",
+            "is required with tls = \"manual\" (with key_pem)",
+        ));
+    }
+    let patch = DomainPatch {
+        enabled_backends_tag: tag,
+        http_to_https,
+        tls: tls_mode,
+        cert: cert.map(Some),
+    };
+    match state
+        .write(Command::UpdateDomain {
+            domain: current.domain,
+            patch,
+        })
+        .await?
+    {
+        Applied::Domain(d) => Ok(Json(domain_json(&d))),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let current = lookup(&state, &name)?;
+    state.write(Command::DeleteDomain(current.domain)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn switch(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let current = lookup(&state, &name)?;
+    let mut body = Body::parse(&bytes)?;
+    let tag = body.opt_str("tag")?;
+    let force = body.opt_bool("force")?.unwrap_or(false);
+    body.finish()?;
+    let target = match tag {
+        Some(t) => {
+            validate::tag(&t).map_err(|e| ApiError::field("tag", e))?;
+            t
+        }
+        None => match current.enabled_backends_tag.as_str() {
+            "a" => "b".to_string(),
+            "b" => "a".to_string(),
+            other => return Err(ApiError::field(
+                "tag",
+                format!(
+                    "is required: the current tag {other:?} has no a/b counterpart to toggle to"
+                ),
+            )),
+        },
+    };
+    if !force {
+        // Refuse to send the whole domain to a pool that cannot serve it.
+        let (usable, unusable) = state.node.sm.with_state(|s| {
+            let mut usable = 0;
+            let mut unusable = Vec::new();
+            for b in s.backends_with_tag(&target) {
+                let healthy = state
+                    .data
+                    .backends
+                    .get(&b.id)
+                    .map(|r| r.healthy.load(Ordering::Relaxed))
+                    .unwrap_or(true);
+                if healthy && !b.draining {
+                    usable += 1;
+                } else {
+                    unusable.push(format!(
+                        "{}{}",
+                        b.id,
+                        if b.draining {
+                            " (draining)"
+                        } else {
+                            " (unhealthy)"
+                        }
+                    ));
+                }
+            }
+            (usable, unusable)
+        });
+        if usable == 0 {
+            let detail = if unusable.is_empty() {
+                "no backend carries this tag".to_string()
+            } else {
+                format!("unhealthy or draining: {}", unusable.join(", "))
+            };
+            let mut err = ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "refusing to switch {} to tag {target:?}: no healthy backend ({detail}); pass \"force\": true to switch anyway",
+                    current.domain
+                ),
+            );
+            err.extra = Some(json!({ "unhealthy_backends": unusable }));
+            return Err(err);
+        }
+    }
+    match state
+        .write(Command::SwitchTag {
+            domain: current.domain,
+            tag: target,
+        })
+        .await?
+    {
+        Applied::DomainSwitched {
+            domain,
+            previous_tag,
+        } => {
+            let mut v = domain_json(&domain);
+            v["previous_tag"] = json!(previous_tag);
+            Ok(Json(v))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn backends(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let current = lookup(&state, &name)?;
+    let list: Vec<Value> = state.node.sm.with_state(|s| {
+        s.backends_with_tag(&current.enabled_backends_tag)
+            .map(|b| backend_json(b, &state.data))
+            .collect()
+    });
+    Ok(Json(Value::Array(list)))
+}
+
+pub fn unexpected(a: Applied) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("unexpected apply result {a:?}"),
+    )
+}

@@ -1,0 +1,189 @@
+//! Management API (axum): routes per resource, bearer-token auth, JSON errors.
+
+mod backends;
+mod body;
+mod domains;
+mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::cluster::{ClusterNode, WriteError};
+use crate::config::HealthCheckConfig;
+use crate::observability::Metrics;
+use crate::proxy::DataPlane;
+use crate::state::{Applied, ApplyError, Command};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Arc<ClusterNode>,
+    pub data: Arc<DataPlane>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<String>,
+    pub health_check: HealthCheckConfig,
+    pub started: Instant,
+    pub http: reqwest::Client,
+}
+
+impl ApiState {
+    /// Runs a command through Raft and maps its outcome to an API result.
+    async fn write(&self, cmd: Command) -> Result<Applied, ApiError> {
+        match self.node.write(cmd).await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(e)) => Err(e.into()),
+            Err(WriteError::Unavailable(reason)) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot write: {reason}"),
+            )),
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let authed = Router::new()
+        .route("/api/v1/domains", get(domains::list).post(domains::create))
+        .route(
+            "/api/v1/domains/{domain}",
+            get(domains::get_one)
+                .put(domains::update)
+                .delete(domains::delete),
+        )
+        .route("/api/v1/domains/{domain}/switch", post(domains::switch))
+        .route("/api/v1/domains/{domain}/backends", get(domains::backends))
+        .route(
+            "/api/v1/backends",
+            get(backends::list).post(backends::create),
+        )
+        .route(
+            "/api/v1/backends/{id}",
+            get(backends::get_one)
+                .put(backends::update)
+                .delete(backends::delete),
+        )
+        .route(
+            "/api/v1/backends/{id}/drain",
+            post(backends::drain).delete(backends::undrain),
+        )
+        .route("/api/v1/backends/{id}/health", post(backends::probe))
+        .route("/api/v1/cluster/status", get(system::cluster_status))
+        .route("/api/v1/metrics", get(system::metrics))
+        .route("/api/v1/stats", get(system::stats))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/api/v1/health", get(system::health))
+        .merge(authed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint")
+}
+
+async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !ok {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// An error answer: `{"error": message}` with `status`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            extra: None,
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn field(name: &str, problem: impl std::fmt::Display) -> Self {
+        Self::bad_request(format!("field `{name}`: {problem}"))
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        let status = match e {
+            ApplyError::DomainExists(_) | ApplyError::BackendExists(_) => StatusCode::CONFLICT,
+            ApplyError::DomainNotFound(_) | ApplyError::BackendNotFound(_) => StatusCode::NOT_FOUND,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, body.as_object_mut())
+        {
+            obj.extend(extra);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Seconds since the epoch as RFC 3339 UTC ("2031-01-01T00:00:00Z").
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_924_991_999), "2030-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

@@ -1,0 +1,67 @@
+//! Health, cluster status, metrics and stats endpoints.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::ApiState;
+
+pub async fn health(State(state): State<ApiState>) -> Json<Value> {
+    let s = state.node.status();
+    Json(json!({
+        "status": "ok",
+        "node_id": s.node_id,
+        "leader_id": s.leader_id,
+        "last_applied": s.last_applied,
+    }))
+}
+
+pub async fn cluster_status(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!(state.node.status()))
+}
+
+pub async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    refresh_gauges(&state);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+pub async fn stats(State(state): State<ApiState>) -> Json<Value> {
+    refresh_gauges(&state);
+    let by_code = state.metrics.requests_by_code();
+    let total: u64 = by_code.iter().map(|(_, n)| n).sum();
+    let errors: u64 = by_code
+        .iter()
+        .filter(|(c, _)| c.starts_with('5'))
+        .map(|(_, n)| n)
+        .sum();
+    Json(json!({
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "requests_total": total,
+        "responses_5xx": errors,
+        "requests_by_code": by_code.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "requests_in_flight": state.data.requests_in_flight.load(Ordering::Relaxed).max(0),
+        "routes": state.data.routes.load().len(),
+    }))
+}
+
+fn refresh_gauges(state: &ApiState) {
+    let s = state.node.status();
+    let m = &state.metrics;
+    m.raft_term.set(s.term as i64);
+    m.raft_last_applied.set(s.last_applied as i64);
+    m.raft_is_leader
+        .set(i64::from(s.leader_id == Some(s.node_id)));
+    m.routes.set(state.data.routes.load().len() as i64);
+    m.requests_in_flight
+        .set(state.data.requests_in_flight.load(Ordering::Relaxed).max(0));
+}

@@ -1,0 +1,277 @@
+//! Raft cluster: openraft types, the node wrapper that runs writes (forwarding them to the
+//! leader when needed), bootstrap and status.
+
+pub mod network;
+pub mod rpc;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClusterConfig;
+use crate::state::{ApplyResult, Command};
+use network::HttpNetwork;
+use store::{LogStore, StateMachineStore};
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = ApplyResult,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// How long a write may wait for a leader / quorum before answering 503.
+const WRITE_DEADLINE: Duration = Duration::from_secs(8);
+/// How long one attempt may wait for commit on the leader.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The outcome of one write attempt on a node (also the body of a forwarded write).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardedWrite {
+    Done { index: u64, result: ApplyResult },
+    NotLeader { leader: Option<(NodeId, String)> },
+    Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// No leader or no quorum: the cluster cannot accept writes right now (HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub struct ClusterNode {
+    pub node_id: NodeId,
+    pub rpc_addr: String,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub secret: Option<String>,
+    pub cluster_id: String,
+    net: HttpNetwork,
+}
+
+/// Role and progress of this node, for the status endpoint.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub state: String,
+    pub last_applied: u64,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Member {
+    pub node_id: NodeId,
+    pub rpc_addr: String,
+    pub voter: bool,
+    pub alive: bool,
+}
+
+impl ClusterNode {
+    /// Starts Raft on the already-opened stores. Must run inside the control-plane runtime
+    /// (openraft spawns tasks).
+    pub async fn start(
+        cfg: &ClusterConfig,
+        log: LogStore,
+        sm: StateMachineStore,
+    ) -> anyhow::Result<Arc<Self>> {
+        let raft_config = openraft::Config {
+            cluster_name: cfg.cluster_id.clone(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()?;
+        let net = HttpNetwork::new(
+            cfg.secret.clone().unwrap_or_default(),
+            cfg.cluster_id.clone(),
+        );
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(raft_config),
+            net.clone(),
+            log,
+            sm.clone(),
+        )
+        .await?;
+        let rpc_addr = cfg.rpc_addr.to_string();
+        if cfg.bootstrap_expect == 1 && !raft.is_initialized().await? {
+            tracing::info!(
+                node_id = cfg.node_id,
+                "initializing a new one-member cluster"
+            );
+            let members = BTreeMap::from([(
+                cfg.node_id,
+                BasicNode {
+                    addr: rpc_addr.clone(),
+                },
+            )]);
+            raft.initialize(members).await?;
+        }
+        Ok(Arc::new(Self {
+            node_id: cfg.node_id,
+            rpc_addr,
+            raft,
+            sm,
+            secret: cfg.secret.clone().filter(|s| !s.is_empty()),
+            cluster_id: cfg.cluster_id.clone(),
+            net,
+        }))
+    }
+
+    /// Proposes `cmd` and returns its apply result once it is committed and applied on THIS
+    /// node (read-your-writes). Forwards to the leader when this node is a follower, retrying
+    /// with backoff while a leader is being elected.
+    pub async fn write(&self, cmd: Command) -> Result<ApplyResult, WriteError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_reason;
+        loop {
+            let outcome = match self.write_local(cmd.clone()).await {
+                ForwardedWrite::NotLeader {
+                    leader: Some((id, addr)),
+                } if id != self.node_id => self
+                    .net
+                    .post::<_, ForwardedWrite>(
+                        &addr,
+                        "/cluster/write",
+                        &cmd,
+                        COMMIT_TIMEOUT + Duration::from_secs(1),
+                    )
+                    .await
+                    .unwrap_or_else(|e| {
+                        ForwardedWrite::Unavailable(format!(
+                            "leader {id} at {addr} unreachable: {e}"
+                        ))
+                    }),
+                other => other,
+            };
+            match outcome {
+                ForwardedWrite::Done { index, result } => {
+                    self.wait_applied(index).await?;
+                    return Ok(result);
+                }
+                ForwardedWrite::NotLeader { leader } => {
+                    last_reason = match leader {
+                        Some((id, _)) => format!("leader {id} changed during the write"),
+                        None => "no leader elected (election in progress or no quorum)".into(),
+                    }
+                }
+                ForwardedWrite::Unavailable(reason) => last_reason = reason,
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(WriteError::Unavailable(format!(
+                    "write not accepted within {}s: {last_reason}",
+                    WRITE_DEADLINE.as_secs()
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One attempt to commit `cmd` through this node's Raft (succeeds only on the leader).
+    pub async fn write_local(&self, cmd: Command) -> ForwardedWrite {
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
+            Err(_) => ForwardedWrite::Unavailable(format!(
+                "not committed within {}s: the cluster has no quorum",
+                COMMIT_TIMEOUT.as_secs()
+            )),
+            Ok(Ok(resp)) => ForwardedWrite::Done {
+                index: resp.log_id.index,
+                result: resp.data,
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                ForwardedWrite::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                }
+            }
+            Ok(Err(e)) => ForwardedWrite::Unavailable(e.to_string()),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), WriteError> {
+        let mut rx = self.sm.applied_index();
+        let reached = tokio::time::timeout(COMMIT_TIMEOUT, async {
+            rx.wait_for(|applied| *applied >= index).await.is_ok()
+        })
+        .await;
+        match reached {
+            Ok(true) => Ok(()),
+            _ => Err(WriteError::Unavailable(format!(
+                "committed as entry {index} but not yet applied on node {}",
+                self.node_id
+            ))),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                node_id: *id,
+                rpc_addr: node.addr.clone(),
+                voter: voters.contains(id),
+                // Single-node liveness: this node is alive; peers' liveness comes from
+                // replication progress seen by the leader.
+                alive: *id == self.node_id || peer_alive(&m, *id),
+            })
+            .collect();
+        Status {
+            node_id: self.node_id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            state: format!("{:?}", m.state),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Waits until some node is known as leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let mut rx = self.raft.metrics();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(l) = rx.borrow().current_leader {
+                    return l;
+                }
+                if rx.changed().await.is_err() {
+                    // Raft stopped; wait out the timeout.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+}
+
+/// On the leader, a peer that acknowledged replication recently is alive.
+fn peer_alive(m: &openraft::RaftMetrics<NodeId, BasicNode>, id: NodeId) -> bool {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&id))
+        .map(|matched| matched.is_some())
+        .unwrap_or(false)
+}

@@ -1,0 +1,502 @@
+//! Durable Raft storage in one redb file: the log, the vote, the committed log id and the
+//! current snapshot. Entries and snapshots are postcard-encoded.
+//!
+//! The state machine lives in memory and is rebuilt at open time from the snapshot plus the
+//! committed log entries after it, so the data plane can serve the last known config before
+//! any election happens.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{NodeId, TypeConfig};
+use crate::state::{self, Applied, ApplyResult, State};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+const KEY_SNAPSHOT: &str = "snapshot";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(&e).into()
+}
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(&e).into()
+}
+
+/// Called after every applied batch with the new state; builds and publishes the routing
+/// snapshot the proxy reads.
+pub type Publisher = Arc<dyn Fn(&State) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open raft store {path}: {source}")]
+    Db {
+        path: String,
+        source: Box<redb::Error>,
+    },
+    #[error("raft store {path} is corrupt: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+/// The snapshot as persisted: its meta and the postcard-encoded `State`.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Opens (creating if needed) the store in `data_dir` and rebuilds the state machine.
+pub fn open(
+    data_dir: &Path,
+    publish: Publisher,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let path = data_dir.join("raft.redb");
+    let path_s = path.display().to_string();
+    let db = Database::create(&path).map_err(|e| OpenError::Db {
+        path: path_s.clone(),
+        source: Box::new(e.into()),
+    })?;
+    set_private(&path);
+    let db = Arc::new(db);
+    let corrupt = |message: String| OpenError::Corrupt {
+        path: path_s.clone(),
+        message,
+    };
+    // Create the tables so read transactions never fail on a fresh file.
+    (|| -> Result<(), redb::Error> {
+        let tx = db.begin_write()?;
+        tx.open_table(LOG)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(())
+    })()
+    .map_err(|e| OpenError::Db {
+        path: path_s.clone(),
+        source: Box::new(e),
+    })?;
+
+    let log = LogStore { db: db.clone() };
+    let snapshot: Option<StoredSnapshot> = log
+        .meta_get(KEY_SNAPSHOT)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let committed: Option<LogId<NodeId>> = log
+        .meta_get(KEY_COMMITTED)
+        .map_err(|e| corrupt(e.to_string()))?;
+
+    let mut sm = SmData::default();
+    if let Some(snap) = &snapshot {
+        sm.state =
+            postcard::from_bytes(&snap.data).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+        sm.last_applied = snap.meta.last_log_id;
+        sm.last_membership = snap.meta.last_membership.clone();
+    }
+    // Re-apply committed entries after the snapshot: they are final, and doing it here lets the
+    // proxy start with the last known table before Raft is even running.
+    if let Some(committed) = committed {
+        let from = sm.last_applied.map(|l| l.index + 1).unwrap_or(0);
+        if committed.index >= from {
+            let entries = log
+                .read_entries(from..=committed.index)
+                .map_err(|e| corrupt(e.to_string()))?;
+            for entry in entries {
+                // The result was already reported when the entry was first applied.
+                let _ = sm.apply_entry(&entry);
+            }
+        }
+    }
+    publish(&sm.state);
+    let (applied_tx, _) = watch::channel(sm.last_applied.map(|l| l.index).unwrap_or(0));
+    let sm_store = StateMachineStore {
+        inner: Arc::new(SmShared {
+            data: Mutex::new(sm),
+            db,
+            publish,
+            applied_tx,
+        }),
+    };
+    Ok((log, sm_store))
+}
+
+#[cfg(unix)]
+fn set_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // The store holds private keys of manual/ACME certificates.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+#[cfg(not(unix))]
+fn set_private(_: &Path) {}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    fn meta_get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, anyhow::Error> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        match t.get(key)? {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn read_entries<RB: RangeBounds<u64>>(
+        &self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, anyhow::Error> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(LOG)?;
+        let mut out = Vec::new();
+        for row in t.range(range)? {
+            let (_, v) = row?;
+            out.push(postcard::from_bytes(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Runs a write transaction on the blocking pool: redb fsyncs on commit.
+    async fn write<F>(&self, f: F) -> Result<(), redb::Error>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write()?;
+            f(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(redb::Error::Io(std::io::Error::other(e.to_string()))))
+    }
+
+    async fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> StorageResult<()> {
+        let bytes = postcard::to_allocvec(value).map_err(write_err)?;
+        self.write(move |tx| {
+            tx.open_table(META)?.insert(key, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        // Reads are served from redb's page cache; no need for the blocking pool.
+        self.read_entries(range)
+            .map_err(|e| StorageIOError::read_logs(&std::io::Error::other(e.to_string())).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> = self
+            .meta_get(KEY_PURGED)
+            .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        let last = (|| -> Result<Option<LogId<NodeId>>, anyhow::Error> {
+            let tx = self.db.begin_read()?;
+            let t = tx.open_table(LOG)?;
+            let last = match t.last()? {
+                Some((_, v)) => {
+                    let e: Entry<TypeConfig> = postcard::from_bytes(v.value())?;
+                    Some(e.log_id)
+                }
+                None => None,
+            };
+            Ok(last)
+        })()
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.meta_put(KEY_VOTE, vote).await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta_get(KEY_VOTE)
+            .map_err(|e| read_err(std::io::Error::other(e.to_string())))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.meta_put(KEY_COMMITTED, &committed).await
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        let v: Option<Option<LogId<NodeId>>> = self
+            .meta_get(KEY_COMMITTED)
+            .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        Ok(v.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            rows.push((
+                e.log_id.index,
+                postcard::to_allocvec(&e).map_err(write_err)?,
+            ));
+        }
+        // One write transaction per batch; the callback fires only after the fsynced commit.
+        let res = self
+            .write(move |tx| {
+                let mut t = tx.open_table(LOG)?;
+                for (idx, bytes) in &rows {
+                    t.insert(*idx, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(msg.clone())));
+                Err(write_err(std::io::Error::other(msg)))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let from = log_id.index;
+        self.write(move |tx| {
+            let mut t = tx.open_table(LOG)?;
+            t.retain_in(from.., |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let upto = log_id.index;
+        let purged = postcard::to_allocvec(&log_id).map_err(write_err)?;
+        self.write(move |tx| {
+            tx.open_table(META)?.insert(KEY_PURGED, purged.as_slice())?;
+            tx.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)
+    }
+}
+
+#[derive(Default)]
+struct SmData {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, openraft::BasicNode>,
+    state: State,
+}
+
+impl SmData {
+    fn apply_entry(&mut self, entry: &Entry<TypeConfig>) -> ApplyResult {
+        self.last_applied = Some(entry.log_id);
+        match &entry.payload {
+            EntryPayload::Blank => Ok(Applied::Nothing),
+            EntryPayload::Normal(cmd) => state::apply(&mut self.state, cmd),
+            EntryPayload::Membership(m) => {
+                self.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                Ok(Applied::Nothing)
+            }
+        }
+    }
+}
+
+struct SmShared {
+    data: Mutex<SmData>,
+    db: Arc<Database>,
+    publish: Publisher,
+    /// Index of the last applied entry, for read-your-writes waits.
+    applied_tx: watch::Sender<u64>,
+}
+
+/// The in-memory state machine. Cloned handles share the same state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<SmShared>,
+}
+
+impl StateMachineStore {
+    /// A copy of the current replicated state (for API reads).
+    pub fn state(&self) -> State {
+        self.lock().state.clone()
+    }
+
+    /// Runs `f` on the current state without copying it.
+    pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock().state)
+    }
+
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.inner.applied_tx.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SmData> {
+        // A panic while holding the lock would already have aborted the apply; the data is
+        // still consistent at entry granularity, so keep going.
+        self.inner.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot_of(&self) -> StorageResult<StoredSnapshot> {
+        let sm = self.lock();
+        let data = postcard::to_allocvec(&sm.state).map_err(read_err)?;
+        let last = sm.last_applied;
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+            None => format!("0-{}", data.len()),
+        };
+        Ok(StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: last,
+                last_membership: sm.last_membership.clone(),
+                snapshot_id,
+            },
+            data,
+        })
+    }
+
+    async fn persist_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
+        let bytes = postcard::to_allocvec(snap).map_err(write_err)?;
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let tx = db.begin_write()?;
+            tx.open_table(META)?
+                .insert(KEY_SNAPSHOT, bytes.as_slice())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)?
+        .map_err(write_err)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let snap = self.snapshot_of()?;
+        self.persist_snapshot(&snap).await?;
+        Ok(Snapshot {
+            meta: snap.meta,
+            snapshot: Box::new(Cursor::new(snap.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(
+        Option<LogId<NodeId>>,
+        StoredMembership<NodeId, openraft::BasicNode>,
+    )> {
+        let sm = self.lock();
+        Ok((sm.last_applied, sm.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (results, last) = {
+            let mut sm = self.lock();
+            let results: Vec<ApplyResult> =
+                entries.into_iter().map(|e| sm.apply_entry(&e)).collect();
+            // Publish once per batch, before the caller gets its answer: a write is live in the
+            // proxy when the API call returns.
+            (self.inner.publish)(&sm.state);
+            (results, sm.last_applied.map(|l| l.index).unwrap_or(0))
+        };
+        self.inner.applied_tx.send_replace(last);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let new_state: State = postcard::from_bytes(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.persist_snapshot(&snap).await?;
+        let last = {
+            let mut sm = self.lock();
+            sm.state = new_state;
+            sm.last_applied = meta.last_log_id;
+            sm.last_membership = meta.last_membership.clone();
+            (self.inner.publish)(&sm.state);
+            sm.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        self.inner.applied_tx.send_replace(last);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let log = LogStore {
+            db: self.inner.db.clone(),
+        };
+        let snap: Option<StoredSnapshot> = log
+            .meta_get(KEY_SNAPSHOT)
+            .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        Ok(snap.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}

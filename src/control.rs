@@ -1,0 +1,207 @@
+//! The control plane: one Pingora background service that, inside its own runtime, starts
+//! Raft, the cluster RPC listener, the management API and the metrics listener, seeds a new
+//! cluster from the config file, and on shutdown waits for in-flight requests to finish.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState};
+use crate::cluster::store::{LogStore, StateMachineStore};
+use crate::cluster::{rpc, ClusterNode};
+use crate::config::Config;
+use crate::observability::Metrics;
+use crate::proxy::DataPlane;
+use crate::state::{Command, State};
+
+pub struct ControlPlane {
+    pub config: Config,
+    pub log: Mutex<Option<LogStore>>,
+    pub sm: StateMachineStore,
+    pub data: Arc<DataPlane>,
+    pub metrics: Arc<Metrics>,
+    /// The config file's domains and backends, as the seed command for a new cluster.
+    pub seed: Command,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if let Err(e) = self.run(&mut shutdown).await {
+            tracing::error!("control plane failed: {e:#}");
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Binds `addr`, retrying briefly: a restarting node may find the port still held for a
+/// moment by its predecessor.
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() < deadline && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr} ({what})")),
+        }
+    }
+}
+
+impl ControlPlane {
+    async fn run(&self, shutdown: &mut ShutdownWatch) -> anyhow::Result<()> {
+        let cfg = &self.config;
+        let log = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .context("control plane started twice")?;
+        let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
+        let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
+        let node = ClusterNode::start(&cfg.cluster, log, self.sm.clone())
+            .await
+            .context("starting Raft")?;
+
+        tokio::spawn(serve(
+            rpc_listener,
+            rpc::router(node.clone()),
+            "cluster RPC",
+        ));
+        let api_state = ApiState {
+            node: node.clone(),
+            data: self.data.clone(),
+            metrics: self.metrics.clone(),
+            token: cfg.api.token.clone().filter(|t| !t.is_empty()),
+            health_check: cfg.health_check.clone(),
+            started: Instant::now(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+        };
+        tokio::spawn(serve(
+            api_listener,
+            api::router(api_state),
+            "management API",
+        ));
+        if let (true, Some(addr)) = (cfg.metrics.enabled, cfg.metrics.listen_addr) {
+            let listener = bind(addr, "metrics").await?;
+            let metrics = self.metrics.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move { m.render() }
+                }),
+            );
+            tokio::spawn(serve(listener, app, "metrics"));
+        }
+        tracing::info!(
+            node_id = cfg.cluster.node_id,
+            api = %cfg.proxy.management_api_addr,
+            http = %cfg.proxy.listen_addr_http,
+            https = %cfg.proxy.listen_addr,
+            "node started"
+        );
+        tokio::spawn(seed_or_compare(
+            node.clone(),
+            self.seed.clone(),
+            cfg.source_path.display().to_string(),
+        ));
+
+        let _ = shutdown.changed().await;
+        self.drain(Duration::from_secs(cfg.proxy.shutdown_grace_secs))
+            .await;
+        let _ = node.raft.shutdown().await;
+        tracing::info!("shut down cleanly");
+        std::process::exit(0);
+    }
+
+    /// Listeners stopped accepting when the shutdown was broadcast; wait for the requests
+    /// still in flight (bounded by the grace period), then let the process exit.
+    async fn drain(&self, grace: Duration) {
+        let started = Instant::now();
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutdown requested: draining in-flight requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            let n = self.data.requests_in_flight.load(Ordering::Relaxed);
+            if n <= 0 {
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+                return;
+            }
+            if started.elapsed() >= grace {
+                tracing::warn!(
+                    in_flight = n,
+                    "grace period over; closing remaining requests"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, app: axum::Router, what: &'static str) {
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("{what} server stopped: {e}");
+    }
+}
+
+/// On a new cluster, the leader applies the file's seed once. On an existing one, a file that
+/// differs from the replicated state gets one warning and changes nothing.
+async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
+    if node
+        .wait_for_leader(Duration::from_secs(60))
+        .await
+        .is_none()
+    {
+        tracing::warn!("no leader after 60s; the config file seed waits for a quorum");
+        return;
+    }
+    if !node.sm.with_state(|s| s.seeded) {
+        if node.is_leader() {
+            match node.write(seed).await {
+                Ok(Ok(_)) => tracing::info!("seeded the cluster from {file}"),
+                Ok(Err(e)) => tracing::warn!("seeding from {file} failed: {e}"),
+                Err(e) => tracing::warn!("seeding from {file} failed: {e}"),
+            }
+        }
+        return;
+    }
+    if let Command::Seed { domains, backends } = &seed {
+        let differs = node.sm.with_state(|s: &State| {
+            let same_domains = domains.len() == s.domains.len()
+                && domains.iter().all(|d| {
+                    s.domains.get(&d.domain).is_some_and(|x| {
+                        x.enabled_backends_tag == d.enabled_backends_tag
+                            && x.http_to_https == d.http_to_https
+                            && x.tls == d.tls
+                    })
+                });
+            let same_backends = backends.len() == s.backends.len()
+                && backends.iter().all(|b| {
+                    s.backends
+                        .get(&b.id)
+                        .is_some_and(|x| x.address == b.address && x.tags == b.tags)
+                });
+            !(same_domains && same_backends)
+        });
+        if differs {
+            tracing::warn!(
+                "{file}: [[virtual_hosts]]/[[backends]] differ from the replicated state; the cluster state is authoritative and was NOT changed (use the API to change it)"
+            );
+        }
+    }
+}

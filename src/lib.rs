@@ -1,0 +1,13 @@
+//! pingora-vhost: a clustered virtual-host reverse proxy on Pingora.
+//!
+//! Data flows one way: API call -> Raft log -> `state::apply` on every node -> compiled
+//! routing/cert snapshots (`proxy::DataPlane`) -> the Pingora proxy reads them lock-free.
+
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod control;
+pub mod observability;
+pub mod proxy;
+pub mod state;
+pub mod validate;

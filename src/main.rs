@@ -1,0 +1,229 @@
+//! Entry point: CLI, config, wiring of the data plane and the control plane, signals.
+//! `main` is plain (no tokio runtime): Pingora's `run_forever` owns the runtimes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use pingora::proxy::http_proxy_service;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora_core::listeners::tls::TlsSettings;
+
+use pingora_vhost::cluster::store;
+use pingora_vhost::config::{self, Config, TlsMode};
+use pingora_vhost::control::ControlPlane;
+use pingora_vhost::observability::{logging, Metrics};
+use pingora_vhost::proxy::service::VhostProxy;
+use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
+use pingora_vhost::proxy::DataPlane;
+use pingora_vhost::state::{Backend, Command, Domain};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pingora-vhost",
+    version,
+    about = "Clustered virtual-host reverse proxy"
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+    /// Validate the config file and exit (0 when valid).
+    #[arg(long)]
+    check: bool,
+    /// Take over listening sockets from a running instance (Pingora graceful upgrade).
+    #[arg(long, short = 'u')]
+    upgrade: bool,
+}
+
+fn main() {
+    // Both ring and aws-lc-rs are in the dependency tree: pick one before any TLS config.
+    pingora_rustls::install_default_crypto_provider();
+    let cli = Cli::parse();
+    let (cfg, warnings) = match config::load(&cli.config) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let seed = match seed_command(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if cli.check {
+        for w in &warnings {
+            eprintln!("warning: {}", w.message);
+        }
+        println!("{}: ok", cli.config.display());
+        return;
+    }
+    if let Err(e) = run(cli, cfg, warnings, seed) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The config file's domains and backends as the command that seeds a new cluster. Manual
+/// certificates are read and checked here, so `--check` catches a bad pair too.
+fn seed_command(cfg: &Config) -> anyhow::Result<Command> {
+    let mut domains = Vec::new();
+    for vh in &cfg.virtual_hosts {
+        let cert = match (vh.tls, &vh.cert_path, &vh.key_path) {
+            (TlsMode::Manual, Some(c), Some(k)) => {
+                Some(read_pair(&cfg.source_path, &vh.domain, c, k)?)
+            }
+            _ => None,
+        };
+        domains.push(Domain {
+            domain: vh.domain.clone(),
+            enabled_backends_tag: vh.enabled_backends_tag.clone(),
+            http_to_https: vh.http_to_https,
+            tls: vh.tls,
+            cert,
+        });
+    }
+    let backends = cfg
+        .backends
+        .iter()
+        .map(|b| Backend {
+            id: b.id.clone(),
+            address: b.address.clone(),
+            tags: b.tags.clone(),
+            health_check_path: b.health_check_path.clone(),
+            draining: false,
+        })
+        .collect();
+    Ok(Command::Seed { domains, backends })
+}
+
+fn read_pair(
+    cfg_path: &Path,
+    domain: &str,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<pingora_vhost::state::CertPair> {
+    let c = std::fs::read_to_string(cert).with_context(|| {
+        format!(
+            "{}: virtual host {domain}: reading cert_path {}",
+            cfg_path.display(),
+            cert.display()
+        )
+    })?;
+    let k = std::fs::read_to_string(key).with_context(|| {
+        format!(
+            "{}: virtual host {domain}: reading key_path {}",
+            cfg_path.display(),
+            key.display()
+        )
+    })?;
+    tls::cert_pair(&c, &k).with_context(|| {
+        format!(
+            "{}: virtual host {domain}: cert_path {} / key_path {}",
+            cfg_path.display(),
+            cert.display(),
+            key.display()
+        )
+    })
+}
+
+fn default_certificate(cfg: &Config) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    let (chain, key) = match (&cfg.proxy.default_cert_path, &cfg.proxy.default_key_path) {
+        (Some(c), Some(k)) => (
+            std::fs::read_to_string(c)
+                .with_context(|| format!("reading default_cert_path {}", c.display()))?,
+            std::fs::read_to_string(k)
+                .with_context(|| format!("reading default_key_path {}", k.display()))?,
+        ),
+        _ => tls::self_signed(&["localhost"])
+            .context("generating the default self-signed certificate")?,
+    };
+    tls::certified_key(&chain, &key).context("default certificate")
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data_dir {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting permissions on {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn run(
+    cli: Cli,
+    cfg: Config,
+    warnings: Vec<config::ConfigWarning>,
+    seed: Command,
+) -> anyhow::Result<()> {
+    logging::init(&cfg.logging)?;
+    for w in &warnings {
+        tracing::warn!("{}", w.message);
+    }
+    if cfg.virtual_hosts.iter().any(|v| v.tls == TlsMode::Acme) {
+        tracing::warn!("tls = \"acme\" virtual hosts are served with the default certificate: ACME issuance is not implemented in this build yet");
+    }
+    let data_dir = cfg.cluster.data_dir.clone();
+    create_private_dir(&data_dir)?;
+
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
+    let publisher: store::Publisher = {
+        let data = data.clone();
+        Arc::new(move |state| data.publish(state))
+    };
+    // Loads the last known state before anything listens: the proxy serves it at once.
+    let (log, sm) = store::open(&data_dir, publisher).context("opening the Raft store")?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = cfg.proxy.threads;
+    conf.max_retries = 16;
+    conf.grace_period_seconds = Some(cfg.proxy.shutdown_grace_secs);
+    conf.graceful_shutdown_timeout_seconds = Some(2);
+    conf.pid_file = data_dir.join("pingora-vhost.pid").display().to_string();
+    conf.upgrade_sock = data_dir.join("upgrade.sock").display().to_string();
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let proxy = VhostProxy {
+        data: data.clone(),
+        metrics: metrics.clone(),
+        connect_timeout: std::time::Duration::from_millis(cfg.proxy.upstream_connect_timeout_ms),
+        read_timeout: std::time::Duration::from_secs(cfg.proxy.upstream_read_timeout_secs),
+        https_port: cfg.proxy.listen_addr.port(),
+    };
+    let mut proxy_service = http_proxy_service(&server.configuration, proxy);
+    proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
+    let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;
+    tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));
+    tls_settings.enable_h2();
+    proxy_service.add_tls_with_settings(&cfg.proxy.listen_addr.to_string(), None, tls_settings);
+
+    let mut control = background_service(
+        "control plane",
+        ControlPlane {
+            config: cfg,
+            log: Mutex::new(Some(log)),
+            sm,
+            data,
+            metrics,
+            seed,
+        },
+    );
+    control.threads = Some(2);
+    server.add_service(proxy_service);
+    server.add_service(control);
+    server.run_forever();
+}

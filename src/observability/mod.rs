@@ -1,0 +1,6 @@
+//! Metrics, logging and stats.
+
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::Metrics;

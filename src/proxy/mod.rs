@@ -1,0 +1,43 @@
+//! Data plane: the Pingora proxy, its routing table and certificate map.
+//!
+//! The control plane calls [`DataPlane::publish`] after every applied Raft batch; the proxy
+//! only ever `load()`s the current snapshots.
+
+pub mod service;
+pub mod table;
+pub mod tls;
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::state::State;
+use table::{BackendRegistry, RoutingTable};
+use tls::CertStore;
+
+pub struct DataPlane {
+    pub routes: ArcSwap<RoutingTable>,
+    pub certs: Arc<CertStore>,
+    pub backends: BackendRegistry,
+    /// Client requests being served right now (for graceful drain on SIGTERM).
+    pub requests_in_flight: AtomicI64,
+}
+
+impl DataPlane {
+    pub fn new(certs: CertStore) -> Self {
+        Self {
+            routes: ArcSwap::from_pointee(RoutingTable::default()),
+            certs: Arc::new(certs),
+            backends: BackendRegistry::default(),
+            requests_in_flight: AtomicI64::new(0),
+        }
+    }
+
+    /// Compiles and swaps in new snapshots for `state`.
+    pub fn publish(&self, state: &State) {
+        let table = table::compile(state, &self.backends);
+        self.routes.store(Arc::new(table));
+        self.certs.publish(state);
+    }
+}

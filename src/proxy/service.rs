@@ -1,0 +1,315 @@
+//! The Pingora `ProxyHttp` implementation: host routing, redirects, backend choice with
+//! retry on failed connects, forwarding headers and the plain-text error answers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+
+use super::table::{Route, Upstream};
+use super::DataPlane;
+use crate::observability::Metrics;
+
+pub struct VhostProxy {
+    pub data: Arc<DataPlane>,
+    pub metrics: Arc<Metrics>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Port used in http->https redirects (omitted when 443).
+    pub https_port: u16,
+}
+
+#[derive(Default)]
+pub struct Ctx {
+    route: Option<Arc<Route>>,
+    host: String,
+    tls: bool,
+    /// Pool indexes this request already tried.
+    tried: Vec<usize>,
+    current: Option<Arc<Upstream>>,
+    /// Set when we decide the answer ourselves (status, plain-text reason).
+    failure: Option<(u16, String)>,
+    counted: bool,
+}
+
+impl Ctx {
+    fn release_current(&mut self) {
+        if let Some(u) = self.current.take() {
+            u.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Host of the request: `:authority` (h2) or `Host`, lower-cased, without port or final dot.
+fn request_host(req: &RequestHeader) -> String {
+    let raw = req
+        .uri
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let without_port = if raw.starts_with('[') {
+        // IPv6 literal: keep the brackets' content as is.
+        raw.split(']')
+            .next()
+            .map(|s| format!("{s}]"))
+            .unwrap_or(raw.clone())
+    } else {
+        raw.rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or(raw.clone())
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+async fn respond_plain(session: &mut Session, status: u16, body: String) -> Result<()> {
+    let body = Bytes::from(body);
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+#[async_trait]
+impl ProxyHttp for VhostProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        ctx.counted = true;
+        ctx.tls = session
+            .digest()
+            .map(|d| d.ssl_digest.is_some())
+            .unwrap_or(false);
+        ctx.host = request_host(session.req_header());
+        let table = self.data.routes.load();
+        let Some(route) = table.lookup(&ctx.host).cloned() else {
+            let msg = format!(
+                "404 Not Found: no virtual host is configured for {:?}\n",
+                ctx.host
+            );
+            respond_plain(session, 404, msg).await?;
+            return Ok(true);
+        };
+        let path = session.req_header().uri.path();
+        if !ctx.tls && route.http_to_https && !path.starts_with("/.well-known/acme-challenge/") {
+            let pq = session
+                .req_header()
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let port = match self.https_port {
+                443 => String::new(),
+                p => format!(":{p}"),
+            };
+            let location = format!("https://{}{}{}", ctx.host, port, pq);
+            let mut resp = ResponseHeader::build(301, Some(3))?;
+            resp.insert_header("location", &location)?;
+            resp.insert_header("content-length", "0")?;
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(true);
+        }
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.release_current();
+        let Some(route) = ctx.route.clone() else {
+            return Err(Error::new(ErrorType::InternalError));
+        };
+        let Some((idx, upstream)) = route.pick(&ctx.tried) else {
+            ctx.failure = Some(if ctx.tried.is_empty() {
+                (
+                    503,
+                    format!(
+                        "503 Service Unavailable: no healthy backend for {} (tag {:?})\n",
+                        route.domain, route.tag
+                    ),
+                )
+            } else {
+                (
+                    502,
+                    format!(
+                        "502 Bad Gateway: every backend of {} (tag {:?}) failed to connect\n",
+                        route.domain, route.tag
+                    ),
+                )
+            });
+            return Err(Error::new(ErrorType::HTTPStatus(
+                ctx.failure.as_ref().map(|f| f.0).unwrap_or(502),
+            )));
+        };
+        let upstream = upstream.clone();
+        ctx.tried.push(idx);
+        let Some(addr) = upstream.addr else {
+            return Err(Error::new(ErrorType::ConnectNoRoute));
+        };
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.read_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        upstream.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
+        upstream.runtime.requests.fetch_add(1, Ordering::Relaxed);
+        ctx.current = Some(upstream);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(u) = &ctx.current {
+            u.runtime.failures.fetch_add(1, Ordering::Relaxed);
+            self.metrics.upstream_connect_failure(&u.id);
+        }
+        // A failed connect sent nothing upstream: always safe to try another backend.
+        if let Some(route) = &ctx.route {
+            if route.has_untried(&ctx.tried) {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(ip) = client_ip {
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream_request
+            .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
+        upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        // h2 clients send :authority only; HTTP/1.1 backends need Host.
+        if upstream_request.headers.get(http::header::HOST).is_none() && !ctx.host.is_empty() {
+            upstream_request.insert_header(http::header::HOST, ctx.host.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, body) = match ctx.failure.take() {
+            Some(f) => f,
+            None => match (e.etype(), e.esource()) {
+                (ErrorType::HTTPStatus(c), _) => (*c, format!("{c}\n")),
+                (ErrorType::ConnectTimedout, _)
+                | (ErrorType::ConnectRefused, _)
+                | (ErrorType::ConnectNoRoute, _)
+                | (ErrorType::ConnectError, _)
+                | (ErrorType::TLSHandshakeFailure, _) => (
+                    502,
+                    format!(
+                        "502 Bad Gateway: could not connect to any backend for {}\n",
+                        ctx.host
+                    ),
+                ),
+                (ErrorType::ReadTimedout, ErrorSource::Upstream)
+                | (ErrorType::WriteTimedout, ErrorSource::Upstream) => (
+                    504,
+                    format!(
+                        "504 Gateway Timeout: the backend for {} did not answer in time\n",
+                        ctx.host
+                    ),
+                ),
+                (_, ErrorSource::Upstream) => (
+                    502,
+                    format!(
+                        "502 Bad Gateway: the backend for {} failed: {}\n",
+                        ctx.host,
+                        e.etype().as_str()
+                    ),
+                ),
+                (
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+                    ErrorSource::Downstream,
+                ) => (0, String::new()),
+                (_, ErrorSource::Downstream) => (400, "400 Bad Request\n".to_string()),
+                _ => (500, "500 Internal Server Error\n".to_string()),
+            },
+        };
+        if code > 0 {
+            if let Err(err) = respond_plain(session, code, body).await {
+                tracing::debug!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.release_current();
+        if ctx.counted {
+            self.data.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        self.metrics.request_done(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&str>) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        if let Some(h) = host {
+            r.insert_header("host", h).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn host_normalisation() {
+        assert_eq!(
+            request_host(&req("/", Some("Example.COM:8080"))),
+            "example.com"
+        );
+        assert_eq!(request_host(&req("/", Some("example.com."))), "example.com");
+        assert_eq!(request_host(&req("https://a.test/x", None)), "a.test");
+        assert_eq!(request_host(&req("/", Some("[::1]:80"))), "[::1]");
+        assert_eq!(request_host(&req("/", None)), "");
+    }
+}

@@ -1,0 +1,181 @@
+//! TLS: certificate parsing, the SNI -> certificate map the data plane reads without locks,
+//! and the default certificate for clients that send no (or an unknown) SNI name.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::state::{CertPair, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("no certificate found in the PEM chain")]
+    NoCertificate,
+    #[error("no private key found in the PEM key")]
+    NoKey,
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    #[error("unsupported or invalid private key: {0}")]
+    Key(String),
+    #[error("the private key does not match the certificate")]
+    Mismatch,
+    #[error("cannot parse the leaf certificate: {0}")]
+    X509(String),
+}
+
+/// Builds a rustls `CertifiedKey` from PEM chain + key, checking that they belong together.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, CertError> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CertError::NoCertificate);
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| CertError::Pem(e.to_string()))?
+        .ok_or(CertError::NoKey)?;
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| CertError::Key(e.to_string()))?;
+    let ck = CertifiedKey::new(certs, signing_key);
+    match ck.keys_match() {
+        Ok(()) => Ok(ck),
+        // Keys whose public half cannot be extracted are accepted as-is.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(ck),
+        Err(_) => Err(CertError::Mismatch),
+    }
+}
+
+/// Validates a PEM pair and reads the leaf's expiry and DNS names into a `CertPair`.
+pub fn cert_pair(chain_pem: &str, key_pem: &str) -> Result<CertPair, CertError> {
+    let ck = certified_key(chain_pem, key_pem)?;
+    let leaf = ck
+        .end_entity_cert()
+        .map_err(|e| CertError::X509(e.to_string()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| CertError::X509(e.to_string()))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(CertPair {
+        chain_pem: chain_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        not_after: x509.validity().not_after.timestamp(),
+        names,
+    })
+}
+
+/// A self-signed certificate, used as the default when none is configured.
+pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names)?;
+    Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
+}
+
+/// SNI name -> certificate, swapped atomically on every state change.
+pub struct CertStore {
+    map: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    default: Arc<CertifiedKey>,
+    /// Parsed keys by domain, reused while the PEM is unchanged (parsing is not free).
+    cache: Mutex<HashMap<String, (String, Arc<CertifiedKey>)>>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("names", &self.map.load().len())
+            .finish()
+    }
+}
+
+impl CertStore {
+    pub fn new(default: CertifiedKey) -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            default: Arc::new(default),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Rebuilds the map from the replicated state.
+    pub fn publish(&self, state: &State) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = HashMap::new();
+        let mut next_cache = HashMap::new();
+        for d in state.domains.values() {
+            let Some(pair) = &d.cert else { continue };
+            let ck = match cache.remove(&d.domain) {
+                Some((pem, ck)) if pem == pair.chain_pem => ck,
+                _ => match certified_key(&pair.chain_pem, &pair.key_pem) {
+                    Ok(ck) => Arc::new(ck),
+                    Err(e) => {
+                        tracing::error!(domain = %d.domain, error = %e, "stored certificate unusable; serving the default");
+                        continue;
+                    }
+                },
+            };
+            map.insert(d.domain.clone(), ck.clone());
+            next_cache.insert(d.domain.clone(), (pair.chain_pem.clone(), ck));
+        }
+        *cache = next_cache;
+        self.map.store(Arc::new(map));
+    }
+
+    fn lookup(&self, name: &str) -> Arc<CertifiedKey> {
+        let map = self.map.load();
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(ck) = map.get(&name) {
+            return ck.clone();
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(ck) = map.get(&format!("*.{parent}")) {
+                return ck.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+/// The rustls hook: picks the certificate by SNI on every handshake.
+#[derive(Debug)]
+pub struct SniResolver(pub Arc<CertStore>);
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(match hello.server_name() {
+            Some(name) => self.0.lookup(name),
+            None => self.0.default.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_roundtrip_and_mismatch() {
+        let (c1, k1) = self_signed(&["a.test"]).unwrap();
+        let (_, k2) = self_signed(&["b.test"]).unwrap();
+        let p = cert_pair(&c1, &k1).unwrap();
+        assert_eq!(p.names, vec!["a.test".to_string()]);
+        assert!(p.not_after > 0);
+        assert!(matches!(cert_pair(&c1, &k2), Err(CertError::Mismatch)));
+        assert!(matches!(cert_pair("", &k1), Err(CertError::NoCertificate)));
+        assert!(matches!(cert_pair(&c1, "junk"), Err(CertError::NoKey)));
+    }
+}

@@ -1,0 +1,487 @@
+//! The replicated model: domains and backends, the `Command`s that change them, and the pure,
+//! deterministic `apply` every node runs on every committed Raft entry.
+//!
+//! Input validation (field formats) happens before a command is proposed (`api::validate`);
+//! `apply` only checks what depends on the current state (existence, duplicates), so every node
+//! reaches the same result from the same log.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::config::TlsMode;
+
+/// A certificate chain and its private key, both PEM, plus facts read from the leaf when the
+/// command was built (so `apply` never parses certificates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertPair {
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// Leaf certificate expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// DNS names (SANs) of the leaf.
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Domain {
+    pub domain: String,
+    pub enabled_backends_tag: String,
+    pub http_to_https: bool,
+    pub tls: TlsMode,
+    pub cert: Option<CertPair>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub id: String,
+    pub address: String,
+    pub tags: Vec<String>,
+    pub health_check_path: Option<String>,
+    /// Drained backends get no new requests (replicated so every node honours it).
+    pub draining: bool,
+}
+
+impl Backend {
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// Partial update of a domain: `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainPatch {
+    pub enabled_backends_tag: Option<String>,
+    pub http_to_https: Option<bool>,
+    pub tls: Option<TlsMode>,
+    /// `Some(None)` removes the certificate.
+    pub cert: Option<Option<CertPair>>,
+}
+
+/// Partial update of a backend: `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendPatch {
+    pub address: Option<String>,
+    pub tags: Option<Vec<String>>,
+    /// `Some(None)` clears the override.
+    pub health_check_path: Option<Option<String>>,
+}
+
+/// Every change to the replicated state. One API call is one command, so a rejected call
+/// changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Seeds an empty cluster from the config file. Ignored once the state was seeded, so a
+    /// node restarting with a different file never overwrites the cluster.
+    Seed {
+        domains: Vec<Domain>,
+        backends: Vec<Backend>,
+    },
+    CreateDomain(Domain),
+    UpdateDomain {
+        domain: String,
+        patch: DomainPatch,
+    },
+    DeleteDomain(String),
+    /// Sets the active tag. Health checks happen before proposing (they are local views, not
+    /// replicated facts).
+    SwitchTag {
+        domain: String,
+        tag: String,
+    },
+    CreateBackend(Backend),
+    UpdateBackend {
+        id: String,
+        patch: BackendPatch,
+    },
+    DeleteBackend(String),
+    SetDraining {
+        id: String,
+        draining: bool,
+    },
+}
+
+/// What a command did, returned to the API caller after commit + apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// Nothing to report (membership entries, blank entries, seeds).
+    Nothing,
+    Seeded {
+        applied: bool,
+    },
+    Domain(Domain),
+    DomainSwitched {
+        domain: Domain,
+        previous_tag: String,
+    },
+    DomainDeleted,
+    Backend(Backend),
+    BackendDeleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("domain {0:?} already exists")]
+    DomainExists(String),
+    #[error("domain {0:?} not found")]
+    DomainNotFound(String),
+    #[error("backend {0:?} already exists")]
+    BackendExists(String),
+    #[error("backend {0:?} not found")]
+    BackendNotFound(String),
+}
+
+/// The response type stored in Raft: the outcome of `apply` for one entry.
+pub type ApplyResult = Result<Applied, ApplyError>;
+
+/// The replicated state. BTreeMaps keep iteration (and so snapshots and listings) ordered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub domains: BTreeMap<String, Domain>,
+    pub backends: BTreeMap<String, Backend>,
+    /// True once the config file's seed (or any write) has been applied.
+    pub seeded: bool,
+}
+
+impl State {
+    /// Backends carrying `tag`, in id order.
+    pub fn backends_with_tag<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a Backend> {
+        self.backends.values().filter(move |b| b.has_tag(tag))
+    }
+}
+
+/// Applies one command. Pure and deterministic: the same state and command give the same
+/// result on every node.
+pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
+    match cmd {
+        Command::Seed { domains, backends } => {
+            if state.seeded {
+                return Ok(Applied::Seeded { applied: false });
+            }
+            for b in backends {
+                state.backends.insert(b.id.clone(), b.clone());
+            }
+            for d in domains {
+                state.domains.insert(d.domain.clone(), d.clone());
+            }
+            state.seeded = true;
+            Ok(Applied::Seeded { applied: true })
+        }
+        Command::CreateDomain(d) => {
+            if state.domains.contains_key(&d.domain) {
+                return Err(ApplyError::DomainExists(d.domain.clone()));
+            }
+            state.seeded = true;
+            state.domains.insert(d.domain.clone(), d.clone());
+            Ok(Applied::Domain(d.clone()))
+        }
+        Command::UpdateDomain { domain, patch } => {
+            let d = state
+                .domains
+                .get_mut(domain)
+                .ok_or_else(|| ApplyError::DomainNotFound(domain.clone()))?;
+            if let Some(tag) = &patch.enabled_backends_tag {
+                d.enabled_backends_tag = tag.clone();
+            }
+            if let Some(v) = patch.http_to_https {
+                d.http_to_https = v;
+            }
+            if let Some(tls) = patch.tls {
+                d.tls = tls;
+            }
+            if let Some(cert) = &patch.cert {
+                d.cert = cert.clone();
+            }
+            Ok(Applied::Domain(d.clone()))
+        }
+        Command::DeleteDomain(domain) => match state.domains.remove(domain) {
+            Some(_) => Ok(Applied::DomainDeleted),
+            None => Err(ApplyError::DomainNotFound(domain.clone())),
+        },
+        Command::SwitchTag { domain, tag } => {
+            let d = state
+                .domains
+                .get_mut(domain)
+                .ok_or_else(|| ApplyError::DomainNotFound(domain.clone()))?;
+            let previous_tag = std::mem::replace(&mut d.enabled_backends_tag, tag.clone());
+            Ok(Applied::DomainSwitched {
+                domain: d.clone(),
+                previous_tag,
+            })
+        }
+        Command::CreateBackend(b) => {
+            if state.backends.contains_key(&b.id) {
+                return Err(ApplyError::BackendExists(b.id.clone()));
+            }
+            state.seeded = true;
+            state.backends.insert(b.id.clone(), b.clone());
+            Ok(Applied::Backend(b.clone()))
+        }
+        Command::UpdateBackend { id, patch } => {
+            let b = state
+                .backends
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::BackendNotFound(id.clone()))?;
+            if let Some(a) = &patch.address {
+                b.address = a.clone();
+            }
+            if let Some(t) = &patch.tags {
+                b.tags = t.clone();
+            }
+            if let Some(p) = &patch.health_check_path {
+                b.health_check_path = p.clone();
+            }
+            Ok(Applied::Backend(b.clone()))
+        }
+        Command::DeleteBackend(id) => match state.backends.remove(id) {
+            Some(_) => Ok(Applied::BackendDeleted),
+            None => Err(ApplyError::BackendNotFound(id.clone())),
+        },
+        Command::SetDraining { id, draining } => {
+            let b = state
+                .backends
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::BackendNotFound(id.clone()))?;
+            b.draining = *draining;
+            Ok(Applied::Backend(b.clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain(name: &str, tag: &str) -> Domain {
+        Domain {
+            domain: name.into(),
+            enabled_backends_tag: tag.into(),
+            http_to_https: false,
+            tls: TlsMode::None,
+            cert: None,
+        }
+    }
+
+    fn backend(id: &str, tags: &[&str]) -> Backend {
+        Backend {
+            id: id.into(),
+            address: "127.0.0.1:1".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            health_check_path: None,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn seed_applies_once() {
+        let mut s = State::default();
+        let seed = Command::Seed {
+            domains: vec![domain("a.test", "a")],
+            backends: vec![backend("x", &["a"])],
+        };
+        assert_eq!(apply(&mut s, &seed), Ok(Applied::Seeded { applied: true }));
+        let other = Command::Seed {
+            domains: vec![domain("b.test", "a")],
+            backends: vec![],
+        };
+        assert_eq!(
+            apply(&mut s, &other),
+            Ok(Applied::Seeded { applied: false })
+        );
+        assert!(s.domains.contains_key("a.test"));
+        assert!(!s.domains.contains_key("b.test"));
+    }
+
+    #[test]
+    fn api_write_before_seed_blocks_seed() {
+        // A cluster that was written through the API is never overwritten by a file seed.
+        let mut s = State::default();
+        apply(&mut s, &Command::CreateDomain(domain("api.test", "a"))).unwrap();
+        let seed = Command::Seed {
+            domains: vec![domain("file.test", "a")],
+            backends: vec![],
+        };
+        assert_eq!(apply(&mut s, &seed), Ok(Applied::Seeded { applied: false }));
+        assert_eq!(s.domains.len(), 1);
+    }
+
+    #[test]
+    fn duplicates_and_missing_are_errors_that_change_nothing() {
+        let mut s = State::default();
+        apply(&mut s, &Command::CreateDomain(domain("a.test", "a"))).unwrap();
+        apply(&mut s, &Command::CreateBackend(backend("x", &["a"]))).unwrap();
+        let before = s.clone();
+        let mut dup = domain("a.test", "b");
+        dup.http_to_https = true;
+        assert_eq!(
+            apply(&mut s, &Command::CreateDomain(dup)),
+            Err(ApplyError::DomainExists("a.test".into()))
+        );
+        assert_eq!(
+            apply(&mut s, &Command::CreateBackend(backend("x", &["b"]))),
+            Err(ApplyError::BackendExists("x".into()))
+        );
+        assert_eq!(
+            apply(&mut s, &Command::DeleteDomain("nope".into())),
+            Err(ApplyError::DomainNotFound("nope".into()))
+        );
+        assert_eq!(
+            apply(&mut s, &Command::DeleteBackend("nope".into())),
+            Err(ApplyError::BackendNotFound("nope".into()))
+        );
+        assert_eq!(
+            apply(
+                &mut s,
+                &Command::UpdateDomain {
+                    domain: "nope".into(),
+                    patch: DomainPatch::default()
+                }
+            ),
+            Err(ApplyError::DomainNotFound("nope".into()))
+        );
+        assert_eq!(
+            apply(
+                &mut s,
+                &Command::SwitchTag {
+                    domain: "nope".into(),
+                    tag: "b".into()
+                }
+            ),
+            Err(ApplyError::DomainNotFound("nope".into()))
+        );
+        assert_eq!(
+            apply(
+                &mut s,
+                &Command::SetDraining {
+                    id: "nope".into(),
+                    draining: true
+                }
+            ),
+            Err(ApplyError::BackendNotFound("nope".into()))
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn switch_returns_previous_tag() {
+        let mut s = State::default();
+        apply(&mut s, &Command::CreateDomain(domain("a.test", "a"))).unwrap();
+        let r = apply(
+            &mut s,
+            &Command::SwitchTag {
+                domain: "a.test".into(),
+                tag: "b".into(),
+            },
+        )
+        .unwrap();
+        match r {
+            Applied::DomainSwitched {
+                domain,
+                previous_tag,
+            } => {
+                assert_eq!(previous_tag, "a");
+                assert_eq!(domain.enabled_backends_tag, "b");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(s.domains["a.test"].enabled_backends_tag, "b");
+    }
+
+    #[test]
+    fn patches_only_touch_given_fields() {
+        let mut s = State::default();
+        apply(&mut s, &Command::CreateDomain(domain("a.test", "a"))).unwrap();
+        apply(&mut s, &Command::CreateBackend(backend("x", &["a"]))).unwrap();
+        apply(
+            &mut s,
+            &Command::UpdateDomain {
+                domain: "a.test".into(),
+                patch: DomainPatch {
+                    http_to_https: Some(true),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let d = &s.domains["a.test"];
+        assert!(d.http_to_https);
+        assert_eq!(d.enabled_backends_tag, "a");
+        apply(
+            &mut s,
+            &Command::UpdateBackend {
+                id: "x".into(),
+                patch: BackendPatch {
+                    tags: Some(vec!["b".into()]),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let b = &s.backends["x"];
+        assert_eq!(b.tags, vec!["b".to_string()]);
+        assert_eq!(b.address, "127.0.0.1:1");
+        assert_eq!(s.backends_with_tag("a").count(), 0);
+        assert_eq!(s.backends_with_tag("b").count(), 1);
+    }
+
+    #[test]
+    fn drain_and_undrain() {
+        let mut s = State::default();
+        apply(&mut s, &Command::CreateBackend(backend("x", &["a"]))).unwrap();
+        apply(
+            &mut s,
+            &Command::SetDraining {
+                id: "x".into(),
+                draining: true,
+            },
+        )
+        .unwrap();
+        assert!(s.backends["x"].draining);
+        apply(
+            &mut s,
+            &Command::SetDraining {
+                id: "x".into(),
+                draining: false,
+            },
+        )
+        .unwrap();
+        assert!(!s.backends["x"].draining);
+    }
+
+    #[test]
+    fn same_log_same_state() {
+        // Determinism: replaying the same commands yields identical states and results.
+        let cmds = vec![
+            Command::CreateBackend(backend("x", &["a"])),
+            Command::CreateDomain(domain("a.test", "a")),
+            Command::CreateDomain(domain("a.test", "b")),
+            Command::SwitchTag {
+                domain: "a.test".into(),
+                tag: "b".into(),
+            },
+            Command::DeleteBackend("x".into()),
+            Command::DeleteBackend("x".into()),
+        ];
+        let run = || {
+            let mut s = State::default();
+            let results: Vec<_> = cmds.iter().map(|c| apply(&mut s, c)).collect();
+            (s, results)
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn commands_roundtrip_postcard() {
+        let c = Command::UpdateDomain {
+            domain: "a.test".into(),
+            patch: DomainPatch {
+                cert: Some(None),
+                tls: Some(TlsMode::Manual),
+                ..Default::default()
+            },
+        };
+        let bytes = postcard::to_allocvec(&c).unwrap();
+        let back: Command = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(c, back);
+    }
+}
