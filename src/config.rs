@@ -7,7 +7,11 @@
 //! keep their names and fields. Internals (raw/spanned types) are free.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use crate::validate::{
+    backend_id as validate_backend_id, domain_name as validate_domain,
+    health_path as validate_health_path, host_port as validate_host_port,
+};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -1143,122 +1147,6 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         };
         format!("invalid socket address {s:?}: expected IP:port such as 127.0.0.1:8080 or [::1]:8080{hint}")
     })
-}
-
-/// `host:port` where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
-fn validate_host_port(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("must not be empty (expected host:port)".to_string());
-    }
-    if let Some((scheme, rest)) = s.split_once("://") {
-        let suggestion = rest.split('/').next().unwrap_or(rest);
-        return Err(format!(
-            "{s:?} is not host:port: remove the scheme \"{scheme}://\" (use {suggestion:?})"
-        ));
-    }
-    if s.chars().any(char::is_whitespace) {
-        return Err(format!("{s:?} is not host:port: it contains whitespace"));
-    }
-    let port = if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?} is not host:port: missing ']' after the IPv6 address"))?;
-        host.parse::<Ipv6Addr>()
-            .map_err(|_| format!("{s:?} is not host:port: {host:?} is not an IPv6 address"))?;
-        after
-            .strip_prefix(':')
-            .ok_or_else(|| format!("{s:?} is not host:port: missing :port"))?
-    } else {
-        let (host, port) = s.rsplit_once(':').ok_or_else(|| {
-            format!("{s:?} is not host:port: missing :port (e.g. 127.0.0.1:3001)")
-        })?;
-        if host.contains(':') {
-            return Err(format!(
-                "{s:?} is not host:port: put an IPv6 address in brackets, e.g. [::1]:3001"
-            ));
-        }
-        if host.is_empty() {
-            return Err(format!("{s:?} is not host:port: the host is empty"));
-        }
-        if !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        {
-            return Err(format!(
-                "{s:?} is not host:port: invalid character in host {host:?}"
-            ));
-        }
-        port
-    };
-    match port.parse::<u16>() {
-        Ok(p) if p >= 1 => Ok(()),
-        _ => Err(format!(
-            "{s:?} is not host:port: port {port:?} is not in 1..=65535"
-        )),
-    }
-}
-
-/// Returns the lower-cased domain, or why it is not a valid DNS name.
-fn validate_domain(raw: &str) -> Result<String, String> {
-    let d = raw.to_ascii_lowercase();
-    let bad = |why: &str| Err(format!("invalid domain {raw:?}: {why}"));
-    if d.is_empty() {
-        return bad("must not be empty");
-    }
-    if d.len() > 253 {
-        return bad("longer than 253 characters");
-    }
-    if d.ends_with('.') {
-        return bad("remove the trailing '.'");
-    }
-    let rest = d.strip_prefix("*.").unwrap_or(&d);
-    for label in rest.split('.') {
-        if label.is_empty() {
-            return bad("empty label");
-        }
-        if label.contains('*') {
-            return bad("a wildcard is only allowed as a leading \"*.\"");
-        }
-        if label.len() > 63 {
-            return bad("a label is longer than 63 characters");
-        }
-        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return bad(
-                "only letters, digits, '-' and '.' are allowed (use the xn-- form for \
-                 international names)",
-            );
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return bad("a label must not start or end with '-'");
-        }
-    }
-    Ok(d)
-}
-
-fn validate_backend_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("must not be empty".to_string());
-    }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(format!(
-            "invalid backend id {id:?}: only letters, digits, '.', '_' and '-' are allowed"
-        ));
-    }
-    Ok(())
-}
-
-/// "" means a TCP connect check; anything else is an HTTP path.
-fn validate_health_path(p: &str) -> Result<(), String> {
-    if p.is_empty() || (p.starts_with('/') && !p.chars().any(char::is_whitespace)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{p:?} must be \"\" (TCP connect check) or a path starting with '/' without spaces"
-        ))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

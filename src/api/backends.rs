@@ -53,7 +53,7 @@ fn parse_tags(tags: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError
 }
 
 fn parse_address(a: &str) -> Result<(), ApiError> {
-    validate::backend_address(a).map_err(|e| ApiError::field("address", e))
+    validate::host_port(a).map_err(|e| ApiError::field("address", e))
 }
 
 /// Read-only status fields clients may echo back from a GET.

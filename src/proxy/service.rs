@@ -294,7 +294,8 @@ mod tests {
     use super::*;
 
     fn req(uri: &str, host: Option<&str>) -> RequestHeader {
-        let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        r.set_uri(uri.parse().unwrap());
         if let Some(h) = host {
             r.insert_header("host", h).unwrap();
         }
