@@ -6,11 +6,11 @@
 //! NOTE FOR IMPLEMENTER: the public types below are the interface the rest of the crate uses;
 //! keep their names and fields. Internals (raw/spanned types) are free.
 
-use std::collections::HashMap;
 use crate::validate::{
     backend_id as validate_backend_id, domain_name as validate_domain,
     health_path as validate_health_path, host_port as validate_host_port,
 };
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::cluster::store::{LogStore, StateMachineStore};
-use crate::cluster::{rpc, ClusterNode};
+use crate::cluster::{membership, rpc, ClusterNode};
 use crate::config::Config;
+use crate::gossip::Gossip;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::state::{Command, State};
@@ -67,9 +68,11 @@ impl ControlPlane {
             .context("control plane started twice")?;
         let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
         let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
-        let node = ClusterNode::start(&cfg.cluster, log, self.sm.clone())
+        let gossip = Arc::new(Gossip::start(&cfg.cluster).await?);
+        let node = ClusterNode::start(&cfg.cluster, log, self.sm.clone(), gossip)
             .await
             .context("starting Raft")?;
+        tokio::spawn(membership::run(node.clone(), cfg.cluster.bootstrap_expect));
 
         tokio::spawn(serve(
             rpc_listener,

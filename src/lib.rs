@@ -7,6 +7,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod gossip;
 pub mod observability;
 pub mod proxy;
 pub mod state;

@@ -119,7 +119,6 @@ pub fn health_path(p: &str) -> Result<(), String> {
     }
 }
 
-
 pub fn tag(raw: &str) -> Result<(), String> {
     if raw.trim().is_empty() {
         return Err("a tag must not be empty".into());
@@ -153,9 +152,7 @@ mod tests {
         assert!(host_port("127.0.0.1:3001").is_ok());
         assert!(host_port("localhost:80").is_ok());
         assert!(host_port("[::1]:80").is_ok());
-        assert!(host_port("http://x:1")
-            .unwrap_err()
-            .contains("scheme"));
+        assert!(host_port("http://x:1").unwrap_err().contains("scheme"));
         assert!(host_port("not-an-address").is_err());
         assert!(host_port("host:0").is_err());
         assert!(host_port("host:70000").is_err());

@@ -196,12 +196,14 @@ pub async fn switch(
         None => match current.enabled_backends_tag.as_str() {
             "a" => "b".to_string(),
             "b" => "a".to_string(),
-            other => return Err(ApiError::field(
-                "tag",
-                format!(
+            other => {
+                return Err(ApiError::field(
+                    "tag",
+                    format!(
                     "is required: the current tag {other:?} has no a/b counterpart to toggle to"
                 ),
-            )),
+                ))
+            }
         },
     };
     if !force {

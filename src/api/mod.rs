@@ -74,6 +74,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/backends/{id}/health", post(backends::probe))
         .route("/api/v1/cluster/status", get(system::cluster_status))
+        .route(
+            "/api/v1/cluster/members/{id}",
+            axum::routing::delete(system::remove_member),
+        )
         .route("/api/v1/metrics", get(system::metrics))
         .route("/api/v1/stats", get(system::stats))
         .fallback(not_found)

@@ -8,7 +8,11 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::ApiState;
+use axum::extract::Path;
+use axum::http::StatusCode;
+
+use super::{ApiError, ApiState};
+use crate::cluster::RemoveError;
 
 pub async fn health(State(state): State<ApiState>) -> Json<Value> {
     let s = state.node.status();
@@ -64,4 +68,26 @@ fn refresh_gauges(state: &ApiState) {
     m.routes.set(state.data.routes.load().len() as i64);
     m.requests_in_flight
         .set(state.data.requests_in_flight.load(Ordering::Relaxed).max(0));
+}
+
+pub async fn remove_member(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "member id {id:?} is not a node id (a positive integer)"
+        ))
+    })?;
+    match state.node.remove_member(id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(RemoveError::Refused(reason)) if reason.contains("not a member") => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, reason))
+        }
+        Err(RemoveError::Refused(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
+        Err(RemoveError::Unavailable(reason)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot change membership: {reason}"),
+        )),
+    }
 }

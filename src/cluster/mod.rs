@@ -1,6 +1,7 @@
 //! Raft cluster: openraft types, the node wrapper that runs writes (forwarding them to the
 //! leader when needed), bootstrap and status.
 
+pub mod membership;
 pub mod network;
 pub mod rpc;
 pub mod store;
@@ -15,6 +16,7 @@ use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
+use crate::gossip::Gossip;
 use crate::state::{ApplyResult, Command};
 use network::HttpNetwork;
 use store::{LogStore, StateMachineStore};
@@ -41,6 +43,24 @@ pub enum ForwardedWrite {
     Unavailable(String),
 }
 
+/// Answer of the leader to a forwarded member removal.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RemoveOutcome {
+    Done,
+    Refused(String),
+    NotLeader,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// The request makes no sense (not a member, last voter...): HTTP 400/404.
+    #[error("{0}")]
+    Refused(String),
+    /// No leader reachable: HTTP 503.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// No leader or no quorum: the cluster cannot accept writes right now (HTTP 503).
@@ -55,7 +75,9 @@ pub struct ClusterNode {
     pub sm: StateMachineStore,
     pub secret: Option<String>,
     pub cluster_id: String,
+    pub gossip: Arc<Gossip>,
     net: HttpNetwork,
+    started: Instant,
 }
 
 /// Role and progress of this node, for the status endpoint.
@@ -84,6 +106,7 @@ impl ClusterNode {
         cfg: &ClusterConfig,
         log: LogStore,
         sm: StateMachineStore,
+        gossip: Arc<Gossip>,
     ) -> anyhow::Result<Arc<Self>> {
         let raft_config = openraft::Config {
             cluster_name: cfg.cluster_id.clone(),
@@ -109,7 +132,9 @@ impl ClusterNode {
         )
         .await?;
         let rpc_addr = cfg.rpc_addr.to_string();
-        if cfg.bootstrap_expect == 1 && !raft.is_initialized().await? {
+        // A lone node with no seeds is its own cluster. With seeds, bootstrapping waits for
+        // gossip (membership::run), so a node never starts a second cluster beside an existing one.
+        if cfg.bootstrap_expect == 1 && cfg.seeds.is_empty() && !raft.is_initialized().await? {
             tracing::info!(
                 node_id = cfg.node_id,
                 "initializing a new one-member cluster"
@@ -129,7 +154,9 @@ impl ClusterNode {
             sm,
             secret: cfg.secret.clone().filter(|s| !s.is_empty()),
             cluster_id: cfg.cluster_id.clone(),
+            gossip,
             net,
+            started: Instant::now(),
         }))
     }
 
@@ -229,9 +256,7 @@ impl ClusterNode {
                 node_id: *id,
                 rpc_addr: node.addr.clone(),
                 voter: voters.contains(id),
-                // Single-node liveness: this node is alive; peers' liveness comes from
-                // replication progress seen by the leader.
-                alive: *id == self.node_id || peer_alive(&m, *id),
+                alive: self.gossip.is_alive(*id),
             })
             .collect();
         Status {
@@ -241,6 +266,66 @@ impl ClusterNode {
             state: format!("{:?}", m.state),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             members,
+        }
+    }
+
+    /// True once gossip had time to hear from seeds (bootstrap must not race it).
+    pub fn gossip_settled(&self) -> bool {
+        self.started.elapsed() >= Duration::from_secs(2)
+    }
+
+    /// Checks that a node accepts our cluster secret before we add it.
+    pub async fn verify_peer(&self, rpc_addr: &str) -> bool {
+        self.net
+            .post::<_, String>(
+                rpc_addr,
+                "/cluster/hello",
+                &self.node_id,
+                Duration::from_secs(2),
+            )
+            .await
+            .is_ok()
+    }
+
+    /// The leader's id and RPC address, if one is known.
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Removes a member (voter or learner), on the leader or forwarded to it.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), RemoveError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            let res = match self.leader() {
+                Some((leader, _)) if leader == self.node_id => membership::remove(self, id)
+                    .await
+                    .map_err(RemoveError::Refused),
+                Some((leader, addr)) => match self
+                    .net
+                    .post::<_, RemoveOutcome>(&addr, "/cluster/remove-member", &id, COMMIT_TIMEOUT)
+                    .await
+                {
+                    Ok(RemoveOutcome::Done) => Ok(()),
+                    Ok(RemoveOutcome::Refused(e)) => Err(RemoveError::Refused(e)),
+                    Ok(RemoveOutcome::NotLeader) => Err(RemoveError::Unavailable(format!(
+                        "node {leader} is no longer leader"
+                    ))),
+                    Err(e) => Err(RemoveError::Unavailable(format!(
+                        "leader {leader} unreachable: {e}"
+                    ))),
+                },
+                None => Err(RemoveError::Unavailable("no leader elected".into())),
+            };
+            match res {
+                Err(RemoveError::Unavailable(reason)) if Instant::now() < deadline => {
+                    tracing::debug!("remove member {id}: {reason}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -265,13 +350,4 @@ impl ClusterNode {
         .await
         .ok()
     }
-}
-
-/// On the leader, a peer that acknowledged replication recently is alive.
-fn peer_alive(m: &openraft::RaftMetrics<NodeId, BasicNode>, id: NodeId) -> bool {
-    m.replication
-        .as_ref()
-        .and_then(|r| r.get(&id))
-        .map(|matched| matched.is_some())
-        .unwrap_or(false)
 }

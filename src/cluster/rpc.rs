@@ -21,6 +21,8 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/cluster/write", post(forwarded_write))
+        .route("/cluster/hello", post(hello))
+        .route("/cluster/remove-member", post(remove_member))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
 }
@@ -89,4 +91,24 @@ async fn forwarded_write(
     Json(cmd): Json<Command>,
 ) -> Json<ForwardedWrite> {
     Json(node.write_local(cmd).await)
+}
+
+/// Lets a leader check, before adding us, that we share the cluster secret (the auth layer
+/// already did the check; reaching here means yes).
+async fn hello(State(node): State<Arc<ClusterNode>>, Json(_from): Json<u64>) -> Json<String> {
+    Json(format!("node {}", node.node_id))
+}
+
+async fn remove_member(
+    State(node): State<Arc<ClusterNode>>,
+    Json(id): Json<u64>,
+) -> Json<super::RemoveOutcome> {
+    use super::RemoveOutcome;
+    if !node.is_leader() {
+        return Json(RemoveOutcome::NotLeader);
+    }
+    Json(match super::membership::remove(&node, id).await {
+        Ok(()) => RemoveOutcome::Done,
+        Err(e) => RemoveOutcome::Refused(e),
+    })
 }

@@ -137,9 +137,14 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Backend::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts on a given address (e.g. the address of a stopped backend, to bring it back).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .expect("bind backend listener");
+            .unwrap_or_else(|e| panic!("bind backend listener {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         handed_out().lock().unwrap().insert(addr.port());
         let state = Arc::new(BackendState {
@@ -778,13 +783,12 @@ timeout_secs = 1
     /// Polls until a proxied GET answers 200 with `body` (bounded); returns that response.
     pub async fn wait_route(&self, host: &str, path: &str, body: &str) -> HttpResp {
         let deadline = Instant::now() + Duration::from_secs(15);
-        let mut last = String::new();
         loop {
-            match self.proxy.get(host, path).await {
+            let last = match self.proxy.get(host, path).await {
                 Ok(r) if r.status == 200 && r.body == body => return r,
-                Ok(r) => last = format!("{} {:?}", r.status, r.body),
-                Err(e) => last = format!("error {e}"),
-            }
+                Ok(r) => format!("{} {:?}", r.status, r.body),
+                Err(e) => format!("error {e}"),
+            };
             if Instant::now() >= deadline {
                 panic!(
                     "GET http://{host}{path} never answered 200 {body:?} within 15 s; last: {last}"

@@ -1,0 +1,107 @@
+//! Gossip (chitchat over UDP): who is alive, where their Raft RPC listens, whether they already
+//! belong to a Raft cluster. Each node writes only its own keys.
+//!
+//! chitchat has no authentication: bind `gossip_addr` to a private network. Nothing learnt
+//! from gossip is trusted for writes; joining a node still needs the cluster secret on RPC.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
+};
+use tokio::sync::watch;
+
+use crate::config::ClusterConfig;
+
+pub const KEY_RPC_ADDR: &str = "rpc_addr";
+pub const KEY_RAFT_INITIALIZED: &str = "raft_initialized";
+
+/// A live node as seen through gossip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node_id: u64,
+    pub rpc_addr: String,
+    pub initialized: bool,
+    pub gossip_addr: SocketAddr,
+}
+
+pub struct Gossip {
+    handle: ChitchatHandle,
+    live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    pub node_id: u64,
+}
+
+impl Gossip {
+    pub async fn start(cfg: &ClusterConfig) -> anyhow::Result<Self> {
+        // A new generation per process start, so peers drop our previous incarnation's state.
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(cfg.node_id.to_string(), generation, cfg.gossip_addr),
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: Duration::from_millis(200),
+            listen_addr: cfg.gossip_addr,
+            seed_nodes: cfg.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: 8.0,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(2),
+                initial_interval: Duration::from_millis(200),
+                dead_node_grace_period: Duration::from_secs(3600),
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let initial = vec![
+            (KEY_RPC_ADDR.to_string(), cfg.rpc_addr.to_string()),
+            (KEY_RAFT_INITIALIZED.to_string(), "false".to_string()),
+        ];
+        let handle = spawn_chitchat(config, initial, &UdpTransport)
+            .await
+            .with_context(|| format!("starting gossip on udp {}", cfg.gossip_addr))?;
+        let live = handle.chitchat().lock().await.live_nodes_watcher();
+        Ok(Self {
+            handle,
+            live,
+            node_id: cfg.node_id,
+        })
+    }
+
+    /// Live nodes (this one included) that published a valid id and RPC address.
+    pub fn live_peers(&self) -> Vec<Peer> {
+        self.live
+            .borrow()
+            .iter()
+            .filter_map(|(id, state)| {
+                Some(Peer {
+                    node_id: id.node_id.parse().ok()?,
+                    rpc_addr: state.get(KEY_RPC_ADDR)?.to_string(),
+                    initialized: state.get(KEY_RAFT_INITIALIZED) == Some("true"),
+                    gossip_addr: id.gossip_advertise_addr,
+                })
+            })
+            .collect()
+    }
+
+    pub fn is_alive(&self, node_id: u64) -> bool {
+        node_id == self.node_id || self.live_peers().iter().any(|p| p.node_id == node_id)
+    }
+
+    /// Publishes one of our own keys.
+    pub async fn set(&self, key: &str, value: &str) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        let state = guard.self_node_state();
+        if state.get(key) != Some(value) {
+            state.set(key, value);
+        }
+    }
+}
