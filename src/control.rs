@@ -17,6 +17,7 @@ use crate::cluster::store::{LogStore, StateMachineStore};
 use crate::cluster::{membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
+use crate::health;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::state::{Command, State};
@@ -73,6 +74,12 @@ impl ControlPlane {
             .await
             .context("starting Raft")?;
         tokio::spawn(membership::run(node.clone(), cfg.cluster.bootstrap_expect));
+        tokio::spawn(health::active::run(
+            self.data.clone(),
+            self.sm.clone(),
+            cfg.health_check.clone(),
+        ));
+        tokio::spawn(health::shared::run(self.data.clone(), node.gossip.clone()));
 
         tokio::spawn(serve(
             rpc_listener,
@@ -86,10 +93,7 @@ impl ControlPlane {
             token: cfg.api.token.clone().filter(|t| !t.is_empty()),
             health_check: cfg.health_check.clone(),
             started: Instant::now(),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default(),
+            http: health::active::client(),
         };
         tokio::spawn(serve(
             api_listener,

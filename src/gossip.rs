@@ -4,7 +4,7 @@
 //! chitchat has no authentication: bind `gossip_addr` to a private network. Nothing learnt
 //! from gossip is trusted for writes; joining a node still needs the cluster secret on RPC.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -93,6 +93,35 @@ impl Gossip {
 
     pub fn is_alive(&self, node_id: u64) -> bool {
         node_id == self.node_id || self.live_peers().iter().any(|p| p.node_id == node_id)
+    }
+
+    /// For every live peer (not this node): its keys starting with `prefix`.
+    pub fn peer_values(&self, prefix: &str) -> Vec<(u64, HashMap<String, String>)> {
+        self.live
+            .borrow()
+            .iter()
+            .filter_map(|(id, state)| {
+                let node_id: u64 = id.node_id.parse().ok()?;
+                (node_id != self.node_id).then(|| {
+                    let kv = state
+                        .key_values()
+                        .filter(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    (node_id, kv)
+                })
+            })
+            .collect()
+    }
+
+    /// Publishes several of our own keys at once.
+    pub async fn set_many(&self, kvs: Vec<(String, String)>) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        let state = guard.self_node_state();
+        for (k, v) in kvs {
+            state.set(k, v);
+        }
     }
 
     /// Publishes one of our own keys.

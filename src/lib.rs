@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod gossip;
+pub mod health;
 pub mod observability;
 pub mod proxy;
 pub mod state;

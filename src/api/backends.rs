@@ -1,7 +1,6 @@
 //! /api/v1/backends: the backend registry, drain and on-demand health probes.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -13,22 +12,43 @@ use serde_json::{json, Value};
 use super::body::Body;
 use super::domains::unexpected;
 use super::{ApiError, ApiState};
-use crate::proxy::DataPlane;
+use crate::health::{active, now_ms};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 use crate::validate;
 
-pub fn backend_json(b: &Backend, data: &DataPlane) -> Value {
-    let rt = data.backends.get(&b.id);
+pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
+    let rt = state.data.backends.runtime(&b.id);
+    let health = rt.health.report();
+    // Per node: this node's own verdict plus what every live peer publishes in gossip.
+    let mut nodes = serde_json::Map::new();
+    let own = if rt.health.local_verdict_down() {
+        "down"
+    } else {
+        "up"
+    };
+    nodes.insert(state.node.node_id.to_string(), json!(own));
+    let key = format!("{}{}", crate::health::shared::KEY_PREFIX, b.id);
+    for (peer, kv) in state
+        .node
+        .gossip
+        .peer_values(crate::health::shared::KEY_PREFIX)
+    {
+        if let Some(v) = kv.get(&key) {
+            nodes.insert(peer.to_string(), json!(v));
+        }
+    }
     json!({
         "id": b.id,
         "address": b.address,
         "tags": b.tags,
         "health_check_path": b.health_check_path,
-        "healthy": rt.as_ref().map(|r| r.healthy.load(Ordering::Relaxed)).unwrap_or(true),
+        "healthy": rt.health.merged_usable(now_ms()),
         "draining": b.draining,
-        "in_flight": rt.as_ref().map(|r| r.in_flight.load(Ordering::Relaxed).max(0)).unwrap_or(0),
-        "requests": rt.as_ref().map(|r| r.requests.load(Ordering::Relaxed)).unwrap_or(0),
-        "connect_failures": rt.as_ref().map(|r| r.failures.load(Ordering::Relaxed)).unwrap_or(0),
+        "in_flight": rt.in_flight.load(Ordering::Relaxed).max(0),
+        "requests": rt.requests.load(Ordering::Relaxed),
+        "connect_failures": rt.failures.load(Ordering::Relaxed),
+        "health": health,
+        "nodes": nodes,
     })
 }
 
@@ -73,7 +93,7 @@ pub async fn list(State(state): State<ApiState>) -> Json<Value> {
     let list: Vec<Value> = state.node.sm.with_state(|s| {
         s.backends
             .values()
-            .map(|b| backend_json(b, &state.data))
+            .map(|b| backend_json(b, &state))
             .collect()
     });
     Json(Value::Array(list))
@@ -83,7 +103,7 @@ pub async fn get_one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(backend_json(&lookup(&state, &id)?, &state.data)))
+    Ok(Json(backend_json(&lookup(&state, &id)?, &state)))
 }
 
 pub async fn create(
@@ -110,7 +130,7 @@ pub async fn create(
         draining: false,
     };
     match state.write(Command::CreateBackend(b)).await? {
-        Applied::Backend(b) => Ok((StatusCode::CREATED, Json(backend_json(&b, &state.data)))),
+        Applied::Backend(b) => Ok((StatusCode::CREATED, Json(backend_json(&b, &state)))),
         other => Err(unexpected(other)),
     }
 }
@@ -153,7 +173,7 @@ pub async fn update(
         })
         .await?
     {
-        Applied::Backend(b) => Ok(Json(backend_json(&b, &state.data))),
+        Applied::Backend(b) => Ok(Json(backend_json(&b, &state))),
         other => Err(unexpected(other)),
     }
 }
@@ -180,7 +200,7 @@ async fn set_draining(
         })
         .await?
     {
-        Applied::Backend(b) => Ok(Json(backend_json(&b, &state.data))),
+        Applied::Backend(b) => Ok(Json(backend_json(&b, &state))),
         other => Err(unexpected(other)),
     }
 }
@@ -199,49 +219,28 @@ pub async fn undrain(
     set_draining(state, id, false).await
 }
 
-/// Probes the backend now from this node: HTTP GET on its health path, or a TCP connect when
-/// the path is "". Reports the result; it does not change routing.
+/// Probes the backend now from this node (HTTP GET on its health path, or a TCP connect when
+/// the path is ""), records the result in its health state and returns it.
 pub async fn probe(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let b = lookup(&state, &id)?;
-    let path = b
-        .health_check_path
-        .clone()
-        .unwrap_or_else(|| state.health_check.path.clone());
-    let timeout = Duration::from_secs(state.health_check.timeout_secs);
-    let started = Instant::now();
-    let (healthy, detail) = if path.is_empty() {
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&b.address)).await {
-            Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
-            Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
-            Err(_) => (
-                false,
-                format!("TCP connect timed out after {}s", timeout.as_secs()),
-            ),
-        }
-    } else {
-        let url = format!("http://{}{}", b.address, path);
-        match state.http.get(&url).timeout(timeout).send().await {
-            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
-                (true, format!("GET {path} answered {}", r.status().as_u16()))
-            }
-            Ok(r) => (
-                false,
-                format!("GET {path} answered {}", r.status().as_u16()),
-            ),
-            Err(e) if e.is_timeout() => (
-                false,
-                format!("GET {path} timed out after {}s", timeout.as_secs()),
-            ),
-            Err(e) => (false, format!("GET {path} failed: {e}")),
-        }
-    };
+    let result = active::check_backend(
+        &state.data,
+        &state.http,
+        &state.health_check,
+        &b.id,
+        &b.address,
+        b.health_check_path.as_deref(),
+    )
+    .await;
+    let rt = state.data.backends.runtime(&b.id);
     Ok(Json(json!({
         "id": b.id,
-        "healthy": healthy,
-        "detail": detail,
-        "latency_ms": started.elapsed().as_millis() as u64,
+        "healthy": result.healthy,
+        "detail": result.detail,
+        "latency_ms": result.latency_ms,
+        "state": rt.health.active(),
     })))
 }

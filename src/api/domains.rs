@@ -1,7 +1,5 @@
 //! /api/v1/domains: virtual hosts, their certificates and a/b switching.
 
-use std::sync::atomic::Ordering;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -12,6 +10,7 @@ use serde_json::{json, Value};
 use super::backends::backend_json;
 use super::body::Body;
 use super::{rfc3339, ApiError, ApiState};
+use crate::health::now_ms;
 use crate::proxy::tls;
 use crate::state::{Applied, CertPair, Command, Domain, DomainPatch, TlsMode};
 use crate::validate;
@@ -215,9 +214,9 @@ pub async fn switch(
                 let healthy = state
                     .data
                     .backends
-                    .get(&b.id)
-                    .map(|r| r.healthy.load(Ordering::Relaxed))
-                    .unwrap_or(true);
+                    .runtime(&b.id)
+                    .health
+                    .merged_usable(now_ms());
                 if healthy && !b.draining {
                     usable += 1;
                 } else {
@@ -277,7 +276,7 @@ pub async fn backends(
     let current = lookup(&state, &name)?;
     let list: Vec<Value> = state.node.sm.with_state(|s| {
         s.backends_with_tag(&current.enabled_backends_tag)
-            .map(|b| backend_json(b, &state.data))
+            .map(|b| backend_json(b, &state))
             .collect()
     });
     Ok(Json(Value::Array(list)))

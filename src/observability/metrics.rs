@@ -7,6 +7,7 @@ pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
     connect_failures: IntCounterVec,
+    guard_rail: prometheus::IntCounter,
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
     pub raft_is_leader: IntGauge,
@@ -31,6 +32,10 @@ impl Metrics {
             ),
             &["backend"],
         )?;
+        let guard_rail = prometheus::IntCounter::new(
+            "pingora_vhost_health_guard_rail_total",
+            "Backend picks that fell back to this node's own health view because peers reported the whole pool down",
+        )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let raft_term = gauge("pingora_vhost_raft_term", "Current Raft term")?;
         let raft_last_applied = gauge(
@@ -48,6 +53,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
+        registry.register(Box::new(guard_rail.clone()))?;
         for g in [
             &raft_term,
             &raft_last_applied,
@@ -61,6 +67,7 @@ impl Metrics {
             registry,
             requests,
             connect_failures,
+            guard_rail,
             raft_term,
             raft_last_applied,
             raft_is_leader,
@@ -74,6 +81,10 @@ impl Metrics {
         // itoa buffer keeps it allocation-free.
         let mut buf = itoa::Buffer::new();
         self.requests.with_label_values(&[buf.format(status)]).inc();
+    }
+
+    pub fn guard_rail_used(&self) {
+        self.guard_rail.inc();
     }
 
     pub fn upstream_connect_failure(&self, backend: &str) {

@@ -14,6 +14,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use super::table::{Route, Upstream};
 use super::DataPlane;
+use crate::health::breaker::Failure;
+use crate::health::now_ms;
 use crate::observability::Metrics;
 
 pub struct VhostProxy {
@@ -136,7 +138,7 @@ impl ProxyHttp for VhostProxy {
         let Some(route) = ctx.route.clone() else {
             return Err(Error::new(ErrorType::InternalError));
         };
-        let Some((idx, upstream)) = route.pick(&ctx.tried) else {
+        let Some(pick) = route.pick(&ctx.tried) else {
             ctx.failure = Some(if ctx.tried.is_empty() {
                 (
                     503,
@@ -158,8 +160,11 @@ impl ProxyHttp for VhostProxy {
                 ctx.failure.as_ref().map(|f| f.0).unwrap_or(502),
             )));
         };
-        let upstream = upstream.clone();
-        ctx.tried.push(idx);
+        if pick.guard_rail {
+            self.metrics.guard_rail_used();
+        }
+        let upstream = pick.upstream.clone();
+        ctx.tried.push(pick.index);
         let Some(addr) = upstream.addr else {
             return Err(Error::new(ErrorType::ConnectNoRoute));
         };
@@ -184,6 +189,13 @@ impl ProxyHttp for VhostProxy {
         if let Some(u) = &ctx.current {
             u.runtime.failures.fetch_add(1, Ordering::Relaxed);
             self.metrics.upstream_connect_failure(&u.id);
+            if u.runtime
+                .health
+                .breaker
+                .record_failure(Failure::Connect, now_ms())
+            {
+                tracing::warn!(backend = %u.id, "circuit breaker opened after a failed connect");
+            }
         }
         // A failed connect sent nothing upstream: always safe to try another backend.
         if let Some(route) = &ctx.route {
@@ -192,6 +204,60 @@ impl ProxyHttp for VhostProxy {
             }
         }
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if let Some(u) = &ctx.current {
+            if u.runtime
+                .health
+                .breaker
+                .record_failure(Failure::Soft, now_ms())
+            {
+                tracing::warn!(backend = %u.id, "circuit breaker opened after repeated failures");
+            }
+        }
+        // Idempotent requests whose body we still have may go to another backend.
+        let retriable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let others = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.has_untried(&ctx.tried));
+        if retriable && others {
+            e.set_retry(true);
+        } else if !retriable {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(u) = &ctx.current {
+            let breaker = &u.runtime.health.breaker;
+            if upstream_response.status.is_server_error() {
+                if breaker.record_failure(Failure::Soft, now_ms()) {
+                    tracing::warn!(backend = %u.id, "circuit breaker opened after repeated 5xx answers");
+                }
+            } else {
+                breaker.record_success();
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(

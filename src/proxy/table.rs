@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::health::{now_ms, BackendHealth};
 use crate::state::State;
 
 /// Live counters and health of one backend. Survives table recompiles (looked up by id), so
@@ -16,8 +17,7 @@ pub struct BackendRuntime {
     pub in_flight: AtomicI64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
-    /// Local health verdict; true until a health check says otherwise.
-    pub healthy: AtomicBool,
+    pub health: BackendHealth,
 }
 
 impl BackendRuntime {
@@ -27,12 +27,8 @@ impl BackendRuntime {
             in_flight: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
+            health: BackendHealth::default(),
         }
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
     }
 }
 
@@ -49,9 +45,23 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn usable(&self) -> bool {
-        !self.draining && self.addr.is_some() && self.runtime.is_healthy()
+    fn usable(&self, now: u64, merged: bool) -> bool {
+        !self.draining
+            && self.addr.is_some()
+            && if merged {
+                self.runtime.health.merged_usable(now)
+            } else {
+                self.runtime.health.locally_usable(now)
+            }
     }
+}
+
+/// The backend chosen for one attempt.
+pub struct Pick<'a> {
+    pub index: usize,
+    pub upstream: &'a Arc<Upstream>,
+    /// True when the merged (cluster) view had nothing and this node's own view was used.
+    pub guard_rail: bool,
 }
 
 /// A virtual host and its active pool.
@@ -65,25 +75,39 @@ pub struct Route {
 }
 
 impl Route {
-    /// Round-robin over usable upstreams not yet tried by this request.
-    pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Arc<Upstream>)> {
+    /// Round-robin over usable upstreams not yet tried by this request: first by the
+    /// cluster's merged health view, then (guard rail) by this node's own view.
+    pub fn pick(&self, tried: &[usize]) -> Option<Pick<'_>> {
         let n = self.upstreams.len();
         if n == 0 {
             return None;
         }
+        let now = now_ms();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| (start.wrapping_add(i)) % n)
-            .find(|idx| !tried.contains(idx) && self.upstreams[*idx].usable())
-            .map(|idx| (idx, &self.upstreams[idx]))
+        for merged in [true, false] {
+            let found = (0..n)
+                .map(|i| (start.wrapping_add(i)) % n)
+                .find(|idx| !tried.contains(idx) && self.upstreams[*idx].usable(now, merged));
+            if let Some(index) = found {
+                let upstream = &self.upstreams[index];
+                upstream.runtime.health.breaker.on_pick(now);
+                return Some(Pick {
+                    index,
+                    upstream,
+                    guard_rail: !merged,
+                });
+            }
+        }
+        None
     }
 
     /// True when some upstream could still serve (used to decide whether to retry).
     pub fn has_untried(&self, tried: &[usize]) -> bool {
+        let now = now_ms();
         self.upstreams
             .iter()
             .enumerate()
-            .any(|(i, u)| !tried.contains(&i) && u.usable())
+            .any(|(i, u)| !tried.contains(&i) && u.usable(now, false))
     }
 }
 
@@ -131,6 +155,12 @@ impl BackendRegistry {
     pub fn get(&self, id: &str) -> Option<Arc<BackendRuntime>> {
         let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         map.get(id).cloned()
+    }
+
+    /// Every backend's runtime (for the health tasks).
+    pub fn all(&self) -> Vec<Arc<BackendRuntime>> {
+        let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
     }
 
     fn resolve(&self, address: &str) -> Option<SocketAddr> {
@@ -258,18 +288,24 @@ mod tests {
         let mut s = state();
         let t = compile(&s, &reg);
         let r = t.lookup("x.test").unwrap();
-        let first = r.pick(&[]).unwrap().1.id.clone();
-        let second = r.pick(&[]).unwrap().1.id.clone();
+        let first = r.pick(&[]).unwrap().upstream.id.clone();
+        let second = r.pick(&[]).unwrap().upstream.id.clone();
         assert_ne!(first, second, "round robin alternates");
-        let (idx, _) = r.pick(&[]).unwrap();
-        let (other, _) = r.pick(&[idx]).unwrap();
+        let idx = r.pick(&[]).unwrap().index;
+        let other = r.pick(&[idx]).unwrap().index;
         assert_ne!(idx, other);
         assert!(r.pick(&[0, 1]).is_none());
         assert!(t.lookup("empty.test").unwrap().pick(&[]).is_none());
 
-        reg.runtime("a1").healthy.store(false, Ordering::Relaxed);
+        let t3 = crate::health::Thresholds {
+            unhealthy: 1,
+            healthy: 1,
+        };
+        reg.runtime("a1")
+            .health
+            .record_probe(false, "down".into(), t3);
         for _ in 0..4 {
-            assert_eq!(r.pick(&[]).unwrap().1.id, "a2");
+            assert_eq!(r.pick(&[]).unwrap().upstream.id, "a2");
         }
         s.backends.get_mut("a2").unwrap().draining = true;
         let t = compile(&s, &reg);
@@ -293,5 +329,60 @@ mod tests {
                 .load(Ordering::Relaxed),
             1
         );
+    }
+}
+
+#[cfg(test)]
+mod guard_rail_tests {
+    use super::*;
+    use crate::state::{Backend, Domain, TlsMode};
+
+    #[test]
+    fn peers_view_avoids_then_guard_rail_keeps_pool_alive() {
+        let mut s = State::default();
+        for id in ["a1", "a2"] {
+            s.backends.insert(
+                id.into(),
+                Backend {
+                    id: id.into(),
+                    address: "127.0.0.1:1".into(),
+                    tags: vec!["a".into()],
+                    health_check_path: None,
+                    draining: false,
+                },
+            );
+        }
+        s.domains.insert(
+            "x.test".into(),
+            Domain {
+                domain: "x.test".into(),
+                enabled_backends_tag: "a".into(),
+                http_to_https: false,
+                tls: TlsMode::None,
+                cert: None,
+            },
+        );
+        let reg = BackendRegistry::default();
+        let t = compile(&s, &reg);
+        let r = t.lookup("x.test").unwrap();
+        // A peer reports a1 down: everyone avoids it.
+        reg.runtime("a1").health.set_peers_down(vec![2]);
+        for _ in 0..4 {
+            let p = r.pick(&[]).unwrap();
+            assert_eq!(p.upstream.id, "a2");
+            assert!(!p.guard_rail);
+        }
+        // Peers report every backend down, but locally both work: fall back to local view.
+        reg.runtime("a2").health.set_peers_down(vec![3]);
+        let p = r.pick(&[]).unwrap();
+        assert!(p.guard_rail);
+        // Down locally as well: nothing to pick (503).
+        let t1 = crate::health::Thresholds {
+            unhealthy: 1,
+            healthy: 1,
+        };
+        reg.runtime("a1").health.record_probe(false, "x".into(), t1);
+        reg.runtime("a2").health.record_probe(false, "x".into(), t1);
+        assert!(r.pick(&[]).is_none());
     }
 }

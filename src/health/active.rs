@@ -1,0 +1,125 @@
+//! Active health checks: HTTP GET on the health path, or a TCP connect when the path is "".
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::{ActiveState, Thresholds};
+use crate::cluster::store::StateMachineStore;
+use crate::config::HealthCheckConfig;
+use crate::proxy::DataPlane;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeResult {
+    pub healthy: bool,
+    pub detail: String,
+    pub latency_ms: u64,
+}
+
+/// Probes one backend once.
+pub async fn probe(
+    client: &reqwest::Client,
+    address: &str,
+    path: &str,
+    timeout: Duration,
+) -> ProbeResult {
+    let started = Instant::now();
+    let (healthy, detail) = if path.is_empty() {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
+            Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
+            Err(_) => (
+                false,
+                format!("TCP connect timed out after {}ms", timeout.as_millis()),
+            ),
+        }
+    } else {
+        let url = format!("http://{address}{path}");
+        match client.get(&url).timeout(timeout).send().await {
+            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+                (true, format!("GET {path} answered {}", r.status().as_u16()))
+            }
+            Ok(r) => (
+                false,
+                format!("GET {path} answered {}", r.status().as_u16()),
+            ),
+            Err(e) if e.is_timeout() => (
+                false,
+                format!("GET {path} timed out after {}ms", timeout.as_millis()),
+            ),
+            Err(e) if e.is_connect() => (false, format!("GET {path}: connection failed")),
+            Err(e) => (false, format!("GET {path} failed: {e}")),
+        }
+    };
+    ProbeResult {
+        healthy,
+        detail,
+        latency_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// The probe client: no redirects followed, no connection reuse surprises.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap_or_default()
+}
+
+/// Probes `id` now and records the result in its health state.
+pub async fn check_backend(
+    data: &DataPlane,
+    client: &reqwest::Client,
+    cfg: &HealthCheckConfig,
+    id: &str,
+    address: &str,
+    path_override: Option<&str>,
+) -> ProbeResult {
+    let path = path_override.unwrap_or(&cfg.path);
+    let result = probe(client, address, path, Duration::from_secs(cfg.timeout_secs)).await;
+    let runtime = data.backends.runtime(id);
+    let thresholds = Thresholds {
+        unhealthy: cfg.unhealthy_threshold,
+        healthy: cfg.healthy_threshold,
+    };
+    if let Some(flip) =
+        runtime
+            .health
+            .record_probe(result.healthy, result.detail.clone(), thresholds)
+    {
+        match flip {
+            ActiveState::Down => {
+                tracing::warn!(backend = id, detail = %result.detail, "backend marked unhealthy")
+            }
+            _ => tracing::info!(backend = id, "backend healthy again"),
+        }
+    }
+    result
+}
+
+/// Probes every backend every `interval_secs`, a bounded number at a time. Unhealthy backends
+/// keep being probed so they can come back.
+pub async fn run(data: Arc<DataPlane>, sm: StateMachineStore, cfg: HealthCheckConfig) {
+    let client = client();
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let backends: Vec<(String, String, Option<String>)> = sm.with_state(|s| {
+            s.backends
+                .values()
+                .map(|b| (b.id.clone(), b.address.clone(), b.health_check_path.clone()))
+                .collect()
+        });
+        futures::stream::iter(backends)
+            .for_each_concurrent(64, |(id, address, path)| {
+                let (data, client, cfg) = (&data, &client, &cfg);
+                async move {
+                    check_backend(data, client, cfg, &id, &address, path.as_deref()).await;
+                }
+            })
+            .await;
+    }
+}
