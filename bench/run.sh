@@ -475,6 +475,7 @@ listen_addr = "127.0.0.1:$PV_HTTPS"
 listen_addr_http = "127.0.0.1:$PV_HTTP"
 management_api_addr = "127.0.0.1:$PV_API"
 threads = 1
+shutdown_grace_secs = 1
 # wrk sends the URL host (127.0.0.1) as SNI, so the default certificate is the one it
 # negotiates: make it the same cert as the virtual host's (and as nginx/HAProxy use).
 default_cert_path = "$CERT"
@@ -610,6 +611,22 @@ run_proxy() {
 # ---------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------
+# Share of all CPUs busy over SECONDS (whole machine, all containers on this kernel).
+machine_busy_pct() {
+    local a b
+    a="$(head -n1 /proc/stat)"; sleep "${1:-1}"; b="$(head -n1 /proc/stat)"
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        na = split(a, x, " "); split(b, y, " "); tot = 0
+        for (i = 2; i <= 9 && i <= na; i++) tot += y[i] - x[i]
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        printf "%.0f", tot > 0 ? 100 * (tot - idle) / tot : 0 }'
+}
+BUSY_BEFORE="$(machine_busy_pct 2)"
+if [ "$BUSY_BEFORE" -gt 10 ]; then
+    log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark (other processes," \
+        "maybe in other containers): numbers will be low and noisy"
+fi
+
 
 log "temp dir $TMP; CPUs: wrk+origin=$CPU_LOAD proxy=$CPU_PROXY; ${DURATION}s x $CONNECTIONS connections, warm-up ${WARMUP}s"
 start_origin
@@ -674,6 +691,7 @@ report() {
     echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, ${WARMUP}s warm-up + ${DURATION}s measured, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`"
     echo "- proxies (1 worker each): nginx $NGINX_VER, HAProxy $HAPROXY_VER, $PV_VER"
     echo "- origin: nginx, 1 worker, \`return 200 \"ok\\n\"\`"
+    echo "- machine CPU busy before the run (other load): ${BUSY_BEFORE}%$([ "$BUSY_BEFORE" -gt 10 ] && echo ' — **the machine was not idle: numbers are noisy**')"
     echo "- CPU µs/req: proxy utime+stime (all processes and threads) during the measured run / requests"
     echo
     for proto in http https; do
@@ -733,4 +751,7 @@ mkdir -p "$(dirname "$RESULTS_MD")"
 report > "$RESULTS_MD"
 text_report
 echo
+if [ "$BUSY_BEFORE" -gt 10 ]; then
+    log "WARNING: the machine was ${BUSY_BEFORE}% busy before the run: treat these numbers as noisy"
+fi
 log "results written to $RESULTS_MD"

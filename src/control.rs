@@ -95,11 +95,6 @@ impl ControlPlane {
             started: Instant::now(),
             http: health::active::client(),
         };
-        tokio::spawn(serve(
-            api_listener,
-            api::router(api_state),
-            "management API",
-        ));
         if let (true, Some(addr)) = (cfg.metrics.enabled, cfg.metrics.listen_addr) {
             let listener = bind(addr, "metrics").await?;
             let metrics = self.metrics.clone();
@@ -119,10 +114,22 @@ impl ControlPlane {
             https = %cfg.proxy.listen_addr,
             "node started"
         );
-        tokio::spawn(seed_or_compare(
+        let seed_task = seed_or_compare(
             node.clone(),
             self.seed.clone(),
             cfg.source_path.display().to_string(),
+        );
+        if cfg.cluster.bootstrap_expect == 1 && cfg.cluster.seeds.is_empty() {
+            // A lone node elects itself in milliseconds: seed before the API answers, so a
+            // client that sees the node up also sees the file's domains.
+            seed_task.await;
+        } else {
+            tokio::spawn(seed_task);
+        }
+        tokio::spawn(serve(
+            api_listener,
+            api::router(api_state),
+            "management API",
         ));
 
         let _ = shutdown.changed().await;

@@ -828,6 +828,75 @@ async fn failed_connect_is_retried_on_the_live_backend() {
         20,
         "the live backend served all 20"
     );
+
+    // The on-demand probe reports what it finds.
+    let (status, probe) = node.api_post_empty("/api/v1/backends/a-dead/health").await;
+    assert_eq!(status, 200, "on-demand probe: {probe}");
+    assert_eq!(probe["id"], "a-dead", "{probe}");
+    assert_eq!(probe["healthy"], false, "probe of a closed port: {probe}");
+    let (status, probe) = node.api_post_empty("/api/v1/backends/b-live/health").await;
+    assert_eq!(status, 200, "on-demand probe: {probe}");
+    assert_eq!(probe["healthy"], true, "probe of a live backend: {probe}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_backend_gets_no_new_requests_but_finishes_in_flight() {
+    let d1 = Backend::start("D1").await;
+    let d2 = Backend::start("D2").await;
+    let node = Node::start_default().await;
+    node.add_backend("d1", &d1.address(), &["a"]).await;
+    node.add_backend("d2", &d2.address(), &["a"]).await;
+    node.add_domain("drain.test", "a").await;
+    node.wait_route("drain.test", "/", "D1").await;
+    node.wait_route("drain.test", "/", "D2").await;
+
+    // Park a slow request on D1 (retry until round-robin lands it there).
+    let client = node.proxy_client();
+    let mut in_flight = None;
+    for _ in 0..6 {
+        let before = d1.requests();
+        let c = client.clone();
+        let task = tokio::spawn(async move { c.get("drain.test", "/slow?ms=1500").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if d1.requests() > before {
+            in_flight = Some(task);
+            break;
+        }
+        let _ = task.await;
+    }
+    let in_flight = in_flight.expect("round-robin never sent a request to D1");
+
+    let (status, be) = node.api_post_empty("/api/v1/backends/d1/drain").await;
+    assert_eq!(status, 200, "drain: {be}");
+    assert_eq!(be["draining"], true, "{be}");
+    assert_eq!(
+        be["in_flight"], 1,
+        "the parked request is visible as in flight: {be}"
+    );
+
+    let d1_before = d1.requests();
+    assert_all_from(&node, "drain.test", 10, "D2", "while d1 drains").await;
+    assert_eq!(
+        d1.requests(),
+        d1_before,
+        "a draining backend gets no new requests"
+    );
+
+    let r = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("in-flight request on the drained backend did not finish")
+        .unwrap()
+        .expect("in-flight request on the drained backend must complete");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "D1"),
+        "in-flight request finishes on D1"
+    );
+
+    let (status, be) = node.api_delete("/api/v1/backends/d1/drain").await;
+    assert_eq!(status, 200, "undo drain: {be}");
+    assert_eq!(be["draining"], false, "{be}");
+    node.wait_route("drain.test", "/", "D1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -568,7 +568,7 @@ timeout_secs = 1
                     self.logs()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
