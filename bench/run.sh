@@ -251,6 +251,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+set -E
+trap 'log "command failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -619,7 +621,7 @@ machine_busy_pct() {
         na = split(a, x, " "); split(b, y, " "); tot = 0
         for (i = 2; i <= 9 && i <= na; i++) tot += y[i] - x[i]
         idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", tot > 0 ? 100 * (tot - idle) / tot : 0 }'
+        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
 }
 BUSY_BEFORE="$(machine_busy_pct 2)"
 if [ "$BUSY_BEFORE" -gt 10 ]; then
@@ -673,11 +675,11 @@ md_ratios() {
     best="$(awk -v a="${RPS[$n]}" -v b="${RPS[$h]}" 'BEGIN { print (a > b ? a : b) }')"
     echo "| ratio | value | target | verdict |"
     echo "|---|---:|---|---|"
-    ok="$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print (v >= b) ? 1 : 0 }')"
+    ok="$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print ((v >= b) ? 1 : 0) }')"
     echo "| req/s pingora-vhost / nginx | $(ratio "${RPS[$v]}" "${RPS[$n]}") | | |"
     echo "| req/s pingora-vhost / haproxy | $(ratio "${RPS[$v]}" "${RPS[$h]}") | | |"
     echo "| req/s pingora-vhost / best(nginx, haproxy) | $(ratio "${RPS[$v]}" "$best") | >= 1.00 | $(verdict "$ok") |"
-    ok="$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print (v <= 0.9 * n) ? 1 : 0 }')"
+    ok="$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print ((v <= 0.9 * n) ? 1 : 0) }')"
     echo "| CPU/req pingora-vhost / nginx | $(ratio "${CPU_US[$v]}" "${CPU_US[$n]}") | <= 0.90 | $(verdict "$ok") |"
     echo "| CPU/req pingora-vhost / haproxy | $(ratio "${CPU_US[$v]}" "${CPU_US[$h]}") | | |"
 }
@@ -740,10 +742,10 @@ text_report() {
         echo "ratios:"
         printf '  req/s   pingora-vhost/nginx   %5s   pingora-vhost/haproxy %5s   vs best %5s  (target >= 1.00: %s)\n' \
             "$(ratio "${RPS[$v]}" "${RPS[$n]}")" "$(ratio "${RPS[$v]}" "${RPS[$h]}")" "$(ratio "${RPS[$v]}" "$best")" \
-            "$(verdict "$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print (v >= b) ? 1 : 0 }')")"
+            "$(verdict "$(awk -v v="${RPS[$v]}" -v b="$best" 'BEGIN { print ((v >= b) ? 1 : 0) }')")"
         printf '  CPU/req pingora-vhost/nginx   %5s   pingora-vhost/haproxy %5s                 (target <= 0.90 x nginx: %s)\n' \
             "$(ratio "${CPU_US[$v]}" "${CPU_US[$n]}")" "$(ratio "${CPU_US[$v]}" "${CPU_US[$h]}")" \
-            "$(verdict "$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print (v <= 0.9 * n) ? 1 : 0 }')")"
+            "$(verdict "$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print ((v <= 0.9 * n) ? 1 : 0) }')")"
     done
 }
 

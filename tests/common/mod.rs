@@ -292,6 +292,11 @@ pub struct NodeOptions {
     pub health_extra: String,
     /// Text appended at the end (`[[virtual_hosts]]`, `[[backends]]`).
     pub extra: String,
+    /// `[cluster]` settings; defaults give a lone node (id 1, bootstrap_expect 1, no seeds).
+    pub node_id: Option<u64>,
+    pub bootstrap_expect: Option<usize>,
+    pub seeds: Vec<SocketAddr>,
+    pub secret: Option<String>,
 }
 
 impl NodeOptions {
@@ -311,6 +316,22 @@ impl NodeOptions {
     pub fn extra(mut self, text: &str) -> Self {
         self.extra.push_str(text);
         self.extra.push('\n');
+        self
+    }
+    pub fn node_id(mut self, id: u64) -> Self {
+        self.node_id = Some(id);
+        self
+    }
+    pub fn bootstrap_expect(mut self, n: usize) -> Self {
+        self.bootstrap_expect = Some(n);
+        self
+    }
+    pub fn seeds(mut self, seeds: &[SocketAddr]) -> Self {
+        self.seeds = seeds.to_vec();
+        self
+    }
+    pub fn secret(mut self, secret: &str) -> Self {
+        self.secret = Some(secret.to_string());
         self
     }
 }
@@ -446,7 +467,7 @@ impl Node {
         node
     }
 
-    async fn start_spawned(mut self) -> Node {
+    pub async fn start_spawned(mut self) -> Node {
         self.spawn();
         self.wait_ready().await;
         self
@@ -469,12 +490,13 @@ threads = 1
 token = "{TOKEN}"
 
 [cluster]
-node_id = 1
+node_id = {node_id}
 data_dir = '{data_dir}'
 rpc_addr = "{rpc}"
 gossip_addr = "{gossip}"
-bootstrap_expect = 1
-secret = "test-cluster-secret"
+seeds = [{seeds}]
+bootstrap_expect = {bootstrap_expect}
+secret = "{secret}"
 
 [health_check]
 interval_secs = 1
@@ -491,10 +513,19 @@ timeout_secs = 1
             gossip = self.gossip_addr,
             health_extra = o.health_extra,
             extra = o.extra,
+            node_id = o.node_id.unwrap_or(1),
+            bootstrap_expect = o.bootstrap_expect.unwrap_or(1),
+            seeds = o
+                .seeds
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            secret = o.secret.as_deref().unwrap_or("test-cluster-secret"),
         )
     }
 
-    fn write_config(&self) {
+    pub fn write_config(&self) {
         std::fs::write(&self.config_path, self.config_text()).expect("write node config");
     }
 
@@ -505,7 +536,7 @@ timeout_secs = 1
         self.write_config();
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "spawn() while a process is running");
         self.starts += 1;
         let banner = format!(
@@ -538,7 +569,7 @@ timeout_secs = 1
     }
 
     /// Waits until the API health endpoint answers 200 and both proxy listeners accept TCP.
-    async fn wait_ready(&mut self) {
+    pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         let url = format!("http://{}/api/v1/health", self.api_addr);
         loop {
@@ -1069,5 +1100,138 @@ pub async fn run_check(path: &Path) -> CheckOutput {
         status,
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster: several real nodes on loopback
+// ---------------------------------------------------------------------------------------------
+
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
+
+/// `n` nodes (ids 1..=n) that find each other by gossip with `bootstrap_expect = n`.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes; `options(i)` gives node i's extra options (cluster keys are set here).
+    pub async fn start(n: usize, options: impl Fn(u64) -> NodeOptions) -> Cluster {
+        let mut nodes: Vec<Node> = (1..=n as u64)
+            .map(|id| Node::new_unstarted(options(id).node_id(id).bootstrap_expect(n)))
+            .collect();
+        let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.gossip_addr).collect();
+        for node in nodes.iter_mut() {
+            node.options.seeds = seeds.clone();
+            node.write_config();
+            node.spawn();
+        }
+        for node in nodes.iter_mut() {
+            node.wait_ready().await;
+        }
+        let cluster = Cluster { nodes };
+        cluster.wait_converged(Duration::from_secs(20)).await;
+        cluster
+    }
+
+    /// Gossip seeds of the running cluster (for a node that joins later).
+    pub fn seeds(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.gossip_addr).collect()
+    }
+
+    /// Starts one more node with `id` that joins through gossip.
+    pub async fn join(&mut self, id: u64, options: NodeOptions) -> &mut Node {
+        let expect = self.nodes.len();
+        let node = Node::start(
+            options
+                .node_id(id)
+                .bootstrap_expect(expect)
+                .seeds(&self.seeds()),
+        )
+        .await;
+        self.nodes.push(node);
+        self.nodes.last_mut().unwrap()
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.options.node_id == Some(id))
+            .expect("no such node")
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.options.node_id == Some(id))
+            .expect("no such node")
+    }
+
+    /// Running nodes.
+    pub fn running(&mut self) -> Vec<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| if n.is_running() { Some(n) } else { None })
+            .collect()
+    }
+
+    /// The leader id as seen by a running node.
+    pub async fn leader(&mut self) -> Option<u64> {
+        for n in self.running() {
+            let (status, v) = n.api_get("/api/v1/cluster/status").await;
+            if status == 200 {
+                if let Some(l) = v["leader_id"].as_u64() {
+                    return Some(l);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until every running node reports the same leader, the same voters, and the same
+    /// last applied index.
+    pub async fn wait_converged(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = Vec::new();
+        loop {
+            last.clear();
+            for n in &self.nodes {
+                if let Ok(r) = n
+                    .api_client
+                    .get(n.api_url("/api/v1/cluster/status"))
+                    .bearer_auth(TOKEN)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                {
+                    if let Ok(v) = r.json::<Value>().await {
+                        last.push(v);
+                        continue;
+                    }
+                }
+                last.push(Value::Null);
+            }
+            let ok = last.iter().all(|v| !v.is_null())
+                && last.windows(2).all(|w| {
+                    w[0]["leader_id"] == w[1]["leader_id"]
+                        && w[0]["last_applied"] == w[1]["last_applied"]
+                        && w[0]["members"] == w[1]["members"]
+                })
+                && !last[0]["leader_id"].is_null()
+                && last[0]["members"].as_array().is_some_and(|m| {
+                    m.len() == self.nodes.len() && m.iter().all(|x| x["voter"] == true)
+                });
+            if ok {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = self.nodes.iter().map(|n| n.logs()).collect();
+                panic!(
+                    "cluster did not converge within {timeout:?}; statuses: {last:#?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
