@@ -81,6 +81,8 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
     /// default "default"
     pub cluster_id: String,
+    /// Take a Raft snapshot (and compact the log) every this many entries. default 5000, >= 10
+    pub snapshot_logs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +234,7 @@ impl Default for ClusterConfig {
             bootstrap_expect: 1,
             secret: None,
             cluster_id: "default".to_string(),
+            snapshot_logs: 5000,
         }
     }
 }
@@ -362,6 +365,7 @@ struct RawCluster {
     bootstrap_expect: Field<i64>,
     secret: Field<String>,
     cluster_id: Field<String>,
+    snapshot_logs: Field<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -776,6 +780,12 @@ impl Checker<'_> {
             Some(v) => self.non_empty(v, "cluster.cluster_id")?,
             None => d.cluster_id,
         };
+        let snapshot_logs = self.int(
+            &raw.snapshot_logs,
+            "cluster.snapshot_logs",
+            d.snapshot_logs,
+            10,
+        )?;
         Ok(ClusterConfig {
             node_id,
             data_dir,
@@ -785,6 +795,7 @@ impl Checker<'_> {
             bootstrap_expect,
             secret,
             cluster_id,
+            snapshot_logs,
         })
     }
 

@@ -114,8 +114,9 @@ impl ClusterNode {
             election_timeout_min: 1000,
             election_timeout_max: 2000,
             install_snapshot_timeout: 10_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
-            max_in_snapshot_log_to_keep: 1000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            // Keep some entries behind a snapshot so a briefly lagging follower needs no snapshot.
+            max_in_snapshot_log_to_keep: (cfg.snapshot_logs / 5).max(1),
             ..Default::default()
         }
         .validate()?;
