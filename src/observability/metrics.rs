@@ -1,11 +1,17 @@
-//! Prometheus metrics. Counters are lock-free on the hot path (prometheus atomics); label
-//! sets are small and fixed (status code, backend id).
+//! Prometheus metrics. The per-request counter is a plain array of atomics indexed by status
+//! code (prometheus' labelled vectors take a lock on every lookup); the rest use the prometheus
+//! registry and are touched only off the hot path or on failures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+/// Status codes 0..=599 (0 = no response written, e.g. the client went away).
+const CODES: usize = 600;
+
 pub struct Metrics {
     pub registry: Registry,
-    requests: IntCounterVec,
+    requests: Box<[AtomicU64]>,
     connect_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
     pub raft_term: IntGauge,
@@ -18,13 +24,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "pingora_vhost_requests_total",
-                "Client requests answered, by HTTP status code",
-            ),
-            &["code"],
-        )?;
+        let requests = (0..CODES).map(|_| AtomicU64::new(0)).collect();
         let connect_failures = IntCounterVec::new(
             Opts::new(
                 "pingora_vhost_upstream_connect_failures_total",
@@ -51,7 +51,6 @@ impl Metrics {
             "pingora_vhost_requests_in_flight",
             "Client requests being served",
         )?;
-        registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
         for g in [
@@ -77,10 +76,8 @@ impl Metrics {
     }
 
     pub fn request_done(&self, status: u16) {
-        // Status codes are a small closed set; format once per request is cheap enough but an
-        // itoa buffer keeps it allocation-free.
-        let mut buf = itoa::Buffer::new();
-        self.requests.with_label_values(&[buf.format(status)]).inc();
+        let i = usize::from(status).min(CODES - 1);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn guard_rail_used(&self) {
@@ -91,24 +88,29 @@ impl Metrics {
         self.connect_failures.with_label_values(&[backend]).inc();
     }
 
+    /// (code, count) for every code seen at least once.
     pub fn requests_by_code(&self) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        for mf in prometheus::core::Collector::collect(&self.requests) {
-            for m in mf.get_metric() {
-                let code = m
-                    .get_label()
-                    .first()
-                    .map(|l| l.get_value().to_string())
-                    .unwrap_or_default();
-                out.push((code, m.get_counter().get_value() as u64));
-            }
-        }
-        out
+        self.requests
+            .iter()
+            .enumerate()
+            .filter_map(|(code, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then(|| (code.to_string(), n))
+            })
+            .collect()
     }
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        text.push_str("# HELP pingora_vhost_requests_total Client requests answered, by HTTP status code (0 = no response sent).\n");
+        text.push_str("# TYPE pingora_vhost_requests_total counter\n");
+        for (code, n) in self.requests_by_code() {
+            text.push_str(&format!(
+                "pingora_vhost_requests_total{{code=\"{code}\"}} {n}\n"
+            ));
+        }
+        text
     }
 }
