@@ -215,29 +215,23 @@ impl ProxyHttp for VhostProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        let retriable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if client_reused && retriable {
+            // A pooled connection the backend had already closed (keep-alive limit, idle
+            // timeout): not the backend's fault. Retry, the same backend allowed.
+            ctx.tried.pop();
+            e.set_retry(true);
+            return e;
+        }
         if let Some(u) = &ctx.current {
-            if u.runtime
-                .health
-                .breaker
-                .record_failure(Failure::Soft, now_ms())
-            {
+            if u.runtime.health.breaker.record_failure(Failure::Soft, now_ms()) {
                 tracing::warn!(backend = %u.id, "circuit breaker opened after repeated failures");
             }
         }
         // Idempotent requests whose body we still have may go to another backend.
-        let retriable = session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated();
-        let others = ctx
-            .route
-            .as_ref()
-            .is_some_and(|r| r.has_untried(&ctx.tried));
-        if retriable && others {
-            e.set_retry(true);
-        } else if !retriable {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
+        let others = ctx.route.as_ref().is_some_and(|r| r.has_untried(&ctx.tried));
+        e.set_retry(retriable && others);
         e
     }
 
