@@ -13,7 +13,8 @@
 #
 # Environment overrides:
 #   BENCH_DURATION=10      measured seconds per run
-#   BENCH_WARMUP=2         warm-up seconds per run (not measured)
+#   BENCH_WARMUP=2         warm-up seconds before the runs of each proxy and protocol
+#   BENCH_RUNS=3           measured runs per proxy and protocol; the best (most req/s) is kept
 #   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
 #   BENCH_PORT_BASE=18400  first loopback port tried; busy ports are skipped
 #   BENCH_CPU_LOAD / BENCH_CPU_PROXY   CPUs for wrk+origin / for the proxy
@@ -29,6 +30,7 @@ REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
 
 DURATION="${BENCH_DURATION:-10}"
 WARMUP="${BENCH_WARMUP:-2}"
+RUNS="${BENCH_RUNS:-3}"
 CONNECTIONS="${BENCH_CONNECTIONS:-50}"
 PORT_BASE="${BENCH_PORT_BASE:-18400}"
 RESULTS_MD="${BENCH_RESULTS:-$SCRIPT_DIR/results/latest.md}"
@@ -38,7 +40,7 @@ PROXIES=(nginx haproxy pingora-vhost)
 SKIP_BUILD=0
 
 usage() {
-    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
 }
 
 while [ $# -gt 0 ]; do
@@ -59,7 +61,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-for v in DURATION WARMUP CONNECTIONS PORT_BASE; do
+for v in DURATION WARMUP RUNS CONNECTIONS PORT_BASE; do
     case "${!v}" in
         ''|*[!0-9]*) echo "run.sh: BENCH_$v must be a non-negative integer, got '${!v}'" >&2; exit 2 ;;
     esac
@@ -70,6 +72,7 @@ ALL3=0; has_proxy nginx && has_proxy haproxy && [ "$RUN_PV" -eq 1 ] && ALL3=1
 BASE2=0; has_proxy nginx && has_proxy haproxy && BASE2=1
 
 [ "$DURATION" -ge 1 ] || { echo "run.sh: BENCH_DURATION must be >= 1" >&2; exit 2; }
+[ "$RUNS" -ge 1 ] || { echo "run.sh: BENCH_RUNS must be >= 1" >&2; exit 2; }
 [ "$CONNECTIONS" -ge 1 ] || { echo "run.sh: BENCH_CONNECTIONS must be >= 1" >&2; exit 2; }
 
 log()  { printf '[bench] %s\n' "$*" >&2; }
@@ -148,7 +151,7 @@ if [ "$RUN_PV" -eq 1 ]; then
         need_cmd cc gcc
         need_cmd make make
         log "cargo build --release (in $REPO_DIR)"
-        (cd "$REPO_DIR" && cargo build --release --locked 2>&1 || cargo build --release 2>&1) | tail -n 5 >&2
+        (cd "$REPO_DIR" && cargo build --release) >&2 || die "cargo build --release failed"
     fi
     [ -x "$PV_BIN" ] || die "pingora-vhost binary not found at $PV_BIN"
 fi
@@ -192,7 +195,7 @@ STARTED_PIDS=()
 # Print PID and all its descendants (from /proc; no procps needed).
 proc_tree() {
     local root="$1"
-    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$root" '
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$root" '
         { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " "); parent[pid] = f[2] }
         END {
             n = 1; q[1] = root; seen[root] = 1; out = root
@@ -207,7 +210,7 @@ proc_tree() {
 # includes all threads of that process.
 tree_ticks() {
     local root="$1"
-    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$root" '
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$root" '
         { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " ")
           parent[pid] = f[2]; ticks[pid] = f[12] + f[13] }
         END {
@@ -219,6 +222,20 @@ tree_ticks() {
             print sum
         }'
 }
+
+# Busy clock ticks of the whole machine (all CPUs; /proc/stat is not per container):
+# user + nice + system + steal. irq/softirq are left out: loopback traffic of the benchmark
+# itself lands there.
+machine_busy_ticks() {
+    awk 'NR == 1 { print $2 + $3 + $4 + $9; exit }' /proc/stat
+}
+# CPU ticks of this shell's reaped children (wrk, via timeout/taskset, ends up here).
+children_ticks() {
+    local line
+    line="$(cat /proc/$$/stat)"; line="${line##*) }"
+    awk -v l="$line" 'BEGIN { split(l, f, " "); print f[14] + f[15] }'
+}
+NCPU_MACHINE="$(grep -c '^cpu[0-9]' /proc/stat)"
 
 kill_tree() {
     local root="$1" pids p i
@@ -238,7 +255,8 @@ kill_tree() {
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM ERR
+    set +e   # never stop half-way through the cleanup
     local i
     for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
         kill_tree "${STARTED_PIDS[$i]}"
@@ -538,7 +556,8 @@ wait_proxy_ready() {
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
-declare -A RPS P50 P99 CPU_US CPU_PCT ORIGIN_PCT REQS NOTES
+declare -A RPS P50 P99 CPU_US CPU_PCT ORIGIN_PCT OTHER_PCT REQS NOTES NOISY BEST_RAW ALL_RPS
+NOISY_RUNS=0
 
 to_ms() {
     # wrk latency "812.00us" / "1.23ms" / "1.01s" / "2.00m" -> ms
@@ -549,27 +568,24 @@ to_ms() {
 }
 
 # measure NAME PROTO URL
-measure() {
-    local name="$1" proto="$2" url="$3" raw="$TMP/wrk-$1-$2.txt"
-    local t0 t1 w0 w1 o0 o1
-    if [ "$WARMUP" -gt 0 ]; then
-        log "$name/$proto: warm-up ${WARMUP}s"
-        "${PIN_LOAD[@]}" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" \
-            -H "Host: $HOST_HEADER" "$url" >/dev/null 2>&1 || die "$name/$proto: wrk warm-up failed"
-    fi
-    [ -d "/proc/$PROXY_PID" ] || { show_log "$name"; die "$name died during warm-up"; }
-    log "$name/$proto: measuring ${DURATION}s, $CONNECTIONS connections"
+# run_once NAME PROTO URL RAW: one measured wrk run; sets the R_* globals.
+run_once() {
+    local name="$1" proto="$2" url="$3" raw="$4" key="$1/$2"
+    local t0 t1 w0 w1 o0 o1 m0 m1 c0 c1 reqs rps p50 p99 non2xx sockerr
+    c0="$(children_ticks)"
+    m0="$(machine_busy_ticks)"
     o0="$(tree_ticks "$ORIGIN_PID")"
     t0="$(tree_ticks "$PROXY_PID")"
     w0="$(date +%s.%N)"
     "${PIN_LOAD[@]}" timeout $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
-        -H "Host: $HOST_HEADER" "$url" >"$raw" 2>&1 || { cat "$raw" >&2; die "$name/$proto: wrk failed"; }
+        -H "Host: $HOST_HEADER" "$url" >"$raw" 2>&1 || { cat "$raw" >&2; die "$key: wrk failed"; }
     w1="$(date +%s.%N)"
     t1="$(tree_ticks "$PROXY_PID")"
     o1="$(tree_ticks "$ORIGIN_PID")"
+    m1="$(machine_busy_ticks)"
+    c1="$(children_ticks)"
     [ "$t0" -ge 0 ] && [ "$t1" -ge 0 ] || { show_log "$name"; die "$name died during the run"; }
 
-    local key="$name/$proto" reqs rps p50 p99 non2xx sockerr
     reqs="$(awk '/requests in/ { print $1; exit }' "$raw")"
     rps="$(awk '/^Requests\/sec:/ { print $2; exit }' "$raw")"
     p50="$(awk '$1 == "50%" { print $2; exit }' "$raw")"
@@ -580,19 +596,62 @@ measure() {
         || { cat "$raw" >&2; die "$key: could not parse wrk output"; }
     [ "$reqs" -gt 0 ] || { cat "$raw" >&2; die "$key: wrk completed no request"; }
 
-    REQS[$key]="$reqs"
-    RPS[$key]="$(awk -v r="$rps" 'BEGIN { printf "%.0f", r }')"
-    P50[$key]="$(to_ms "$p50")"
-    P99[$key]="$(to_ms "$p99")"
-    CPU_US[$key]="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')"
-    CPU_PCT[$key]="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
-    ORIGIN_PCT[$key]="$(awk -v d=$((o1 - o0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
-    local note=""
-    [ -n "$non2xx" ] && note="$note non-2xx/3xx: $non2xx;"
-    [ -n "$sockerr" ] && note="$note socket errors: $sockerr;"
-    NOTES[$key]="${note# }"
-    if [ -n "$note" ]; then log "WARNING $key:$note"; fi
-    log "$key: ${RPS[$key]} req/s, p50 ${P50[$key]} ms, p99 ${P99[$key]} ms, ${CPU_US[$key]} us CPU/req (proxy CPU ${CPU_PCT[$key]}%, origin CPU ${ORIGIN_PCT[$key]}%)"
+    R_REQS="$reqs"
+    R_RPS="$(awk -v r="$rps" 'BEGIN { printf "%.0f", r }')"
+    R_P50="$(to_ms "$p50")"
+    R_P99="$(to_ms "$p99")"
+    R_CPU_US="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')"
+    R_CPU_PCT="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
+    R_ORIGIN_PCT="$(awk -v d=$((o1 - o0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
+    # CPU used on this machine by anything but the proxy, the origin and wrk, as % of all CPUs.
+    R_OTHER_PCT="$(awk -v d=$(( (m1 - m0) - (t1 - t0) - (o1 - o0) - (c1 - c0) )) -v hz="$CLK_TCK" \
+        -v n="$NCPU_MACHINE" -v a="$w0" -v b="$w1" 'BEGIN { x = 100 * d / hz / (b - a) / n; if (x < 0) x = 0; printf "%.0f", x }')"
+    R_NOISY=0
+    R_NOTE=""
+    if [ "$R_OTHER_PCT" -gt 10 ]; then
+        R_NOISY=1
+        R_NOTE="NOISY: other load ${R_OTHER_PCT}% of the machine; "
+    fi
+    R_ERRORS=""
+    [ -n "$non2xx" ] && R_ERRORS="${R_ERRORS}non-2xx/3xx: $non2xx; "
+    [ -n "$sockerr" ] && R_ERRORS="${R_ERRORS}socket errors: $sockerr; "
+    return 0
+}
+
+# measure NAME PROTO URL: warm-up, then BENCH_RUNS measured runs; the run with the most
+# req/s is reported (all its columns come from that same run).
+measure() {
+    local name="$1" proto="$2" url="$3" key="$1/$2" r raw best=-1 all="" errors="" v
+    if [ "$WARMUP" -gt 0 ]; then
+        log "$name/$proto: warm-up ${WARMUP}s"
+        "${PIN_LOAD[@]}" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" \
+            -H "Host: $HOST_HEADER" "$url" >/dev/null 2>&1 || die "$key: wrk warm-up failed"
+    fi
+    [ -d "/proc/$PROXY_PID" ] || { show_log "$name"; die "$name died during warm-up"; }
+    for r in $(seq 1 "$RUNS"); do
+        raw="$TMP/wrk-$name-$proto-$r.txt"
+        log "$key: run $r/$RUNS, ${DURATION}s, $CONNECTIONS connections"
+        run_once "$name" "$proto" "$url" "$raw"
+        log "$key: run $r: $R_RPS req/s, p50 $R_P50 ms, p99 $R_P99 ms, $R_CPU_US us CPU/req" \
+            "(proxy CPU $R_CPU_PCT%, origin CPU $R_ORIGIN_PCT%, other load $R_OTHER_PCT%)"
+        [ -n "$R_NOTE$R_ERRORS" ] && log "WARNING $key run $r: $R_NOTE$R_ERRORS"
+        [ -n "$R_ERRORS" ] && errors="${errors}run $r: $R_ERRORS"
+        all="${all:+$all, }$R_RPS"
+        if [ "$R_RPS" -gt "$best" ]; then
+            best="$R_RPS"
+            REQS[$key]="$R_REQS"; RPS[$key]="$R_RPS"; P50[$key]="$R_P50"; P99[$key]="$R_P99"
+            CPU_US[$key]="$R_CPU_US"; CPU_PCT[$key]="$R_CPU_PCT"; ORIGIN_PCT[$key]="$R_ORIGIN_PCT"
+            OTHER_PCT[$key]="$R_OTHER_PCT"; NOISY[$key]="$R_NOISY"; BEST_RAW[$key]="$raw"
+            v="$R_NOTE"
+        fi
+    done
+    ALL_RPS[$key]="$all"
+    [ "${NOISY[$key]}" = 1 ] && NOISY_RUNS=$((NOISY_RUNS + 1))
+    v="$v$errors"
+    v="${v% }"; NOTES[$key]="${v%;}"
+    if [ "$RUNS" -gt 1 ]; then
+        log "$key: best of $RUNS runs: ${RPS[$key]} req/s (all: $all)"
+    fi
 }
 
 stop_proxy() {
@@ -616,12 +675,9 @@ run_proxy() {
 # Share of all CPUs busy over SECONDS (whole machine, all containers on this kernel).
 machine_busy_pct() {
     local a b
-    a="$(head -n1 /proc/stat)"; sleep "${1:-1}"; b="$(head -n1 /proc/stat)"
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        na = split(a, x, " "); split(b, y, " "); tot = 0
-        for (i = 2; i <= 9 && i <= na; i++) tot += y[i] - x[i]
-        idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
+    a="$(machine_busy_ticks)"; sleep "${1:-1}"; b="$(machine_busy_ticks)"
+    awk -v d=$((b - a)) -v hz="$CLK_TCK" -v n="$NCPU_MACHINE" -v s="${1:-1}" \
+        'BEGIN { printf "%.0f", 100 * d / hz / s / n }'
 }
 BUSY_BEFORE="$(machine_busy_pct 2)"
 if [ "$BUSY_BEFORE" -gt 10 ]; then
@@ -655,11 +711,11 @@ CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 
 md_table() {
     local proto="$1" p key
-    echo "| proxy | req/s | p50 (ms) | p99 (ms) | CPU µs/req | proxy CPU % | origin CPU % | notes |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---|"
+    echo "| proxy | req/s | p50 (ms) | p99 (ms) | CPU µs/req | proxy CPU % | origin CPU % | other load % | notes |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
     for p in "${PROXIES[@]}"; do
         key="$p/$proto"
-        echo "| $p | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} | ${CPU_US[$key]} | ${CPU_PCT[$key]} | ${ORIGIN_PCT[$key]} | ${NOTES[$key]:-} |"
+        echo "| $p | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} | ${CPU_US[$key]} | ${CPU_PCT[$key]} | ${ORIGIN_PCT[$key]} | ${OTHER_PCT[$key]} | ${NOTES[$key]:-} |"
     done
 }
 
@@ -690,16 +746,18 @@ report() {
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- machine: $(nproc) CPUs ($CPU_MODEL), kernel $(uname -r)"
     echo "- pinning: wrk + origin on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY"
-    echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, ${WARMUP}s warm-up + ${DURATION}s measured, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`"
+    echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`; per proxy and protocol ${WARMUP}s warm-up, then $RUNS measured runs of ${DURATION}s: the run with the most req/s is reported (every column from that run)"
     echo "- proxies (1 worker each): nginx $NGINX_VER, HAProxy $HAPROXY_VER, $PV_VER"
     echo "- origin: nginx, 1 worker, \`return 200 \"ok\\n\"\`"
-    echo "- machine CPU busy before the run (other load): ${BUSY_BEFORE}%$([ "$BUSY_BEFORE" -gt 10 ] && echo ' — **the machine was not idle: numbers are noisy**')"
+    echo "- other load: machine ${BUSY_BEFORE}% busy just before the run; per run see *other load %* (CPU used by anything but proxy, origin and wrk, as % of all $NCPU_MACHINE CPUs)$( { [ "$BUSY_BEFORE" -gt 10 ] || [ "$NOISY_RUNS" -gt 0 ]; } && echo ' — **the machine was not idle: numbers are noisy**')"
     echo "- CPU µs/req: proxy utime+stime (all processes and threads) during the measured run / requests"
     echo
     for proto in http https; do
         echo "## ${proto^^}"
         echo
         md_table "$proto"
+        echo
+        echo "req/s of every run: $(for p in "${PROXIES[@]}"; do printf '%s: %s; ' "$p" "${ALL_RPS[$p/$proto]}"; done | sed 's/; $//')"
         echo
         md_ratios "$proto"
         echo
@@ -708,10 +766,10 @@ report() {
     echo
     for p in "${PROXIES[@]}"; do
         for proto in http https; do
-            echo "### $p / $proto"
+            echo "### $p / $proto (best of $RUNS runs)"
             echo
             echo '```'
-            cat "$TMP/wrk-$p-$proto.txt"
+            cat "${BEST_RAW[$p/$proto]}"
             echo '```'
             echo
         done
@@ -723,12 +781,12 @@ text_report() {
     local proto p key n h v best
     for proto in http https; do
         echo
-        echo "== ${proto^^} (wrk: 1 thread, $CONNECTIONS conns, ${DURATION}s) =="
-        printf '%-15s %10s %10s %10s %12s %8s %8s  %s\n' proxy "req/s" "p50 ms" "p99 ms" "CPU us/req" "proxy%" "origin%" notes
+        echo "== ${proto^^} (wrk: 1 thread, $CONNECTIONS conns, best of $RUNS x ${DURATION}s) =="
+        printf '%-15s %10s %10s %10s %12s %8s %8s %8s  %s\n' proxy "req/s" "p50 ms" "p99 ms" "CPU us/req" "proxy%" "origin%" "other%" notes
         for p in "${PROXIES[@]}"; do
             key="$p/$proto"
-            printf '%-15s %10s %10s %10s %12s %8s %8s  %s\n' "$p" "${RPS[$key]}" "${P50[$key]}" "${P99[$key]}" \
-                "${CPU_US[$key]}" "${CPU_PCT[$key]}" "${ORIGIN_PCT[$key]}" "${NOTES[$key]:-}"
+            printf '%-15s %10s %10s %10s %12s %8s %8s %8s  %s\n' "$p" "${RPS[$key]}" "${P50[$key]}" "${P99[$key]}" \
+                "${CPU_US[$key]}" "${CPU_PCT[$key]}" "${ORIGIN_PCT[$key]}" "${OTHER_PCT[$key]}" "${NOTES[$key]:-}"
         done
         n="nginx/$proto"; h="haproxy/$proto"; v="pingora-vhost/$proto"
         if [ "$ALL3" -eq 0 ]; then
@@ -753,7 +811,8 @@ mkdir -p "$(dirname "$RESULTS_MD")"
 report > "$RESULTS_MD"
 text_report
 echo
-if [ "$BUSY_BEFORE" -gt 10 ]; then
-    log "WARNING: the machine was ${BUSY_BEFORE}% busy before the run: treat these numbers as noisy"
+if [ "$BUSY_BEFORE" -gt 10 ] || [ "$NOISY_RUNS" -gt 0 ]; then
+    log "WARNING: other processes used the CPUs (${BUSY_BEFORE}% busy before the run; $NOISY_RUNS reported result(s) marked NOISY):" \
+        "treat these numbers as noisy and re-run on an idle machine"
 fi
 log "results written to $RESULTS_MD"

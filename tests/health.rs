@@ -1,0 +1,986 @@
+//! Health plane with real processes and real backends: active checks, the passive breaker,
+//! observations shared through gossip (merged view, guard rail, expiry), safe switch, drain,
+//! and a restarted node starting from its peers' view. Assertions are what users see: status
+//! codes, which backend answered, what the API reports.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use common::*;
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers local to this file
+// ---------------------------------------------------------------------------------------------
+
+/// An origin whose health paths can be made to fail: `/health*` answers 200 "ok" unless the
+/// exact path is in `failing` (then 500); anything else answers 200 with the name (header
+/// `x-backend`) and is counted. Used to give one node a failing view of a backend: that node's
+/// `[health_check] path` is a path only it probes.
+struct Origin {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct OriginState {
+    name: String,
+    requests: Arc<AtomicUsize>,
+    failing: Arc<Mutex<HashSet<String>>>,
+}
+
+async fn origin_handler(State(st): State<OriginState>, uri: Uri) -> Response {
+    let path = uri.path().to_string();
+    if path.starts_with("/health") {
+        if st.failing.lock().unwrap().contains(&path) {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "failing on purpose").into_response();
+        }
+        return "ok".into_response();
+    }
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    ([("x-backend", st.name.clone())], st.name.clone()).into_response()
+}
+
+impl Origin {
+    async fn start(name: &str, failing_health_paths: &[&str]) -> Origin {
+        // free_port() records the port so no node of this process is given it later.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .expect("bind origin");
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let st = OriginState {
+            name: name.to_string(),
+            requests: requests.clone(),
+            failing: Arc::new(Mutex::new(
+                failing_health_paths.iter().map(|s| s.to_string()).collect(),
+            )),
+        };
+        let app = Router::new().fallback(origin_handler).with_state(st);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Origin {
+            addr,
+            requests,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// One proxied GET as the client saw it.
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Which node's proxy it went through (node id).
+    node: u64,
+    start: Instant,
+    end: Instant,
+    /// 0 when the request failed at the transport level.
+    status: u16,
+    /// `x-backend` of the answer ("" if none).
+    backend: String,
+    error: Option<String>,
+}
+
+impl Sample {
+    fn ok(&self) -> bool {
+        self.status == 200 && self.error.is_none()
+    }
+}
+
+/// Continuous GET load: `per_node` sequential clients per target, until `finish()`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(targets: Vec<(u64, ProxyClient)>, host: &str, path: &str, per_node: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (node, client) in targets {
+            for _ in 0..per_node {
+                let (stop, client, host, path) = (
+                    stop.clone(),
+                    client.clone(),
+                    host.to_string(),
+                    path.to_string(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        out.push(one_get(node, &client, &host, &path).await);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    out
+                }));
+            }
+        }
+        Load { stop, tasks }
+    }
+
+    async fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.expect("load task panicked"));
+        }
+        all.sort_by_key(|s| s.start);
+        all
+    }
+}
+
+async fn one_get(node: u64, client: &ProxyClient, host: &str, path: &str) -> Sample {
+    let start = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), client.get(host, path)).await;
+    let end = Instant::now();
+    let (status, backend, error) = match r {
+        Ok(Ok(r)) => {
+            let err = (r.status != 200).then(|| format!("{} {:?}", r.status, r.body));
+            (r.status, r.header("x-backend").unwrap_or_default(), err)
+        }
+        Ok(Err(e)) => (0, String::new(), Some(format!("transport error: {e}"))),
+        Err(_) => (0, String::new(), Some("no answer within 10 s".to_string())),
+    };
+    Sample {
+        node,
+        start,
+        end,
+        status,
+        backend,
+        error,
+    }
+}
+
+fn errors(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .filter(|s| !s.ok())
+        .map(|s| {
+            format!(
+                "node {} at +{:?}: {}",
+                s.node,
+                s.start.elapsed(),
+                s.error.clone().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+fn assert_no_errors(samples: &[Sample], what: &str, nodes: &[&Node]) {
+    let errs = errors(samples);
+    if !errs.is_empty() {
+        for n in nodes {
+            eprintln!("{}", n.logs());
+        }
+        panic!(
+            "{what}: {} of {} GETs failed (expected 0): {:#?}",
+            errs.len(),
+            samples.len(),
+            &errs[..errs.len().min(20)]
+        );
+    }
+}
+
+async fn backend_view(node: &Node, id: &str) -> Value {
+    let (status, v) = node.api_get(&format!("/api/v1/backends/{id}")).await;
+    assert_eq!(status, 200, "GET /api/v1/backends/{id}: {v}");
+    v
+}
+
+/// Polls `GET /api/v1/backends/{id}` on `node` until `pred` holds; returns that body.
+async fn wait_view(
+    node: &Node,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = backend_view(node, id).await;
+        if pred(&v) {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what} (backend {id} on node {:?}); \
+                 last view: {v:#}\n{}",
+                node.options.node_id,
+                node.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn peers_down(v: &Value) -> Vec<u64> {
+    v["health"]["peers_reporting_down"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// Polls until a proxied GET through `node` answers 200.
+async fn wait_serving(node: &Node, host: &str) {
+    let client = node.proxy_client();
+    wait_for(Duration::from_secs(15), "the proxy answers 200", || {
+        let client = client.clone();
+        let host = host.to_string();
+        async move {
+            matches!(client.get(&host, "/").await, Ok(r) if r.status == 200).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The value of an unlabelled Prometheus counter/gauge in `GET /api/v1/metrics`.
+async fn metric(node: &Node, name: &str) -> f64 {
+    let (status, v) = node.api_get("/api/v1/metrics").await;
+    assert_eq!(status, 200, "GET /api/v1/metrics");
+    let text = match v {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(name)).then(|| it.next()?.parse::<f64>().ok())?
+        })
+        .unwrap_or_else(|| panic!("metric {name} not found in /api/v1/metrics:\n{text}"))
+}
+
+/// Sends `n` GETs through `node` one after the other; returns the samples.
+async fn burst(node: &Node, host: &str, n: usize) -> Vec<Sample> {
+    let client = node.proxy_client();
+    let id = node.options.node_id.unwrap_or(1);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(one_get(id, &client, host, "/").await);
+    }
+    out
+}
+
+/// A single node whose `[health_check] interval_secs` is `interval` (the harness writes 1 and
+/// TOML refuses a duplicate key, so the written file is patched before the spawn).
+async fn node_with_interval(interval: u64, options: NodeOptions) -> Node {
+    let node = Node::new_unstarted(options);
+    let text = node.config_text();
+    assert!(text.contains("\ninterval_secs = 1\n"), "{text}");
+    std::fs::write(
+        &node.config_path,
+        text.replace(
+            "\ninterval_secs = 1\n",
+            &format!("\ninterval_secs = {interval}\n"),
+        ),
+    )
+    .unwrap();
+    node.start_spawned().await
+}
+
+fn all_nodes(cluster: &Cluster) -> Vec<&Node> {
+    cluster.nodes.iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A backend killed under traffic: avoided by all nodes, 0 errors, used again after recovery
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_is_avoided_by_every_node_without_errors_and_used_again_after_recovery() {
+    let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    let mut k1 = Backend::start("k1").await;
+    let k2 = Backend::start("k2").await;
+    let addr1 = k1.addr;
+    let n1 = cluster.node(1);
+    n1.add_backend("k1", &k1.address(), &["a"]).await;
+    n1.add_backend("k2", &k2.address(), &["a"]).await;
+    n1.add_domain("kill.test", "a").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "kill.test").await;
+        wait_view(n, "k1", Duration::from_secs(10), "k1 up", |v| {
+            v["health"]["active"] == "up"
+        })
+        .await;
+    }
+
+    let targets: Vec<(u64, ProxyClient)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.options.node_id.unwrap(), n.proxy_client()))
+        .collect();
+    let load = Load::start(targets.clone(), "kill.test", "/", 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_stop = k1.requests();
+    assert!(before_stop > 0, "k1 served nothing before the kill");
+
+    k1.stop().await;
+    let stopped_at = Instant::now();
+    // Every node ends up avoiding it (merged view), bounded.
+    for n in &cluster.nodes {
+        wait_view(n, "k1", Duration::from_secs(10), "k1 not healthy", |v| {
+            v["healthy"] == false
+        })
+        .await;
+    }
+    let all_see_down = stopped_at.elapsed();
+    // Once every node has settled, none of them even tries k1: its attempt counter on every
+    // node stays put while traffic flows through every node.
+    for n in &cluster.nodes {
+        wait_view(n, "k1", Duration::from_secs(10), "k1 probed down", |v| {
+            v["health"]["active"] == "down"
+        })
+        .await;
+    }
+    let mut attempts = Vec::new();
+    for n in &cluster.nodes {
+        attempts.push(backend_view(n, "k1").await["requests"].as_u64().unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let v = backend_view(n, "k1").await;
+        assert_eq!(
+            v["requests"].as_u64().unwrap(),
+            attempts[i],
+            "node {} still sends requests to the dead k1: {v:#}",
+            i + 1
+        );
+    }
+    let samples = load.finish().await;
+    assert_no_errors(&samples, "GETs while k1 was killed", &all_nodes(&cluster));
+    let after = samples
+        .iter()
+        .filter(|s| s.start > stopped_at && s.backend == "k1")
+        .count();
+    assert_eq!(after, 0, "no answer can come from a stopped backend");
+    eprintln!(
+        "killed k1: {} GETs, 0 errors; every node saw it down after {all_see_down:?}",
+        samples.len()
+    );
+
+    // Recovery: same address, every node uses it again.
+    let k1 = Backend::start_on("k1", addr1).await;
+    let revived_at = Instant::now();
+    for n in &cluster.nodes {
+        wait_view(n, "k1", Duration::from_secs(15), "k1 healthy again", |v| {
+            v["healthy"] == true
+        })
+        .await;
+    }
+    for n in &cluster.nodes {
+        let before = k1.requests();
+        let client = n.proxy_client();
+        let id = n.options.node_id.unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while k1.requests() == before {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} never sent a request to the revived k1 within 10 s: {:?}\n{}",
+                got.iter()
+                    .map(|s: &Sample| s.backend.clone())
+                    .collect::<Vec<_>>(),
+                n.logs()
+            );
+            got.push(one_get(id, &client, "kill.test", "/").await);
+        }
+        assert_no_errors(&got, "GETs after recovery", &[n]);
+        assert!(
+            got.iter().any(|s| s.backend == "k1"),
+            "node {id}: the revived k1 counted a request but no answer came from it"
+        );
+    }
+    eprintln!(
+        "k1 used again by every node {:?} after revival",
+        revived_at.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2 and 4. One node sees a backend failing: everyone avoids it; the verdict dies with the node
+// ---------------------------------------------------------------------------------------------
+
+/// 3 nodes; node 2 probes `/health-n2` (its own `[health_check] path`), which `x1` fails and
+/// `x2` answers. Pool "a" of `one.test` = x1, x2. Returns when node 2 reports x1 down and nodes
+/// 1 and 3 have taken its verdict.
+async fn one_observer_cluster() -> (Cluster, Origin, Origin) {
+    let cluster = Cluster::start(3, |id| {
+        if id == 2 {
+            NodeOptions::new().health("path = \"/health-n2\"")
+        } else {
+            NodeOptions::new()
+        }
+    })
+    .await;
+    let x1 = Origin::start("x1", &["/health-n2"]).await;
+    let x2 = Origin::start("x2", &[]).await;
+    let n1 = cluster.node(1);
+    n1.add_backend("x1", &x1.address(), &["a"]).await;
+    n1.add_backend("x2", &x2.address(), &["a"]).await;
+    n1.add_domain("one.test", "a").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "one.test").await;
+    }
+    let v = wait_view(
+        cluster.node(2),
+        "x1",
+        Duration::from_secs(10),
+        "node 2 probes x1 down",
+        |v| v["health"]["active"] == "down",
+    )
+    .await;
+    assert_eq!(v["healthy"], false, "node 2's own view: {v:#}");
+    for id in [1, 3] {
+        let v = wait_view(
+            cluster.node(id),
+            "x1",
+            Duration::from_secs(5),
+            "node 2's down verdict reaches this node",
+            |v| peers_down(v).contains(&2),
+        )
+        .await;
+        assert_eq!(
+            v["health"]["active"], "up",
+            "node {id} probes /health and sees x1 up itself: {v:#}"
+        );
+        assert_eq!(v["nodes"]["2"], "down", "node {id}: {v:#}");
+        assert_eq!(v["nodes"][id.to_string()], "up", "node {id}: {v:#}");
+        assert_eq!(v["healthy"], false, "node {id}: merged view: {v:#}");
+        // x2 is fine everywhere.
+        let v2 = backend_view(cluster.node(id), "x2").await;
+        assert_eq!(v2["healthy"], true, "node {id}: {v2:#}");
+    }
+    (cluster, x1, x2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_seen_failing_by_one_node_is_avoided_by_the_others() {
+    let (cluster, x1, x2) = one_observer_cluster().await;
+    let (before1, before2) = (x1.requests(), x2.requests());
+    let mut samples = Vec::new();
+    for id in [1, 3] {
+        samples.extend(burst(cluster.node(id), "one.test", 30).await);
+    }
+    assert_no_errors(&samples, "GETs through nodes 1 and 3", &all_nodes(&cluster));
+    assert_eq!(
+        x1.requests(),
+        before1,
+        "nodes 1 and 3 see x1 up themselves, but node 2 reports it down: they must not send \
+         it requests; answers: {:?}",
+        samples.iter().map(|s| &s.backend).collect::<Vec<_>>()
+    );
+    assert_eq!(x2.requests() - before2, 60, "every GET served by x2");
+    assert!(samples.iter().all(|s| s.backend == "x2"));
+    // The safe switch uses the merged view too: a tag whose only backend a peer reports down
+    // is refused on a node that sees it up itself.
+    let n1 = cluster.node(1);
+    let (status, _) = n1
+        .api_put("/api/v1/backends/x1", json!({"tags": ["a", "solo"]}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = n1
+        .api_post("/api/v1/domains/one.test/switch", json!({"tag": "solo"}))
+        .await;
+    assert_eq!(
+        status, 409,
+        "switch to a pool whose only backend a live peer reports down: {body}"
+    );
+    assert!(
+        mentions_field(body["error"].as_str().unwrap_or_default(), "x1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_of_a_dead_node_expire() {
+    let (mut cluster, x1, _x2) = one_observer_cluster().await;
+    let before = x1.requests();
+    let mut samples = Vec::new();
+    for id in [1, 3] {
+        samples.extend(burst(cluster.node(id), "one.test", 10).await);
+    }
+    assert_eq!(x1.requests(), before, "precondition: x1 avoided");
+
+    cluster.node_mut(2).kill9();
+    let killed_at = Instant::now();
+    for id in [1, 3] {
+        let n = cluster.node(id);
+        let client = n.proxy_client();
+        let start = x1.requests();
+        let deadline = killed_at + Duration::from_secs(15);
+        while x1.requests() == start {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still avoids x1 15 s after the only node reporting it down was \
+                 killed; view: {:#}\n{}",
+                backend_view(n, "x1").await,
+                n.logs()
+            );
+            samples.push(one_get(id, &client, "one.test", "/").await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "node {id} routes to x1 again {:?} after node 2 was killed",
+            killed_at.elapsed()
+        );
+        let v = backend_view(n, "x1").await;
+        assert!(
+            !peers_down(&v).contains(&2),
+            "a dead node's verdict must be gone: {v:#}"
+        );
+        assert_eq!(v["healthy"], true, "{v:#}");
+    }
+    let nodes: Vec<&Node> = [1, 3].iter().map(|id| cluster.node(*id)).collect();
+    assert_no_errors(&samples, "GETs through nodes 1 and 3", &nodes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Guard rail
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_wrong_observer_cannot_empty_a_pool() {
+    let cluster = Cluster::start(3, |id| {
+        if id == 2 {
+            NodeOptions::new().health("path = \"/health-n2\"")
+        } else {
+            NodeOptions::new()
+        }
+    })
+    .await;
+    let y1 = Origin::start("y1", &["/health-n2"]).await;
+    let y2 = Origin::start("y2", &["/health-n2"]).await;
+    let n1 = cluster.node(1);
+    n1.add_backend("y1", &y1.address(), &["a"]).await;
+    n1.add_backend("y2", &y2.address(), &["a"]).await;
+    n1.add_domain("rail.test", "a").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "rail.test").await;
+    }
+    for id in ["y1", "y2"] {
+        wait_view(
+            cluster.node(2),
+            id,
+            Duration::from_secs(10),
+            "node 2 probes it down",
+            |v| v["health"]["active"] == "down",
+        )
+        .await;
+        for n in [1, 3] {
+            wait_view(
+                cluster.node(n),
+                id,
+                Duration::from_secs(5),
+                "node 2's verdict arrives",
+                |v| peers_down(v).contains(&2) && v["health"]["active"] == "up",
+            )
+            .await;
+        }
+    }
+    let before = (y1.requests(), y2.requests());
+    for id in [1, 3] {
+        let n = cluster.node(id);
+        let samples = burst(n, "rail.test", 20).await;
+        assert_no_errors(
+            &samples,
+            &format!("node {id}: node 2 alone reports the whole pool down"),
+            &[n, cluster.node(2)],
+        );
+        let g = metric(n, "pingora_vhost_health_guard_rail_total").await;
+        assert!(
+            g > 0.0,
+            "node {id}: guard rail metric should count the fallback: {g}"
+        );
+    }
+    assert!(
+        y1.requests() > before.0 && y2.requests() > before.1,
+        "the local view (both up) is used: y1 +{}, y2 +{}",
+        y1.requests() - before.0,
+        y2.requests() - before.1
+    );
+    // Node 2 itself sees nothing usable: 503, as documented.
+    let r = cluster.node(2).proxy_get("rail.test", "/").await;
+    assert_eq!(r.status, 503, "node 2 has no usable backend locally: {r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Safe switch
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_to_a_dead_tag_is_refused_unless_forced() {
+    let a1 = Backend::start("a1").await;
+    let mut b1 = Backend::start("b1").await;
+    let mut b2 = Backend::start("b2").await;
+    let node = Node::start_default().await;
+    node.add_backend("a1", &a1.address(), &["a"]).await;
+    node.add_backend("b1", &b1.address(), &["b"]).await;
+    node.add_backend("b2", &b2.address(), &["b"]).await;
+    node.add_domain("sw.test", "a").await;
+    node.wait_route("sw.test", "/", "a1").await;
+    b1.stop().await;
+    b2.stop().await;
+    for id in ["b1", "b2"] {
+        wait_view(&node, id, Duration::from_secs(10), "down", |v| {
+            v["healthy"] == false
+        })
+        .await;
+    }
+    let (status, body) = node
+        .api_post("/api/v1/domains/sw.test/switch", json!({"tag": "b"}))
+        .await;
+    assert_eq!(
+        status, 409,
+        "switch to a tag with every backend down: {body}"
+    );
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(
+        mentions_field(msg, "b1") && mentions_field(msg, "b2"),
+        "the error names the unhealthy backends: {body}"
+    );
+    let (_, d) = node.api_get("/api/v1/domains/sw.test").await;
+    assert_eq!(
+        d["enabled_backends_tag"], "a",
+        "a refused switch changes nothing: {d}"
+    );
+    let r = node.proxy_get("sw.test", "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "a1"));
+
+    let (status, body) = node
+        .api_post(
+            "/api/v1/domains/sw.test/switch",
+            json!({"tag": "b", "force": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "forced switch: {body}");
+    assert_eq!(body["enabled_backends_tag"], "b", "{body}");
+    assert_eq!(body["previous_tag"], "a", "{body}");
+    let r = node.proxy_get("sw.test", "/").await;
+    assert_eq!(r.status, 503, "nothing healthy in tag b: {r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Drain under load
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_has_no_errors_and_is_undone_everywhere() {
+    let cluster = Cluster::start(2, |_| NodeOptions::new()).await;
+    let d1 = Backend::start("d1").await;
+    let d2 = Backend::start("d2").await;
+    let n1 = cluster.node(1);
+    let n2 = cluster.node(2);
+    // d1 also serves slow.test (tag "s", d1 only): slow requests there are surely on d1.
+    n1.add_backend("d1", &d1.address(), &["a", "s"]).await;
+    n1.add_backend("d2", &d2.address(), &["a"]).await;
+    n1.add_domain("drain.test", "a").await;
+    n1.add_domain("slow.test", "s").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "drain.test").await;
+    }
+    let targets: Vec<(u64, ProxyClient)> = vec![(1, n1.proxy_client()), (2, n2.proxy_client())];
+    let load = Load::start(targets.clone(), "drain.test", "/", 2);
+
+    // Two slow requests in flight on d1 (through node 1), visible in the API.
+    let c1 = n1.proxy_client();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c1.clone();
+            tokio::spawn(async move { one_get(1, &c, "slow.test", "/slow?ms=2500").await })
+        })
+        .collect();
+    wait_view(
+        n1,
+        "d1",
+        Duration::from_secs(5),
+        "2 slow requests in flight",
+        |v| v["in_flight"].as_u64().unwrap_or(0) >= 2,
+    )
+    .await;
+
+    let (status, body) = n1.api_post_empty("/api/v1/backends/d1/drain").await;
+    let drained_at = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["draining"], true, "{body}");
+    let v = backend_view(n1, "d1").await;
+    assert!(
+        v["in_flight"].as_u64().unwrap_or(0) >= 1,
+        "the slow request still on d1 is visible as in flight after the drain: {v:#}"
+    );
+    let n2_sees = {
+        wait_view(n2, "d1", Duration::from_secs(5), "drain replicated", |v| {
+            v["draining"] == true
+        })
+        .await;
+        Instant::now()
+    };
+    let count_after_drain = d1.requests();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        d1.requests(),
+        count_after_drain,
+        "d1 got new requests after the drain was applied on both nodes"
+    );
+    // In-flight ones finish (200) and the count drops to 0.
+    let mut slow_samples = Vec::new();
+    for t in slow {
+        slow_samples.push(t.await.unwrap());
+    }
+    for s in &slow_samples {
+        assert!(
+            s.ok() && s.backend == "d1" && s.end > drained_at,
+            "a request in flight on d1 when it was drained finishes there: {s:?}"
+        );
+    }
+    wait_view(
+        n1,
+        "d1",
+        Duration::from_secs(5),
+        "in_flight back to 0",
+        |v| v["in_flight"] == 0,
+    )
+    .await;
+
+    // Node 1 may apply the undrain before node 2 answers: only requests that ended before the
+    // DELETE was sent count as "during the drain".
+    let undrain_sent = Instant::now();
+    let (status, body) = n2.api_delete("/api/v1/backends/d1/drain").await;
+    let undrained_at = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["draining"], false, "{body}");
+    for n in &cluster.nodes {
+        wait_view(n, "d1", Duration::from_secs(5), "undrain replicated", |v| {
+            v["draining"] == false
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut samples = load.finish().await;
+    samples.extend(slow_samples);
+    assert_no_errors(&samples, "GETs during drain/undrain", &all_nodes(&cluster));
+    let late: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            s.backend == "d1"
+                && s.end < undrain_sent
+                && ((s.node == 1 && s.start > drained_at) || (s.node == 2 && s.start > n2_sees))
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "requests started after the drain was applied were sent to d1 (times relative to the \
+         drain answer on node 1; node 2 saw it at +{:?}): {:#?}",
+        n2_sees - drained_at,
+        late.iter()
+            .map(|s| format!(
+                "node {} +{:?}..+{:?}",
+                s.node,
+                s.start - drained_at,
+                s.end - drained_at
+            ))
+            .collect::<Vec<_>>()
+    );
+    for id in [1u64, 2] {
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.node == id && s.start > undrained_at && s.backend == "d1"),
+            "node {id} sends d1 requests again after DELETE …/drain"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A restarted node starts from its peers' view
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_does_not_send_traffic_to_a_backend_its_peers_know_is_down() {
+    let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    let mut r1 = Backend::start("r1").await;
+    let r2 = Backend::start("r2").await;
+    let n1 = cluster.node(1);
+    n1.add_backend("r1", &r1.address(), &["a"]).await;
+    n1.add_backend("r2", &r2.address(), &["a"]).await;
+    n1.add_domain("restart.test", "a").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "restart.test").await;
+    }
+    r1.stop().await;
+    for n in &cluster.nodes {
+        wait_view(n, "r1", Duration::from_secs(10), "r1 probed down", |v| {
+            v["health"]["active"] == "down" && v["healthy"] == false
+        })
+        .await;
+    }
+    let n3 = cluster.node_mut(3);
+    n3.kill9();
+    n3.spawn();
+    n3.wait_ready().await;
+    let ready = Instant::now();
+    let n3 = cluster.node(3);
+    let client = n3.proxy_client();
+    // Traffic right away, and the API view, concurrently.
+    let traffic = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut out = Vec::new();
+            while ready.elapsed() < Duration::from_millis(2000) {
+                out.push(one_get(3, &client, "restart.test", "/").await);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            out
+        }
+    });
+    let mut seen_down = None;
+    let mut peers_seen = None;
+    let mut last = Value::Null;
+    while ready.elapsed() < Duration::from_millis(2000)
+        && (seen_down.is_none() || peers_seen.is_none())
+    {
+        last = backend_view(n3, "r1").await;
+        if seen_down.is_none() && last["healthy"] == false {
+            seen_down = Some(ready.elapsed());
+        }
+        if peers_seen.is_none() && !peers_down(&last).is_empty() {
+            peers_seen = Some(ready.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let samples = traffic.await.unwrap();
+    assert_no_errors(
+        &samples,
+        "GETs through the restarted node",
+        &all_nodes(&cluster),
+    );
+    let seen_down = seen_down.unwrap_or_else(|| {
+        panic!(
+            "restarted node 3 still reports r1 healthy 2 s after it was ready: {last:#}\n{}",
+            n3.logs()
+        )
+    });
+    let v = backend_view(n3, "r1").await;
+    eprintln!(
+        "restarted node 3 reported r1 unhealthy {seen_down:?} after ready (peers' verdicts \
+         seen after {peers_seen:?}); {} GETs, 0 errors; r1 picked {} time(s) (connect failures \
+         {}), breaker {}",
+        samples.len(),
+        v["requests"],
+        v["connect_failures"],
+        v["health"]["breaker"]
+    );
+    assert!(
+        seen_down <= Duration::from_millis(1000),
+        "restarted node 3 took {seen_down:?} (> 1 s) to report r1 (down on every peer) unhealthy"
+    );
+    let attempts = v["requests"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        attempts <= 1,
+        "restarted node 3 sent {attempts} requests to r1 that its peers know is down (at most \
+         one, absorbed by the retry, is tolerated): {v:#}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Passive breaker
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_detects_a_dead_backend_from_real_traffic() {
+    let mut p1 = Backend::start("p1").await;
+    let p2 = Backend::start("p2").await;
+    let node = node_with_interval(3600, NodeOptions::new()).await;
+    node.add_backend("p1", &p1.address(), &["a"]).await;
+    node.add_backend("p2", &p2.address(), &["a"]).await;
+    node.add_domain("brk.test", "a").await;
+    node.wait_route("brk.test", "/", "p1").await;
+    node.wait_route("brk.test", "/", "p2").await;
+    p1.stop().await;
+    let base = backend_view(&node, "p1").await;
+    assert_eq!(base["health"]["breaker"], "closed", "{base:#}");
+    let base_failures = base["connect_failures"].as_u64().unwrap();
+
+    // Round robin: within two GETs one picks p1 first; it must still be answered (by p2).
+    let client = node.proxy_client();
+    let mut samples = Vec::new();
+    let mut opened_by = None;
+    for _ in 0..4 {
+        let s = one_get(1, &client, "brk.test", "/").await;
+        let started = s.start;
+        samples.push(s);
+        let v = backend_view(&node, "p1").await;
+        if v["connect_failures"].as_u64().unwrap() > base_failures {
+            opened_by = Some((started, v));
+            break;
+        }
+    }
+    assert_no_errors(&samples, "the GETs that met the dead p1", &[&node]);
+    let (t_fail, v) = opened_by.expect("no GET ever tried p1 in 4 round-robin picks");
+    assert_eq!(
+        v["health"]["breaker"], "open",
+        "breaker after a failed connect: {v:#}"
+    );
+    assert_ne!(
+        v["health"]["active"], "down",
+        "active checks are off (interval 3600 s): the detection is passive: {v:#}"
+    );
+    assert_eq!(v["healthy"], false, "{v:#}");
+    assert!(samples.iter().all(|s| s.backend == "p2"));
+
+    // While open (1 s backoff from the failure), p1 is not tried at all.
+    let attempts = v["requests"].as_u64().unwrap();
+    let mut during = Vec::new();
+    while t_fail.elapsed() < Duration::from_millis(900) {
+        during.push(one_get(1, &client, "brk.test", "/").await);
+    }
+    assert_no_errors(&during, "GETs while the breaker is open", &[&node]);
+    let v = backend_view(&node, "p1").await;
+    assert_eq!(
+        v["requests"].as_u64().unwrap(),
+        attempts,
+        "p1 was tried while its breaker was open ({} GETs in the window): {v:#}",
+        during.len()
+    );
+    assert!(
+        during.len() >= 5,
+        "too few GETs in the window: {}",
+        during.len()
+    );
+}
