@@ -5,6 +5,8 @@
 
 mod common;
 
+use tokio::io::AsyncWriteExt;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -982,5 +984,34 @@ async fn breaker_detects_a_dead_backend_from_real_traffic() {
         during.len() >= 5,
         "too few GETs in the window: {}",
         during.len()
+    );
+}
+
+/// Clients that give up on a slow request (close their connection before the answer) are not
+/// the backend's fault: they must not open its circuit breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_aborts_do_not_open_the_backend_breaker() {
+    let backend = Backend::start("web-a").await;
+    let node = Node::start_default().await;
+    node.add_backend("web-a", &backend.address(), &["a"]).await;
+    node.add_domain("app.test", "a").await;
+    node.wait_route("app.test", "/", "web-a").await;
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(node.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /slow?ms=1000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s); // the client gives up
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = node.proxy_get("app.test", "/").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "web-a"),
+        "three clients that gave up on a slow request made the healthy backend unusable"
     );
 }

@@ -11,7 +11,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -34,13 +34,22 @@ pub type Raft = openraft::Raft<TypeConfig>;
 const WRITE_DEADLINE: Duration = Duration::from_secs(8);
 /// How long one attempt may wait for commit on the leader.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the leader may take to confirm a quorum before a write.
+const QUORUM_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The outcome of one write attempt on a node (also the body of a forwarded write).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardedWrite {
-    Done { index: u64, result: ApplyResult },
-    NotLeader { leader: Option<(NodeId, String)> },
+    Done {
+        index: u64,
+        result: ApplyResult,
+    },
+    NotLeader {
+        leader: Option<(NodeId, String)>,
+    },
     Unavailable(String),
+    /// Proposed but not known to be committed: must not be retried.
+    Indeterminate(String),
 }
 
 /// Answer of the leader to a forwarded member removal.
@@ -200,6 +209,10 @@ impl ClusterNode {
                     }
                 }
                 ForwardedWrite::Unavailable(reason) => last_reason = reason,
+                // Retrying would propose the command twice.
+                ForwardedWrite::Indeterminate(reason) => {
+                    return Err(WriteError::Unavailable(reason))
+                }
             }
             if Instant::now() + backoff > deadline {
                 return Err(WriteError::Unavailable(format!(
@@ -214,9 +227,30 @@ impl ClusterNode {
 
     /// One attempt to commit `cmd` through this node's Raft (succeeds only on the leader).
     pub async fn write_local(&self, cmd: Command) -> ForwardedWrite {
+        // Confirm leadership with a quorum before proposing: without a quorum the write is
+        // refused cleanly instead of sitting in the log and committing later.
+        match tokio::time::timeout(QUORUM_CHECK_TIMEOUT, self.raft.ensure_linearizable()).await {
+            Err(_) => {
+                return ForwardedWrite::Unavailable(format!(
+                    "the cluster has no quorum (no majority answered within {}ms)",
+                    QUORUM_CHECK_TIMEOUT.as_millis()
+                ))
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                return ForwardedWrite::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                }
+            }
+            Ok(Err(e)) => {
+                return ForwardedWrite::Unavailable(format!("the cluster has no quorum: {e}"))
+            }
+            Ok(Ok(_)) => {}
+        }
         match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
-            Err(_) => ForwardedWrite::Unavailable(format!(
-                "not committed within {}s: the cluster has no quorum",
+            // Proposed but not committed: it may still commit if the quorum comes back.
+            Err(_) => ForwardedWrite::Indeterminate(format!(
+                "the write was proposed but not committed within {}s (quorum lost during the \
+                 write); it takes effect if the cluster regains quorum: check before retrying",
                 COMMIT_TIMEOUT.as_secs()
             )),
             Ok(Ok(resp)) => ForwardedWrite::Done {
@@ -310,6 +344,11 @@ impl ClusterNode {
                     .await
                 {
                     Ok(RemoveOutcome::Done) => Ok(()),
+                    Ok(RemoveOutcome::Refused(e))
+                        if e.contains("undergoing a configuration change") =>
+                    {
+                        Err(RemoveError::Unavailable(e))
+                    }
                     Ok(RemoveOutcome::Refused(e)) => Err(RemoveError::Refused(e)),
                     Ok(RemoveOutcome::NotLeader) => Err(RemoveError::Unavailable(format!(
                         "node {leader} is no longer leader"

@@ -30,7 +30,9 @@ pub async fn run(data: Arc<DataPlane>, gossip: Arc<Gossip>) {
                 ));
             }
         }
-        published.retain(|id, _| runtimes.iter().any(|r| &r.id == id));
+        let live: std::collections::HashSet<&str> =
+            runtimes.iter().map(|r| r.id.as_str()).collect();
+        published.retain(|id, _| live.contains(id.as_str()));
         if !changes.is_empty() {
             gossip.set_many(changes).await;
         }

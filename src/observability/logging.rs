@@ -9,7 +9,8 @@ use crate::config::{LogFormat, LogOutput, LoggingConfig};
 
 pub fn init(cfg: &LoggingConfig) -> anyhow::Result<()> {
     // RUST_LOG overrides the file's level, as users of tracing expect.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},openraft=warn", cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true);

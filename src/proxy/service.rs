@@ -215,6 +215,11 @@ impl ProxyHttp for VhostProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.esource() == &ErrorSource::Downstream {
+            // The client went away or misbehaved: not the backend's fault, nothing to retry.
+            e.set_retry(false);
+            return e;
+        }
         let retriable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated();
         if client_reused && retriable {
@@ -225,12 +230,19 @@ impl ProxyHttp for VhostProxy {
             return e;
         }
         if let Some(u) = &ctx.current {
-            if u.runtime.health.breaker.record_failure(Failure::Soft, now_ms()) {
+            if u.runtime
+                .health
+                .breaker
+                .record_failure(Failure::Soft, now_ms())
+            {
                 tracing::warn!(backend = %u.id, "circuit breaker opened after repeated failures");
             }
         }
         // Idempotent requests whose body we still have may go to another backend.
-        let others = ctx.route.as_ref().is_some_and(|r| r.has_untried(&ctx.tried));
+        let others = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.has_untried(&ctx.tried));
         e.set_retry(retriable && others);
         e
     }
