@@ -484,6 +484,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.inner.applied_tx.send_replace(last);
+        tracing::info!(last_log_index = last, "installed a snapshot received from the leader");
         Ok(())
     }
 
