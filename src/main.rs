@@ -188,13 +188,15 @@ fn run(
     // Loads the last known state before anything listens: the proxy serves it at once.
     let (log, sm) = store::open(&data_dir, publisher).context("opening the Raft store")?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = cfg.proxy.threads;
-    conf.max_retries = 16;
-    conf.grace_period_seconds = Some(cfg.proxy.shutdown_grace_secs);
-    conf.graceful_shutdown_timeout_seconds = Some(2);
-    conf.pid_file = data_dir.join("pingora-vhost.pid").display().to_string();
-    conf.upgrade_sock = data_dir.join("upgrade.sock").display().to_string();
+    let conf = ServerConf {
+        threads: cfg.proxy.threads,
+        max_retries: 16,
+        grace_period_seconds: Some(cfg.proxy.shutdown_grace_secs),
+        graceful_shutdown_timeout_seconds: Some(2),
+        pid_file: data_dir.join("pingora-vhost.pid").display().to_string(),
+        upgrade_sock: data_dir.join("upgrade.sock").display().to_string(),
+        ..Default::default()
+    };
     let opt = Opt {
         upgrade: cli.upgrade,
         ..Default::default()

@@ -451,7 +451,7 @@ mod tests {
     #[test]
     fn same_log_same_state() {
         // Determinism: replaying the same commands yields identical states and results.
-        let cmds = vec![
+        let cmds = [
             Command::CreateBackend(backend("x", &["a"])),
             Command::CreateDomain(domain("a.test", "a")),
             Command::CreateDomain(domain("a.test", "b")),

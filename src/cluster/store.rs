@@ -5,6 +5,10 @@
 //! committed log entries after it, so the data plane can serve the last known config before
 //! any election happens.
 
+// openraft's StorageError and redb's Error are large by design; boxing them here would only
+// move the allocation to every storage call.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -484,7 +488,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.inner.applied_tx.send_replace(last);
-        tracing::info!(last_log_index = last, "installed a snapshot received from the leader");
+        tracing::info!(
+            last_log_index = last,
+            "installed a snapshot received from the leader"
+        );
         Ok(())
     }
 
