@@ -218,24 +218,7 @@ impl Traffic {
 
 /// Like `Cluster::start(n, ..)`, with extra lines inside every node's `[cluster]` table.
 async fn start_cluster_with(n: usize, cluster_lines: &str) -> Cluster {
-    let mut nodes: Vec<Node> = (1..=n as u64)
-        .map(|id| Node::new_unstarted(NodeOptions::new().node_id(id).bootstrap_expect(n)))
-        .collect();
-    let seeds: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.gossip_addr).collect();
-    for node in nodes.iter_mut() {
-        node.options.seeds = seeds.clone();
-        let text =
-            node.config_text()
-                .replacen("[cluster]\n", &format!("[cluster]\n{cluster_lines}\n"), 1);
-        std::fs::write(&node.config_path, text).expect("write node config");
-        node.spawn();
-    }
-    for node in nodes.iter_mut() {
-        node.wait_ready().await;
-    }
-    let cluster = Cluster { nodes };
-    cluster.wait_converged(Duration::from_secs(20)).await;
-    cluster
+    Cluster::start(n, |_| NodeOptions::new().cluster(cluster_lines)).await
 }
 
 async fn leader_and_followers(cluster: &mut Cluster) -> (u64, Vec<u64>) {

@@ -70,14 +70,7 @@ impl Origin {
             )),
         };
         let app = Router::new().fallback(origin_handler).with_state(st);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (tx, task) = serve_until_shutdown(listener, app);
         Origin {
             addr,
             requests,

@@ -127,6 +127,25 @@ struct BackendState {
 /// (lower-case names, repeated headers joined with ", "); `/slow?ms=N` -> sleeps N ms then
 /// answers the name; `/ws` -> websocket echo (replies "<name>: <text>"); anything else -> 200,
 /// body = name, header `x-backend: <name>`.
+/// Serves `app` on `listener` until the returned sender fires (or is dropped).
+pub fn serve_until_shutdown(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (tx, task)
+}
+
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -158,14 +177,7 @@ impl Backend {
             .route("/ws", get(ws_handler))
             .fallback(default_handler)
             .with_state(state.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (tx, task) = serve_until_shutdown(listener, app);
         Backend {
             name: name.to_string(),
             addr,
@@ -297,6 +309,8 @@ pub struct NodeOptions {
     pub bootstrap_expect: Option<usize>,
     pub seeds: Vec<SocketAddr>,
     pub secret: Option<String>,
+    /// Lines added inside `[cluster]` (e.g. `snapshot_logs = 10`).
+    pub cluster_extra: String,
 }
 
 impl NodeOptions {
@@ -328,6 +342,11 @@ impl NodeOptions {
     }
     pub fn seeds(mut self, seeds: &[SocketAddr]) -> Self {
         self.seeds = seeds.to_vec();
+        self
+    }
+    pub fn cluster(mut self, lines: &str) -> Self {
+        self.cluster_extra.push_str(lines);
+        self.cluster_extra.push('\n');
         self
     }
     pub fn secret(mut self, secret: &str) -> Self {
@@ -497,6 +516,7 @@ gossip_addr = "{gossip}"
 seeds = [{seeds}]
 bootstrap_expect = {bootstrap_expect}
 secret = "{secret}"
+{cluster_extra}
 
 [health_check]
 interval_secs = 1
@@ -522,6 +542,7 @@ timeout_secs = 1
                 .collect::<Vec<_>>()
                 .join(", "),
             secret = o.secret.as_deref().unwrap_or("test-cluster-secret"),
+            cluster_extra = o.cluster_extra,
         )
     }
 
