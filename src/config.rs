@@ -305,7 +305,7 @@ pub fn parse_str(path: &Path, text: &str) -> Result<(Config, Vec<ConfigWarning>)
     let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     let mut checker = Checker {
         path,
-        text,
+        line_starts: line_starts(text),
         base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         warnings: Vec::new(),
     };
@@ -430,7 +430,9 @@ struct RawBackend {
 
 struct Checker<'a> {
     path: &'a Path,
-    text: &'a str,
+    /// Byte offset where each line starts: spans become line numbers in O(log n), so a
+    /// 10,000-entry file loads in linear time.
+    line_starts: Vec<usize>,
     /// Directory of the config file: base for relative certificate/key/CA paths.
     base_dir: PathBuf,
     warnings: Vec<ConfigWarning>,
@@ -445,7 +447,8 @@ struct Listener {
 
 impl Checker<'_> {
     fn line(&self, span: &Range<usize>) -> usize {
-        line_of(self.text, span.start)
+        self.line_starts
+            .partition_point(|&start| start <= span.start)
     }
 
     fn error(&self, span: &Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
@@ -1032,6 +1035,10 @@ impl Checker<'_> {
         backends: &[BackendConfig],
     ) -> Result<Vec<VirtualHostConfig>, ConfigError> {
         let mut out = Vec::with_capacity(raw.len());
+        let carried_tags: std::collections::HashSet<&str> = backends
+            .iter()
+            .flat_map(|b| b.tags.iter().map(String::as_str))
+            .collect();
         // lower-cased domain -> line of first definition, for the duplicate message.
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, entry) in raw.iter().enumerate() {
@@ -1118,7 +1125,7 @@ impl Checker<'_> {
             }
 
             // Not an error: backends can be added through the API after start.
-            if !backends.iter().any(|b| b.tags.contains(&tag)) {
+            if !carried_tags.contains(tag.as_str()) {
                 let line = self.line(&tag_raw.span());
                 self.warn(
                     &tag_raw.span(),
@@ -1352,6 +1359,18 @@ fn strip_comment(l: &str) -> &str {
     l
 }
 
+/// Offsets of the first byte of every line (line 1 starts at 0).
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(
+            text.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
+        .collect()
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     text.as_bytes()[..end]
@@ -1445,6 +1464,37 @@ id = "api-server"
 address = "192.168.1.100:8080"
 tags = ["a", "b"]
 "#;
+
+    #[test]
+    fn line_index_agrees_with_counting_newlines() {
+        let text = "a = 1\n\n[b]\nc = 2\nlast";
+        let starts = line_starts(text);
+        for offset in 0..=text.len() {
+            let by_index = starts.partition_point(|&s| s <= offset);
+            assert_eq!(by_index, line_of(text, offset), "offset {offset}");
+        }
+    }
+
+    #[test]
+    fn errors_deep_in_a_large_file_name_the_right_line() {
+        let mut text = String::new();
+        for i in 0..2_000 {
+            text.push_str(&format!(
+                "[[backends]]\nid = \"b{i}\"\naddress = \"127.0.0.1:{}\"\ntags = [\"t{i}\"]\n\n",
+                1000 + i
+            ));
+        }
+        let (cfg, _) = parse(&text).expect("valid");
+        assert_eq!(cfg.backends.len(), 2_000);
+        // Each entry is 5 lines; the duplicate's id sits on line 5 * 2000 + 2.
+        text.push_str("[[backends]]\nid = \"b7\"\naddress = \"127.0.0.1:9\"\n");
+        assert_err(
+            &text,
+            10_002,
+            "backends[2000].id",
+            "first defined on line 37",
+        );
+    }
 
     #[test]
     fn seed_example_parses() {

@@ -79,7 +79,14 @@ impl ControlPlane {
             self.sm.clone(),
             cfg.health_check.clone(),
         ));
-        tokio::spawn(health::shared::run(self.data.clone(), node.gossip.clone()));
+        tokio::spawn(health::shared::run(
+            self.data.clone(),
+            node.gossip.clone(),
+            {
+                let node = node.clone();
+                move || node.other_member_ids()
+            },
+        ));
 
         tokio::spawn(serve(
             rpc_listener,

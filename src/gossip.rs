@@ -4,7 +4,7 @@
 //! chitchat has no authentication: bind `gossip_addr` to a private network. Nothing learnt
 //! from gossip is trusted for writes; joining a node still needs the cluster secret on RPC.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,32 +95,48 @@ impl Gossip {
         node_id == self.node_id || self.live_peers().iter().any(|p| p.node_id == node_id)
     }
 
-    /// For every live peer (not this node): its keys starting with `prefix`.
-    pub fn peer_values(&self, prefix: &str) -> Vec<(u64, HashMap<String, String>)> {
+    /// For every live peer (not this node): the names of its keys starting with `prefix`,
+    /// without the prefix.
+    pub fn peer_keys(&self, prefix: &str) -> Vec<(u64, HashSet<String>)> {
         self.live
             .borrow()
             .iter()
             .filter_map(|(id, state)| {
                 let node_id: u64 = id.node_id.parse().ok()?;
                 (node_id != self.node_id).then(|| {
-                    let kv = state
-                        .key_values()
-                        .filter(|(k, _)| k.starts_with(prefix))
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                    let keys = state
+                        .iter_prefix(prefix)
+                        .map(|(k, _)| k[prefix.len()..].to_string())
                         .collect();
-                    (node_id, kv)
+                    (node_id, keys)
                 })
             })
             .collect()
     }
 
-    /// Publishes several of our own keys at once.
-    pub async fn set_many(&self, kvs: Vec<(String, String)>) {
+    /// Ids of the live nodes other than this one.
+    pub fn live_peer_ids(&self) -> HashSet<u64> {
+        self.live
+            .borrow()
+            .keys()
+            .filter_map(|id| id.node_id.parse().ok())
+            .filter(|id| *id != self.node_id)
+            .collect()
+    }
+
+    /// Sets and deletes several of our own keys at once (deleted keys leave a tombstone that
+    /// gossip spreads, so peers forget them too).
+    pub async fn update_own(&self, set: Vec<(String, String)>, delete: Vec<String>) {
         let chitchat = self.handle.chitchat();
         let mut guard = chitchat.lock().await;
         let state = guard.self_node_state();
-        for (k, v) in kvs {
+        for (k, v) in set {
             state.set(k, v);
+        }
+        for k in delete {
+            if state.contains_key(&k) {
+                state.delete(&k);
+            }
         }
     }
 

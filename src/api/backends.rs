@@ -27,15 +27,13 @@ pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
         "up"
     };
     nodes.insert(state.node.node_id.to_string(), json!(own));
-    let key = format!("{}{}", crate::health::shared::KEY_PREFIX, b.id);
-    for (peer, kv) in state
+    let peers = state
         .node
         .gossip
-        .peer_values(crate::health::shared::KEY_PREFIX)
-    {
-        if let Some(v) = kv.get(&key) {
-            nodes.insert(peer.to_string(), json!(v));
-        }
+        .peer_keys(crate::health::shared::KEY_PREFIX);
+    for (peer, down) in peers {
+        let verdict = if down.contains(&b.id) { "down" } else { "up" };
+        nodes.insert(peer.to_string(), json!(verdict));
     }
     json!({
         "id": b.id,

@@ -304,6 +304,16 @@ impl ClusterNode {
         }
     }
 
+    /// Raft members (voters and learners) other than this node.
+    pub fn other_member_ids(&self) -> std::collections::HashSet<NodeId> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.node_id)
+            .collect()
+    }
+
     /// True once gossip had time to hear from seeds (bootstrap must not race it).
     pub fn gossip_settled(&self) -> bool {
         self.started.elapsed() >= Duration::from_secs(2)

@@ -1,51 +1,195 @@
-//! Health shared through gossip: publish this node's verdicts (`hc/<backend>` = up|down,
-//! written when they change) and fold live peers' verdicts into each backend's `peer_down`.
-//! Keys of dead peers drop out with the peer (chitchat's live set), so they expire.
+//! Health shared through gossip. Each node publishes only its own "down" verdicts, one key
+//! per backend it sees failing (`hc/<backend>`), and deletes the key when the backend
+//! recovers: gossip carries only failures, so 10,000 healthy backends cost nothing. Live
+//! peers' keys are folded into each backend's `peer_down`; keys of dead peers drop out with
+//! the peer (chitchat's live set), so they expire.
+//!
+//! A node that just started knows nothing of its peers' verdicts: [`PeerViewGate`] holds
+//! proxied requests until every other Raft member is live in gossip (their keys arrive with
+//! them) or [`PEER_VIEW_WAIT`] has passed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::gossip::Gossip;
 use crate::proxy::DataPlane;
 
 pub const KEY_PREFIX: &str = "hc/";
+const DOWN: &str = "down";
+const TICK: Duration = Duration::from_millis(100);
 
-pub async fn run(data: Arc<DataPlane>, gossip: Arc<Gossip>) {
-    let mut published: HashMap<String, bool> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+/// Longest a starting node waits for its peers' verdicts before it routes on its own view
+/// (a member that is down never shows up in gossip).
+pub const PEER_VIEW_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens once this node has its peers' health verdicts (or gave up waiting for them).
+/// The proxy checks one atomic per request; only requests in the first moments after a
+/// start ever wait.
+#[derive(Debug, Default)]
+pub struct PeerViewGate {
+    open: AtomicBool,
+    opened: Notify,
+}
+
+impl PeerViewGate {
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn open(&self) {
+        if !self.open.swap(true, Ordering::AcqRel) {
+            self.opened.notify_waiters();
+        }
+    }
+
+    /// Waits until the gate opens, at most `max` (the proxy never hangs on the control plane).
+    pub async fn wait(&self, max: Duration) {
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if self.is_open() {
+            return;
+        }
+        let _ = tokio::time::timeout(max, opened).await;
+    }
+}
+
+/// Backend id -> live peers that report it down.
+type PeerVerdicts = HashMap<String, Vec<u64>>;
+
+/// Folds per-peer key sets into backend id -> peers reporting it down (sorted ids).
+fn merge(peer_keys: Vec<(u64, HashSet<String>)>) -> PeerVerdicts {
+    let mut out: PeerVerdicts = HashMap::new();
+    for (peer, keys) in peer_keys {
+        for backend in keys {
+            out.entry(backend).or_default().push(peer);
+        }
+    }
+    for peers in out.values_mut() {
+        peers.sort_unstable();
+    }
+    out
+}
+
+/// Publishes this node's verdicts and applies its peers' every [`TICK`]. `other_members`
+/// returns the Raft members other than this node (whose verdicts a start waits for).
+pub async fn run(
+    data: Arc<DataPlane>,
+    gossip: Arc<Gossip>,
+    other_members: impl Fn() -> HashSet<u64>,
+) {
+    let started = Instant::now();
+    let mut published: HashSet<String> = HashSet::new();
+    let mut applied: PeerVerdicts = HashMap::new();
+    let mut applied_generation = None;
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let generation = data.backends.generation();
         let runtimes = data.backends.all();
 
-        let mut changes = Vec::new();
-        for rt in &runtimes {
-            let down = rt.health.local_verdict_down();
-            if published.get(&rt.id) != Some(&down) {
-                published.insert(rt.id.clone(), down);
-                changes.push((
-                    format!("{KEY_PREFIX}{}", rt.id),
-                    if down { "down" } else { "up" }.to_string(),
-                ));
-            }
-        }
-        let live: std::collections::HashSet<&str> =
-            runtimes.iter().map(|r| r.id.as_str()).collect();
-        published.retain(|id, _| live.contains(id.as_str()));
-        if !changes.is_empty() {
-            gossip.set_many(changes).await;
+        // Publish: only changes of our own verdicts touch gossip.
+        let down_now: HashSet<&str> = runtimes
+            .iter()
+            .filter(|rt| rt.health.local_verdict_down())
+            .map(|rt| rt.id.as_str())
+            .collect();
+        let raised: Vec<(String, String)> = down_now
+            .iter()
+            .filter(|id| !published.contains(**id))
+            .map(|id| (format!("{KEY_PREFIX}{id}"), DOWN.to_string()))
+            .collect();
+        let cleared: Vec<String> = published
+            .iter()
+            .filter(|id| !down_now.contains(id.as_str()))
+            .map(|id| format!("{KEY_PREFIX}{id}"))
+            .collect();
+        if !raised.is_empty() || !cleared.is_empty() {
+            gossip.update_own(raised, cleared).await;
+            published = down_now.iter().map(|id| id.to_string()).collect();
         }
 
-        let peer_views = gossip.peer_values(KEY_PREFIX);
-        for rt in &runtimes {
-            let key = format!("{KEY_PREFIX}{}", rt.id);
-            let down: Vec<u64> = peer_views
-                .iter()
-                .filter(|(_, kv)| kv.get(&key).map(String::as_str) == Some("down"))
-                .map(|(id, _)| *id)
-                .collect();
-            rt.health.set_peers_down(down);
+        // Apply peers' verdicts: a full pass only when they or the set of backends changed.
+        let verdicts = merge(gossip.peer_keys(KEY_PREFIX));
+        if verdicts != applied || applied_generation != Some(generation) {
+            for rt in &runtimes {
+                rt.health
+                    .set_peers_down(verdicts.get(&rt.id).cloned().unwrap_or_default());
+            }
+            applied = verdicts;
+            applied_generation = Some(generation);
         }
+
+        if !data.peer_view.is_open() {
+            let live = gossip.live_peer_ids();
+            let missing = other_members()
+                .iter()
+                .filter(|id| !live.contains(id))
+                .count();
+            if missing == 0 || started.elapsed() >= PEER_VIEW_WAIT {
+                if missing > 0 {
+                    tracing::info!(
+                        missing,
+                        "routing on this node's own health view: {missing} member(s) not seen in gossip after {PEER_VIEW_WAIT:?}"
+                    );
+                }
+                data.peer_view.open();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(ids: &[&str]) -> HashSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merge_lists_every_peer_reporting_a_backend_down() {
+        let v = merge(vec![
+            (3, keys(&["a", "b"])),
+            (2, keys(&["a"])),
+            (4, keys(&[])),
+        ]);
+        assert_eq!(v.get("a"), Some(&vec![2, 3]));
+        assert_eq!(v.get("b"), Some(&vec![3]));
+        assert_eq!(v.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn gate_releases_waiters_when_opened_and_caps_the_wait() {
+        let gate = Arc::new(PeerViewGate::default());
+        let t = Instant::now();
+        gate.wait(Duration::from_millis(50)).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "closed gate waits the cap"
+        );
+
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                let t = Instant::now();
+                gate.wait(Duration::from_secs(30)).await;
+                t.elapsed()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.open();
+        let waited = waiter.await.expect("waiter");
+        assert!(
+            waited < Duration::from_secs(30),
+            "opening releases the waiter"
+        );
+        assert!(gate.is_open());
+        gate.wait(Duration::from_secs(30)).await; // open: returns at once
     }
 }

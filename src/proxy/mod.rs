@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::health::shared::PeerViewGate;
 use crate::state::State;
 use table::{BackendRegistry, RoutingTable};
 use tls::CertStore;
@@ -22,6 +23,8 @@ pub struct DataPlane {
     pub backends: BackendRegistry,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
+    /// Open once peers' health verdicts are known (see `health::shared`).
+    pub peer_view: PeerViewGate,
 }
 
 impl DataPlane {
@@ -31,6 +34,7 @@ impl DataPlane {
             certs: Arc::new(certs),
             backends: BackendRegistry::default(),
             requests_in_flight: AtomicI64::new(0),
+            peer_view: PeerViewGate::default(),
         }
     }
 

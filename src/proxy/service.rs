@@ -18,6 +18,9 @@ use crate::health::breaker::Failure;
 use crate::health::now_ms;
 use crate::observability::Metrics;
 
+/// Cap on a request's wait for the peer view (the control plane opens it sooner).
+const PEER_VIEW_WAIT_MAX: Duration = Duration::from_secs(3);
+
 pub struct VhostProxy {
     pub data: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
@@ -128,6 +131,11 @@ impl ProxyHttp for VhostProxy {
             resp.insert_header("content-length", "0")?;
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(true);
+        }
+        if !self.data.peer_view.is_open() {
+            // Just started: peers' health verdicts are a gossip round away. Waiting briefly
+            // beats sending this request to a backend the cluster knows is down.
+            self.data.peer_view.wait(PEER_VIEW_WAIT_MAX).await;
         }
         ctx.route = Some(route);
         Ok(false)

@@ -142,14 +142,24 @@ impl RoutingTable {
 pub struct BackendRegistry {
     runtimes: Mutex<HashMap<String, Arc<BackendRuntime>>>,
     resolved: Mutex<HashMap<String, Option<SocketAddr>>>,
+    /// Bumped whenever a runtime is added or dropped, so periodic tasks can skip full passes.
+    generation: AtomicU64,
 }
 
 impl BackendRegistry {
     pub fn runtime(&self, id: &str) -> Arc<BackendRuntime> {
         let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(id.to_string())
-            .or_insert_with(|| Arc::new(BackendRuntime::new(id)))
+            .or_insert_with(|| {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+                Arc::new(BackendRuntime::new(id))
+            })
             .clone()
+    }
+
+    /// Changes whenever the set of runtimes changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<BackendRuntime>> {
@@ -183,7 +193,11 @@ impl BackendRegistry {
     /// Drops runtimes of backends that no longer exist.
     fn retain(&self, state: &State) {
         let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
         map.retain(|id, _| state.backends.contains_key(id));
+        if map.len() != before {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
