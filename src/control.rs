@@ -13,7 +13,7 @@ use pingora::services::background::BackgroundService;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
-use crate::cluster::store::{LogStore, StateMachineStore};
+use crate::cluster::store::{self, LogStore, StateMachineStore};
 use crate::cluster::{membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
@@ -21,11 +21,14 @@ use crate::health;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::state::{Command, State};
+use crate::upgrade;
 
 pub struct ControlPlane {
     pub config: Config,
-    pub log: Mutex<Option<LogStore>>,
-    pub sm: StateMachineStore,
+    /// The opened Raft store; `None` after a graceful upgrade, where the old process still
+    /// holds it and it is opened once that process has exited.
+    pub store: Mutex<Option<(LogStore, StateMachineStore)>>,
+    pub publisher: store::Publisher,
     pub data: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
     /// The config file's domains and backends, as the seed command for a new cluster.
@@ -61,22 +64,26 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 impl ControlPlane {
     async fn run(&self, shutdown: &mut ShutdownWatch) -> anyhow::Result<()> {
         let cfg = &self.config;
-        let log = self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .context("control plane started twice")?;
+        let opened = self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (log, sm) = match opened {
+            Some(s) => s,
+            None => self.open_store_after_old_process().await?,
+        };
+        tokio::spawn(upgrade::serve(
+            upgrade::socket_path(&cfg.cluster.data_dir),
+            sm.clone(),
+            self.data.clone(),
+        ));
         let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
         let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
         let gossip = Arc::new(Gossip::start(&cfg.cluster).await?);
-        let node = ClusterNode::start(&cfg.cluster, log, self.sm.clone(), gossip)
+        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip)
             .await
             .context("starting Raft")?;
         tokio::spawn(membership::run(node.clone(), cfg.cluster.bootstrap_expect));
         tokio::spawn(health::active::run(
             self.data.clone(),
-            self.sm.clone(),
+            sm.clone(),
             cfg.health_check.clone(),
         ));
         tokio::spawn(health::shared::run(
@@ -145,6 +152,35 @@ impl ControlPlane {
         let _ = node.raft.shutdown().await;
         tracing::info!("shut down cleanly");
         std::process::exit(0);
+    }
+
+    /// After a graceful upgrade: waits until the old process (draining after SIGQUIT) exits
+    /// and releases the Raft store, then opens it (which publishes the committed state).
+    async fn open_store_after_old_process(&self) -> anyhow::Result<(LogStore, StateMachineStore)> {
+        let data_dir = &self.config.cluster.data_dir;
+        // Pingora's 5 s socket close window, then the old process's drain.
+        let limit = Duration::from_secs(self.config.proxy.shutdown_grace_secs + 60);
+        let started = Instant::now();
+        tracing::info!("graceful upgrade: waiting for the old process to release the Raft store");
+        loop {
+            match store::open(data_dir, self.publisher.clone()) {
+                Ok(s) => {
+                    tracing::info!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "graceful upgrade: Raft store opened; this process now runs the node"
+                    );
+                    return Ok(s);
+                }
+                Err(store::OpenError::Locked { .. }) if started.elapsed() < limit => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("graceful upgrade: the old process did not release the store within {limit:?}")
+                    })
+                }
+            }
+        }
     }
 
     /// Listeners stopped accepting when the shutdown was broadcast; wait for the requests

@@ -12,4 +12,5 @@ pub mod health;
 pub mod observability;
 pub mod proxy;
 pub mod state;
+pub mod upgrade;
 pub mod validate;

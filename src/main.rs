@@ -20,6 +20,7 @@ use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
 use pingora_vhost::proxy::DataPlane;
 use pingora_vhost::state::{Backend, Command, Domain};
+use pingora_vhost::upgrade;
 
 // The proxy allocates per request (headers, buffers): mimalloc is markedly cheaper than glibc
 // malloc there (see bench/README.md).
@@ -178,6 +179,21 @@ fn run(
     }
     let data_dir = cfg.cluster.data_dir.clone();
     create_private_dir(&data_dir)?;
+    // For operators (`kill -QUIT $(cat .../pingora-vhost.pid)`); Pingora writes it only when
+    // daemonized. A graceful upgrade's new process overwrites it with its own pid.
+    let pid_file = data_dir.join("pingora-vhost.pid");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&pid_file)
+            .and_then(|mut f| writeln!(f, "{}", std::process::id()))
+            .with_context(|| format!("writing {}", pid_file.display()))?;
+    }
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
@@ -185,8 +201,23 @@ fn run(
         let data = data.clone();
         Arc::new(move |state| data.publish(state))
     };
-    // Loads the last known state before anything listens: the proxy serves it at once.
-    let (log, sm) = store::open(&data_dir, publisher).context("opening the Raft store")?;
+    let store = if cli.upgrade {
+        // The running process holds the store until it exits: serve its state meanwhile.
+        let handoff = upgrade::fetch(
+            &upgrade::socket_path(&data_dir),
+            std::time::Duration::from_secs(10),
+        )?;
+        upgrade::adopt(&data, &handoff, cfg.cluster.node_id);
+        tracing::info!(
+            domains = handoff.state.domains.len(),
+            backends = handoff.state.backends.len(),
+            "graceful upgrade: serving the running process's state; send it SIGQUIT now"
+        );
+        None
+    } else {
+        // Loads the last known state before anything listens: the proxy serves it at once.
+        Some(store::open(&data_dir, publisher.clone()).context("opening the Raft store")?)
+    };
 
     let conf = ServerConf {
         threads: cfg.proxy.threads,
@@ -222,8 +253,8 @@ fn run(
         "control plane",
         ControlPlane {
             config: cfg,
-            log: Mutex::new(Some(log)),
-            sm,
+            store: Mutex::new(store),
+            publisher,
             data,
             metrics,
             seed,

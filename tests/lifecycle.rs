@@ -235,6 +235,94 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SIGQUIT: Pingora's graceful upgrade
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_upgrade_hands_over_without_failed_requests() {
+    let origin = Backend::start("ORIGIN").await;
+    let mut node = Node::start(NodeOptions::new().proxy("shutdown_grace_secs = 1")).await;
+    node.add_backend("o", &origin.address(), &["a"]).await;
+    node.add_domain("upgrade.test", "a").await;
+    node.wait_route("upgrade.test", "/", "ORIGIN").await;
+
+    // Clients keep coming, each on a new connection, through the whole handover.
+    let client = node.proxy_client().without_keepalive();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut outcomes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.get("upgrade.test", "/").await;
+                outcomes.push(match r {
+                    Ok(r) if r.status == 200 && r.body == "ORIGIN" => Ok(()),
+                    Ok(r) => Err(format!("{} {:?}", r.status, r.body)),
+                    Err(e) => Err(format!("{e:?}")),
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            outcomes
+        }
+    });
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old_pid = node.pid();
+    let pid_file = node.data_dir().join("pingora-vhost.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old_pid.to_string(),
+        "the pid file names the running process"
+    );
+    let mut old = node.upgrade_in_place();
+    let sent = Instant::now();
+    let old_exit = tokio::task::spawn_blocking(move || old.wait())
+        .await
+        .expect("join")
+        .expect("wait for the old process");
+    assert_eq!(
+        old_exit.code(),
+        Some(0),
+        "the old process must drain and exit 0 after SIGQUIT\n{}",
+        node.logs()
+    );
+    // The new process took over: listeners, API, and the Raft store with everything in it.
+    node.wait_ready().await;
+    assert_ne!(node.pid(), old_pid);
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        node.pid().to_string(),
+        "after the upgrade the pid file names the new process"
+    );
+    assert!(node.is_running(), "the new process must keep running");
+    let (status, domains) = node.api_get("/api/v1/domains").await;
+    assert_eq!(status, 200);
+    assert!(
+        domains.to_string().contains("upgrade.test"),
+        "state kept: {domains}"
+    );
+    node.add_domain("after-upgrade.test", "a").await;
+    node.wait_route("after-upgrade.test", "/", "ORIGIN").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes = load.await.expect("load task");
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    eprintln!(
+        "graceful upgrade: old process exited {:?} after SIGQUIT; {} requests, {} failed",
+        sent.elapsed(),
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(outcomes.len() > 100, "the load must span the handover");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the graceful upgrade: {failed:?}\n{}",
+        node.logs()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 12. `--check`
 // ---------------------------------------------------------------------------------------------
 

@@ -55,6 +55,10 @@ pub enum OpenError {
         path: String,
         source: Box<redb::Error>,
     },
+    #[error(
+        "raft store {path} is held by another process (another pingora-vhost with this data_dir?)"
+    )]
+    Locked { path: String },
     #[error("raft store {path} is corrupt: {message}")]
     Corrupt { path: String, message: String },
 }
@@ -73,9 +77,14 @@ pub fn open(
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
     let path = data_dir.join("raft.redb");
     let path_s = path.display().to_string();
-    let db = Database::create(&path).map_err(|e| OpenError::Db {
-        path: path_s.clone(),
-        source: Box::new(e.into()),
+    let db = Database::create(&path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked {
+            path: path_s.clone(),
+        },
+        e => OpenError::Db {
+            path: path_s.clone(),
+            source: Box::new(e.into()),
+        },
     })?;
     set_private(&path);
     let db = Arc::new(db);

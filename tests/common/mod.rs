@@ -391,6 +391,18 @@ pub struct ProxyClient {
 }
 
 impl ProxyClient {
+    /// A client that opens a new connection for every request (as separate clients would).
+    pub fn without_keepalive(&self) -> ProxyClient {
+        ProxyClient {
+            client: base_client_builder()
+                .http1_only()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("proxy client"),
+            http_addr: self.http_addr,
+        }
+    }
+
     /// Plain HTTP GET to the node's HTTP listener with the given Host header.
     pub async fn get(&self, host: &str, path: &str) -> Result<HttpResp, reqwest::Error> {
         let url = format!("http://{}{}", self.http_addr, path);
@@ -559,6 +571,23 @@ timeout_secs = 1
 
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "spawn() while a process is running");
+        self.child = Some(self.spawn_process(&[]));
+    }
+
+    /// Pingora's graceful upgrade: starts a second process with `--upgrade` on the same config
+    /// and data dir, then sends SIGQUIT to the running one. The new process becomes this
+    /// node's process; the old one is returned (it drains and exits on its own).
+    pub fn upgrade_in_place(&mut self) -> Child {
+        let old = self.child.take().expect("node is not running");
+        self.child = Some(self.spawn_process(&["--upgrade"]));
+        // The new process fetches the old one's state, then waits (up to 5 s) for the sockets.
+        std::thread::sleep(Duration::from_millis(500));
+        let rc = unsafe { libc::kill(old.id() as libc::pid_t, libc::SIGQUIT) };
+        assert_eq!(rc, 0, "kill(SIGQUIT) failed");
+        old
+    }
+
+    fn spawn_process(&mut self, extra_args: &[&str]) -> Child {
         self.starts += 1;
         let banner = format!(
             "\n===== start #{} of {} =====\n",
@@ -577,16 +606,16 @@ timeout_secs = 1
             .expect("open stderr log");
         let _ = out.write_all(banner.as_bytes());
         let _ = err.write_all(banner.as_bytes());
-        let child = Command::new(bin_path())
+        Command::new(bin_path())
             .arg("--config")
             .arg(&self.config_path)
+            .args(extra_args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
-            .expect("spawn pingora-vhost");
-        self.child = Some(child);
+            .expect("spawn pingora-vhost")
     }
 
     /// Waits until the API health endpoint answers 200 and both proxy listeners accept TCP.
