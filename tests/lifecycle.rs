@@ -197,16 +197,9 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     node.add_domain("drain.test", "a").await;
     node.wait_route("drain.test", "/", "SLOW").await;
 
-    let client = node.proxy_client();
-    let before = slow.requests();
-    let in_flight = tokio::spawn(async move { client.get("drain.test", "/slow?ms=1500").await });
-    let slow_ref = &slow;
-    wait_for(
-        Duration::from_secs(5),
-        "the slow request to reach the backend",
-        move || async move { (slow_ref.requests() > before).then_some(()) },
-    )
-    .await;
+    let in_flight = slow
+        .park_slow_request(node.proxy_client(), "drain.test", 1500)
+        .await;
 
     let sent = Instant::now();
     node.sigterm();

@@ -135,6 +135,37 @@ async fn ab_switch_moves_all_traffic_between_tags() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_lets_in_flight_requests_on_the_old_pool_finish() {
+    let a = Backend::start("A").await;
+    let b = Backend::start("B").await;
+    let node = Node::start_default().await;
+    node.add_backend("old", &a.address(), &["a"]).await;
+    node.add_backend("new", &b.address(), &["b"]).await;
+    node.add_domain("inflight.test", "a").await;
+    node.wait_route("inflight.test", "/", "A").await;
+    node.wait_backend_health("new", true, Duration::from_secs(15))
+        .await;
+
+    let slow = a
+        .park_slow_request(node.proxy_client(), "inflight.test", 1500)
+        .await;
+    let (status, body) = node
+        .api_post("/api/v1/domains/inflight.test/switch", json!({"tag": "b"}))
+        .await;
+    assert_eq!(status, 200, "switch while a request is in flight: {body}");
+    assert_all_from(&node, "inflight.test", 5, "B", "new requests after the switch").await;
+    let r = slow
+        .await
+        .expect("request task")
+        .expect("the in-flight request on the old pool must complete, not be cut off");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "A"),
+        "the in-flight request finishes on the old pool's backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_to_tag_without_healthy_backend_is_refused_unless_forced() {
     let a = Backend::start("A").await;
     let node = Node::start_default().await;

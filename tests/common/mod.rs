@@ -193,6 +193,27 @@ impl Backend {
     }
 
     /// Requests served so far (excluding `/health`).
+    /// Sends `GET /slow?ms=<ms>` for `host` through `client` and returns once this backend
+    /// has received it: a request in flight, for drain and switch tests.
+    pub async fn park_slow_request(
+        &self,
+        client: ProxyClient,
+        host: &str,
+        ms: u64,
+    ) -> tokio::task::JoinHandle<Result<HttpResp, reqwest::Error>> {
+        let before = self.requests();
+        let host = host.to_string();
+        let handle =
+            tokio::spawn(async move { client.get(&host, &format!("/slow?ms={ms}")).await });
+        wait_for(
+            Duration::from_secs(5),
+            &format!("the slow request to reach backend {}", self.name),
+            || async { (self.requests() > before).then_some(()) },
+        )
+        .await;
+        handle
+    }
+
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
     }
