@@ -97,6 +97,10 @@ pub struct LetsEncryptConfig {
     pub directory_url: Option<String>,
     /// default None; if set the file must exist
     pub ca_bundle: Option<PathBuf>,
+    /// default 30: renew a certificate this many days before it expires
+    pub renew_before_days: u64,
+    /// default 60: how often the leader looks for certificates to issue or renew
+    pub check_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +380,8 @@ struct RawLetsEncrypt {
     cache_dir: Field<String>,
     directory_url: Field<String>,
     ca_bundle: Field<String>,
+    renew_before_days: Field<i64>,
+    check_interval_secs: Field<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -846,6 +852,18 @@ impl Checker<'_> {
             cache_dir,
             directory_url,
             ca_bundle,
+            renew_before_days: self.int(
+                &raw.renew_before_days,
+                "lets_encrypt.renew_before_days",
+                30,
+                1,
+            )?,
+            check_interval_secs: self.int(
+                &raw.check_interval_secs,
+                "lets_encrypt.check_interval_secs",
+                60,
+                1,
+            )?,
         })
     }
 
@@ -2071,7 +2089,15 @@ enabled_backends_tag = \"a\"
             "lets_encrypt.directory_url",
             "https://",
         );
+        assert_err(
+            "[lets_encrypt]\nrenew_before_days = 0\n",
+            2,
+            "lets_encrypt.renew_before_days",
+            ">= 1",
+        );
         let c = ok("[lets_encrypt]\ndirectory_url = \"https://localhost:14000/dir\"\n");
+        assert_eq!(c.lets_encrypt.renew_before_days, 30);
+        assert_eq!(c.lets_encrypt.check_interval_secs, 60);
         assert_eq!(
             c.lets_encrypt.directory_url.as_deref(),
             Some("https://localhost:14000/dir")

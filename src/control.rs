@@ -12,6 +12,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::net::TcpListener;
 
+use crate::acme;
 use crate::api::{self, ApiState};
 use crate::cluster::store::{self, LogStore, StateMachineStore};
 use crate::cluster::{membership, rpc, ClusterNode};
@@ -95,6 +96,12 @@ impl ControlPlane {
             },
         ));
 
+        // Domains can turn to tls = "acme" through the API at any time: always watch.
+        tokio::spawn(acme::run(
+            node.clone(),
+            cfg.lets_encrypt.clone(),
+            self.metrics.clone(),
+        ));
         tokio::spawn(serve(
             rpc_listener,
             rpc::router(node.clone()),

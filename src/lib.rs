@@ -3,6 +3,7 @@
 //! Data flows one way: API call -> Raft log -> `state::apply` on every node -> compiled
 //! routing/cert snapshots (`proxy::DataPlane`) -> the Pingora proxy reads them lock-free.
 
+pub mod acme;
 pub mod api;
 pub mod cluster;
 pub mod config;

@@ -174,9 +174,6 @@ fn run(
     for w in &warnings {
         tracing::warn!("{}", w.message);
     }
-    if cfg.virtual_hosts.iter().any(|v| v.tls == TlsMode::Acme) {
-        tracing::warn!("tls = \"acme\" virtual hosts are served with the default certificate: ACME issuance is not implemented in this build yet");
-    }
     let data_dir = cfg.cluster.data_dir.clone();
     create_private_dir(&data_dir)?;
     // For operators (`kill -QUIT $(cat .../pingora-vhost.pid)`); Pingora writes it only when

@@ -99,6 +99,35 @@ pub enum Command {
         id: String,
         draining: bool,
     },
+    // ACME (new variants go last: log entries encode the variant by position).
+    /// The cluster's ACME account (instant-acme credentials, JSON): every leader uses it.
+    SetAcmeAccount {
+        credentials_json: String,
+    },
+    /// An HTTP-01 answer every node serves under `/.well-known/acme-challenge/{token}`.
+    PutChallenge {
+        token: String,
+        key_authorization: String,
+    },
+    RemoveChallenge {
+        token: String,
+    },
+    /// A leader starts an order for `domain`: a lease, so one order per domain is in flight.
+    AcmeOrderStarted {
+        domain: String,
+        node_id: u64,
+        at_unix_ms: u64,
+    },
+    /// An operator asked for a new certificate now (`POST /api/v1/certs/{domain}/renew`).
+    RequestAcmeRenewal {
+        domain: String,
+    },
+    /// The order ended: the issued certificate, or why it failed (the old cert stays).
+    AcmeOrderFinished {
+        domain: String,
+        at_unix_ms: u64,
+        outcome: Result<CertPair, String>,
+    },
 }
 
 /// What a command did, returned to the API caller after commit + apply.
@@ -117,6 +146,7 @@ pub enum Applied {
     DomainDeleted,
     Backend(Backend),
     BackendDeleted,
+    Acme,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -141,6 +171,29 @@ pub struct State {
     pub backends: BTreeMap<String, Backend>,
     /// True once the config file's seed (or any write) has been applied.
     pub seeded: bool,
+    #[serde(default)]
+    pub acme: AcmeState,
+}
+
+/// Replicated ACME state: the account, the challenge answers, and per-domain order status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeState {
+    pub account: Option<String>,
+    /// token -> key authorization
+    pub challenges: BTreeMap<String, String>,
+    pub status: BTreeMap<String, AcmeStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeStatus {
+    /// Node running an order for this domain, and since when (Unix ms).
+    pub in_flight: Option<(u64, u64)>,
+    pub last_attempt_unix_ms: Option<u64>,
+    pub last_success_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    /// Set by `POST /api/v1/certs/{domain}/renew`; cleared by the next successful order.
+    pub renew_requested: bool,
 }
 
 impl State {
@@ -195,7 +248,10 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             Ok(Applied::Domain(d.clone()))
         }
         Command::DeleteDomain(domain) => match state.domains.remove(domain) {
-            Some(_) => Ok(Applied::DomainDeleted),
+            Some(_) => {
+                state.acme.status.remove(domain);
+                Ok(Applied::DomainDeleted)
+            }
             None => Err(ApplyError::DomainNotFound(domain.clone())),
         },
         Command::SwitchTag { domain, tag } => {
@@ -244,6 +300,76 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
                 .ok_or_else(|| ApplyError::BackendNotFound(id.clone()))?;
             b.draining = *draining;
             Ok(Applied::Backend(b.clone()))
+        }
+        Command::SetAcmeAccount { credentials_json } => {
+            state.acme.account = Some(credentials_json.clone());
+            Ok(Applied::Acme)
+        }
+        Command::PutChallenge {
+            token,
+            key_authorization,
+        } => {
+            state
+                .acme
+                .challenges
+                .insert(token.clone(), key_authorization.clone());
+            Ok(Applied::Acme)
+        }
+        Command::RemoveChallenge { token } => {
+            state.acme.challenges.remove(token);
+            Ok(Applied::Acme)
+        }
+        Command::AcmeOrderStarted {
+            domain,
+            node_id,
+            at_unix_ms,
+        } => {
+            if !state.domains.contains_key(domain) {
+                return Err(ApplyError::DomainNotFound(domain.clone()));
+            }
+            let st = state.acme.status.entry(domain.clone()).or_default();
+            st.in_flight = Some((*node_id, *at_unix_ms));
+            st.last_attempt_unix_ms = Some(*at_unix_ms);
+            Ok(Applied::Acme)
+        }
+        Command::RequestAcmeRenewal { domain } => {
+            if !state.domains.contains_key(domain) {
+                return Err(ApplyError::DomainNotFound(domain.clone()));
+            }
+            state
+                .acme
+                .status
+                .entry(domain.clone())
+                .or_default()
+                .renew_requested = true;
+            Ok(Applied::Acme)
+        }
+        Command::AcmeOrderFinished {
+            domain,
+            at_unix_ms,
+            outcome,
+        } => {
+            let Some(d) = state.domains.get_mut(domain) else {
+                return Err(ApplyError::DomainNotFound(domain.clone()));
+            };
+            let st = state.acme.status.entry(domain.clone()).or_default();
+            st.in_flight = None;
+            match outcome {
+                // Only an ACME domain takes the issued cert: a switch to manual meanwhile wins.
+                Ok(cert) if d.tls == TlsMode::Acme => {
+                    d.cert = Some(cert.clone());
+                    st.renew_requested = false;
+                    st.last_success_unix_ms = Some(*at_unix_ms);
+                    st.last_error = None;
+                    st.consecutive_failures = 0;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    st.last_error = Some(e.clone());
+                    st.consecutive_failures += 1;
+                }
+            }
+            Ok(Applied::Acme)
         }
     }
 }
@@ -483,5 +609,113 @@ mod tests {
         let bytes = postcard::to_allocvec(&c).unwrap();
         let back: Command = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(c, back);
+    }
+
+    fn cert(not_after: i64) -> CertPair {
+        CertPair {
+            chain_pem: format!("chain-{not_after}"),
+            key_pem: "key".into(),
+            not_after,
+            names: vec!["a.test".into()],
+        }
+    }
+
+    #[test]
+    fn acme_order_lifecycle() {
+        let mut s = State::default();
+        let mut d = domain("a.test", "a");
+        d.tls = TlsMode::Acme;
+        apply(&mut s, &Command::CreateDomain(d)).unwrap();
+        let started = Command::AcmeOrderStarted {
+            domain: "a.test".into(),
+            node_id: 2,
+            at_unix_ms: 1000,
+        };
+        apply(&mut s, &started).unwrap();
+        assert_eq!(s.acme.status["a.test"].in_flight, Some((2, 1000)));
+
+        apply(
+            &mut s,
+            &Command::PutChallenge {
+                token: "tok".into(),
+                key_authorization: "tok.thumb".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.acme.challenges["tok"], "tok.thumb");
+
+        // A failure keeps no cert, records the error and frees the lease.
+        let failed = Command::AcmeOrderFinished {
+            domain: "a.test".into(),
+            at_unix_ms: 2000,
+            outcome: Err("challenge invalid".into()),
+        };
+        apply(&mut s, &failed).unwrap();
+        let st = &s.acme.status["a.test"];
+        assert_eq!(
+            (
+                st.in_flight,
+                st.consecutive_failures,
+                st.last_error.as_deref()
+            ),
+            (None, 1, Some("challenge invalid"))
+        );
+        assert!(s.domains["a.test"].cert.is_none());
+
+        apply(&mut s, &started).unwrap();
+        let ok = Command::AcmeOrderFinished {
+            domain: "a.test".into(),
+            at_unix_ms: 3000,
+            outcome: Ok(cert(99)),
+        };
+        apply(&mut s, &ok).unwrap();
+        assert_eq!(s.domains["a.test"].cert, Some(cert(99)));
+        let st = &s.acme.status["a.test"];
+        assert_eq!(
+            (
+                st.consecutive_failures,
+                st.last_error.clone(),
+                st.last_success_unix_ms
+            ),
+            (0, None, Some(3000))
+        );
+
+        // A later failure keeps the valid certificate.
+        apply(&mut s, &failed).unwrap();
+        assert_eq!(s.domains["a.test"].cert, Some(cert(99)));
+
+        apply(
+            &mut s,
+            &Command::RemoveChallenge {
+                token: "tok".into(),
+            },
+        )
+        .unwrap();
+        assert!(s.acme.challenges.is_empty());
+        apply(&mut s, &Command::DeleteDomain("a.test".into())).unwrap();
+        assert!(s.acme.status.is_empty(), "status goes with the domain");
+        assert_eq!(
+            apply(&mut s, &started),
+            Err(ApplyError::DomainNotFound("a.test".into()))
+        );
+    }
+
+    #[test]
+    fn issued_cert_is_not_applied_to_a_domain_switched_to_manual() {
+        let mut s = State::default();
+        let mut d = domain("m.test", "a");
+        d.tls = TlsMode::Manual;
+        d.cert = Some(cert(5));
+        apply(&mut s, &Command::CreateDomain(d)).unwrap();
+        apply(
+            &mut s,
+            &Command::AcmeOrderFinished {
+                domain: "m.test".into(),
+                at_unix_ms: 1,
+                outcome: Ok(cert(99)),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.domains["m.test"].cert, Some(cert(5)));
     }
 }

@@ -34,7 +34,8 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("handoff.sock")
 }
 
-/// Answers every connection with the current [`Handoff`] (postcard), then closes it.
+/// Answers every connection with the current [`Handoff`] (JSON, so that a newer binary with
+/// added fields still reads it), then closes it.
 pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
     let _ = std::fs::remove_file(&path); // left over from a killed process
     let listener = match UnixListener::bind(&path) {
@@ -63,7 +64,7 @@ pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
                 .map(|rt| rt.id.clone())
                 .collect(),
         };
-        match postcard::to_allocvec(&handoff) {
+        match serde_json::to_vec(&handoff) {
             Ok(bytes) => {
                 use tokio::io::AsyncWriteExt;
                 if let Err(e) = stream.write_all(&bytes).await {
@@ -89,7 +90,7 @@ pub fn fetch(path: &Path, timeout: Duration) -> anyhow::Result<Handoff> {
     stream
         .read_to_end(&mut bytes)
         .with_context(|| format!("--upgrade: reading the state from {}", path.display()))?;
-    postcard::from_bytes(&bytes)
+    serde_json::from_slice(&bytes)
         .with_context(|| format!("--upgrade: decoding the state from {}", path.display()))
 }
 

@@ -153,7 +153,14 @@ async fn switch_lets_in_flight_requests_on_the_old_pool_finish() {
         .api_post("/api/v1/domains/inflight.test/switch", json!({"tag": "b"}))
         .await;
     assert_eq!(status, 200, "switch while a request is in flight: {body}");
-    assert_all_from(&node, "inflight.test", 5, "B", "new requests after the switch").await;
+    assert_all_from(
+        &node,
+        "inflight.test",
+        5,
+        "B",
+        "new requests after the switch",
+    )
+    .await;
     let r = slow
         .await
         .expect("request task")

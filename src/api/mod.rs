@@ -2,6 +2,7 @@
 
 mod backends;
 mod body;
+mod certs;
 mod domains;
 mod system;
 
@@ -78,6 +79,9 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/cluster/members/{id}",
             axum::routing::delete(system::remove_member),
         )
+        .route("/api/v1/certs", get(certs::list))
+        .route("/api/v1/certs/{domain}", get(certs::get_one))
+        .route("/api/v1/certs/{domain}/renew", post(certs::renew))
         .route("/api/v1/metrics", get(system::metrics))
         .route("/api/v1/stats", get(system::stats))
         .fallback(not_found)

@@ -304,6 +304,59 @@ impl ClusterNode {
         }
     }
 
+    pub fn last_applied(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
+    /// Waits until every other member that gossip sees alive has applied `index` (a dead
+    /// member cannot be validated against, so it is not waited for).
+    pub async fn wait_applied_by_members(
+        &self,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let addrs: Vec<(NodeId, String)> = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.node_id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        for (id, addr) in addrs {
+            loop {
+                if !self.gossip.is_alive(id) {
+                    break;
+                }
+                let applied = self
+                    .net
+                    .post::<_, u64>(
+                        &addr,
+                        "/cluster/applied",
+                        &self.node_id,
+                        Duration::from_secs(1),
+                    )
+                    .await;
+                if matches!(applied, Ok(a) if a >= index) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "node {id} did not apply entry {index} within {timeout:?}"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Raft members (voters and learners) other than this node.
     pub fn other_member_ids(&self) -> std::collections::HashSet<NodeId> {
         let m = self.raft.metrics().borrow().membership_config.clone();

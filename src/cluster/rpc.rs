@@ -22,6 +22,7 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         .route("/raft/snapshot", post(snapshot))
         .route("/cluster/write", post(forwarded_write))
         .route("/cluster/hello", post(hello))
+        .route("/cluster/applied", post(applied))
         .route("/cluster/remove-member", post(remove_member))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
@@ -97,6 +98,11 @@ async fn forwarded_write(
 /// already did the check; reaching here means yes).
 async fn hello(State(node): State<Arc<ClusterNode>>, Json(_from): Json<u64>) -> Json<String> {
     Json(format!("node {}", node.node_id))
+}
+
+/// This node's last applied log index (a leader waits on it before ACME `set_ready`).
+async fn applied(State(node): State<Arc<ClusterNode>>, Json(_from): Json<u64>) -> Json<u64> {
+    Json(node.last_applied())
 }
 
 async fn remove_member(

@@ -14,6 +14,7 @@ pub struct Metrics {
     requests: Box<[AtomicU64]>,
     connect_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
+    acme_orders: IntCounterVec,
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
     pub raft_is_leader: IntGauge,
@@ -36,6 +37,13 @@ impl Metrics {
             "pingora_vhost_health_guard_rail_total",
             "Backend picks that fell back to this node's own health view because peers reported the whole pool down",
         )?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_acme_orders_total",
+                "ACME orders this node ran as leader, by result (ok, error)",
+            ),
+            &["result"],
+        )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let raft_term = gauge("pingora_vhost_raft_term", "Current Raft term")?;
         let raft_last_applied = gauge(
@@ -53,6 +61,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
+        registry.register(Box::new(acme_orders.clone()))?;
         for g in [
             &raft_term,
             &raft_last_applied,
@@ -67,6 +76,7 @@ impl Metrics {
             requests,
             connect_failures,
             guard_rail,
+            acme_orders,
             raft_term,
             raft_last_applied,
             raft_is_leader,
@@ -82,6 +92,12 @@ impl Metrics {
 
     pub fn guard_rail_used(&self) {
         self.guard_rail.inc();
+    }
+
+    pub fn acme_order(&self, ok: bool) {
+        self.acme_orders
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     pub fn upstream_connect_failure(&self, backend: &str) {

@@ -18,6 +18,8 @@ use crate::health::breaker::Failure;
 use crate::health::now_ms;
 use crate::observability::Metrics;
 
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
 /// Cap on a request's wait for the peer view (the control plane opens it sooner).
 const PEER_VIEW_WAIT_MAX: Duration = Duration::from_secs(3);
 
@@ -105,6 +107,18 @@ impl ProxyHttp for VhostProxy {
             .unwrap_or(false);
         ctx.host = request_host(session.req_header());
         let table = self.data.routes.load();
+        if let Some(token) = session
+            .req_header()
+            .uri
+            .path()
+            .strip_prefix(ACME_CHALLENGE_PREFIX)
+        {
+            if let Some(key_authorization) = table.challenge(token) {
+                // Answered on every node: the CA may validate against any of them.
+                respond_plain(session, 200, key_authorization.to_string()).await?;
+                return Ok(true);
+            }
+        }
         let Some(route) = table.lookup(&ctx.host).cloned() else {
             let msg = format!(
                 "404 Not Found: no virtual host is configured for {:?}\n",
@@ -114,7 +128,7 @@ impl ProxyHttp for VhostProxy {
             return Ok(true);
         };
         let path = session.req_header().uri.path();
-        if !ctx.tls && route.http_to_https && !path.starts_with("/.well-known/acme-challenge/") {
+        if !ctx.tls && route.http_to_https && !path.starts_with(ACME_CHALLENGE_PREFIX) {
             let pq = session
                 .req_header()
                 .uri

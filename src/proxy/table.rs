@@ -116,6 +116,8 @@ pub struct RoutingTable {
     exact: HashMap<String, Arc<Route>>,
     /// "*.example.com" stored as "example.com".
     wildcard: HashMap<String, Arc<Route>>,
+    /// ACME HTTP-01 answers: token -> key authorization (replicated, so any node answers).
+    challenges: HashMap<String, String>,
 }
 
 impl RoutingTable {
@@ -130,6 +132,11 @@ impl RoutingTable {
 
     pub fn len(&self) -> usize {
         self.exact.len() + self.wildcard.len()
+    }
+
+    /// The key authorization to answer for an ACME HTTP-01 `token`.
+    pub fn challenge(&self, token: &str) -> Option<&str> {
+        self.challenges.get(token).map(String::as_str)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -244,6 +251,12 @@ pub fn compile(state: &State, registry: &BackendRegistry) -> RoutingTable {
             None => table.exact.insert(d.domain.clone(), route),
         };
     }
+    table.challenges = state
+        .acme
+        .challenges
+        .iter()
+        .map(|(t, k)| (t.clone(), k.clone()))
+        .collect();
     table
 }
 

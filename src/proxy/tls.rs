@@ -79,6 +79,15 @@ pub fn cert_pair(chain_pem: &str, key_pem: &str) -> Result<CertPair, CertError> 
     })
 }
 
+/// Issuer and serial number (hex) of the chain's first certificate, for the certs API.
+pub fn leaf_details(chain_pem: &str) -> Option<(String, String)> {
+    let der = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some((x509.issuer().to_string(), x509.raw_serial_as_string()))
+}
+
 /// A self-signed certificate, used as the default when none is configured.
 pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();

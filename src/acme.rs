@@ -1,0 +1,332 @@
+//! ACME (Let's Encrypt) issuance and renewal, HTTP-01, run by the Raft leader only.
+//!
+//! Everything the CA or another leader needs is replicated: the account credentials, each
+//! challenge answer (committed and applied on every live node before `set_ready`, because the
+//! CA may validate against any node behind anycast or DNS round-robin), the order lease (one
+//! order per domain cluster-wide) and the issued chain + key, so every node serves it.
+//! A failed order keeps the valid certificate, is recorded in the state (API, metric) and is
+//! retried with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, LetsEncrypt,
+    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+
+use crate::cluster::ClusterNode;
+use crate::config::LetsEncryptConfig;
+use crate::observability::Metrics;
+use crate::proxy::tls;
+use crate::state::{Command, State, TlsMode};
+
+/// An order lease older than this is considered abandoned (its leader died mid-order).
+const LEASE: Duration = Duration::from_secs(300);
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+const MAX_RETRY: Duration = Duration::from_secs(3600);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Domains with `tls = "acme"` whose certificate is missing or expires within the renewal
+/// window, and that no other node is ordering right now.
+pub fn due_domains(
+    state: &State,
+    now_unix_ms: u64,
+    renew_before: Duration,
+    node_id: u64,
+) -> Vec<String> {
+    let renew_at = (now_unix_ms / 1000) as i64 + renew_before.as_secs() as i64;
+    state
+        .domains
+        .values()
+        .filter(|d| d.tls == TlsMode::Acme && !d.domain.starts_with("*."))
+        .filter(|d| {
+            let requested = state
+                .acme
+                .status
+                .get(&d.domain)
+                .is_some_and(|s| s.renew_requested);
+            requested || d.cert.as_ref().is_none_or(|c| c.not_after <= renew_at)
+        })
+        .filter(|d| {
+            let lease = state.acme.status.get(&d.domain).and_then(|s| s.in_flight);
+            match lease {
+                Some((owner, since)) => {
+                    owner == node_id || now_unix_ms.saturating_sub(since) > LEASE.as_millis() as u64
+                }
+                None => true,
+            }
+        })
+        .map(|d| d.domain.clone())
+        .collect()
+}
+
+pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Metrics>) {
+    let interval = Duration::from_secs(cfg.check_interval_secs);
+    let renew_before = Duration::from_secs(cfg.renew_before_days * 86_400);
+    // Per-domain backoff after failures (in memory: a new leader starts fresh).
+    let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    loop {
+        if node.is_leader() {
+            let due = node
+                .sm
+                .with_state(|s| due_domains(s, unix_ms(), renew_before, node.node_id));
+            for domain in due {
+                if retry_at
+                    .get(&domain)
+                    .is_some_and(|(at, _)| Instant::now() < *at)
+                {
+                    continue;
+                }
+                if !node.is_leader() {
+                    break;
+                }
+                match issue(&node, &cfg, &domain).await {
+                    Ok(()) => {
+                        retry_at.remove(&domain);
+                        metrics.acme_order(true);
+                        tracing::info!(domain, "ACME certificate issued");
+                    }
+                    Err(e) => {
+                        metrics.acme_order(false);
+                        let backoff = retry_at
+                            .get(&domain)
+                            .map(|(_, b)| (*b * 2).min(MAX_RETRY))
+                            .unwrap_or(FIRST_RETRY);
+                        retry_at.insert(domain.clone(), (Instant::now() + backoff, backoff));
+                        tracing::warn!(
+                            domain,
+                            retry_in_secs = backoff.as_secs(),
+                            "ACME order failed (the current certificate, if any, stays): {e}"
+                        );
+                        let _ = node
+                            .write(Command::AcmeOrderFinished {
+                                domain: domain.clone(),
+                                at_unix_ms: unix_ms(),
+                                outcome: Err(e),
+                            })
+                            .await;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn directory_url(cfg: &LetsEncryptConfig) -> String {
+    match &cfg.directory_url {
+        Some(u) => u.clone(),
+        None if cfg.staging => LetsEncrypt::Staging.url().to_string(),
+        None => LetsEncrypt::Production.url().to_string(),
+    }
+}
+
+/// The cluster's account: from the replicated credentials, or created once and replicated.
+async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account, String> {
+    let builder = || {
+        match &cfg.ca_bundle {
+            Some(path) => Account::builder_with_root(path),
+            None => Account::builder(),
+        }
+        .map_err(|e| format!("ACME client: {e}"))
+    };
+    if let Some(json) = node.sm.with_state(|s| s.acme.account.clone()) {
+        let creds: AccountCredentials =
+            serde_json::from_str(&json).map_err(|e| format!("stored ACME account: {e}"))?;
+        return builder()?
+            .from_credentials(creds)
+            .await
+            .map_err(|e| format!("loading the ACME account: {e}"));
+    }
+    let contact = cfg.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, creds) = builder()?
+        .create(
+            &NewAccount {
+                contact: &contacts,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            directory_url(cfg),
+            None,
+        )
+        .await
+        .map_err(|e| format!("creating an ACME account at {}: {e}", directory_url(cfg)))?;
+    let credentials_json =
+        serde_json::to_string(&creds).map_err(|e| format!("encoding the ACME account: {e}"))?;
+    write(node, Command::SetAcmeAccount { credentials_json }).await?;
+    Ok(account)
+}
+
+async fn write(node: &ClusterNode, cmd: Command) -> Result<(), String> {
+    match node.write(cmd).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One order for `domain`, start to finish. Challenge answers are removed whatever happens.
+async fn issue(node: &ClusterNode, cfg: &LetsEncryptConfig, domain: &str) -> Result<(), String> {
+    write(
+        node,
+        Command::AcmeOrderStarted {
+            domain: domain.to_string(),
+            node_id: node.node_id,
+            at_unix_ms: unix_ms(),
+        },
+    )
+    .await?;
+    let mut tokens = Vec::new();
+    let result = order(node, cfg, domain, &mut tokens).await;
+    for token in tokens {
+        let _ = write(node, Command::RemoveChallenge { token }).await;
+    }
+    let cert = result?;
+    write(
+        node,
+        Command::AcmeOrderFinished {
+            domain: domain.to_string(),
+            at_unix_ms: unix_ms(),
+            outcome: Ok(cert),
+        },
+    )
+    .await
+}
+
+async fn order(
+    node: &ClusterNode,
+    cfg: &LetsEncryptConfig,
+    domain: &str,
+    tokens: &mut Vec<String>,
+) -> Result<crate::state::CertPair, String> {
+    let account = account(node, cfg).await?;
+    let identifiers = [Identifier::Dns(domain.to_string())];
+    let mut order = account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .map_err(|e| format!("new order: {e}"))?;
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => return Err(format!("authorization is {other:?}")),
+        }
+        let mut challenge = authz
+            .challenge(ChallengeType::Http01)
+            .ok_or("the CA offered no http-01 challenge")?;
+        let token = challenge.token.clone();
+        let key_authorization = challenge.key_authorization().as_str().to_string();
+        tokens.push(token.clone());
+        write(
+            node,
+            Command::PutChallenge {
+                token,
+                key_authorization,
+            },
+        )
+        .await?;
+        // Every live node must answer before the CA is told to look.
+        node.wait_applied_by_members(node.last_applied(), Duration::from_secs(10))
+            .await?;
+        challenge
+            .set_ready()
+            .await
+            .map_err(|e| format!("challenge set_ready: {e}"))?;
+    }
+    let retry = RetryPolicy::new().timeout(Duration::from_secs(90));
+    let status = order
+        .poll_ready(&retry)
+        .await
+        .map_err(|e| format!("waiting for validation: {e}"))?;
+    if status != OrderStatus::Ready {
+        let detail = order
+            .state()
+            .error
+            .as_ref()
+            .map(|p| format!(": {p}"))
+            .unwrap_or_default();
+        return Err(format!("order is {status:?} after validation{detail}"));
+    }
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(|e| format!("finalize: {e}"))?;
+    let chain_pem = order
+        .poll_certificate(&retry)
+        .await
+        .map_err(|e| format!("downloading the certificate: {e}"))?;
+    tls::cert_pair(&chain_pem, &key_pem).map_err(|e| format!("issued certificate: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AcmeStatus, CertPair, Domain};
+
+    fn acme_domain(name: &str, not_after: Option<i64>) -> Domain {
+        Domain {
+            domain: name.into(),
+            enabled_backends_tag: "a".into(),
+            http_to_https: false,
+            tls: TlsMode::Acme,
+            cert: not_after.map(|n| CertPair {
+                chain_pem: String::new(),
+                key_pem: String::new(),
+                not_after: n,
+                names: vec![name.into()],
+            }),
+        }
+    }
+
+    #[test]
+    fn due_domains_picks_missing_and_expiring_certs_not_leased_ones() {
+        let now_ms = 1_000_000_000_000u64; // seconds: 1e9
+        let day = 86_400i64;
+        let mut s = State::default();
+        for d in [
+            acme_domain("none.test", None),
+            acme_domain("soon.test", Some(1_000_000_000 + 10 * day)),
+            acme_domain("later.test", Some(1_000_000_000 + 60 * day)),
+            acme_domain("*.wild.test", None),
+        ] {
+            s.domains.insert(d.domain.clone(), d);
+        }
+        let mut manual = acme_domain("manual.test", None);
+        manual.tls = TlsMode::Manual;
+        s.domains.insert(manual.domain.clone(), manual);
+        let window = Duration::from_secs(30 * 86_400);
+        assert_eq!(
+            due_domains(&s, now_ms, window, 1),
+            vec!["none.test".to_string(), "soon.test".to_string()]
+        );
+
+        // Another node's fresh lease hides the domain; an old one does not; ours does not.
+        s.acme.status.insert(
+            "none.test".into(),
+            AcmeStatus {
+                in_flight: Some((2, now_ms - 1_000)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            due_domains(&s, now_ms, window, 1),
+            vec!["soon.test".to_string()]
+        );
+        assert_eq!(due_domains(&s, now_ms, window, 2).len(), 2);
+        let stale = now_ms - LEASE.as_millis() as u64 - 1;
+        s.acme.status.get_mut("none.test").unwrap().in_flight = Some((2, stale));
+        assert_eq!(due_domains(&s, now_ms, window, 1).len(), 2);
+    }
+}
