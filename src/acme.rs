@@ -73,9 +73,18 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
     let renew_before = Duration::from_secs(cfg.renew_before_days * 86_400);
     // Per-domain backoff after failures (in memory: a new leader starts fresh).
     let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
+    let mut warned_at: HashMap<String, Instant> = HashMap::new();
     tokio::time::sleep(Duration::from_secs(1)).await;
     loop {
+        let expiries: Vec<(String, i64)> = node.sm.with_state(|s| {
+            s.domains
+                .values()
+                .filter_map(|d| d.cert.as_ref().map(|c| (d.domain.clone(), c.not_after)))
+                .collect()
+        });
+        metrics.set_cert_expiries(&expiries);
         if node.is_leader() {
+            warn_expiring(&expiries, &mut warned_at);
             let due = node
                 .sm
                 .with_state(|s| due_domains(s, unix_ms(), renew_before, node.node_id));
@@ -119,6 +128,25 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
             }
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Logs, once a day per domain, certificates (manual or ACME) that expire within 30 days.
+fn warn_expiring(expiries: &[(String, i64)], warned_at: &mut HashMap<String, Instant>) {
+    let now = (unix_ms() / 1000) as i64;
+    for (domain, not_after) in expiries {
+        let days_left = (not_after - now).div_euclid(86_400);
+        if days_left >= 30 {
+            continue;
+        }
+        if warned_at
+            .get(domain)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(86_400))
+        {
+            continue;
+        }
+        warned_at.insert(domain.clone(), Instant::now());
+        tracing::warn!(domain, days_left, "certificate expires within 30 days");
     }
 }
 

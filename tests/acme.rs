@@ -360,3 +360,62 @@ async fn acme_challenge_is_answered_by_a_follower_the_ca_validates_against() {
     let v = cert_view(cluster.node(follower), "cluster-acme.test").await;
     assert_eq!(v["acme"]["consecutive_failures"], 0, "{v:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_validation_is_reported_and_the_domain_keeps_serving() {
+    let backend = Backend::start("STILL-SERVING").await;
+    let mut pebble = Pebble::prepare();
+    let node = Node::new_unstarted(NodeOptions::new().extra(&format!(
+        "{}\n[[virtual_hosts]]\ndomain = \"fails.test\"\nenabled_backends_tag = \"a\"\ntls = \"acme\"\n\n\
+         [[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"a\"]\n",
+        pebble.lets_encrypt_config(),
+        backend.address()
+    )));
+    // Pebble validates on a port where nothing listens: the challenge cannot succeed.
+    let dead_port: u16 = dead_address()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    pebble.start(dead_port).await;
+    let node = node.start_spawned().await;
+
+    let v = wait_for(
+        Duration::from_secs(60),
+        "the failed order in the certs API",
+        || async {
+            let v = cert_view(&node, "fails.test").await;
+            v["acme"]["last_error"].is_string().then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        v["certificate"],
+        Value::Null,
+        "no certificate was issued: {v:#}"
+    );
+    assert!(
+        v["acme"]["consecutive_failures"].as_u64().unwrap_or(0) >= 1,
+        "{v:#}"
+    );
+    assert_eq!(
+        v["acme"]["order_in_flight"],
+        Value::Null,
+        "lease released: {v:#}"
+    );
+    let metrics = reqwest::Client::new()
+        .get(node.api_url("/api/v1/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /api/v1/metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("pingora_vhost_acme_orders_total{result=\"error\"}"),
+        "failed order counted:\n{metrics}"
+    );
+    // The domain keeps serving plain HTTP (and HTTPS with the default certificate).
+    node.wait_route("fails.test", "/", "STILL-SERVING").await;
+}

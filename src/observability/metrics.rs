@@ -15,6 +15,7 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
     acme_orders: IntCounterVec,
+    cert_expiry: prometheus::IntGaugeVec,
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
     pub raft_is_leader: IntGauge,
@@ -44,6 +45,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let cert_expiry = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "pingora_vhost_certificate_expiry_timestamp_seconds",
+                "When each domain's certificate expires (Unix seconds); alert on time() - this",
+            ),
+            &["domain"],
+        )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let raft_term = gauge("pingora_vhost_raft_term", "Current Raft term")?;
         let raft_last_applied = gauge(
@@ -62,6 +70,7 @@ impl Metrics {
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
+        registry.register(Box::new(cert_expiry.clone()))?;
         for g in [
             &raft_term,
             &raft_last_applied,
@@ -77,6 +86,7 @@ impl Metrics {
             connect_failures,
             guard_rail,
             acme_orders,
+            cert_expiry,
             raft_term,
             raft_last_applied,
             raft_is_leader,
@@ -98,6 +108,16 @@ impl Metrics {
         self.acme_orders
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+    }
+
+    /// Replaces the per-domain certificate expiry gauges.
+    pub fn set_cert_expiries(&self, expiries: &[(String, i64)]) {
+        self.cert_expiry.reset();
+        for (domain, not_after) in expiries {
+            self.cert_expiry
+                .with_label_values(&[domain.as_str()])
+                .set(*not_after);
+        }
     }
 
     pub fn upstream_connect_failure(&self, backend: &str) {
