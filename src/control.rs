@@ -19,6 +19,7 @@ use crate::cluster::{membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
 use crate::health;
+use crate::observability::log_stream::LogStream;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::state::{Command, State};
@@ -30,6 +31,7 @@ pub struct ControlPlane {
     /// holds it and it is opened once that process has exited.
     pub store: Mutex<Option<(LogStore, StateMachineStore)>>,
     pub publisher: store::Publisher,
+    pub logs: Arc<LogStream>,
     pub data: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
     /// The config file's domains and backends, as the seed command for a new cluster.
@@ -115,6 +117,7 @@ impl ControlPlane {
             health_check: cfg.health_check.clone(),
             started: Instant::now(),
             http: health::active::client(),
+            logs: self.logs.clone(),
         };
         if let (true, Some(addr)) = (cfg.metrics.enabled, cfg.metrics.listen_addr) {
             let listener = bind(addr, "metrics").await?;

@@ -170,7 +170,7 @@ fn run(
     warnings: Vec<config::ConfigWarning>,
     seed: Command,
 ) -> anyhow::Result<()> {
-    logging::init(&cfg.logging)?;
+    let logs = logging::init(&cfg.logging)?;
     for w in &warnings {
         tracing::warn!("{}", w.message);
     }
@@ -252,6 +252,7 @@ fn run(
             config: cfg,
             store: Mutex::new(store),
             publisher,
+            logs,
             data,
             metrics,
             seed,

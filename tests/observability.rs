@@ -111,3 +111,83 @@ async fn metrics_pass_promtool_and_count_requests() {
     assert_eq!(stats["requests_by_code"]["404"], json!(3), "{stats}");
     assert_eq!(stats["routes"], json!(1), "{stats}");
 }
+
+/// Reads SSE chunks from `resp` until `needle` shows up (or 15 s pass); returns all read.
+async fn read_sse_until(resp: &mut reqwest::Response, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(bytes))) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            other => panic!("no {needle:?} in the log stream ({other:?}); read so far:\n{seen}"),
+        }
+    }
+    seen
+}
+
+async fn open_log_stream(node: &Node, query: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(node.api_url(&format!("/api/v1/logs/stream{query}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /api/v1/logs/stream")
+}
+
+/// A request to the cluster RPC without the secret: refused and logged as a warning.
+async fn provoke_refused_rpc_warning(node: &Node) {
+    let status = reqwest::Client::new()
+        .post(format!("http://{}/cluster/hello", node.rpc_addr))
+        .json(&json!(99))
+        .send()
+        .await
+        .expect("POST to the cluster RPC")
+        .status();
+    assert_eq!(status.as_u16(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_stream_sends_recent_lines_then_live_ones() {
+    let node = Node::start_default().await;
+
+    let mut resp = open_log_stream(&node, "").await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    // The backlog: lines logged before we connected.
+    let backlog = read_sse_until(&mut resp, "node started").await;
+    assert!(backlog.contains("event: log"), "{backlog}");
+    // A line logged now arrives live.
+    provoke_refused_rpc_warning(&node).await;
+    let live = read_sse_until(&mut resp, "refused cluster RPC").await;
+    let data = live
+        .lines()
+        .find(|l| l.contains("refused cluster RPC"))
+        .and_then(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let line: serde_json::Value = serde_json::from_str(data).expect("JSON log line");
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert!(line["unix_ms"].as_u64().unwrap_or(0) > 0, "{line}");
+
+    // ?level=warn drops info lines (like "node started") from backlog and live.
+    let mut warn_only = open_log_stream(&node, "?level=warn").await;
+    provoke_refused_rpc_warning(&node).await;
+    let seen = read_sse_until(&mut warn_only, "refused cluster RPC").await;
+    assert!(
+        !seen.contains("\"INFO\""),
+        "info lines with level=warn:\n{seen}"
+    );
+
+    let bad = open_log_stream(&node, "?level=loud").await;
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: serde_json::Value = bad.json().await.expect("JSON error");
+    assert!(
+        mentions_field(body["error"].as_str().unwrap_or(""), "level"),
+        "{body}"
+    );
+}

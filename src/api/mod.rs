@@ -4,6 +4,7 @@ mod backends;
 mod body;
 mod certs;
 mod domains;
+mod logs;
 mod system;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub struct ApiState {
     pub health_check: HealthCheckConfig,
     pub started: Instant,
     pub http: reqwest::Client,
+    pub logs: Arc<crate::observability::log_stream::LogStream>,
 }
 
 impl ApiState {
@@ -82,6 +84,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/certs", get(certs::list))
         .route("/api/v1/certs/{domain}", get(certs::get_one))
         .route("/api/v1/certs/{domain}/renew", post(certs::renew))
+        .route("/api/v1/logs/stream", get(logs::stream))
         .route("/api/v1/metrics", get(system::metrics))
         .route("/api/v1/stats", get(system::stats))
         .fallback(not_found)

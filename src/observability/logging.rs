@@ -2,20 +2,26 @@
 
 use std::fs::OpenOptions;
 
+use std::io::IsTerminal;
+use std::sync::Arc;
+
 use anyhow::Context;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::{self, writer::BoxMakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use super::log_stream::{LogStream, StreamLayer};
 
 use crate::config::{LogFormat, LogOutput, LoggingConfig};
 
-pub fn init(cfg: &LoggingConfig) -> anyhow::Result<()> {
+/// Installs the logger; every event also goes to the returned [`LogStream`] (for
+/// `GET /api/v1/logs/stream`).
+pub fn init(cfg: &LoggingConfig) -> anyhow::Result<Arc<LogStream>> {
     // RUST_LOG overrides the file's level, as users of tracing expect.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},openraft=warn", cfg.level)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match (cfg.output, &cfg.file_path)
-    {
+    let writer: BoxMakeWriter = match (cfg.output, &cfg.file_path) {
         (LogOutput::File, Some(path)) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -26,13 +32,30 @@ pub fn init(cfg: &LoggingConfig) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening log file {}", path.display()))?;
-            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+            BoxMakeWriter::new(std::sync::Mutex::new(file))
         }
-        _ => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+        _ => BoxMakeWriter::new(std::io::stderr),
     };
-    let res = match cfg.format {
-        LogFormat::Json => builder.json().with_writer(writer).try_init(),
-        LogFormat::Text => builder.with_writer(writer).try_init(),
+    // Colour only on an interactive console: not in files, pipes or journald.
+    let ansi = cfg.output == LogOutput::Console && std::io::stderr().is_terminal();
+    let output: Box<dyn Layer<Registry> + Send + Sync> = match cfg.format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_target(true)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_target(true)
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
     };
-    res.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    let stream = Arc::new(LogStream::default());
+    tracing_subscriber::registry()
+        .with(output)
+        .with(StreamLayer(stream.clone()))
+        .with(filter)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(stream)
 }
