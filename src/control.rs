@@ -98,6 +98,16 @@ impl ControlPlane {
             },
         ));
 
+        tokio::spawn({
+            let metrics = self.metrics.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    metrics.sample();
+                }
+            }
+        });
         // Domains can turn to tls = "acme" through the API at any time: always watch.
         tokio::spawn(acme::run(
             node.clone(),

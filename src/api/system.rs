@@ -50,6 +50,7 @@ pub async fn stats(State(state): State<ApiState>) -> Json<Value> {
         .sum();
     Json(json!({
         "uptime_secs": state.started.elapsed().as_secs(),
+        "rates": state.metrics.rates(std::time::Duration::from_secs(10)),
         "requests_total": total,
         "responses_5xx": errors,
         "requests_by_code": by_code.into_iter().collect::<std::collections::BTreeMap<_, _>>(),

@@ -21,6 +21,16 @@ pub struct Metrics {
     pub raft_is_leader: IntGauge,
     pub routes: IntGauge,
     pub requests_in_flight: IntGauge,
+    /// (when, requests so far, 5xx so far), one per second for the last minute.
+    samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64, u64)>>,
+}
+
+/// Request rates over a recent window, for `/api/v1/stats` and the dashboard.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Rates {
+    pub window_secs: f64,
+    pub requests_per_sec: f64,
+    pub responses_5xx_per_sec: f64,
 }
 
 impl Metrics {
@@ -92,6 +102,7 @@ impl Metrics {
             raft_is_leader,
             routes,
             requests_in_flight,
+            samples: Default::default(),
         })
     }
 
@@ -124,6 +135,52 @@ impl Metrics {
         self.connect_failures.with_label_values(&[backend]).inc();
     }
 
+    /// Totals of all requests and of 5xx answers.
+    fn totals(&self) -> (u64, u64) {
+        let mut all = 0;
+        let mut errors = 0;
+        for (code, n) in self.requests.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            all += n;
+            if (500..600).contains(&code) {
+                errors += n;
+            }
+        }
+        (all, errors)
+    }
+
+    /// Records the current totals; called once a second.
+    pub fn sample(&self) {
+        let (all, errors) = self.totals();
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() >= 61 {
+            samples.pop_front();
+        }
+        samples.push_back((std::time::Instant::now(), all, errors));
+    }
+
+    /// Rates over the last `window` (or what has been sampled of it), up to now.
+    pub fn rates(&self, window: std::time::Duration) -> Rates {
+        let (all, errors) = self.totals();
+        let now = std::time::Instant::now();
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(&(t0, all0, err0)) = samples
+            .iter()
+            .find(|(t, _, _)| now.duration_since(*t) <= window)
+        else {
+            return Rates::default();
+        };
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs <= 0.0 {
+            return Rates::default();
+        }
+        Rates {
+            window_secs: secs,
+            requests_per_sec: all.saturating_sub(all0) as f64 / secs,
+            responses_5xx_per_sec: errors.saturating_sub(err0) as f64 / secs,
+        }
+    }
+
     /// (code, count) for every code seen at least once.
     pub fn requests_by_code(&self) -> Vec<(String, u64)> {
         self.requests
@@ -148,5 +205,28 @@ impl Metrics {
             ));
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rates_count_requests_and_5xx_since_the_oldest_sample_in_the_window() {
+        let m = Metrics::new().expect("metrics");
+        assert_eq!(m.rates(Duration::from_secs(10)).requests_per_sec, 0.0);
+        m.sample();
+        for status in [200, 200, 200, 502] {
+            m.request_done(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let r = m.rates(Duration::from_secs(10));
+        assert!(r.window_secs > 0.0);
+        let total = r.requests_per_sec * r.window_secs;
+        let errors = r.responses_5xx_per_sec * r.window_secs;
+        assert!((total - 4.0).abs() < 1e-6, "{r:?}");
+        assert!((errors - 1.0).abs() < 1e-6, "{r:?}");
     }
 }
