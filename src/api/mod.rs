@@ -91,8 +91,28 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/api/v1/health", get(system::health))
+        // The page itself holds no data; its API calls carry the token the user gives it.
+        .route("/dashboard", get(dashboard))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::temporary("/dashboard") }),
+        )
         .merge(authed)
         .with_state(state)
+}
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
 }
 
 async fn not_found() -> ApiError {

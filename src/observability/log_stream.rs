@@ -61,26 +61,36 @@ impl LogStream {
 pub struct StreamLayer(pub Arc<LogStream>);
 
 /// Renders `message` first, then `key=value` for the other fields, like the text log.
+/// Events bridged from the `log` crate (Pingora logs that way) carry their real target in
+/// `log.target` and source locations in other `log.*` fields, which are noise here.
 #[derive(Default)]
 struct Render {
     message: String,
     fields: String,
+    log_target: Option<String>,
 }
 
 impl Visit for Render {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
-        } else {
-            let _ = write!(self.fields, " {}={value:?}", field.name());
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            name if name.starts_with("log.") => {}
+            name => {
+                let _ = write!(self.fields, " {name}={value:?}");
+            }
         }
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.message.push_str(value);
-        } else {
-            let _ = write!(self.fields, " {}={value}", field.name());
+        match field.name() {
+            "message" => self.message.push_str(value),
+            "log.target" => self.log_target = Some(value.to_string()),
+            name if name.starts_with("log.") => {}
+            name => {
+                let _ = write!(self.fields, " {name}={value}");
+            }
         }
     }
 }
@@ -96,7 +106,7 @@ impl<S: Subscriber> Layer<S> for StreamLayer {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             level: meta.level().to_string(),
-            target: meta.target().to_string(),
+            target: r.log_target.unwrap_or_else(|| meta.target().to_string()),
             message: format!("{}{}", r.message, r.fields),
         });
     }
