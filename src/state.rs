@@ -48,6 +48,17 @@ impl Backend {
     }
 }
 
+/// For `Option<Option<T>>` patch fields in JSON (log entries, RPC): an absent field is `None`
+/// (keep), `null` is `Some(None)` (clear), a value is `Some(Some(v))`. Plain serde would read
+/// `null` as `None` and silently turn "clear" into "keep".
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 /// Partial update of a domain: `None` keeps the current value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainPatch {
@@ -55,6 +66,11 @@ pub struct DomainPatch {
     pub http_to_https: Option<bool>,
     pub tls: Option<TlsMode>,
     /// `Some(None)` removes the certificate.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub cert: Option<Option<CertPair>>,
 }
 
@@ -64,6 +80,11 @@ pub struct BackendPatch {
     pub address: Option<String>,
     pub tags: Option<Vec<String>>,
     /// `Some(None)` clears the override.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub health_check_path: Option<Option<String>>,
 }
 
@@ -177,6 +198,7 @@ pub struct State {
 
 /// Replicated ACME state: the account, the challenge answers, and per-domain order status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AcmeState {
     pub account: Option<String>,
     /// token -> key authorization
@@ -185,6 +207,7 @@ pub struct AcmeState {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AcmeStatus {
     /// Node running an order for this domain, and since when (Unix ms).
     pub in_flight: Option<(u64, u64)>,
@@ -597,18 +620,44 @@ mod tests {
     }
 
     #[test]
-    fn commands_roundtrip_postcard() {
-        let c = Command::UpdateDomain {
-            domain: "a.test".into(),
-            patch: DomainPatch {
-                cert: Some(None),
-                tls: Some(TlsMode::Manual),
-                ..Default::default()
-            },
-        };
-        let bytes = postcard::to_allocvec(&c).unwrap();
-        let back: Command = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(c, back);
+    fn commands_roundtrip_json() {
+        // Log entries and Raft RPC are JSON: "clear" (Some(None)) must not become "keep".
+        for cert in [None, Some(None), Some(Some(cert(7)))] {
+            let c = Command::UpdateDomain {
+                domain: "a.test".into(),
+                patch: DomainPatch {
+                    cert,
+                    tls: Some(TlsMode::Manual),
+                    ..Default::default()
+                },
+            };
+            let back: Command = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+            assert_eq!(c, back);
+        }
+        for path in [None, Some(None), Some(Some("/hc".to_string()))] {
+            let c = Command::UpdateBackend {
+                id: "b".into(),
+                patch: BackendPatch {
+                    health_check_path: path,
+                    ..Default::default()
+                },
+            };
+            let back: Command = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+            assert_eq!(c, back);
+        }
+    }
+
+    #[test]
+    fn state_written_before_acme_existed_still_loads() {
+        // A snapshot from before the `acme` field (and before `renew_requested`).
+        let old = r#"{"domains":{},"backends":{},"seeded":true}"#;
+        let s: State = serde_json::from_str(old).expect("old snapshot");
+        assert!(s.seeded);
+        assert_eq!(s.acme, AcmeState::default());
+        let status: AcmeStatus =
+            serde_json::from_str(r#"{"in_flight":null,"last_attempt_unix_ms":null,"last_success_unix_ms":null,"last_error":null,"consecutive_failures":0}"#)
+                .expect("old status");
+        assert!(!status.renew_requested);
     }
 
     fn cert(not_after: i64) -> CertPair {

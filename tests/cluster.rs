@@ -266,6 +266,40 @@ async fn write_on_follower_is_served_by_every_node() {
     }
 }
 
+/// A partial update that clears a field (`null`), sent to a follower: it travels as JSON to the
+/// leader and in the Raft log to every node, and must stay "clear" (not "keep") everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_a_field_through_a_follower_clears_it_on_every_node() {
+    let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let f = cluster.node(follower);
+    let (status, body) = f
+        .api_post(
+            "/api/v1/backends",
+            json!({"id": "hc", "address": "127.0.0.1:9", "tags": ["a"], "health_check_path": "/ready"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = f
+        .api_put("/api/v1/backends/hc", json!({"health_check_path": null}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["health_check_path"], Value::Null, "answer: {body}");
+    for n in &cluster.nodes {
+        let v = wait_for(
+            Duration::from_secs(5),
+            "the update on every node",
+            || async {
+                let (_, v) = n.api_get("/api/v1/backends/hc").await;
+                (v["health_check_path"] != json!("/ready")).then_some(v)
+            },
+        )
+        .await;
+        assert_eq!(v["health_check_path"], Value::Null, "{v}");
+    }
+}
+
 /// kill -9 of the leader while clients send requests through the two other nodes: no client
 /// request fails, a new leader is elected within seconds, nothing acknowledged is lost, and
 /// writes work again.

@@ -1,5 +1,6 @@
 //! Durable Raft storage in one redb file: the log, the vote, the committed log id and the
-//! current snapshot. Entries and snapshots are postcard-encoded.
+//! current snapshot. Entries and snapshots are JSON: self-describing, so a newer binary reads
+//! an older data dir (new fields carry `#[serde(default)]`).
 //!
 //! The state machine lives in memory and is rebuilt at open time from the snapshot plus the
 //! committed log entries after it, so the data plane can serve the last known config before
@@ -63,7 +64,7 @@ pub enum OpenError {
     Corrupt { path: String, message: String },
 }
 
-/// The snapshot as persisted: its meta and the postcard-encoded `State`.
+/// The snapshot as persisted: its meta and the JSON-encoded `State`.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
@@ -116,7 +117,7 @@ pub fn open(
     let mut sm = SmData::default();
     if let Some(snap) = &snapshot {
         sm.state =
-            postcard::from_bytes(&snap.data).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+            serde_json::from_slice(&snap.data).map_err(|e| corrupt(format!("snapshot: {e}")))?;
         sm.last_applied = snap.meta.last_log_id;
         sm.last_membership = snap.meta.last_membership.clone();
     }
@@ -169,7 +170,7 @@ impl LogStore {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(META)?;
         match t.get(key)? {
-            Some(v) => Ok(Some(postcard::from_bytes(v.value())?)),
+            Some(v) => Ok(Some(serde_json::from_slice(v.value())?)),
             None => Ok(None),
         }
     }
@@ -183,7 +184,7 @@ impl LogStore {
         let mut out = Vec::new();
         for row in t.range(range)? {
             let (_, v) = row?;
-            out.push(postcard::from_bytes(v.value())?);
+            out.push(serde_json::from_slice(v.value())?);
         }
         Ok(out)
     }
@@ -205,7 +206,7 @@ impl LogStore {
     }
 
     async fn meta_put<T: Serialize>(&self, key: &'static str, value: &T) -> StorageResult<()> {
-        let bytes = postcard::to_allocvec(value).map_err(write_err)?;
+        let bytes = serde_json::to_vec(value).map_err(write_err)?;
         self.write(move |tx| {
             tx.open_table(META)?.insert(key, bytes.as_slice())?;
             Ok(())
@@ -238,7 +239,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let t = tx.open_table(LOG)?;
             let last = match t.last()? {
                 Some((_, v)) => {
-                    let e: Entry<TypeConfig> = postcard::from_bytes(v.value())?;
+                    let e: Entry<TypeConfig> = serde_json::from_slice(v.value())?;
                     Some(e.log_id)
                 }
                 None => None,
@@ -283,10 +284,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         for e in entries {
-            rows.push((
-                e.log_id.index,
-                postcard::to_allocvec(&e).map_err(write_err)?,
-            ));
+            rows.push((e.log_id.index, serde_json::to_vec(&e).map_err(write_err)?));
         }
         // One write transaction per batch; the callback fires only after the fsynced commit.
         let res = self
@@ -324,7 +322,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let upto = log_id.index;
-        let purged = postcard::to_allocvec(&log_id).map_err(write_err)?;
+        let purged = serde_json::to_vec(&log_id).map_err(write_err)?;
         self.write(move |tx| {
             tx.open_table(META)?.insert(KEY_PURGED, purged.as_slice())?;
             tx.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
@@ -393,7 +391,7 @@ impl StateMachineStore {
 
     fn snapshot_of(&self) -> StorageResult<StoredSnapshot> {
         let sm = self.lock();
-        let data = postcard::to_allocvec(&sm.state).map_err(read_err)?;
+        let data = serde_json::to_vec(&sm.state).map_err(read_err)?;
         let last = sm.last_applied;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
@@ -410,7 +408,7 @@ impl StateMachineStore {
     }
 
     async fn persist_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
-        let bytes = postcard::to_allocvec(snap).map_err(write_err)?;
+        let bytes = serde_json::to_vec(snap).map_err(write_err)?;
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
             let tx = db.begin_write()?;
@@ -481,7 +479,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let new_state: State = postcard::from_bytes(&data)
+        let new_state: State = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let snap = StoredSnapshot {
             meta: meta.clone(),
