@@ -330,8 +330,7 @@ async fn acme_challenge_is_answered_by_a_follower_the_ca_validates_against() {
     let mut pebble = Pebble::prepare();
     let le = pebble.lets_encrypt_config();
     let mut cluster = Cluster::start(3, |_| NodeOptions::new().extra(&le)).await;
-    let leader = cluster.leader().await.expect("a leader");
-    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let (leader, follower) = cluster.leader_and_follower().await;
     // Pebble validates only against the follower: the leader runs the order, so this passes
     // only if the challenge answer is replicated and applied there before `set_ready`.
     pebble.start(cluster.node(follower).http_addr.port()).await;

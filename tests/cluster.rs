@@ -221,17 +221,6 @@ async fn start_cluster_with(n: usize, cluster_lines: &str) -> Cluster {
     Cluster::start(n, |_| NodeOptions::new().cluster(cluster_lines)).await
 }
 
-async fn leader_and_followers(cluster: &mut Cluster) -> (u64, Vec<u64>) {
-    let leader = cluster.leader().await.expect("a leader");
-    let ids: Vec<u64> = cluster
-        .nodes
-        .iter()
-        .filter_map(|n| n.options.node_id)
-        .filter(|id| *id != leader)
-        .collect();
-    (leader, ids)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -241,8 +230,7 @@ async fn leader_and_followers(cluster: &mut Cluster) -> (u64, Vec<u64>) {
 async fn write_on_follower_is_served_by_every_node() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let leader = cluster.leader().await.expect("a leader");
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (_, follower) = cluster.leader_and_follower().await;
     let f = cluster.node(follower);
     let (status, body) = f
         .api_post(
@@ -271,8 +259,7 @@ async fn write_on_follower_is_served_by_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clearing_a_field_through_a_follower_clears_it_on_every_node() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
-    let leader = cluster.leader().await.expect("a leader");
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (_, follower) = cluster.leader_and_follower().await;
     let f = cluster.node(follower);
     let (status, body) = f
         .api_post(
@@ -307,7 +294,7 @@ async fn clearing_a_field_through_a_follower_clears_it_on_every_node() {
 async fn leader_kill9_loses_no_request_and_no_acknowledged_write() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (old_leader, followers) = leader_and_followers(&mut cluster).await;
+    let (old_leader, followers) = cluster.leader_and_followers().await;
 
     cluster
         .node(followers[0])
@@ -547,8 +534,7 @@ async fn node_joins_as_voter_and_members_are_removed_alive_or_dead() {
     }
 
     // Remove node 4 while it runs, through a follower (forwarded to the leader).
-    let (leader, _) = leader_and_followers(&mut cluster).await;
-    let via = (1..=3).find(|id| *id != leader).unwrap();
+    let (_, via) = cluster.leader_and_follower().await;
     let (status, body) = cluster
         .node(via)
         .api_delete("/api/v1/cluster/members/4")
@@ -609,7 +595,7 @@ async fn node_joins_as_voter_and_members_are_removed_alive_or_dead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_cannot_join_or_write() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
-    let (leader, _) = leader_and_followers(&mut cluster).await;
+    let (leader, _) = cluster.leader_and_followers().await;
     cluster.join(4, NodeOptions::new().secret("wrong")).await;
 
     let real: Vec<&Node> = (1..=3).map(|id| cluster.node(id)).collect();
@@ -709,7 +695,7 @@ async fn wrong_secret_cannot_join_or_write() {
 async fn frozen_follower_does_not_block_and_catches_up() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (leader, followers) = leader_and_followers(&mut cluster).await;
+    let (leader, followers) = cluster.leader_and_followers().await;
     let (frozen_id, other) = (followers[0], followers[1]);
     cluster
         .node(other)
@@ -756,7 +742,7 @@ async fn frozen_follower_does_not_block_and_catches_up() {
 async fn frozen_leader_is_replaced_and_follows_after_thaw() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (old_leader, followers) = leader_and_followers(&mut cluster).await;
+    let (old_leader, followers) = cluster.leader_and_followers().await;
     cluster
         .node(followers[0])
         .add_backend("web-a", &backend.address(), &["a"])
@@ -813,7 +799,7 @@ async fn frozen_leader_is_replaced_and_follows_after_thaw() {
 async fn without_quorum_survivor_serves_and_refuses_writes() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (leader, followers) = leader_and_followers(&mut cluster).await;
+    let (leader, followers) = cluster.leader_and_followers().await;
     cluster
         .node(followers[0])
         .add_backend("web-a", &backend.address(), &["a"])
@@ -878,7 +864,7 @@ async fn without_quorum_survivor_serves_and_refuses_writes() {
 async fn without_quorum_surviving_follower_serves_and_refuses_writes() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (leader, followers) = leader_and_followers(&mut cluster).await;
+    let (leader, followers) = cluster.leader_and_followers().await;
     let survivor_id = followers[0];
     cluster
         .node(leader)
@@ -919,7 +905,7 @@ async fn without_quorum_surviving_follower_serves_and_refuses_writes() {
 async fn write_refused_without_quorum_is_not_applied_when_quorum_returns() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let backend = Backend::start("web-a").await;
-    let (leader, followers) = leader_and_followers(&mut cluster).await;
+    let (leader, followers) = cluster.leader_and_followers().await;
     cluster
         .node(leader)
         .add_backend("web-a", &backend.address(), &["a"])
@@ -965,7 +951,7 @@ async fn follower_catches_up_by_snapshot_after_compaction() {
     // Snapshot (and compact) every 10 entries, so a few dozen writes purge the log.
     let mut cluster = start_cluster_with(3, "snapshot_logs = 10").await;
     let backend = Backend::start("web-a").await;
-    let (leader, followers) = leader_and_followers(&mut cluster).await;
+    let (leader, followers) = cluster.leader_and_followers().await;
     let (away, other) = (followers[0], followers[1]);
     cluster
         .node(leader)

@@ -1247,6 +1247,24 @@ impl Cluster {
     }
 
     /// The leader id as seen by a running node.
+    /// (leader id, ids of the other nodes).
+    pub async fn leader_and_followers(&mut self) -> (u64, Vec<u64>) {
+        let leader = self.leader().await.expect("a leader");
+        let ids = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.options.node_id)
+            .filter(|id| *id != leader)
+            .collect();
+        (leader, ids)
+    }
+
+    /// (leader id, id of one follower): for tests that act through a follower.
+    pub async fn leader_and_follower(&mut self) -> (u64, u64) {
+        let (leader, followers) = self.leader_and_followers().await;
+        (leader, *followers.first().expect("a follower"))
+    }
+
     pub async fn leader(&mut self) -> Option<u64> {
         for n in self.running() {
             let (status, v) = n.api_get("/api/v1/cluster/status").await;
