@@ -76,10 +76,24 @@ async fn wait_voters(nodes: &[&Node], ids: &[u64], timeout: Duration) -> Vec<Val
             return statuses;
         }
         if Instant::now() >= deadline {
+            let membership_log: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    let id = n.options.node_id;
+                    n.logs()
+                        .lines()
+                        .filter(|l| {
+                            l.contains("member") || l.contains("learner") || l.contains("promot")
+                        })
+                        .map(|l| format!("node {id:?}: {l}"))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
             panic!(
                 "nodes {:?} did not all show voters {ids:?} with one leader within {timeout:?}; \
-                 last statuses: {statuses:#?}",
-                nodes.iter().map(|n| n.options.node_id).collect::<Vec<_>>()
+                 last statuses: {statuses:#?}\nmembership log lines:\n{}",
+                nodes.iter().map(|n| n.options.node_id).collect::<Vec<_>>(),
+                membership_log.join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

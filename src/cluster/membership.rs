@@ -87,7 +87,10 @@ async fn reconcile(node: &ClusterNode) -> anyhow::Result<()> {
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
 
     for peer in node.gossip.live_peers() {
-        if known.contains(&peer.node_id) || peer.initialized {
+        if known.contains(&peer.node_id)
+            || peer.initialized
+            || node.was_removed_recently(peer.node_id)
+        {
             continue;
         }
         if !node.verify_peer(&peer.rpc_addr).await {
@@ -118,7 +121,8 @@ async fn reconcile(node: &ClusterNode) -> anyhow::Result<()> {
             .and_then(|m| m.map(|l| l.index))
             .unwrap_or(0);
         let alive = node.gossip.is_alive(*id);
-        if alive && matched + PROMOTE_LAG >= last_index {
+        // A member being removed passes through "learner": never promote it back.
+        if alive && matched + PROMOTE_LAG >= last_index && !node.was_removed_recently(*id) {
             tracing::info!(
                 node_id = id,
                 matched,
@@ -146,6 +150,7 @@ pub async fn remove(node: &ClusterNode, id: NodeId) -> Result<(), String> {
     if !membership.nodes().any(|(n, _)| *n == id) {
         return Err(format!("node {id} is not a member"));
     }
+    node.mark_removed(id);
     if voters.contains(&id) {
         if voters.len() == 1 {
             return Err(format!(

@@ -87,7 +87,13 @@ pub struct ClusterNode {
     pub gossip: Arc<Gossip>,
     net: HttpNetwork,
     started: Instant,
+    /// Members this node removed recently (as leader): membership reconciliation must not add
+    /// or promote them again while they still run and gossip.
+    recently_removed: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
 }
+
+/// How long a removed member is kept out of automatic re-adding.
+const REMOVED_QUARANTINE: Duration = Duration::from_secs(300);
 
 /// Role and progress of this node, for the status endpoint.
 #[derive(Debug, Serialize)]
@@ -167,6 +173,7 @@ impl ClusterNode {
             gossip,
             net,
             started: Instant::now(),
+            recently_removed: Default::default(),
         }))
     }
 
@@ -355,6 +362,24 @@ impl ClusterNode {
             }
         }
         Ok(())
+    }
+
+    pub fn mark_removed(&self, id: NodeId) {
+        let mut removed = self
+            .recently_removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        removed.retain(|_, at| at.elapsed() < REMOVED_QUARANTINE);
+        removed.insert(id, Instant::now());
+    }
+
+    /// True while `id` was removed by this node less than [`REMOVED_QUARANTINE`] ago.
+    pub fn was_removed_recently(&self, id: NodeId) -> bool {
+        self.recently_removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|at| at.elapsed() < REMOVED_QUARANTINE)
     }
 
     /// Raft members (voters and learners) other than this node.
