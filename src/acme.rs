@@ -35,12 +35,14 @@ fn unix_ms() -> u64 {
 }
 
 /// Domains with `tls = "acme"` whose certificate is missing or expires within the renewal
-/// window, and that no other node is ordering right now.
+/// window (or whose renewal was requested), and that no other live node is ordering right now.
+/// A lease whose owner is dead (`alive` says no), or older than [`LEASE`], is taken over.
 pub fn due_domains(
     state: &State,
     now_unix_ms: u64,
     renew_before: Duration,
     node_id: u64,
+    alive: impl Fn(u64) -> bool,
 ) -> Vec<String> {
     let renew_at = (now_unix_ms / 1000) as i64 + renew_before.as_secs() as i64;
     state
@@ -59,7 +61,9 @@ pub fn due_domains(
             let lease = state.acme.status.get(&d.domain).and_then(|s| s.in_flight);
             match lease {
                 Some((owner, since)) => {
-                    owner == node_id || now_unix_ms.saturating_sub(since) > LEASE.as_millis() as u64
+                    owner == node_id
+                        || !alive(owner)
+                        || now_unix_ms.saturating_sub(since) > LEASE.as_millis() as u64
                 }
                 None => true,
             }
@@ -85,9 +89,11 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
         metrics.set_cert_expiries(&expiries);
         if node.is_leader() {
             warn_expiring(&expiries, &mut warned_at);
-            let due = node
-                .sm
-                .with_state(|s| due_domains(s, unix_ms(), renew_before, node.node_id));
+            let due = node.sm.with_state(|s| {
+                due_domains(s, unix_ms(), renew_before, node.node_id, |id| {
+                    node.gossip.is_alive(id)
+                })
+            });
             for domain in due {
                 if retry_at
                     .get(&domain)
@@ -268,6 +274,10 @@ async fn order(
         // Every live node must answer before the CA is told to look.
         node.wait_applied_by_members(node.last_applied(), Duration::from_secs(10))
             .await?;
+        // A deposed leader stops here; the new one takes the domain over (its lease ends).
+        if !node.is_leader() {
+            return Err("this node lost the Raft leadership during the order".into());
+        }
         challenge
             .set_ready()
             .await
@@ -278,6 +288,9 @@ async fn order(
         .poll_ready(&retry)
         .await
         .map_err(|e| format!("waiting for validation: {e}"))?;
+    if !node.is_leader() {
+        return Err("this node lost the Raft leadership during the order".into());
+    }
     if status != OrderStatus::Ready {
         let detail = order
             .state()
@@ -335,8 +348,9 @@ mod tests {
         manual.tls = TlsMode::Manual;
         s.domains.insert(manual.domain.clone(), manual);
         let window = Duration::from_secs(30 * 86_400);
+        let all_alive = |_| true;
         assert_eq!(
-            due_domains(&s, now_ms, window, 1),
+            due_domains(&s, now_ms, window, 1, all_alive),
             vec!["none.test".to_string(), "soon.test".to_string()]
         );
 
@@ -349,12 +363,24 @@ mod tests {
             },
         );
         assert_eq!(
-            due_domains(&s, now_ms, window, 1),
+            due_domains(&s, now_ms, window, 1, all_alive),
             vec!["soon.test".to_string()]
         );
-        assert_eq!(due_domains(&s, now_ms, window, 2).len(), 2);
+        assert_eq!(due_domains(&s, now_ms, window, 2, all_alive).len(), 2);
+        // The owner died: its lease is taken over at once.
+        assert_eq!(due_domains(&s, now_ms, window, 1, |id| id != 2).len(), 2);
         let stale = now_ms - LEASE.as_millis() as u64 - 1;
         s.acme.status.get_mut("none.test").unwrap().in_flight = Some((2, stale));
-        assert_eq!(due_domains(&s, now_ms, window, 1).len(), 2);
+        assert_eq!(due_domains(&s, now_ms, window, 1, all_alive).len(), 2);
+
+        // An explicit renewal request makes a domain with a fresh certificate due.
+        s.acme.status.insert(
+            "later.test".into(),
+            AcmeStatus {
+                renew_requested: true,
+                ..Default::default()
+            },
+        );
+        assert!(due_domains(&s, now_ms, window, 1, all_alive).contains(&"later.test".to_string()));
     }
 }
