@@ -51,8 +51,14 @@ pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     }
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // e.g. out of file descriptors: do not spin.
+                tracing::warn!("graceful upgrade handoff: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let handoff = Handoff {
             state: sm.with_state(State::clone),
