@@ -107,3 +107,199 @@ async fn dashboard_shows_cluster_domains_backends_and_health() {
         Some("/dashboard")
     );
 }
+
+/// A headless Chromium driven over the DevTools protocol (one page), killed on drop.
+struct Browser {
+    child: std::process::Child,
+    _profile: tempfile::TempDir,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_id: u64,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    async fn open(url: &str) -> Browser {
+        let profile = tempfile::tempdir().expect("profile dir");
+        let port = free_port();
+        let child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--remote-debugging-port={port}"))
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromium must be installed (scripts/bootstrap.sh)");
+        let http = reqwest::Client::new();
+        // The page's URL goes through `location.href` below: a `#fragment` in /json/new's query
+        // would be cut off as that request's own fragment.
+        let new_page = format!("http://127.0.0.1:{port}/json/new?about:blank");
+        let page: serde_json::Value = wait_for(
+            Duration::from_secs(20),
+            "Chromium's DevTools endpoint",
+            || {
+                let (http, new_page) = (http.clone(), new_page.clone());
+                async move {
+                    let r = http.put(&new_page).send().await.ok()?;
+                    r.json::<serde_json::Value>().await.ok()
+                }
+            },
+        )
+        .await;
+        let ws_url = page["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no webSocketDebuggerUrl in {page}"))
+            .to_string();
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .expect("DevTools websocket");
+        let mut browser = Browser {
+            child,
+            _profile: profile,
+            ws,
+            next_id: 0,
+        };
+        browser
+            .eval(&format!("location.href = {}; true", serde_json::json!(url)))
+            .await;
+        browser
+    }
+
+    /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
+    async fn eval(&mut self, expression: &str) -> serde_json::Value {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = serde_json::json!({"id": id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "awaitPromise": true, "returnByValue": true}});
+        self.ws
+            .send(Message::Text(call.to_string().into()))
+            .await
+            .expect("send to DevTools");
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .expect("DevTools answer within 30 s")
+                .expect("DevTools stream open")
+                .expect("DevTools message");
+            let Message::Text(text) = msg else { continue };
+            let v: serde_json::Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if v["id"] == id {
+                if let Some(ex) = v["result"]["exceptionDetails"].as_object() {
+                    panic!("page script failed: {ex:?}");
+                }
+                return v["result"]["result"]["value"].clone();
+            }
+        }
+    }
+
+    /// Polls `condition` (a JS expression) in the page until it is true.
+    async fn wait_until(&mut self, condition: &str, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.eval(condition).await != serde_json::Value::Bool(true) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dashboard: {what} did not happen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The operator's a/b cutover and drain, clicked on the dashboard, change the cluster: the
+/// proxy follows the switch, and the page shows the new state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_buttons_switch_a_domain_and_drain_a_backend() {
+    let blue = Backend::start("BLUE").await;
+    let green = Backend::start("GREEN").await;
+    let node = Node::start(NodeOptions::new().extra(&format!(
+        "[[virtual_hosts]]\ndomain = \"cut.test\"\nenabled_backends_tag = \"a\"\n\n\
+         [[backends]]\nid = \"blue\"\naddress = \"{}\"\ntags = [\"a\"]\n\n\
+         [[backends]]\nid = \"green\"\naddress = \"{}\"\ntags = [\"b\"]\n",
+        blue.address(),
+        green.address()
+    )))
+    .await;
+    node.wait_route("cut.test", "/", "BLUE").await;
+    node.wait_backend_health("green", true, Duration::from_secs(15))
+        .await;
+
+    let mut page =
+        Browser::open(&format!("http://{}/dashboard#token={TOKEN}", node.api_addr)).await;
+    let row = |table: &str, first: &str| {
+        format!(
+            "[...document.querySelectorAll('#{table} tbody tr')].find(r => r.cells[0].textContent === '{first}')"
+        )
+    };
+    page.wait_until(
+        &format!("!!{}", row("domains", "cut.test")),
+        "the domain row",
+    )
+    .await;
+    // The operator confirms the dialog.
+    page.eval("window.confirm = () => true; true").await;
+
+    page.eval(&format!(
+        "{}.querySelector('button').click(); true",
+        row("domains", "cut.test")
+    ))
+    .await;
+    page.wait_until(
+        &format!(
+            "{}.cells[1].textContent === 'b'",
+            row("domains", "cut.test")
+        ),
+        "the switched tag shown",
+    )
+    .await;
+    let (_, d) = node.api_get("/api/v1/domains/cut.test").await;
+    assert_eq!(d["enabled_backends_tag"], "b", "{d}");
+    let r = node.proxy_get("cut.test", "/").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "GREEN"),
+        "traffic follows the switch"
+    );
+
+    page.eval(&format!(
+        "{}.querySelector('button').click(); true",
+        row("backends", "green")
+    ))
+    .await;
+    page.wait_until(
+        &format!(
+            "{}.cells[3].textContent === 'draining'",
+            row("backends", "green")
+        ),
+        "the drained backend shown",
+    )
+    .await;
+    let (_, b) = node.api_get("/api/v1/backends/green").await;
+    assert_eq!(b["draining"], true, "{b}");
+    page.eval(&format!(
+        "{}.querySelector('button').click(); true",
+        row("backends", "green")
+    ))
+    .await;
+    page.wait_until(
+        &format!("{}.cells[3].textContent === 'up'", row("backends", "green")),
+        "the undrained backend shown",
+    )
+    .await;
+    let (_, b) = node.api_get("/api/v1/backends/green").await;
+    assert_eq!(b["draining"], false, "{b}");
+}
