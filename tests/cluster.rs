@@ -1012,3 +1012,53 @@ async fn follower_catches_up_by_snapshot_after_compaction() {
         );
     }
 }
+
+/// A graceful binary upgrade (SIGQUIT) of one member under traffic: no request through it
+/// fails, it keeps its membership and log, and takes writes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_of_a_member_under_traffic() {
+    let mut cluster =
+        Cluster::start(3, |_| NodeOptions::new().proxy("shutdown_grace_secs = 1")).await;
+    let backend = Backend::start("web-a").await;
+    let (_, follower) = cluster.leader_and_follower().await;
+    let f = cluster.node(follower);
+    f.add_backend("web-a", &backend.address(), &["a"]).await;
+    f.add_domain("up.test", "a").await;
+    for n in &cluster.nodes {
+        n.wait_route("up.test", "/", "web-a").await;
+    }
+
+    let load = GetLoop::start(cluster.node(follower).proxy_client(), "up.test", "web-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut old = cluster.node_mut(follower).upgrade_in_place();
+    let old_exit = tokio::task::spawn_blocking(move || old.wait())
+        .await
+        .expect("join")
+        .expect("wait for the old process");
+    assert_eq!(
+        old_exit.code(),
+        Some(0),
+        "old process exits 0 after SIGQUIT"
+    );
+    cluster.node_mut(follower).wait_ready().await;
+    // Still a voter of the same cluster, with the replicated state, and writable.
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    cluster
+        .node(follower)
+        .add_domain("after-upgrade.test", "a")
+        .await;
+    for n in &cluster.nodes {
+        n.wait_route("after-upgrade.test", "/", "web-a").await;
+    }
+    let (sent, failed) = load.finish().await;
+    eprintln!(
+        "member upgrade: {sent} GETs through node {follower}, {} failed",
+        failed.len()
+    );
+    assert!(sent > 100, "the load must span the handover");
+    assert!(
+        failed.is_empty(),
+        "GETs through the upgraded node failed: {failed:?}\n{}",
+        cluster.node(follower).logs()
+    );
+}

@@ -240,24 +240,7 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
     node.wait_route("upgrade.test", "/", "ORIGIN").await;
 
     // Clients keep coming, each on a new connection, through the whole handover.
-    let client = node.proxy_client().without_keepalive();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut outcomes = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = client.get("upgrade.test", "/").await;
-                outcomes.push(match r {
-                    Ok(r) if r.status == 200 && r.body == "ORIGIN" => Ok(()),
-                    Ok(r) => Err(format!("{} {:?}", r.status, r.body)),
-                    Err(e) => Err(format!("{e:?}")),
-                });
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            outcomes
-        }
-    });
+    let load = GetLoop::start(node.proxy_client(), "upgrade.test", "ORIGIN");
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let old_pid = node.pid();
@@ -268,7 +251,7 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
         "the pid file names the running process"
     );
     let mut old = node.upgrade_in_place();
-    let sent = Instant::now();
+    let sent_at = Instant::now();
     let old_exit = tokio::task::spawn_blocking(move || old.wait())
         .await
         .expect("join")
@@ -298,16 +281,13 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
     node.wait_route("after-upgrade.test", "/", "ORIGIN").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let outcomes = load.await.expect("load task");
-    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    let (sent, failed) = load.finish().await;
     eprintln!(
-        "graceful upgrade: old process exited {:?} after SIGQUIT; {} requests, {} failed",
-        sent.elapsed(),
-        outcomes.len(),
+        "graceful upgrade: old process exited {:?} after SIGQUIT; {sent} requests, {} failed",
+        sent_at.elapsed(),
         failed.len()
     );
-    assert!(outcomes.len() > 100, "the load must span the handover");
+    assert!(sent > 100, "the load must span the handover");
     assert!(
         failed.is_empty(),
         "requests failed during the graceful upgrade: {failed:?}\n{}",

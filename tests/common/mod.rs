@@ -446,6 +446,45 @@ impl ProxyClient {
     }
 }
 
+/// GETs sent one after another (each on a new connection) until stopped; each outcome is
+/// Ok, or the status/body or error that a client would have seen.
+pub struct GetLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Result<(), String>>>,
+}
+
+impl GetLoop {
+    pub fn start(client: ProxyClient, host: &str, expect_body: &str) -> GetLoop {
+        let client = client.without_keepalive();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (host, expect) = (host.to_string(), expect_body.to_string());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    outcomes.push(match client.get(&host, "/").await {
+                        Ok(r) if r.status == 200 && r.body == expect => Ok(()),
+                        Ok(r) => Err(format!("{} {:?}", r.status, r.body)),
+                        Err(e) => Err(format!("{e:?}")),
+                    });
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                outcomes
+            }
+        });
+        GetLoop { stop, task }
+    }
+
+    /// Stops the loop; returns (requests sent, the failures).
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let outcomes = self.task.await.expect("GET loop task");
+        let n = outcomes.len();
+        (n, outcomes.into_iter().filter_map(Result::err).collect())
+    }
+}
+
 fn base_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
