@@ -75,8 +75,6 @@ pub fn due_domains(
 pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Metrics>) {
     let interval = Duration::from_secs(cfg.check_interval_secs);
     let renew_before = Duration::from_secs(cfg.renew_before_days * 86_400);
-    // Per-domain backoff after failures (in memory: a new leader starts fresh).
-    let mut retry_at: HashMap<String, (Instant, Duration)> = HashMap::new();
     let mut warned_at: HashMap<String, Instant> = HashMap::new();
     tokio::time::sleep(Duration::from_secs(1)).await;
     loop {
@@ -95,10 +93,11 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
                 })
             });
             for domain in due {
-                if retry_at
-                    .get(&domain)
-                    .is_some_and(|(at, _)| Instant::now() < *at)
-                {
+                // Backoff from the replicated failure count, so a new leader keeps it too.
+                let retry_at = node
+                    .sm
+                    .with_state(|s| s.acme.status.get(&domain).and_then(retry_at_unix_ms));
+                if retry_at.is_some_and(|at| unix_ms() < at) {
                     continue;
                 }
                 if !node.is_leader() {
@@ -106,21 +105,14 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
                 }
                 match issue(&node, &cfg, &domain).await {
                     Ok(()) => {
-                        retry_at.remove(&domain);
                         metrics.acme_order(true);
                         tracing::info!(domain, "ACME certificate issued");
                     }
                     Err(e) => {
                         metrics.acme_order(false);
-                        let backoff = retry_at
-                            .get(&domain)
-                            .map(|(_, b)| (*b * 2).min(MAX_RETRY))
-                            .unwrap_or(FIRST_RETRY);
-                        retry_at.insert(domain.clone(), (Instant::now() + backoff, backoff));
                         tracing::warn!(
                             domain,
-                            retry_in_secs = backoff.as_secs(),
-                            "ACME order failed (the current certificate, if any, stays): {e}"
+                            "ACME order failed (the current certificate, if any, stays; retried with backoff): {e}"
                         );
                         let _ = node
                             .write(Command::AcmeOrderFinished {
@@ -137,12 +129,23 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
     }
 }
 
+/// When a domain whose last order failed may be tried again: 30 s after the first failure,
+/// doubling up to 1 h.
+fn retry_at_unix_ms(status: &crate::state::AcmeStatus) -> Option<u64> {
+    if status.consecutive_failures == 0 {
+        return None;
+    }
+    let exp = (status.consecutive_failures - 1).min(16);
+    let backoff = FIRST_RETRY.saturating_mul(1 << exp).min(MAX_RETRY);
+    Some(status.last_attempt_unix_ms? + backoff.as_millis() as u64)
+}
+
 /// Logs, once a day per domain, certificates (manual or ACME) that expire within 30 days.
 fn warn_expiring(expiries: &[(String, i64)], warned_at: &mut HashMap<String, Instant>) {
     let now = (unix_ms() / 1000) as i64;
     for (domain, not_after) in expiries {
         let days_left = (not_after - now).div_euclid(86_400);
-        if days_left >= 30 {
+        if days_left >= crate::state::EXPIRY_WARNING_DAYS {
             continue;
         }
         if warned_at
@@ -173,7 +176,15 @@ async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account,
         }
         .map_err(|e| format!("ACME client: {e}"))
     };
-    if let Some(json) = node.sm.with_state(|s| s.acme.account.clone()) {
+    let stored = node.sm.with_state(|s| s.acme.account.clone());
+    // The credentials name their CA: a changed `directory_url`/`staging` needs a new account.
+    let same_ca = |json: &str| {
+        serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v["directory"].as_str().map(|d| d == directory_url(cfg)))
+            .unwrap_or(false)
+    };
+    if let Some(json) = stored.filter(|j| same_ca(j)) {
         let creds: AccountCredentials =
             serde_json::from_str(&json).map_err(|e| format!("stored ACME account: {e}"))?;
         return builder()?
@@ -199,6 +210,14 @@ async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account,
         serde_json::to_string(&creds).map_err(|e| format!("encoding the ACME account: {e}"))?;
     write(node, Command::SetAcmeAccount { credentials_json }).await?;
     Ok(account)
+}
+
+fn still_leader(node: &ClusterNode) -> Result<(), String> {
+    if node.is_leader() {
+        Ok(())
+    } else {
+        Err("this node lost the Raft leadership during the order".into())
+    }
 }
 
 async fn write(node: &ClusterNode, cmd: Command) -> Result<(), String> {
@@ -275,9 +294,7 @@ async fn order(
         node.wait_applied_by_members(node.last_applied(), Duration::from_secs(10))
             .await?;
         // A deposed leader stops here; the new one takes the domain over (its lease ends).
-        if !node.is_leader() {
-            return Err("this node lost the Raft leadership during the order".into());
-        }
+        still_leader(node)?;
         challenge
             .set_ready()
             .await
@@ -288,9 +305,7 @@ async fn order(
         .poll_ready(&retry)
         .await
         .map_err(|e| format!("waiting for validation: {e}"))?;
-    if !node.is_leader() {
-        return Err("this node lost the Raft leadership during the order".into());
-    }
+    still_leader(node)?;
     if status != OrderStatus::Ready {
         let detail = order
             .state()
@@ -329,6 +344,19 @@ mod tests {
                 names: vec![name.into()],
             }),
         }
+    }
+
+    #[test]
+    fn retry_backoff_doubles_from_30_s_to_1_h() {
+        let st = |failures, at| AcmeStatus {
+            consecutive_failures: failures,
+            last_attempt_unix_ms: Some(at),
+            ..Default::default()
+        };
+        assert_eq!(retry_at_unix_ms(&st(0, 1_000)), None);
+        assert_eq!(retry_at_unix_ms(&st(1, 1_000)), Some(31_000));
+        assert_eq!(retry_at_unix_ms(&st(2, 1_000)), Some(61_000));
+        assert_eq!(retry_at_unix_ms(&st(40, 1_000)), Some(3_601_000));
     }
 
     #[test]

@@ -852,12 +852,27 @@ impl Checker<'_> {
             cache_dir,
             directory_url,
             ca_bundle,
-            renew_before_days: self.int(
-                &raw.renew_before_days,
-                "lets_encrypt.renew_before_days",
-                30,
-                1,
-            )?,
+            renew_before_days: {
+                let days: u64 = self.int(
+                    &raw.renew_before_days,
+                    "lets_encrypt.renew_before_days",
+                    30,
+                    1,
+                )?;
+                if days > 365 {
+                    let span = raw
+                        .renew_before_days
+                        .as_ref()
+                        .map(Spanned::span)
+                        .unwrap_or_default();
+                    return Err(self.error(
+                        &span,
+                        "lets_encrypt.renew_before_days",
+                        format!("must be <= 365 (got {days})"),
+                    ));
+                }
+                days
+            },
             check_interval_secs: self.int(
                 &raw.check_interval_secs,
                 "lets_encrypt.check_interval_secs",
@@ -1134,6 +1149,13 @@ impl Checker<'_> {
                     (None, None)
                 }
             };
+            if tls == TlsMode::Acme && domain.starts_with("*.") {
+                return Err(self.error(
+                    &tls_span,
+                    &tls_field,
+                    format!("\"acme\" cannot issue a certificate for the wildcard {domain:?} (HTTP-01 validation); use tls = \"manual\""),
+                ));
+            }
             if tls == TlsMode::Acme && lets_encrypt.email.is_none() {
                 return Err(self.error(
                     &tls_span,
@@ -2088,6 +2110,18 @@ enabled_backends_tag = \"a\"
             2,
             "lets_encrypt.directory_url",
             "https://",
+        );
+        assert_err(
+            "[lets_encrypt]\nrenew_before_days = 400\n",
+            2,
+            "lets_encrypt.renew_before_days",
+            "<= 365",
+        );
+        assert_err(
+            "[lets_encrypt]\nemail = \"a@b.c\"\n[[virtual_hosts]]\ndomain = \"*.w.test\"\nenabled_backends_tag = \"a\"\ntls = \"acme\"\n",
+            6,
+            "virtual_hosts[0].tls",
+            "wildcard",
         );
         assert_err(
             "[lets_encrypt]\nrenew_before_days = 0\n",

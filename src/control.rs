@@ -194,11 +194,12 @@ impl ControlPlane {
                 Err(store::OpenError::Locked { .. }) if started.elapsed() < limit => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => {
+                Err(e @ store::OpenError::Locked { .. }) => {
                     return Err(e).with_context(|| {
                         format!("graceful upgrade: the old process did not release the store within {limit:?}")
                     })
                 }
+                Err(e) => return Err(e).context("graceful upgrade: opening the Raft store"),
             }
         }
     }

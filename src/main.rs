@@ -176,8 +176,34 @@ fn run(
     }
     let data_dir = cfg.cluster.data_dir.clone();
     create_private_dir(&data_dir)?;
+
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
+    let publisher: store::Publisher = {
+        let data = data.clone();
+        Arc::new(move |state| data.publish(state))
+    };
+    let store = if cli.upgrade {
+        // The running process holds the store until it exits: serve its state meanwhile.
+        let handoff = upgrade::fetch(
+            &upgrade::socket_path(&data_dir),
+            std::time::Duration::from_secs(10),
+        )?;
+        upgrade::adopt(&data, &handoff);
+        tracing::info!(
+            domains = handoff.state.domains.len(),
+            backends = handoff.state.backends.len(),
+            "graceful upgrade: serving the running process's state; send it SIGQUIT now"
+        );
+        None
+    } else {
+        // Loads the last known state before anything listens: the proxy serves it at once.
+        Some(store::open(&data_dir, publisher.clone()).context("opening the Raft store")?)
+    };
+
     // For operators (`kill -QUIT $(cat .../pingora-vhost.pid)`); Pingora writes it only when
-    // daemonized. A graceful upgrade's new process overwrites it with its own pid.
+    // daemonized. Written once this process owns the node (store opened or state handed over),
+    // so a mistaken second start cannot overwrite the running process's pid.
     let pid_file = data_dir.join("pingora-vhost.pid");
     {
         use std::io::Write;
@@ -192,36 +218,12 @@ fn run(
             .with_context(|| format!("writing {}", pid_file.display()))?;
     }
 
-    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
-    let publisher: store::Publisher = {
-        let data = data.clone();
-        Arc::new(move |state| data.publish(state))
-    };
-    let store = if cli.upgrade {
-        // The running process holds the store until it exits: serve its state meanwhile.
-        let handoff = upgrade::fetch(
-            &upgrade::socket_path(&data_dir),
-            std::time::Duration::from_secs(10),
-        )?;
-        upgrade::adopt(&data, &handoff, cfg.cluster.node_id);
-        tracing::info!(
-            domains = handoff.state.domains.len(),
-            backends = handoff.state.backends.len(),
-            "graceful upgrade: serving the running process's state; send it SIGQUIT now"
-        );
-        None
-    } else {
-        // Loads the last known state before anything listens: the proxy serves it at once.
-        Some(store::open(&data_dir, publisher.clone()).context("opening the Raft store")?)
-    };
-
     let conf = ServerConf {
         threads: cfg.proxy.threads,
         max_retries: 16,
         grace_period_seconds: Some(cfg.proxy.shutdown_grace_secs),
         graceful_shutdown_timeout_seconds: Some(2),
-        pid_file: data_dir.join("pingora-vhost.pid").display().to_string(),
+        pid_file: pid_file.display().to_string(),
         upgrade_sock: data_dir.join("upgrade.sock").display().to_string(),
         ..Default::default()
     };

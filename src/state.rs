@@ -120,7 +120,7 @@ pub enum Command {
         id: String,
         draining: bool,
     },
-    // ACME (new variants go last: log entries encode the variant by position).
+    // ACME.
     /// The cluster's ACME account (instant-acme credentials, JSON): every leader uses it.
     SetAcmeAccount {
         credentials_json: String,
@@ -195,6 +195,9 @@ pub struct State {
     #[serde(default)]
     pub acme: AcmeState,
 }
+
+/// Certificates expiring within this many days are flagged in the API and logged.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Replicated ACME state: the account, the challenge answers, and per-domain order status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! proxies with that while it waits for the store; then the control plane opens the store,
 //! which replaces the handed-over state with the committed one.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 use crate::cluster::store::StateMachineStore;
-use crate::health::now_ms;
 use crate::proxy::DataPlane;
 use crate::state::State;
 
@@ -26,8 +26,12 @@ use crate::state::State;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Handoff {
     pub state: State,
-    /// Backends the old process's merged health view avoided.
-    pub avoided_backends: Vec<String>,
+    /// Backends this node's own probes or breakers had down.
+    #[serde(default)]
+    pub locally_down: Vec<String>,
+    /// Backends live peers reported down, and which peers.
+    #[serde(default)]
+    pub peers_down: BTreeMap<String, Vec<u64>>,
 }
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -60,25 +64,35 @@ pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
                 continue;
             }
         };
+        let runtimes = data.backends.all();
         let handoff = Handoff {
             state: sm.with_state(State::clone),
-            avoided_backends: data
-                .backends
-                .all()
+            locally_down: runtimes
                 .iter()
-                .filter(|rt| !rt.health.merged_usable(now_ms()))
+                .filter(|rt| rt.health.local_verdict_down())
                 .map(|rt| rt.id.clone())
                 .collect(),
+            peers_down: runtimes
+                .iter()
+                .map(|rt| (rt.id.clone(), rt.health.report().peers_reporting_down))
+                .filter(|(_, peers)| !peers.is_empty())
+                .collect(),
         };
-        match serde_json::to_vec(&handoff) {
-            Ok(bytes) => {
-                use tokio::io::AsyncWriteExt;
-                if let Err(e) = stream.write_all(&bytes).await {
-                    tracing::warn!("graceful upgrade handoff: {e}");
+        // Each answer in its own task, bounded: a client that never reads blocks nothing.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let write = async {
+                let bytes = serde_json::to_vec(&handoff)?;
+                stream.write_all(&bytes).await
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(10), write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("graceful upgrade handoff: {e}"),
+                Err(_) => {
+                    tracing::warn!("graceful upgrade handoff: the reader did not read within 10 s")
                 }
             }
-            Err(e) => tracing::warn!("graceful upgrade handoff: encoding the state: {e}"),
-        }
+        });
     }
 }
 
@@ -100,13 +114,19 @@ pub fn fetch(path: &Path, timeout: Duration) -> anyhow::Result<Handoff> {
         .with_context(|| format!("--upgrade: decoding the state from {}", path.display()))
 }
 
-/// Makes the data plane serve the handed-over state, avoiding what the old process avoided
-/// until this node's own health plane runs.
-pub fn adopt(data: &DataPlane, handoff: &Handoff, node_id: u64) {
+/// Makes the data plane serve the handed-over state with the old process's health view: its
+/// own "down" verdicts stay until this process's probes clear them, its peers' until gossip
+/// brings theirs.
+pub fn adopt(data: &DataPlane, handoff: &Handoff) {
     data.publish(&handoff.state);
-    for id in &handoff.avoided_backends {
+    for id in &handoff.locally_down {
         if let Some(rt) = data.backends.get(id) {
-            rt.health.set_peers_down(vec![node_id]);
+            rt.health.assume_down();
+        }
+    }
+    for (id, peers) in &handoff.peers_down {
+        if let Some(rt) = data.backends.get(id) {
+            rt.health.set_peers_down(peers.clone());
         }
     }
     // The old process's view stands in for the peers' until gossip runs here.

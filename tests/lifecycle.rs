@@ -236,8 +236,13 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
     let origin = Backend::start("ORIGIN").await;
     let mut node = Node::start(NodeOptions::new().proxy("shutdown_grace_secs = 1")).await;
     node.add_backend("o", &origin.address(), &["a"]).await;
+    // A dead backend in the same pool, known down before the upgrade: the new process must
+    // inherit that verdict, not rediscover it with client requests.
+    node.add_backend("dead", &dead_address(), &["a"]).await;
     node.add_domain("upgrade.test", "a").await;
     node.wait_route("upgrade.test", "/", "ORIGIN").await;
+    node.wait_backend_health("dead", false, Duration::from_secs(15))
+        .await;
 
     // Clients keep coming, each on a new connection, through the whole handover.
     let load = GetLoop::start(node.proxy_client(), "upgrade.test", "ORIGIN");
@@ -281,7 +286,14 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
     node.wait_route("after-upgrade.test", "/", "ORIGIN").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // Past the new process's first health ticks, with traffic still flowing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (sent, failed) = load.finish().await;
+    let (_, dead) = node.api_get("/api/v1/backends/dead").await;
+    assert_eq!(
+        dead["requests"], 0,
+        "the new process sent requests to a backend the old one knew was down: {dead:#}"
+    );
     eprintln!(
         "graceful upgrade: old process exited {:?} after SIGQUIT; {sent} requests, {} failed",
         sent_at.elapsed(),

@@ -10,10 +10,7 @@ use serde_json::{json, Value};
 
 use super::{rfc3339, ApiError, ApiState};
 use crate::proxy::tls;
-use crate::state::{AcmeStatus, Command, Domain, TlsMode};
-
-/// Certificates expiring within this many days are flagged (as the seed design asks).
-const EXPIRY_WARNING_DAYS: i64 = 30;
+use crate::state::{AcmeStatus, Command, Domain, TlsMode, EXPIRY_WARNING_DAYS};
 
 fn now_secs() -> i64 {
     SystemTime::now()

@@ -57,6 +57,17 @@ fn parse_cert(body: &mut Body) -> Result<Option<CertPair>, ApiError> {
     }
 }
 
+/// ACME here is HTTP-01, which cannot issue wildcard certificates.
+fn acme_possible(domain: &str, tls: TlsMode) -> Result<(), ApiError> {
+    if tls == TlsMode::Acme && domain.starts_with("*.") {
+        return Err(ApiError::field(
+            "tls",
+            format!("\"acme\" cannot issue a certificate for the wildcard {domain:?} (HTTP-01 validation); use tls = \"manual\" with your own certificate"),
+        ));
+    }
+    Ok(())
+}
+
 fn lookup(state: &ApiState, name: &str) -> Result<Domain, ApiError> {
     let name = name.to_ascii_lowercase();
     state
@@ -106,6 +117,7 @@ pub async fn create(
             "is required with tls = \"manual\" (with key_pem)",
         ));
     }
+    acme_possible(&domain, tls_mode)?;
     let d = Domain {
         domain,
         enabled_backends_tag: tag,
@@ -144,6 +156,7 @@ pub async fn update(
     body.ignore("certificate");
     body.finish()?;
     let final_tls = tls_mode.unwrap_or(current.tls);
+    acme_possible(&current.domain, final_tls)?;
     if final_tls == TlsMode::Manual && cert.is_none() && current.cert.is_none() {
         return Err(ApiError::field(
             "cert_pem",

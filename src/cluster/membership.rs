@@ -87,10 +87,7 @@ async fn reconcile(node: &ClusterNode) -> anyhow::Result<()> {
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
 
     for peer in node.gossip.live_peers() {
-        if known.contains(&peer.node_id)
-            || peer.initialized
-            || node.was_removed_recently(peer.node_id)
-        {
+        if known.contains(&peer.node_id) || peer.initialized {
             continue;
         }
         if !node.verify_peer(&peer.rpc_addr).await {
@@ -150,13 +147,13 @@ pub async fn remove(node: &ClusterNode, id: NodeId) -> Result<(), String> {
     if !membership.nodes().any(|(n, _)| *n == id) {
         return Err(format!("node {id} is not a member"));
     }
-    node.mark_removed(id);
     if voters.contains(&id) {
         if voters.len() == 1 {
             return Err(format!(
                 "node {id} is the last voter; a cluster cannot remove its last voter"
             ));
         }
+        node.mark_removed(id);
         node.raft
             .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
             .await

@@ -87,8 +87,8 @@ pub struct ClusterNode {
     pub gossip: Arc<Gossip>,
     net: HttpNetwork,
     started: Instant,
-    /// Members this node removed recently (as leader): membership reconciliation must not add
-    /// or promote them again while they still run and gossip.
+    /// Voters this node removed recently (as leader): a removal passes through "learner", and
+    /// reconciliation must not promote them back meanwhile.
     recently_removed: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
 }
 

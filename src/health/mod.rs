@@ -131,6 +131,12 @@ impl BackendHealth {
         None
     }
 
+    /// Takes over a "down" verdict this node reached before (in the process a graceful upgrade
+    /// replaced): down until this node's own probes see the backend healthy again.
+    pub fn assume_down(&self) {
+        self.active.store(DOWN, Ordering::Release);
+    }
+
     pub fn set_peers_down(&self, peers: Vec<u64>) {
         self.peer_down.store(!peers.is_empty(), Ordering::Release);
         *self.peers_down.lock().unwrap_or_else(|p| p.into_inner()) = peers;

@@ -29,15 +29,35 @@ pub const PEER_VIEW_WAIT: Duration = Duration::from_secs(2);
 /// Opens once this node has its peers' health verdicts (or gave up waiting for them).
 /// The proxy checks one atomic per request; only requests in the first moments after a
 /// start ever wait.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerViewGate {
     open: AtomicBool,
     opened: Notify,
+    /// The gate opens by itself this long after the data plane was created, even if the
+    /// control plane is slow to start (ports still held, Raft loading).
+    deadline: Instant,
+}
+
+impl Default for PeerViewGate {
+    fn default() -> Self {
+        Self {
+            open: AtomicBool::new(false),
+            opened: Notify::new(),
+            deadline: Instant::now() + PEER_VIEW_WAIT,
+        }
+    }
 }
 
 impl PeerViewGate {
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Acquire)
+        if self.open.load(Ordering::Acquire) {
+            return true;
+        }
+        if Instant::now() >= self.deadline {
+            self.open();
+            return true;
+        }
+        false
     }
 
     pub fn open(&self) {
@@ -46,15 +66,17 @@ impl PeerViewGate {
         }
     }
 
-    /// Waits until the gate opens, at most `max` (the proxy never hangs on the control plane).
-    pub async fn wait(&self, max: Duration) {
+    /// Waits until the gate opens: when the peer view arrives, at the latest at the deadline.
+    pub async fn wait(&self) {
         let opened = self.opened.notified();
         tokio::pin!(opened);
         opened.as_mut().enable();
         if self.is_open() {
             return;
         }
-        let _ = tokio::time::timeout(max, opened).await;
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, opened).await;
+        self.open();
     }
 }
 
@@ -86,6 +108,7 @@ pub async fn run(
     let mut published: HashSet<String> = HashSet::new();
     let mut applied: PeerVerdicts = HashMap::new();
     let mut applied_generation = None;
+    let mut synced = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -114,18 +137,9 @@ pub async fn run(
             published = down_now.iter().map(|id| id.to_string()).collect();
         }
 
-        // Apply peers' verdicts: a full pass only when they or the set of backends changed.
-        let verdicts = merge(gossip.peer_keys(KEY_PREFIX));
-        if verdicts != applied || applied_generation != Some(generation) {
-            for rt in &runtimes {
-                rt.health
-                    .set_peers_down(verdicts.get(&rt.id).cloned().unwrap_or_default());
-            }
-            applied = verdicts;
-            applied_generation = Some(generation);
-        }
-
-        if !data.peer_view.is_open() {
+        // Until the peers are heard from, keep what the runtimes hold (nothing, or what a
+        // graceful upgrade handed over) rather than an empty view.
+        if !synced {
             let live = gossip.live_peer_ids();
             let missing = other_members()
                 .iter()
@@ -138,9 +152,24 @@ pub async fn run(
                         "routing on this node's own health view: {missing} member(s) not seen in gossip after {PEER_VIEW_WAIT:?}"
                     );
                 }
-                data.peer_view.open();
+                synced = true;
             }
         }
+        if !synced {
+            continue;
+        }
+
+        // Apply peers' verdicts: a full pass only when they or the set of backends changed.
+        let verdicts = merge(gossip.peer_keys(KEY_PREFIX));
+        if verdicts != applied || applied_generation != Some(generation) {
+            for rt in &runtimes {
+                rt.health
+                    .set_peers_down(verdicts.get(&rt.id).cloned().unwrap_or_default());
+            }
+            applied = verdicts;
+            applied_generation = Some(generation);
+        }
+        data.peer_view.open();
     }
 }
 
@@ -164,21 +193,26 @@ mod tests {
         assert_eq!(v.len(), 2);
     }
 
-    #[tokio::test]
-    async fn gate_releases_waiters_when_opened_and_caps_the_wait() {
-        let gate = Arc::new(PeerViewGate::default());
-        let t = Instant::now();
-        gate.wait(Duration::from_millis(50)).await;
-        assert!(
-            t.elapsed() >= Duration::from_millis(50),
-            "closed gate waits the cap"
-        );
+    fn gate_with_deadline(after: Duration) -> PeerViewGate {
+        PeerViewGate {
+            deadline: Instant::now() + after,
+            ..Default::default()
+        }
+    }
 
+    #[tokio::test]
+    async fn gate_releases_waiters_when_opened_and_opens_itself_at_the_deadline() {
+        let gate = gate_with_deadline(Duration::from_millis(50));
+        assert!(!gate.is_open());
+        gate.wait().await;
+        assert!(gate.is_open(), "the deadline opens the gate");
+
+        let gate = Arc::new(gate_with_deadline(Duration::from_secs(30)));
         let waiter = tokio::spawn({
             let gate = gate.clone();
             async move {
                 let t = Instant::now();
-                gate.wait(Duration::from_secs(30)).await;
+                gate.wait().await;
                 t.elapsed()
             }
         });
@@ -189,7 +223,6 @@ mod tests {
             waited < Duration::from_secs(30),
             "opening releases the waiter"
         );
-        assert!(gate.is_open());
-        gate.wait(Duration::from_secs(30)).await; // open: returns at once
+        gate.wait().await; // open: returns at once
     }
 }

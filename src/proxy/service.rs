@@ -20,9 +20,6 @@ use crate::observability::Metrics;
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// Cap on a request's wait for the peer view (the control plane opens it sooner).
-const PEER_VIEW_WAIT_MAX: Duration = Duration::from_secs(3);
-
 pub struct VhostProxy {
     pub data: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
@@ -149,7 +146,7 @@ impl ProxyHttp for VhostProxy {
         if !self.data.peer_view.is_open() {
             // Just started: peers' health verdicts are a gossip round away. Waiting briefly
             // beats sending this request to a backend the cluster knows is down.
-            self.data.peer_view.wait(PEER_VIEW_WAIT_MAX).await;
+            self.data.peer_view.wait().await;
         }
         ctx.route = Some(route);
         Ok(false)
