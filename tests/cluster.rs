@@ -1030,11 +1030,7 @@ async fn graceful_upgrade_of_a_member_under_traffic() {
 
     let load = GetLoop::start(cluster.node(follower).proxy_client(), "up.test", "web-a");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut old = cluster.node_mut(follower).upgrade_in_place();
-    let old_exit = tokio::task::spawn_blocking(move || old.wait())
-        .await
-        .expect("join")
-        .expect("wait for the old process");
+    let old_exit = cluster.node_mut(follower).upgrade_and_wait_old().await;
     assert_eq!(
         old_exit.code(),
         Some(0),

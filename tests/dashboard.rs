@@ -207,6 +207,14 @@ impl Browser {
         }
     }
 
+    /// Clicks the first button in the element `target` (a JS expression), then waits until
+    /// `condition` holds in the page.
+    async fn click_and_wait(&mut self, target: &str, condition: &str, what: &str) {
+        self.eval(&format!("{target}.querySelector('button').click(); true"))
+            .await;
+        self.wait_until(condition, what).await;
+    }
+
     /// Polls `condition` (a JS expression) in the page until it is true.
     async fn wait_until(&mut self, condition: &str, what: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -253,12 +261,8 @@ async fn dashboard_buttons_switch_a_domain_and_drain_a_backend() {
     // The operator confirms the dialog.
     page.eval("window.confirm = () => true; true").await;
 
-    page.eval(&format!(
-        "{}.querySelector('button').click(); true",
-        row("domains", "cut.test")
-    ))
-    .await;
-    page.wait_until(
+    page.click_and_wait(
+        &row("domains", "cut.test"),
         &format!(
             "{}.cells[1].textContent === 'b'",
             row("domains", "cut.test")
@@ -275,12 +279,8 @@ async fn dashboard_buttons_switch_a_domain_and_drain_a_backend() {
         "traffic follows the switch"
     );
 
-    page.eval(&format!(
-        "{}.querySelector('button').click(); true",
-        row("backends", "green")
-    ))
-    .await;
-    page.wait_until(
+    page.click_and_wait(
+        &row("backends", "green"),
         &format!(
             "{}.cells[3].textContent === 'draining'",
             row("backends", "green")
@@ -290,12 +290,8 @@ async fn dashboard_buttons_switch_a_domain_and_drain_a_backend() {
     .await;
     let (_, b) = node.api_get("/api/v1/backends/green").await;
     assert_eq!(b["draining"], true, "{b}");
-    page.eval(&format!(
-        "{}.querySelector('button').click(); true",
-        row("backends", "green")
-    ))
-    .await;
-    page.wait_until(
+    page.click_and_wait(
+        &row("backends", "green"),
         &format!("{}.cells[3].textContent === 'up'", row("backends", "green")),
         "the undrained backend shown",
     )

@@ -255,12 +255,8 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
         old_pid.to_string(),
         "the pid file names the running process"
     );
-    let mut old = node.upgrade_in_place();
     let sent_at = Instant::now();
-    let old_exit = tokio::task::spawn_blocking(move || old.wait())
-        .await
-        .expect("join")
-        .expect("wait for the old process");
+    let old_exit = node.upgrade_and_wait_old().await;
     assert_eq!(
         old_exit.code(),
         Some(0),
@@ -295,7 +291,7 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
         "the new process sent requests to a backend the old one knew was down: {dead:#}"
     );
     eprintln!(
-        "graceful upgrade: old process exited {:?} after SIGQUIT; {sent} requests, {} failed",
+        "graceful upgrade: old process exited {:?} after the upgrade began (SIGQUIT 0.5 s in); {sent} requests, {} failed",
         sent_at.elapsed(),
         failed.len()
     );

@@ -647,6 +647,15 @@ timeout_secs = 1
         old
     }
 
+    /// [`Node::upgrade_in_place`], then waits for the old process to drain and exit.
+    pub async fn upgrade_and_wait_old(&mut self) -> ExitStatus {
+        let mut old = self.upgrade_in_place();
+        tokio::task::spawn_blocking(move || old.wait())
+            .await
+            .expect("join")
+            .expect("wait for the old process")
+    }
+
     fn spawn_process(&mut self, extra_args: &[&str]) -> Child {
         self.starts += 1;
         let banner = format!(
