@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
-use pingora::proxy::http_proxy_service;
+use pingora_core::services::listening::Service;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -16,6 +16,7 @@ use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};
 use pingora_vhost::control::ControlPlane;
 use pingora_vhost::observability::{logging, Metrics};
+use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
 use pingora_vhost::proxy::DataPlane;
@@ -241,7 +242,9 @@ fn run(
         read_timeout: std::time::Duration::from_secs(cfg.proxy.upstream_read_timeout_secs),
         https_port: cfg.proxy.listen_addr.port(),
     };
-    let mut proxy_service = http_proxy_service(&server.configuration, proxy);
+    // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
+    let app = VhostApp::new(proxy, &server.configuration);
+    let mut proxy_service = Service::new("proxy".to_string(), app);
     proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
     let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;
     tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));

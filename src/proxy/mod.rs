@@ -1,8 +1,14 @@
-//! Data plane: the Pingora proxy, its routing table and certificate map.
+//! Data plane: the HTTP/1 request path (`h1`) and Pingora's full proxy behind it (`service`),
+//! their routing table and certificate map.
 //!
 //! The control plane calls [`DataPlane::publish`] after every applied Raft batch; the proxy
 //! only ever `load()`s the current snapshots.
 
+pub mod answers;
+mod chunked;
+pub mod h1;
+mod pool;
+mod replay;
 pub mod service;
 pub mod table;
 pub mod tls;

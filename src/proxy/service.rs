@@ -12,13 +12,13 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
+use super::answers::{self, ACME_CHALLENGE_PREFIX};
 use super::table::{Route, Upstream};
 use super::DataPlane;
 use crate::health::breaker::Failure;
 use crate::health::now_ms;
 use crate::observability::Metrics;
 
-const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 pub struct VhostProxy {
     pub data: Arc<DataPlane>,
@@ -50,31 +50,18 @@ impl Ctx {
     }
 }
 
-/// Host of the request: `:authority` (h2) or `Host`, lower-cased, without port or final dot.
+/// Host of the request: `:authority` (h2) or `Host`, normalised for routing.
 fn request_host(req: &RequestHeader) -> String {
     let raw = req
         .uri
         .host()
-        .map(str::to_string)
         .or_else(|| {
             req.headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
         })
         .unwrap_or_default();
-    let without_port = if raw.starts_with('[') {
-        // IPv6 literal: keep the brackets' content as is.
-        raw.split(']')
-            .next()
-            .map(|s| format!("{s}]"))
-            .unwrap_or(raw.clone())
-    } else {
-        raw.rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or(raw.clone())
-    };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    answers::normalize_host(raw)
 }
 
 async fn respond_plain(session: &mut Session, status: u16, body: String) -> Result<()> {
@@ -117,11 +104,7 @@ impl ProxyHttp for VhostProxy {
             }
         }
         let Some(route) = table.lookup(&ctx.host).cloned() else {
-            let msg = format!(
-                "404 Not Found: no virtual host is configured for {:?}\n",
-                ctx.host
-            );
-            respond_plain(session, 404, msg).await?;
+            respond_plain(session, 404, answers::no_virtual_host(&ctx.host)).await?;
             return Ok(true);
         };
         let path = session.req_header().uri.path();
@@ -132,11 +115,7 @@ impl ProxyHttp for VhostProxy {
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
-            let port = match self.https_port {
-                443 => String::new(),
-                p => format!(":{p}"),
-            };
-            let location = format!("https://{}{}{}", ctx.host, port, pq);
+            let location = answers::https_location(&ctx.host, self.https_port, pq);
             let mut resp = ResponseHeader::build(301, Some(3))?;
             resp.insert_header("location", &location)?;
             resp.insert_header("content-length", "0")?;
@@ -159,21 +138,9 @@ impl ProxyHttp for VhostProxy {
         };
         let Some(pick) = route.pick(&ctx.tried) else {
             ctx.failure = Some(if ctx.tried.is_empty() {
-                (
-                    503,
-                    format!(
-                        "503 Service Unavailable: no healthy backend for {} (tag {:?})\n",
-                        route.domain, route.tag
-                    ),
-                )
+                (503, answers::no_healthy_backend(&route))
             } else {
-                (
-                    502,
-                    format!(
-                        "502 Bad Gateway: every backend of {} (tag {:?}) failed to connect\n",
-                        route.domain, route.tag
-                    ),
-                )
+                (502, answers::every_backend_failed(&route))
             });
             return Err(Error::new(ErrorType::HTTPStatus(
                 ctx.failure.as_ref().map(|f| f.0).unwrap_or(502),
@@ -325,28 +292,14 @@ impl ProxyHttp for VhostProxy {
                 | (ErrorType::ConnectRefused, _)
                 | (ErrorType::ConnectNoRoute, _)
                 | (ErrorType::ConnectError, _)
-                | (ErrorType::TLSHandshakeFailure, _) => (
-                    502,
-                    format!(
-                        "502 Bad Gateway: could not connect to any backend for {}\n",
-                        ctx.host
-                    ),
-                ),
+                | (ErrorType::TLSHandshakeFailure, _) => (502, answers::could_not_connect(&ctx.host)),
                 (ErrorType::ReadTimedout, ErrorSource::Upstream)
-                | (ErrorType::WriteTimedout, ErrorSource::Upstream) => (
-                    504,
-                    format!(
-                        "504 Gateway Timeout: the backend for {} did not answer in time\n",
-                        ctx.host
-                    ),
-                ),
+                | (ErrorType::WriteTimedout, ErrorSource::Upstream) => {
+                    (504, answers::backend_timed_out(&ctx.host))
+                }
                 (_, ErrorSource::Upstream) => (
                     502,
-                    format!(
-                        "502 Bad Gateway: the backend for {} failed: {}\n",
-                        ctx.host,
-                        e.etype().as_str()
-                    ),
+                    answers::backend_failed(&ctx.host, e.etype().as_str()),
                 ),
                 (
                     ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,

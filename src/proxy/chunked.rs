@@ -1,0 +1,186 @@
+//! Finds where a `Transfer-Encoding: chunked` body ends, without decoding it: the fast HTTP/1
+//! path relays chunked responses byte for byte and needs to know when the message is over to
+//! keep both connections alive.
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed chunked body")]
+pub struct MalformedChunked;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Hex digits of a chunk size.
+    Size { digits: u8 },
+    /// Chunk extension after `;`, up to the line end.
+    Extension,
+    /// Saw CR at the end of the size line.
+    SizeLf,
+    /// Inside chunk data.
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Inside a trailer field line.
+    Trailer,
+    TrailerLf { last: bool },
+    Done,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChunkedTracker {
+    phase: Phase,
+    size: u64,
+    remaining: u64,
+}
+
+impl Default for ChunkedTracker {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Size { digits: 0 },
+            size: 0,
+            remaining: 0,
+        }
+    }
+}
+
+impl ChunkedTracker {
+    /// Feeds the next bytes of the body. Returns `Some(n)` when the body ends after the first
+    /// `n` bytes of `data`, `None` when more bytes are needed.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, MalformedChunked> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.phase {
+                Phase::Done => return Ok(Some(i)),
+                Phase::Data => {
+                    let take = (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                    i += take;
+                    self.remaining -= take as u64;
+                    if self.remaining == 0 {
+                        self.phase = Phase::DataCr;
+                    }
+                    continue;
+                }
+                Phase::Size { digits } => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if digits >= 15 {
+                            return Err(MalformedChunked);
+                        }
+                        let v = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = self.size * 16 + v;
+                        self.phase = Phase::Size { digits: digits + 1 };
+                    }
+                    b';' | b' ' | b'\t' if digits > 0 => self.phase = Phase::Extension,
+                    b'\r' if digits > 0 => self.phase = Phase::SizeLf,
+                    _ => return Err(MalformedChunked),
+                },
+                Phase::Extension => {
+                    if b == b'\r' {
+                        self.phase = Phase::SizeLf;
+                    } else if b == b'\n' {
+                        return Err(MalformedChunked);
+                    }
+                }
+                Phase::SizeLf => {
+                    if b != b'\n' {
+                        return Err(MalformedChunked);
+                    }
+                    if self.size == 0 {
+                        self.phase = Phase::TrailerStart;
+                    } else {
+                        self.remaining = self.size;
+                        self.phase = Phase::Data;
+                    }
+                    self.size = 0;
+                }
+                Phase::DataCr => {
+                    if b != b'\r' {
+                        return Err(MalformedChunked);
+                    }
+                    self.phase = Phase::DataLf;
+                }
+                Phase::DataLf => {
+                    if b != b'\n' {
+                        return Err(MalformedChunked);
+                    }
+                    self.phase = Phase::Size { digits: 0 };
+                }
+                Phase::TrailerStart => {
+                    self.phase = if b == b'\r' {
+                        Phase::TrailerLf { last: true }
+                    } else if b == b'\n' {
+                        return Err(MalformedChunked);
+                    } else {
+                        Phase::Trailer
+                    };
+                }
+                Phase::Trailer => {
+                    if b == b'\r' {
+                        self.phase = Phase::TrailerLf { last: false };
+                    }
+                }
+                Phase::TrailerLf { last } => {
+                    if b != b'\n' {
+                        return Err(MalformedChunked);
+                    }
+                    if last {
+                        self.phase = Phase::Done;
+                        return Ok(Some(i + 1));
+                    }
+                    self.phase = Phase::TrailerStart;
+                }
+            }
+            i += 1;
+        }
+        Ok(if self.phase == Phase::Done { Some(i) } else { None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_of(body: &[u8]) -> Result<Option<usize>, MalformedChunked> {
+        ChunkedTracker::default().feed(body)
+    }
+
+    #[test]
+    fn finds_the_end_of_simple_bodies() {
+        assert_eq!(end_of(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(end_of(b"5\r\nhello\r\n0\r\n\r\nNEXT"), Ok(Some(15)));
+        assert_eq!(end_of(b"A;name=v\r\n0123456789\r\n0\r\n\r\n"), Ok(Some(27)));
+        assert_eq!(end_of(b"1\r\nx\r\n0\r\nExpires: never\r\nX: y\r\n\r\n"), Ok(Some(33)));
+    }
+
+    #[test]
+    fn needs_more_until_the_last_line() {
+        assert_eq!(end_of(b"5\r\nhel"), Ok(None));
+        assert_eq!(end_of(b"0\r\n\r"), Ok(None));
+        assert_eq!(end_of(b"0\r\nTrailer: x\r\n"), Ok(None));
+    }
+
+    #[test]
+    fn same_result_fed_one_byte_at_a_time() {
+        let body = b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n";
+        for split in 0..body.len() {
+            let mut t = ChunkedTracker::default();
+            let first = t.feed(&body[..split]).unwrap();
+            assert_eq!(first, None, "split {split}");
+            assert_eq!(t.feed(&body[split..]).unwrap(), Some(body.len() - split));
+        }
+        let mut t = ChunkedTracker::default();
+        for (i, b) in body.iter().enumerate() {
+            let r = t.feed(std::slice::from_ref(b)).unwrap();
+            assert_eq!(r.is_some(), i == body.len() - 1);
+        }
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert_eq!(end_of(b"zz\r\n"), Err(MalformedChunked));
+        assert_eq!(end_of(b"\r\n"), Err(MalformedChunked));
+        assert_eq!(end_of(b"3\r\nabcX"), Err(MalformedChunked));
+        assert_eq!(end_of(b"3\nabc"), Err(MalformedChunked));
+        assert_eq!(end_of(b"ffffffffffffffff0\r\n"), Err(MalformedChunked));
+    }
+}

@@ -1,0 +1,993 @@
+//! The HTTP/1.1 request path: a lean keep-alive loop over Pingora's listeners.
+//!
+//! Pingora accepts the connections (TCP and TLS, graceful upgrade, shutdown). For HTTP/1.1
+//! requests of the common shapes — no body or a `Content-Length` body, no upgrade, no
+//! `Expect` — this module parses the head once with `httparse`, writes the upstream request
+//! into a reused buffer and relays the response bytes as they come, over idle backend
+//! connections kept per worker thread (`pool`). Everything else (HTTP/2, websockets and other
+//! upgrades, chunked request bodies, HTTP/1.0, malformed requests) is handed, with the bytes
+//! already read, to Pingora's full proxy running the same rules (`service::VhostProxy`).
+//!
+//! Why: Pingora's general HTTP/1 path costs ~13 µs of user-space CPU per proxied request on
+//! the benchmark machine; the routing rules themselves are ~1 % of that (bench/README.md).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::answers::{self, ACME_CHALLENGE_PREFIX};
+use super::chunked::ChunkedTracker;
+use super::replay::Replayed;
+use super::service::VhostProxy;
+use super::table::{BackendRuntime, Route};
+use super::{pool, DataPlane};
+use crate::health::breaker::Failure;
+use crate::health::now_ms;
+use crate::observability::Metrics;
+
+/// Largest request or response head read; a bigger request goes to Pingora's path.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 96;
+/// Request bodies up to this size are read before sending, so a failed attempt can be sent
+/// again (to a fresh connection or another backend). Larger bodies stream, without retry.
+const REPLAY_LIMIT: usize = 64 * 1024;
+/// Idle time allowed between two requests on a client connection (Pingora's default).
+const CLIENT_IDLE: Duration = Duration::from_secs(60);
+/// Attempts per request (Pingora's `max_retries` in this binary).
+const MAX_ATTEMPTS: usize = 16;
+const RELAY_CHUNK: usize = 64 * 1024;
+
+pub struct VhostApp {
+    fallback: Arc<HttpProxy<VhostProxy>>,
+    data: Arc<DataPlane>,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    https_port: u16,
+}
+
+impl VhostApp {
+    pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
+        let data = proxy.data.clone();
+        let metrics = proxy.metrics.clone();
+        let (connect_timeout, read_timeout, https_port) =
+            (proxy.connect_timeout, proxy.read_timeout, proxy.https_port);
+        let mut fallback = HttpProxy::new(proxy, conf.clone());
+        fallback.handle_init_modules();
+        Self {
+            fallback: Arc::new(fallback),
+            data,
+            metrics,
+            connect_timeout,
+            read_timeout,
+            https_port,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for VhostApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.fallback.process_new(stream, shutdown).await;
+        }
+        let mut client = Client::new(stream);
+        if self.serve(&mut client, shutdown).await == End::HandOver {
+            let (stream, unread) = client.into_parts();
+            let replayed: Stream = Box::new(Replayed::new(unread, stream));
+            return self.fallback.process_new(replayed, shutdown).await;
+        }
+        let _ = client.stream.flush().await;
+        pingora_core::protocols::Shutdown::shutdown(client.stream.as_mut()).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.fallback.cleanup().await;
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The connection is finished (closed by either side, or after a `close` answer).
+    Close,
+    /// Pingora's proxy takes over the connection, starting with the unread bytes.
+    HandOver,
+}
+
+/// One client connection: the stream and the bytes read from it but not yet consumed.
+struct Client {
+    stream: Stream,
+    buf: Vec<u8>,
+    filled: usize,
+    tls: bool,
+    client_ip: Option<String>,
+    /// Upstream request (or our own answer) being built.
+    out: Vec<u8>,
+    /// Response head rewritten for the client, when it cannot pass through as it came.
+    resp_head: Vec<u8>,
+    /// Response bytes read from the backend.
+    resp: Vec<u8>,
+}
+
+impl Client {
+    fn new(stream: Stream) -> Self {
+        let tls = stream.get_ssl_digest().is_some();
+        let client_ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()));
+        Self {
+            stream,
+            buf: vec![0; 8 * 1024],
+            filled: 0,
+            tls,
+            client_ip,
+            out: Vec::with_capacity(2048),
+            resp_head: Vec::new(),
+            resp: vec![0; 16 * 1024],
+        }
+    }
+
+    fn into_parts(self) -> (Stream, Bytes) {
+        let unread = Bytes::copy_from_slice(&self.buf[..self.filled]);
+        (self.stream, unread)
+    }
+
+    /// Drops the first `n` buffered bytes (a request that has been handled).
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.filled);
+        self.buf.copy_within(n..self.filled, 0);
+        self.filled -= n;
+    }
+
+    /// Reads more bytes; `Ok(0)` at end of stream. Grows the buffer up to `limit`.
+    async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        if self.filled == self.buf.len() {
+            let grown = (self.buf.len() * 2).min(limit.max(self.buf.len()));
+            if grown == self.buf.len() {
+                return Err(io::Error::other("buffer limit reached"));
+            }
+            self.buf.resize(grown, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+        self.filled += n;
+        Ok(n)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+}
+
+/// What the head of a request says, once parsed.
+struct RequestHead {
+    head_len: usize,
+    content_length: usize,
+    host: String,
+    /// Request target (origin form), as a range of the client buffer.
+    target: std::ops::Range<usize>,
+    idempotent: bool,
+    head_method: bool,
+    /// The client asked to close after this request.
+    close: bool,
+}
+
+enum Parsed {
+    Partial,
+    HandOver,
+    Request(RequestHead),
+}
+
+/// Parses a request head from `buf` and writes the upstream request head into `out`.
+fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bool) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Pingora's parser answers malformed requests (400) and takes the rare ones.
+        Err(_) => return Parsed::HandOver,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::HandOver;
+    };
+    if !target.starts_with('/') || method == "CONNECT" {
+        return Parsed::HandOver;
+    }
+    let target_start = target.as_ptr() as usize - buf.as_ptr() as usize;
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut host: Option<&[u8]> = None;
+    let mut content_length: Option<usize> = None;
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        let copy = match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => {
+                if host.replace(h.value).is_some() {
+                    return Parsed::HandOver;
+                }
+                true
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let parsed = std::str::from_utf8(h.value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok());
+                match (parsed, content_length) {
+                    (Some(n), None) => content_length = Some(n),
+                    _ => return Parsed::HandOver,
+                }
+                true
+            }
+            10 if name.eq_ignore_ascii_case("connection") => {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        // Upgrade, or hop-by-hop headers named by the client.
+                        return Parsed::HandOver;
+                    }
+                }
+                false
+            }
+            15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
+                if forwarded_for.replace(h.value).is_some() {
+                    return Parsed::HandOver;
+                }
+                false
+            }
+            16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
+            17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => return Parsed::HandOver,
+            7 if name.eq_ignore_ascii_case("upgrade") => return Parsed::HandOver,
+            6 if name.eq_ignore_ascii_case("expect") => return Parsed::HandOver,
+            10 if name.eq_ignore_ascii_case("keep-alive") => false,
+            16 if name.eq_ignore_ascii_case("proxy-connection") => false,
+            2 if name.eq_ignore_ascii_case("te") => false,
+            7 if name.eq_ignore_ascii_case("trailer") => false,
+            _ => true,
+        };
+        if copy {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let Some(host_raw) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return Parsed::HandOver;
+    };
+    let host = answers::normalize_host(host_raw.trim());
+
+    if let Some(ip) = client_ip {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        if let Some(prev) = forwarded_for.filter(|p| !p.is_empty()) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if let Some(prev) = forwarded_for {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(if tls {
+        b"X-Forwarded-Proto: https\r\n".as_slice()
+    } else {
+        b"X-Forwarded-Proto: http\r\n".as_slice()
+    });
+    out.extend_from_slice(b"X-Forwarded-Host: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+
+    Parsed::Request(RequestHead {
+        head_len,
+        content_length: content_length.unwrap_or(0),
+        host,
+        target: target_start..target_start + target.len(),
+        idempotent: matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"),
+        head_method: method == "HEAD",
+        close,
+    })
+}
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+struct ResponseHead {
+    head_len: usize,
+    status: u16,
+    framing: Framing,
+    /// The backend keeps the connection open after this response.
+    keep_alive: bool,
+    /// The head can go to the client as the backend sent it.
+    pass_through: bool,
+}
+
+enum ParsedResponse {
+    Partial,
+    Invalid(&'static str),
+    Response(ResponseHead),
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case("connection")
+        || name.eq_ignore_ascii_case("keep-alive")
+        || name.eq_ignore_ascii_case("proxy-connection")
+}
+
+/// Parses a response head. When it cannot pass through unchanged (HTTP/1.0, hop-by-hop
+/// headers, or `close_client`), writes the head to send to the client into `out`.
+fn parse_response(
+    buf: &[u8],
+    head_method: bool,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> ParsedResponse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return ParsedResponse::Partial,
+        Err(_) => return ParsedResponse::Invalid("InvalidHTTPHeader"),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return ParsedResponse::Invalid("InvalidHTTPHeader");
+    };
+    let mut keep_alive = version == 1;
+    let mut hop_by_hop = false;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .and_then(|v| v.parse::<u64>().ok());
+            match (parsed, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return ParsedResponse::Invalid("InvalidHTTPHeader"),
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides; anything but chunked is read until close.
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"").trim_ascii();
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            other_coding = !chunked;
+        } else if is_hop_by_hop(h.name) {
+            hop_by_hop = true;
+            if h.name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    }
+                }
+            }
+        }
+    }
+    let framing = if head_method || status == 204 || status == 304 || (100..200).contains(&status)
+    {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if other_coding {
+        Framing::UntilClose
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+    let close_client = close_client || framing == Framing::UntilClose;
+    let pass_through = version == 1 && !hop_by_hop && !close_client;
+    if !pass_through {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in resp.headers.iter() {
+            if !is_hop_by_hop(h.name) {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if close_client {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    ParsedResponse::Response(ResponseHead {
+        head_len,
+        status,
+        framing,
+        keep_alive,
+        pass_through,
+    })
+}
+
+/// Counts a request in flight on the node for as long as it lives.
+struct NodeInFlight<'a>(&'a DataPlane);
+
+impl<'a> NodeInFlight<'a> {
+    fn new(node: &'a DataPlane) -> Self {
+        node.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(node)
+    }
+}
+
+impl Drop for NodeInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts the request on the backend of the current attempt (drain and stats read it).
+#[derive(Default)]
+struct BackendInFlight<'a>(Option<&'a BackendRuntime>);
+
+impl<'a> BackendInFlight<'a> {
+    fn set(&mut self, backend: &'a BackendRuntime) {
+        self.clear();
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.requests.fetch_add(1, Ordering::Relaxed);
+        self.0 = Some(backend);
+    }
+
+    fn clear(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for BackendInFlight<'_> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Why an attempt on one backend failed.
+enum AttemptError {
+    /// The client went away or sent less than it announced: nothing to answer.
+    Client,
+    /// Could not open a connection to the backend.
+    Connect,
+    /// The backend failed before answering (`what` names how, for the 502 body).
+    Upstream { what: &'static str, reused: bool },
+    Timeout,
+}
+
+/// How a request ended, for the client connection.
+enum Outcome {
+    KeepAlive,
+    Close,
+}
+
+impl VhostApp {
+    async fn serve(&self, client: &mut Client, shutdown: &ShutdownWatch) -> End {
+        let mut shutdown = shutdown.clone();
+        loop {
+            let head = match self.read_head(client, &mut shutdown).await {
+                Ok(head) => head,
+                Err(end) => return end,
+            };
+            let _in_flight = NodeInFlight::new(&self.data);
+            let (status, outcome) = self.handle(client, &head).await;
+            self.metrics.request_done(status);
+            match outcome {
+                Outcome::KeepAlive if !head.close && !*shutdown.borrow() => {}
+                _ => return End::Close,
+            }
+        }
+    }
+
+    /// Waits for the next complete request head.
+    async fn read_head(
+        &self,
+        client: &mut Client,
+        shutdown: &mut ShutdownWatch,
+    ) -> Result<RequestHead, End> {
+        loop {
+            if client.filled > 0 {
+                match parse_request(
+                    &client.buf[..client.filled],
+                    &mut client.out,
+                    client.client_ip.as_deref(),
+                    client.tls,
+                ) {
+                    Parsed::Request(head) => return Ok(head),
+                    Parsed::HandOver => return Err(End::HandOver),
+                    Parsed::Partial if client.filled >= MAX_HEAD => return Err(End::HandOver),
+                    Parsed::Partial => {}
+                }
+            } else if *shutdown.borrow() {
+                return Err(End::Close);
+            }
+            let read = if client.filled == 0 {
+                // Idle keep-alive connection: shutdown closes it.
+                tokio::select! {
+                    biased;
+                    r = pingora_timeout::timeout(CLIENT_IDLE, client.read_more(MAX_HEAD)) => r,
+                    _ = shutdown.changed() => return Err(End::Close),
+                }
+            } else {
+                pingora_timeout::timeout(CLIENT_IDLE, client.read_more(MAX_HEAD)).await
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                // End of stream, error, idle timeout or a head over MAX_HEAD (handled above).
+                _ if client.filled >= MAX_HEAD => return Err(End::HandOver),
+                _ => return Err(End::Close),
+            }
+        }
+    }
+
+    /// Answers one request; returns the status sent (0 when none) and what comes next.
+    async fn handle(&self, client: &mut Client, head: &RequestHead) -> (u16, Outcome) {
+        // Everything that reads the request target, before the client buffer moves on.
+        let (acme_answer, route, redirect) = {
+            let target = std::str::from_utf8(&client.buf[head.target.clone()]).unwrap_or("/");
+            let path = target.split('?').next().unwrap_or("");
+            let table = self.data.routes.load();
+            let acme_path = path.starts_with(ACME_CHALLENGE_PREFIX);
+            let acme_answer = path
+                .strip_prefix(ACME_CHALLENGE_PREFIX)
+                .and_then(|token| table.challenge(token))
+                .map(str::to_string);
+            let route = table.lookup(&head.host).cloned();
+            let redirect = match &route {
+                Some(r) if !client.tls && r.http_to_https && !acme_path => Some(
+                    answers::https_location(&head.host, self.https_port, target),
+                ),
+                _ => None,
+            };
+            (acme_answer, route, redirect)
+        };
+        // An answer of ours leaves any request body unread: close unless there is none.
+        let own_answer_outcome = if head.content_length == 0 {
+            Outcome::KeepAlive
+        } else {
+            Outcome::Close
+        };
+        if let Some(key_authorization) = acme_answer {
+            // Answered on every node: the CA may validate against any of them.
+            client.consume(head.head_len);
+            return self
+                .answer(client, 200, &key_authorization, None, own_answer_outcome)
+                .await;
+        }
+        let Some(route) = route else {
+            client.consume(head.head_len);
+            let body = answers::no_virtual_host(&head.host);
+            return self.answer(client, 404, &body, None, own_answer_outcome).await;
+        };
+        if let Some(location) = redirect {
+            client.consume(head.head_len);
+            return self
+                .answer(client, 301, "", Some(&location), own_answer_outcome)
+                .await;
+        }
+        if !self.data.peer_view.is_open() {
+            // Just started: peers' health verdicts are a gossip round away (see service.rs).
+            self.data.peer_view.wait().await;
+        }
+        self.forward(client, head, &route).await
+    }
+
+    /// Sends an answer of ours (plain text, or an empty redirect).
+    async fn answer(
+        &self,
+        client: &mut Client,
+        status: u16,
+        body: &str,
+        location: Option<&str>,
+        outcome: Outcome,
+    ) -> (u16, Outcome) {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut out = std::mem::take(&mut client.out);
+        out.clear();
+        out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        if let Some(location) = location {
+            out.extend_from_slice(format!("location: {location}\r\n").as_bytes());
+        } else {
+            out.extend_from_slice(
+                b"content-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
+            );
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if matches!(outcome, Outcome::Close) {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
+        let sent = client.send(&out).await;
+        client.out = out;
+        match sent {
+            Ok(()) => (status, outcome),
+            Err(_) => (status, Outcome::Close),
+        }
+    }
+
+    /// Proxies the request to the route's pool: round-robin, the next backend when one
+    /// cannot be reached, and (for idempotent requests whose body is held) when one fails
+    /// before answering.
+    async fn forward(&self, client: &mut Client, head: &RequestHead, route: &Route) -> (u16, Outcome) {
+        let replayable = head.content_length <= REPLAY_LIMIT;
+        if replayable && head.content_length > 0 {
+            let end = head.head_len + head.content_length;
+            while client.filled < end {
+                match client.read_more(end.max(MAX_HEAD)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return (0, Outcome::Close),
+                }
+            }
+            let body = &client.buf[head.head_len..end];
+            client.out.extend_from_slice(body);
+        }
+        let retry_allowed = head.idempotent && replayable;
+        let mut tried = [0usize; MAX_ATTEMPTS];
+        let mut n_tried = 0;
+        let mut in_flight_backend = BackendInFlight::default();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let Some(pick) = route.pick(&tried[..n_tried]) else {
+                let body = if n_tried == 0 {
+                    (503, answers::no_healthy_backend(route))
+                } else {
+                    (502, answers::every_backend_failed(route))
+                };
+                client.consume(head.head_len);
+                return self.answer(client, body.0, &body.1, None, Outcome::Close).await;
+            };
+            if pick.guard_rail {
+                self.metrics.guard_rail_used();
+            }
+            tried[n_tried] = pick.index;
+            n_tried += 1;
+            let upstream = pick.upstream;
+            in_flight_backend.set(&upstream.runtime);
+            let result = match upstream.addr {
+                Some(addr) => self.attempt(client, head, addr, &upstream.runtime, replayable).await,
+                None => Err(AttemptError::Connect),
+            };
+            let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
+            match result {
+                Ok(done) => {
+                    return done;
+                }
+                Err(AttemptError::Client) => return (0, Outcome::Close),
+                Err(AttemptError::Connect) => {
+                    let runtime = &upstream.runtime;
+                    runtime.failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.upstream_connect_failure(&upstream.id);
+                    if runtime.health.breaker.record_failure(Failure::Connect, now_ms()) {
+                        tracing::warn!(backend = %upstream.id, "circuit breaker opened after a failed connect");
+                    }
+                    // Nothing reached the backend: always safe to try another one.
+                    if can_retry && route.has_untried(&tried[..n_tried]) {
+                        continue;
+                    }
+                    let body = answers::could_not_connect(&head.host);
+                    client.consume(head.head_len.min(client.filled));
+                    return self.answer(client, 502, &body, None, Outcome::Close).await;
+                }
+                Err(AttemptError::Upstream { reused: true, .. }) if retry_allowed && can_retry => {
+                    // A pooled connection the backend had closed: not the backend's fault.
+                    n_tried -= 1;
+                    continue;
+                }
+                Err(err) => {
+                    if upstream
+                        .runtime
+                        .health
+                        .breaker
+                        .record_failure(Failure::Soft, now_ms())
+                    {
+                        tracing::warn!(backend = %upstream.id, "circuit breaker opened after repeated failures");
+                    }
+                    if retry_allowed && can_retry && route.has_untried(&tried[..n_tried]) {
+                        continue;
+                    }
+                    let (status, body) = match err {
+                        AttemptError::Timeout => (504, answers::backend_timed_out(&head.host)),
+                        AttemptError::Upstream { what, .. } => {
+                            (502, answers::backend_failed(&head.host, what))
+                        }
+                        _ => (502, answers::could_not_connect(&head.host)),
+                    };
+                    client.consume(head.head_len.min(client.filled));
+                    return self.answer(client, status, &body, None, Outcome::Close).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt on one backend: send the request, relay the response.
+    async fn attempt(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        addr: SocketAddr,
+        runtime: &BackendRuntime,
+        replayable: bool,
+    ) -> Result<(u16, Outcome), AttemptError> {
+        let (mut upstream, reused) = match pool::take(addr) {
+            Some(conn) => (conn, true),
+            None => (self.connect(addr).await?, false),
+        };
+        let failed = |what: &'static str| AttemptError::Upstream { what, reused };
+
+        // Request.
+        if replayable {
+            upstream.write_all(&client.out).await.map_err(|_| failed("WriteError"))?;
+        } else {
+            let buffered = (client.filled - head.head_len).min(head.content_length);
+            upstream.write_all(&client.out).await.map_err(|_| failed("WriteError"))?;
+            let start = head.head_len;
+            upstream
+                .write_all(&client.buf[start..start + buffered])
+                .await
+                .map_err(|_| failed("WriteError"))?;
+            client.consume(head.head_len + buffered);
+            let mut left = head.content_length - buffered;
+            let mut chunk = vec![0u8; RELAY_CHUNK];
+            while left > 0 {
+                let want = left.min(chunk.len());
+                let n = match pingora_timeout::timeout(CLIENT_IDLE, client.stream.read(&mut chunk[..want])).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => return Err(AttemptError::Client),
+                };
+                upstream.write_all(&chunk[..n]).await.map_err(|_| failed("WriteError"))?;
+                left -= n;
+            }
+        }
+
+        // Response head (informational 1xx heads are passed on as they come).
+        let mut resp = std::mem::take(&mut client.resp);
+        let result = self
+            .relay_response(client, head, &mut upstream, &mut resp, reused, replayable)
+            .await;
+        client.resp = resp;
+        let (status, upstream_reusable, outcome) = result?;
+        let breaker = &runtime.health.breaker;
+        if (500..600).contains(&status) {
+            if breaker.record_failure(Failure::Soft, now_ms()) {
+                tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated 5xx answers");
+            }
+        } else {
+            breaker.record_success();
+        }
+        if upstream_reusable {
+            pool::put(addr, upstream);
+        }
+        Ok((status, outcome))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {
+        match pingora_timeout::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.set_nodelay(true);
+                Ok(conn)
+            }
+            _ => Err(AttemptError::Connect),
+        }
+    }
+
+    /// Reads the response and sends it to the client. Returns the status, whether the
+    /// backend connection can be reused, and what happens to the client connection.
+    async fn relay_response(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        upstream: &mut TcpStream,
+        resp: &mut Vec<u8>,
+        reused: bool,
+        replayable: bool,
+    ) -> Result<(u16, bool, Outcome), AttemptError> {
+        let failed = |what: &'static str| AttemptError::Upstream { what, reused };
+        let mut filled = 0;
+        let parsed = loop {
+            if filled > 0 {
+                match parse_response(&resp[..filled], head.head_method, head.close, &mut client.resp_head) {
+                    ParsedResponse::Partial => {}
+                    ParsedResponse::Invalid(what) => return Err(failed(what)),
+                    ParsedResponse::Response(r) if r.status == 101 => {
+                        // Only an upgrade request may be answered with 101; those go to Pingora.
+                        return Err(failed("InvalidHTTPHeader"));
+                    }
+                    ParsedResponse::Response(r) if (100..200).contains(&r.status) => {
+                        // Informational answer: pass it on, then read the final one.
+                        if client.send(&resp[..r.head_len]).await.is_err() {
+                            return Err(AttemptError::Client);
+                        }
+                        resp.copy_within(r.head_len..filled, 0);
+                        filled -= r.head_len;
+                        continue;
+                    }
+                    ParsedResponse::Response(r) => break r,
+                }
+            }
+            if filled == resp.len() {
+                if resp.len() >= MAX_HEAD {
+                    return Err(failed("InvalidHTTPHeader"));
+                }
+                resp.resize(resp.len() * 2, 0);
+            }
+            let read = pingora_timeout::timeout(self.read_timeout, upstream.read(&mut resp[filled..]));
+            filled += match read.await {
+                Err(_) => return Err(AttemptError::Timeout),
+                Ok(Err(_)) => return Err(failed("ReadError")),
+                Ok(Ok(0)) => return Err(failed("ConnectionClosed")),
+                Ok(Ok(n)) => n,
+            };
+        };
+        // From here on bytes reach the client: no more retries.
+        if replayable {
+            client.consume(head.head_len + head.content_length);
+        }
+        let body_in_buf = filled - parsed.head_len;
+        let (first_body, mut left, mut chunks) = match parsed.framing {
+            Framing::Empty => (0, 0u64, None),
+            Framing::Length(n) => {
+                let here = (body_in_buf as u64).min(n);
+                (here as usize, n - here, None)
+            }
+            Framing::Chunked => {
+                let mut tracker = ChunkedTracker::default();
+                match tracker.feed(&resp[parsed.head_len..filled]) {
+                    Ok(Some(end)) => (end, 0, None),
+                    Ok(None) => (body_in_buf, 0, Some(tracker)),
+                    Err(_) => return Err(failed("InvalidHTTPHeader")),
+                }
+            }
+            Framing::UntilClose => (body_in_buf, 0, None),
+        };
+        let extra = body_in_buf > first_body;
+        let body = &resp[parsed.head_len..parsed.head_len + first_body];
+        let sent = if parsed.pass_through {
+            client.stream.write_all(&resp[..parsed.head_len + first_body]).await
+        } else {
+            client.resp_head.extend_from_slice(body);
+            client.stream.write_all(&client.resp_head).await
+        };
+        if sent.is_err() {
+            return Ok((parsed.status, false, Outcome::Close));
+        }
+        let mut clean_end = true;
+        match parsed.framing {
+            Framing::Empty => {}
+            Framing::Length(_) => {
+                while left > 0 {
+                    let want = usize::try_from(left).unwrap_or(usize::MAX).min(resp.len());
+                    match self.relay_some(client, upstream, &mut resp[..want]).await {
+                        Some(n) => left -= n as u64,
+                        None => {
+                            clean_end = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            Framing::Chunked => {
+                if let Some(mut tracker) = chunks.take() {
+                    loop {
+                        let n = match pingora_timeout::timeout(self.read_timeout, upstream.read(resp)).await {
+                            Ok(Ok(n)) if n > 0 => n,
+                            _ => {
+                                clean_end = false;
+                                break;
+                            }
+                        };
+                        let end = match tracker.feed(&resp[..n]) {
+                            Ok(Some(end)) => Some(end),
+                            Ok(None) => None,
+                            Err(_) => {
+                                clean_end = false;
+                                break;
+                            }
+                        };
+                        let upto = end.unwrap_or(n);
+                        if client.stream.write_all(&resp[..upto]).await.is_err() {
+                            clean_end = false;
+                            break;
+                        }
+                        if let Some(end) = end {
+                            if end < n {
+                                // Bytes after the body: the backend connection is not reused.
+                                let _ = client.stream.flush().await;
+                                return Ok((parsed.status, false, Outcome::KeepAlive));
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Framing::UntilClose => loop {
+                match pingora_timeout::timeout(self.read_timeout, upstream.read(resp)).await {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => {
+                        if client.stream.write_all(&resp[..n]).await.is_err() {
+                            clean_end = false;
+                            break;
+                        }
+                    }
+                    _ => {
+                        clean_end = false;
+                        break;
+                    }
+                }
+            },
+        }
+        if client.stream.flush().await.is_err() {
+            return Ok((parsed.status, false, Outcome::Close));
+        }
+        if !clean_end {
+            return Ok((parsed.status, false, Outcome::Close));
+        }
+        let outcome = if parsed.framing == Framing::UntilClose {
+            Outcome::Close
+        } else {
+            Outcome::KeepAlive
+        };
+        Ok((parsed.status, parsed.keep_alive && !extra, outcome))
+    }
+
+    /// Copies one read of the backend's body to the client; `None` on error or timeout.
+    async fn relay_some(
+        &self,
+        client: &mut Client,
+        upstream: &mut TcpStream,
+        chunk: &mut [u8],
+    ) -> Option<usize> {
+        let n = match pingora_timeout::timeout(self.read_timeout, upstream.read(chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        client.stream.write_all(&chunk[..n]).await.ok()?;
+        Some(n)
+    }
+}

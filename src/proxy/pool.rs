@@ -1,0 +1,93 @@
+//! Idle keep-alive connections to backends for the fast HTTP/1 path, one pool per worker
+//! thread: taking and returning a connection touches no lock and makes no system call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+/// A connection idle for longer is closed rather than reused (backends commonly close idle
+/// keep-alive connections after 60-75 s; reusing one at that moment would fail).
+const MAX_IDLE: Duration = Duration::from_secs(50);
+/// Idle connections kept per backend address and worker thread.
+const MAX_IDLE_PER_ADDR: usize = 128;
+
+struct Idle {
+    conn: TcpStream,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// An idle connection to `addr` that still looks open, if there is one.
+pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let idle = pool.get_mut(&addr)?;
+        while let Some(candidate) = idle.pop() {
+            if candidate.since.elapsed() < MAX_IDLE && still_open(&candidate.conn) {
+                return Some(candidate.conn);
+            }
+        }
+        None
+    })
+}
+
+/// Returns a connection whose last response was read completely.
+pub fn put(addr: SocketAddr, conn: TcpStream) {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let idle = pool.entry(addr).or_default();
+        if idle.len() < MAX_IDLE_PER_ADDR {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    })
+}
+
+/// An idle connection has nothing to read. If the reactor saw it readable, the backend
+/// closed it (or sent something unasked): either way it must not carry a request. This asks
+/// the reactor's cached readiness, so the common case costs no system call.
+fn still_open(conn: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match conn.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn reuses_open_connections_and_drops_closed_ones() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        put(addr, client);
+        let client = take(addr).expect("an open connection is reused");
+        assert!(take(addr).is_none(), "taken connections leave the pool");
+        put(addr, client);
+
+        // The backend closes it while it is idle.
+        let mut server_side = server_side;
+        server_side.shutdown().await.unwrap();
+        drop(server_side);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(take(addr).is_none(), "a connection the backend closed is not reused");
+    }
+}

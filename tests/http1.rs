@@ -1,0 +1,539 @@
+//! HTTP/1.1 on the wire: the proxy's lean request path (src/proxy/h1.rs) against a scripted
+//! origin that answers with exact bytes, and a raw TCP client. Framing (chunked, length,
+//! close-delimited, HEAD, 204/304, 1xx), pipelining, keep-alive reuse of both connections,
+//! stale pooled connections, large bodies, hop-by-hop headers, and the requests that are
+//! handed to Pingora's full proxy (HTTP/1.0, Expect, chunked request bodies, garbage).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request as the origin received it.
+#[derive(Debug, Clone)]
+struct Received {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// What the origin does after answering.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    KeepOpen,
+    Close,
+    /// Keep the connection open, then close it while idle after this many ms.
+    CloseIdleAfter(u64),
+}
+
+type Script = Arc<dyn Fn(&Received) -> (Vec<u8>, After) + Send + Sync>;
+
+/// An origin that answers every request with the bytes its script returns.
+struct ScriptedOrigin {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Received> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 65536];
+                let n = conn.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return Some(Received { head, body });
+        }
+        let mut chunk = [0u8; 65536];
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl ScriptedOrigin {
+    async fn start(script: Script) -> ScriptedOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (connections.clone(), received.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (script, r) = (script.clone(), r.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(req) = read_request(&mut conn, &mut buf).await {
+                        r.lock().unwrap().push(req.clone());
+                        let (answer, after) = script(&req);
+                        if conn.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                        match after {
+                            After::KeepOpen => {}
+                            After::Close => return,
+                            After::CloseIdleAfter(ms) => {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedOrigin {
+            addr,
+            connections,
+            received,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A response as the client received it.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+}
+
+/// A raw HTTP/1.1 client connection to the proxy.
+struct RawClient {
+    conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(node: &Node) -> RawClient {
+        RawClient {
+            conn: TcpStream::connect(node.http_addr).await.expect("connect to proxy"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.conn.write_all(bytes).await.expect("write to proxy");
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.conn.read(&mut chunk))
+            .await
+            .expect("proxy answered within 10 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// Reads one response; `head_request` means no body follows whatever the headers say.
+    async fn response(&mut self, head_request: bool) -> Response {
+        let end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            assert!(self.fill().await, "connection closed before a response head: {:?}", String::from_utf8_lossy(&self.buf));
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        self.buf.drain(..end);
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status code");
+        let mut r = Response { status, head, body: Vec::new() };
+        if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+            return r;
+        }
+        if r.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            // Keep the raw chunked bytes up to and including the last empty line.
+            loop {
+                if let Some(end) = find(&self.buf, b"0\r\n").and_then(|z| {
+                    find(&self.buf[z..], b"\r\n\r\n").map(|e| z + e + 4)
+                }) {
+                    r.body = self.buf.drain(..end).collect();
+                    return r;
+                }
+                assert!(self.fill().await, "connection closed inside a chunked body");
+            }
+        }
+        if let Some(len) = r.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            while self.buf.len() < len {
+                assert!(self.fill().await, "connection closed inside a body");
+            }
+            r.body = self.buf.drain(..len).collect();
+            return r;
+        }
+        while self.fill().await {}
+        r.body = std::mem::take(&mut self.buf);
+        r
+    }
+
+    /// True when the proxy closed the connection (after any buffered bytes).
+    async fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill().await
+    }
+}
+
+fn get(host: &str, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
+}
+
+async fn node_with_origin(origin: &ScriptedOrigin, host: &str) -> Node {
+    let node = Node::start_default().await;
+    node.add_backend("o1", &origin.addr.to_string(), &["a"]).await;
+    node.add_domain(host, "a").await;
+    node
+}
+
+fn answer(body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: 1\r\n\r\n{body}", body.len())
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_over_one_backend_connection() {
+    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+        let path = req.head.split(' ').nth(1).unwrap_or("").to_string();
+        (answer(&format!("you asked {path}")), After::KeepOpen)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "pipe.test").await;
+    node.wait_route("pipe.test", "/warm", "you asked /warm").await;
+    let before = origin.connections();
+
+    let mut c = RawClient::connect(&node).await;
+    let mut three = get("pipe.test", "/1");
+    three.extend(get("pipe.test", "/2"));
+    three.extend(get("pipe.test", "/3"));
+    c.send(&three).await;
+    for i in 1..=3 {
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.body_text()), (200, format!("you asked /{i}")));
+        assert_eq!(r.header("x-origin").as_deref(), Some("1"), "origin headers pass through");
+    }
+    // Keep-alive on both sides: ten more requests on the same client connection.
+    for i in 0..10 {
+        c.send(&get("pipe.test", &format!("/k{i}"))).await;
+        let r = c.response(false).await;
+        assert_eq!(r.body_text(), format!("you asked /k{i}"));
+    }
+    assert!(
+        origin.connections() - before <= 1,
+        "13 sequential requests should reuse one pooled backend connection, opened {}",
+        origin.connections() - before
+    );
+}
+
+#[tokio::test]
+async fn chunked_responses_are_relayed_whole_and_the_connections_stay_open() {
+    let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n".to_vec(),
+            After::KeepOpen,
+        )
+    }))
+    .await;
+    let node = node_with_origin(&origin, "chunk.test").await;
+    let mut c = RawClient::connect(&node).await;
+    for _ in 0..3 {
+        // The route may take a moment to appear: retry the first one.
+        c.send(&get("chunk.test", "/")).await;
+        let r = c.response(false).await;
+        if r.status == 404 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body_text(),
+            "5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            "chunked body relayed byte for byte, trailers included"
+        );
+    }
+    c.send(&get("chunk.test", "/again")).await;
+    assert_eq!(c.response(false).await.status, 200, "the client connection is still usable");
+    assert_eq!(origin.connections(), 1, "the backend connection was reused after chunked bodies");
+}
+
+#[tokio::test]
+async fn close_delimited_responses_end_the_client_connection() {
+    let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end".to_vec(), After::Close)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "close.test").await;
+    node.wait_route("close.test", "/", "until the end").await;
+    let mut c = RawClient::connect(&node).await;
+    c.send(&get("close.test", "/")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "until the end"));
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
+    assert!(c.closed().await, "the proxy closes after a body that ends with the connection");
+}
+
+#[tokio::test]
+async fn head_204_304_and_103_follow_the_message_rules() {
+    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+        let path = req.head.split(' ').nth(1).unwrap_or("");
+        let bytes: Vec<u8> = match path {
+            "/204" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            "/304" => b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n".to_vec(),
+            "/103" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal".to_vec(),
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+        };
+        (bytes, After::KeepOpen)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "rules.test").await;
+    node.wait_route("rules.test", "/", "hello").await;
+    let mut c = RawClient::connect(&node).await;
+
+    c.send(b"HEAD / HTTP/1.1\r\nHost: rules.test\r\n\r\n").await;
+    let r = c.response(true).await;
+    assert_eq!((r.status, r.header("content-length").as_deref()), (200, Some("5")));
+    for path in ["/204", "/304"] {
+        c.send(&get("rules.test", path)).await;
+        let r = c.response(false).await;
+        assert_eq!(r.status.to_string(), path[1..]);
+    }
+    c.send(&get("rules.test", "/103")).await;
+    let hints = c.response(false).await;
+    assert_eq!(hints.status, 103);
+    assert!(hints.header("link").is_some(), "{}", hints.head);
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "final"));
+    // Nothing stray was left on the connection: the next answer is the right one.
+    c.send(&get("rules.test", "/")).await;
+    assert_eq!(c.response(false).await.body_text(), "hello");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_proxy() {
+    let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nX-End: yes\r\n\r\nok".to_vec(),
+            After::KeepOpen,
+        )
+    }))
+    .await;
+    let node = node_with_origin(&origin, "hop.test").await;
+    node.wait_route("hop.test", "/", "ok").await;
+    let mut c = RawClient::connect(&node).await;
+    c.send(
+        b"GET / HTTP/1.1\r\nHost: hop.test\r\nConnection: keep-alive\r\nKeep-Alive: 300\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: gopher\r\n\r\n",
+    )
+    .await;
+    let r = c.response(false).await;
+    assert_eq!(r.body_text(), "ok");
+    assert_eq!(r.header("keep-alive"), None, "{}", r.head);
+    assert_eq!(r.header("connection"), None, "{}", r.head);
+    assert_eq!(r.header("x-end").as_deref(), Some("yes"));
+
+    let seen = origin.received().pop().expect("origin saw the request");
+    assert_eq!(seen.header("keep-alive"), None, "{}", seen.head);
+    assert_eq!(seen.header("te"), None, "{}", seen.head);
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("10.0.0.1, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"), "the client cannot set it");
+    assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("hop.test"));
+}
+
+#[tokio::test]
+async fn client_connection_close_is_honoured() {
+    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("bye"), After::KeepOpen))).await;
+    let node = node_with_origin(&origin, "cc.test").await;
+    node.wait_route("cc.test", "/", "bye").await;
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: cc.test\r\nConnection: close\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.body_text(), "bye");
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
+    assert!(c.closed().await, "closed after the answer, as the client asked");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_used_and_gets_are_retried() {
+    // The origin closes every connection 100 ms after answering, without saying so.
+    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
+        (answer("fresh"), After::CloseIdleAfter(100))
+    }))
+    .await;
+    let node = node_with_origin(&origin, "stale.test").await;
+    node.wait_route("stale.test", "/", "fresh").await;
+    let mut c = RawClient::connect(&node).await;
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.send(&get("stale.test", "/")).await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.body_text().as_str()), (200, "fresh"), "request {i}: {}", r.head);
+    }
+    // POST is not idempotent: it must still work (the closed connection is detected before use).
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.send(b"POST /p HTTP/1.1\r\nHost: stale.test\r\nContent-Length: 3\r\n\r\nabc").await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.body_text().as_str()), (200, "fresh"), "POST {i}: {}", r.head);
+    }
+    let posts = origin.received().iter().filter(|r| r.head.starts_with("POST")).count();
+    assert_eq!(posts, 3, "every POST reached the origin exactly once");
+}
+
+#[tokio::test]
+async fn large_request_bodies_stream_to_the_backend() {
+    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+        let sum: u64 = req.body.iter().map(|b| u64::from(*b)).sum();
+        (answer(&format!("{} bytes, sum {sum}", req.body.len())), After::KeepOpen)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "big.test").await;
+    node.wait_route("big.test", "/", "0 bytes, sum 0").await;
+    let mut c = RawClient::connect(&node).await;
+    for size in [1usize, 70_000, 3 * 1024 * 1024] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let sum: u64 = body.iter().map(|b| u64::from(*b)).sum();
+        let mut req = format!("PUT /upload HTTP/1.1\r\nHost: big.test\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+        req.extend_from_slice(&body);
+        let (mut rd, mut wr) = c.conn.split();
+        let write = async { wr.write_all(&req).await.unwrap() };
+        let mut answer_bytes = Vec::new();
+        let read = async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = rd.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before answering a {size}-byte body");
+                answer_bytes.extend_from_slice(&chunk[..n]);
+                if find(&answer_bytes, b"\r\n\r\n").is_some()
+                    && answer_bytes.ends_with(format!("sum {sum}").as_bytes())
+                {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+            .await
+            .unwrap_or_else(|_| panic!("{size}-byte body: no answer within 20 s: {}", String::from_utf8_lossy(&answer_bytes)));
+        let text = String::from_utf8_lossy(&answer_bytes);
+        assert!(text.starts_with("HTTP/1.1 200"), "{size}: {text}");
+        assert!(text.ends_with(&format!("{size} bytes, sum {sum}")), "{size}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn requests_the_lean_path_does_not_take_are_still_proxied() {
+    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+        (answer(&format!("got {} body bytes", req.body.len())), After::KeepOpen)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "other.test").await;
+    node.wait_route("other.test", "/", "got 0 body bytes").await;
+
+    // HTTP/1.0
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"GET / HTTP/1.0\r\nHost: other.test\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "got 0 body bytes"), "{}", r.head);
+
+    // Chunked request body (the origin sees it de-chunked or chunked; either way 5 bytes arrive).
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"POST / HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+
+    // Expect: 100-continue. Like curl, send the body after a short wait if no 100 came.
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"POST / HTTP/1.1\r\nHost: other.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n").await;
+    let mut chunk = [0u8; 4096];
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), c.conn.read(&mut chunk)).await {
+        c.buf.extend_from_slice(&chunk[..n]);
+        let interim = c.response(false).await;
+        assert_eq!(interim.status, 100, "{}", interim.head);
+    }
+    c.send(b"data").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "got 4 body bytes"), "{}", r.head);
+
+    // Garbage gets a 400, not a hang or a crash.
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"NOT HTTP AT ALL\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 400, "{}", r.head);
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_garbage_gets_a_502_and_the_breaker_counts_it() {
+    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
+        (b"SMTP ready\r\n\r\n".to_vec(), After::Close)
+    }))
+    .await;
+    let node = node_with_origin(&origin, "bad.test").await;
+    let r = wait_for(Duration::from_secs(10), "route to bad.test", || async {
+        let r = node.proxy_get("bad.test", "/").await;
+        (r.status != 404).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert!(r.body.starts_with("502 Bad Gateway: the backend for bad.test failed"), "{:?}", r.body);
+}
