@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Parser;
-use pingora_core::services::listening::Service;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};

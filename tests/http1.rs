@@ -25,7 +25,9 @@ impl Received {
     fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 }
@@ -36,7 +38,7 @@ enum After {
     KeepOpen,
     Close,
     /// Keep the connection open, then close it while idle after this many ms.
-    CloseIdleAfter(u64),
+    DropIdleAfter(u64),
 }
 
 type Script = Arc<dyn Fn(&Received) -> (Vec<u8>, After) + Send + Sync>;
@@ -114,7 +116,7 @@ impl ScriptedOrigin {
                         match after {
                             After::KeepOpen => {}
                             After::Close => return,
-                            After::CloseIdleAfter(ms) => {
+                            After::DropIdleAfter(ms) => {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                                 return;
                             }
@@ -156,7 +158,9 @@ impl Response {
     fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 
@@ -174,7 +178,9 @@ struct RawClient {
 impl RawClient {
     async fn connect(node: &Node) -> RawClient {
         RawClient {
-            conn: TcpStream::connect(node.http_addr).await.expect("connect to proxy"),
+            conn: TcpStream::connect(node.http_addr)
+                .await
+                .expect("connect to proxy"),
             buf: Vec::new(),
         }
     }
@@ -199,28 +205,45 @@ impl RawClient {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 break end + 4;
             }
-            assert!(self.fill().await, "connection closed before a response head: {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                self.fill().await,
+                "connection closed before a response head: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
         };
         let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
         self.buf.drain(..end);
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status code");
-        let mut r = Response { status, head, body: Vec::new() };
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status code");
+        let mut r = Response {
+            status,
+            head,
+            body: Vec::new(),
+        };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
             return r;
         }
-        if r.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        if r.header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
             // Keep the raw chunked bytes up to and including the last empty line.
             loop {
-                if let Some(end) = find(&self.buf, b"0\r\n").and_then(|z| {
-                    find(&self.buf[z..], b"\r\n\r\n").map(|e| z + e + 4)
-                }) {
+                if let Some(end) = find(&self.buf, b"0\r\n")
+                    .and_then(|z| find(&self.buf[z..], b"\r\n\r\n").map(|e| z + e + 4))
+                {
                     r.body = self.buf.drain(..end).collect();
                     return r;
                 }
                 assert!(self.fill().await, "connection closed inside a chunked body");
             }
         }
-        if let Some(len) = r.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if let Some(len) = r
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             while self.buf.len() < len {
                 assert!(self.fill().await, "connection closed inside a body");
             }
@@ -238,20 +261,63 @@ impl RawClient {
     }
 }
 
+/// `pingora_vhost_full_proxy_connections_total{reason=...}` from the node's metrics (0 if absent).
+async fn handovers(node: &Node, reason: &str) -> u64 {
+    let text = reqwest::Client::new()
+        .get(node.api_url("/api/v1/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let prefix = format!("pingora_vhost_full_proxy_connections_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("counter value"))
+        .unwrap_or(0)
+}
+
+/// Sum of the handover counter over every reason.
+async fn all_handovers(node: &Node) -> u64 {
+    let mut sum = 0;
+    for reason in [
+        "h2",
+        "malformed",
+        "http/1.0",
+        "request-target",
+        "connection-header",
+        "repeated-x-forwarded-for",
+        "chunked-body",
+        "upgrade",
+        "expect",
+        "no-host",
+        "large-head",
+    ] {
+        sum += handovers(node, reason).await;
+    }
+    sum
+}
+
 fn get(host: &str, path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
 }
 
 async fn node_with_origin(origin: &ScriptedOrigin, host: &str) -> Node {
     let node = Node::start_default().await;
-    node.add_backend("o1", &origin.addr.to_string(), &["a"]).await;
+    node.add_backend("o1", &origin.addr.to_string(), &["a"])
+        .await;
     node.add_domain(host, "a").await;
     node
 }
 
 fn answer(body: &str) -> Vec<u8> {
-    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: 1\r\n\r\n{body}", body.len())
-        .into_bytes()
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: 1\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 #[tokio::test]
@@ -262,7 +328,8 @@ async fn pipelined_requests_are_answered_in_order_over_one_backend_connection() 
     }))
     .await;
     let node = node_with_origin(&origin, "pipe.test").await;
-    node.wait_route("pipe.test", "/warm", "you asked /warm").await;
+    node.wait_route("pipe.test", "/warm", "you asked /warm")
+        .await;
     let before = origin.connections();
 
     let mut c = RawClient::connect(&node).await;
@@ -273,7 +340,11 @@ async fn pipelined_requests_are_answered_in_order_over_one_backend_connection() 
     for i in 1..=3 {
         let r = c.response(false).await;
         assert_eq!((r.status, r.body_text()), (200, format!("you asked /{i}")));
-        assert_eq!(r.header("x-origin").as_deref(), Some("1"), "origin headers pass through");
+        assert_eq!(
+            r.header("x-origin").as_deref(),
+            Some("1"),
+            "origin headers pass through"
+        );
     }
     // Keep-alive on both sides: ten more requests on the same client connection.
     for i in 0..10 {
@@ -285,6 +356,11 @@ async fn pipelined_requests_are_answered_in_order_over_one_backend_connection() 
         origin.connections() - before <= 1,
         "13 sequential requests should reuse one pooled backend connection, opened {}",
         origin.connections() - before
+    );
+    assert_eq!(
+        all_handovers(&node).await,
+        0,
+        "plain HTTP/1.1 requests are served by the lean path, not handed to Pingora's proxy"
     );
 }
 
@@ -315,14 +391,25 @@ async fn chunked_responses_are_relayed_whole_and_the_connections_stay_open() {
         );
     }
     c.send(&get("chunk.test", "/again")).await;
-    assert_eq!(c.response(false).await.status, 200, "the client connection is still usable");
-    assert_eq!(origin.connections(), 1, "the backend connection was reused after chunked bodies");
+    assert_eq!(
+        c.response(false).await.status,
+        200,
+        "the client connection is still usable"
+    );
+    assert_eq!(
+        origin.connections(),
+        1,
+        "the backend connection was reused after chunked bodies"
+    );
 }
 
 #[tokio::test]
 async fn close_delimited_responses_end_the_client_connection() {
     let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
-        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end".to_vec(), After::Close)
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end".to_vec(),
+            After::Close,
+        )
     }))
     .await;
     let node = node_with_origin(&origin, "close.test").await;
@@ -331,8 +418,16 @@ async fn close_delimited_responses_end_the_client_connection() {
     c.send(&get("close.test", "/")).await;
     let r = c.response(false).await;
     assert_eq!((r.status, r.body_text().as_str()), (200, "until the end"));
-    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
-    assert!(c.closed().await, "the proxy closes after a body that ends with the connection");
+    assert_eq!(
+        r.header("connection").as_deref(),
+        Some("close"),
+        "{}",
+        r.head
+    );
+    assert!(
+        c.closed().await,
+        "the proxy closes after a body that ends with the connection"
+    );
 }
 
 #[tokio::test]
@@ -354,7 +449,10 @@ async fn head_204_304_and_103_follow_the_message_rules() {
 
     c.send(b"HEAD / HTTP/1.1\r\nHost: rules.test\r\n\r\n").await;
     let r = c.response(true).await;
-    assert_eq!((r.status, r.header("content-length").as_deref()), (200, Some("5")));
+    assert_eq!(
+        (r.status, r.header("content-length").as_deref()),
+        (200, Some("5"))
+    );
     for path in ["/204", "/304"] {
         c.send(&get("rules.test", path)).await;
         let r = c.response(false).await;
@@ -396,29 +494,46 @@ async fn hop_by_hop_headers_stop_at_the_proxy() {
     let seen = origin.received().pop().expect("origin saw the request");
     assert_eq!(seen.header("keep-alive"), None, "{}", seen.head);
     assert_eq!(seen.header("te"), None, "{}", seen.head);
-    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("10.0.0.1, 127.0.0.1"));
-    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"), "the client cannot set it");
+    assert_eq!(
+        seen.header("x-forwarded-for").as_deref(),
+        Some("10.0.0.1, 127.0.0.1")
+    );
+    assert_eq!(
+        seen.header("x-forwarded-proto").as_deref(),
+        Some("http"),
+        "the client cannot set it"
+    );
     assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("hop.test"));
 }
 
 #[tokio::test]
 async fn client_connection_close_is_honoured() {
-    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("bye"), After::KeepOpen))).await;
+    let origin =
+        ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("bye"), After::KeepOpen))).await;
     let node = node_with_origin(&origin, "cc.test").await;
     node.wait_route("cc.test", "/", "bye").await;
     let mut c = RawClient::connect(&node).await;
-    c.send(b"GET / HTTP/1.1\r\nHost: cc.test\r\nConnection: close\r\n\r\n").await;
+    c.send(b"GET / HTTP/1.1\r\nHost: cc.test\r\nConnection: close\r\n\r\n")
+        .await;
     let r = c.response(false).await;
     assert_eq!(r.body_text(), "bye");
-    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
-    assert!(c.closed().await, "closed after the answer, as the client asked");
+    assert_eq!(
+        r.header("connection").as_deref(),
+        Some("close"),
+        "{}",
+        r.head
+    );
+    assert!(
+        c.closed().await,
+        "closed after the answer, as the client asked"
+    );
 }
 
 #[tokio::test]
 async fn a_pooled_connection_the_backend_closed_is_not_used_and_gets_are_retried() {
     // The origin closes every connection 100 ms after answering, without saying so.
     let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
-        (answer("fresh"), After::CloseIdleAfter(100))
+        (answer("fresh"), After::DropIdleAfter(100))
     }))
     .await;
     let node = node_with_origin(&origin, "stale.test").await;
@@ -428,16 +543,31 @@ async fn a_pooled_connection_the_backend_closed_is_not_used_and_gets_are_retried
         tokio::time::sleep(Duration::from_millis(250)).await;
         c.send(&get("stale.test", "/")).await;
         let r = c.response(false).await;
-        assert_eq!((r.status, r.body_text().as_str()), (200, "fresh"), "request {i}: {}", r.head);
+        assert_eq!(
+            (r.status, r.body_text().as_str()),
+            (200, "fresh"),
+            "request {i}: {}",
+            r.head
+        );
     }
     // POST is not idempotent: it must still work (the closed connection is detected before use).
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        c.send(b"POST /p HTTP/1.1\r\nHost: stale.test\r\nContent-Length: 3\r\n\r\nabc").await;
+        c.send(b"POST /p HTTP/1.1\r\nHost: stale.test\r\nContent-Length: 3\r\n\r\nabc")
+            .await;
         let r = c.response(false).await;
-        assert_eq!((r.status, r.body_text().as_str()), (200, "fresh"), "POST {i}: {}", r.head);
+        assert_eq!(
+            (r.status, r.body_text().as_str()),
+            (200, "fresh"),
+            "POST {i}: {}",
+            r.head
+        );
     }
-    let posts = origin.received().iter().filter(|r| r.head.starts_with("POST")).count();
+    let posts = origin
+        .received()
+        .iter()
+        .filter(|r| r.head.starts_with("POST"))
+        .count();
     assert_eq!(posts, 3, "every POST reached the origin exactly once");
 }
 
@@ -445,7 +575,10 @@ async fn a_pooled_connection_the_backend_closed_is_not_used_and_gets_are_retried
 async fn large_request_bodies_stream_to_the_backend() {
     let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
         let sum: u64 = req.body.iter().map(|b| u64::from(*b)).sum();
-        (answer(&format!("{} bytes, sum {sum}", req.body.len())), After::KeepOpen)
+        (
+            answer(&format!("{} bytes, sum {sum}", req.body.len())),
+            After::KeepOpen,
+        )
     }))
     .await;
     let node = node_with_origin(&origin, "big.test").await;
@@ -454,7 +587,9 @@ async fn large_request_bodies_stream_to_the_backend() {
     for size in [1usize, 70_000, 3 * 1024 * 1024] {
         let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let sum: u64 = body.iter().map(|b| u64::from(*b)).sum();
-        let mut req = format!("PUT /upload HTTP/1.1\r\nHost: big.test\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+        let mut req =
+            format!("PUT /upload HTTP/1.1\r\nHost: big.test\r\nContent-Length: {size}\r\n\r\n")
+                .into_bytes();
         req.extend_from_slice(&body);
         let (mut rd, mut wr) = c.conn.split();
         let write = async { wr.write_all(&req).await.unwrap() };
@@ -474,17 +609,28 @@ async fn large_request_bodies_stream_to_the_backend() {
         };
         tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
             .await
-            .unwrap_or_else(|_| panic!("{size}-byte body: no answer within 20 s: {}", String::from_utf8_lossy(&answer_bytes)));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{size}-byte body: no answer within 20 s: {}",
+                    String::from_utf8_lossy(&answer_bytes)
+                )
+            });
         let text = String::from_utf8_lossy(&answer_bytes);
         assert!(text.starts_with("HTTP/1.1 200"), "{size}: {text}");
-        assert!(text.ends_with(&format!("{size} bytes, sum {sum}")), "{size}: {text}");
+        assert!(
+            text.ends_with(&format!("{size} bytes, sum {sum}")),
+            "{size}: {text}"
+        );
     }
 }
 
 #[tokio::test]
 async fn requests_the_lean_path_does_not_take_are_still_proxied() {
     let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
-        (answer(&format!("got {} body bytes", req.body.len())), After::KeepOpen)
+        (
+            answer(&format!("got {} body bytes", req.body.len())),
+            After::KeepOpen,
+        )
     }))
     .await;
     let node = node_with_origin(&origin, "other.test").await;
@@ -494,17 +640,27 @@ async fn requests_the_lean_path_does_not_take_are_still_proxied() {
     let mut c = RawClient::connect(&node).await;
     c.send(b"GET / HTTP/1.0\r\nHost: other.test\r\n\r\n").await;
     let r = c.response(false).await;
-    assert_eq!((r.status, r.body_text().as_str()), (200, "got 0 body bytes"), "{}", r.head);
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "got 0 body bytes"),
+        "{}",
+        r.head
+    );
+    assert_eq!(handovers(&node, "http/1.0").await, 1);
 
     // Chunked request body (the origin sees it de-chunked or chunked; either way 5 bytes arrive).
     let mut c = RawClient::connect(&node).await;
     c.send(b"POST / HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await;
     let r = c.response(false).await;
     assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(handovers(&node, "chunked-body").await, 1);
 
     // Expect: 100-continue. Like curl, send the body after a short wait if no 100 came.
     let mut c = RawClient::connect(&node).await;
-    c.send(b"POST / HTTP/1.1\r\nHost: other.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n").await;
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: other.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    )
+    .await;
     let mut chunk = [0u8; 4096];
     if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), c.conn.read(&mut chunk)).await {
         c.buf.extend_from_slice(&chunk[..n]);
@@ -513,17 +669,24 @@ async fn requests_the_lean_path_does_not_take_are_still_proxied() {
     }
     c.send(b"data").await;
     let r = c.response(false).await;
-    assert_eq!((r.status, r.body_text().as_str()), (200, "got 4 body bytes"), "{}", r.head);
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "got 4 body bytes"),
+        "{}",
+        r.head
+    );
+    assert_eq!(handovers(&node, "expect").await, 1);
 
     // Garbage gets a 400, not a hang or a crash.
     let mut c = RawClient::connect(&node).await;
     c.send(b"NOT HTTP AT ALL\r\n\r\n").await;
     let r = c.response(false).await;
     assert_eq!(r.status, 400, "{}", r.head);
+    assert_eq!(handovers(&node, "malformed").await, 1);
 }
 
 #[tokio::test]
-async fn a_backend_that_answers_garbage_gets_a_502_and_the_breaker_counts_it() {
+async fn a_backend_that_answers_garbage_gets_a_502() {
     let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
         (b"SMTP ready\r\n\r\n".to_vec(), After::Close)
     }))
@@ -535,5 +698,10 @@ async fn a_backend_that_answers_garbage_gets_a_502_and_the_breaker_counts_it() {
     })
     .await;
     assert_eq!(r.status, 502, "{:?}", r.body);
-    assert!(r.body.starts_with("502 Bad Gateway: the backend for bad.test failed"), "{:?}", r.body);
+    assert!(
+        r.body
+            .starts_with("502 Bad Gateway: the backend for bad.test failed"),
+        "{:?}",
+        r.body
+    );
 }

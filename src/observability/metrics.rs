@@ -14,6 +14,7 @@ pub struct Metrics {
     requests: Box<[AtomicU64]>,
     connect_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
+    handovers: IntCounterVec,
     acme_orders: IntCounterVec,
     cert_expiry: prometheus::IntGaugeVec,
     pub raft_term: IntGauge,
@@ -48,6 +49,13 @@ impl Metrics {
             "pingora_vhost_health_guard_rail_total",
             "Backend picks that fell back to this node's own health view because peers reported the whole pool down",
         )?;
+        let handovers = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_full_proxy_connections_total",
+                "Client connections handed from the lean HTTP/1.1 path to Pingora's general proxy, by reason",
+            ),
+            &["reason"],
+        )?;
         let acme_orders = IntCounterVec::new(
             Opts::new(
                 "pingora_vhost_acme_orders_total",
@@ -79,6 +87,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
+        registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         for g in [
@@ -95,6 +104,7 @@ impl Metrics {
             requests,
             connect_failures,
             guard_rail,
+            handovers,
             acme_orders,
             cert_expiry,
             raft_term,
@@ -113,6 +123,11 @@ impl Metrics {
 
     pub fn guard_rail_used(&self) {
         self.guard_rail.inc();
+    }
+
+    /// A client connection went to Pingora's general proxy (`reason`: h2, http/1.0, upgrade, ...).
+    pub fn handed_over(&self, reason: &str) {
+        self.handovers.with_label_values(&[reason]).inc();
     }
 
     pub fn acme_order(&self, ok: bool) {

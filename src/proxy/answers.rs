@@ -72,7 +72,10 @@ mod tests {
 
     #[test]
     fn redirect_target() {
-        assert_eq!(https_location("a.test", 443, "/x?y=1"), "https://a.test/x?y=1");
+        assert_eq!(
+            https_location("a.test", 443, "/x?y=1"),
+            "https://a.test/x?y=1"
+        );
         assert_eq!(https_location("a.test", 8443, "/"), "https://a.test:8443/");
     }
 }

@@ -9,7 +9,9 @@ pub struct MalformedChunked;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Hex digits of a chunk size.
-    Size { digits: u8 },
+    Size {
+        digits: u8,
+    },
     /// Chunk extension after `;`, up to the line end.
     Extension,
     /// Saw CR at the end of the size line.
@@ -22,7 +24,9 @@ enum Phase {
     TrailerStart,
     /// Inside a trailer field line.
     Trailer,
-    TrailerLf { last: bool },
+    TrailerLf {
+        last: bool,
+    },
     Done,
 }
 
@@ -53,7 +57,8 @@ impl ChunkedTracker {
             match self.phase {
                 Phase::Done => return Ok(Some(i)),
                 Phase::Data => {
-                    let take = (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                    let take =
+                        (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
                     i += take;
                     self.remaining -= take as u64;
                     if self.remaining == 0 {
@@ -132,7 +137,11 @@ impl ChunkedTracker {
             }
             i += 1;
         }
-        Ok(if self.phase == Phase::Done { Some(i) } else { None })
+        Ok(if self.phase == Phase::Done {
+            Some(i)
+        } else {
+            None
+        })
     }
 }
 
@@ -149,7 +158,10 @@ mod tests {
         assert_eq!(end_of(b"0\r\n\r\n"), Ok(Some(5)));
         assert_eq!(end_of(b"5\r\nhello\r\n0\r\n\r\nNEXT"), Ok(Some(15)));
         assert_eq!(end_of(b"A;name=v\r\n0123456789\r\n0\r\n\r\n"), Ok(Some(27)));
-        assert_eq!(end_of(b"1\r\nx\r\n0\r\nExpires: never\r\nX: y\r\n\r\n"), Ok(Some(33)));
+        assert_eq!(
+            end_of(b"1\r\nx\r\n0\r\nExpires: never\r\nX: y\r\n\r\n"),
+            Ok(Some(33))
+        );
     }
 
     #[test]

@@ -85,10 +85,12 @@ impl ServerApp for VhostApp {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;
         }
         let mut client = Client::new(stream);
-        if self.serve(&mut client, shutdown).await == End::HandOver {
+        if let End::HandOver(reason) = self.serve(&mut client, shutdown).await {
+            self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
             let replayed: Stream = Box::new(Replayed::new(unread, stream));
             return self.fallback.process_new(replayed, shutdown).await;
@@ -108,7 +110,7 @@ enum End {
     /// The connection is finished (closed by either side, or after a `close` answer).
     Close,
     /// Pingora's proxy takes over the connection, starting with the unread bytes.
-    HandOver,
+    HandOver(&'static str),
 }
 
 /// One client connection: the stream and the bytes read from it but not yet consumed.
@@ -129,9 +131,11 @@ struct Client {
 impl Client {
     fn new(stream: Stream) -> Self {
         let tls = stream.get_ssl_digest().is_some();
-        let client_ip = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()));
+        let client_ip = stream.get_socket_digest().and_then(|d| {
+            d.peer_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+        });
         Self {
             stream,
             buf: vec![0; 8 * 1024],
@@ -191,7 +195,8 @@ struct RequestHead {
 
 enum Parsed {
     Partial,
-    HandOver,
+    /// Pingora's proxy serves this request (the reason is a metric label).
+    HandOver(&'static str),
     Request(RequestHead),
 }
 
@@ -203,13 +208,13 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         // Pingora's parser answers malformed requests (400) and takes the rare ones.
-        Err(_) => return Parsed::HandOver,
+        Err(_) => return Parsed::HandOver("malformed"),
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::HandOver;
+        return Parsed::HandOver("http/1.0");
     };
     if !target.starts_with('/') || method == "CONNECT" {
-        return Parsed::HandOver;
+        return Parsed::HandOver("request-target");
     }
     let target_start = target.as_ptr() as usize - buf.as_ptr() as usize;
 
@@ -228,7 +233,7 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
         let copy = match name.len() {
             4 if name.eq_ignore_ascii_case("host") => {
                 if host.replace(h.value).is_some() {
-                    return Parsed::HandOver;
+                    return Parsed::HandOver("malformed");
                 }
                 true
             }
@@ -239,7 +244,7 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
                     .and_then(|v| v.parse::<usize>().ok());
                 match (parsed, content_length) {
                     (Some(n), None) => content_length = Some(n),
-                    _ => return Parsed::HandOver,
+                    _ => return Parsed::HandOver("malformed"),
                 }
                 true
             }
@@ -250,22 +255,24 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
                         close = true;
                     } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
                         // Upgrade, or hop-by-hop headers named by the client.
-                        return Parsed::HandOver;
+                        return Parsed::HandOver("connection-header");
                     }
                 }
                 false
             }
             15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
                 if forwarded_for.replace(h.value).is_some() {
-                    return Parsed::HandOver;
+                    return Parsed::HandOver("repeated-x-forwarded-for");
                 }
                 false
             }
             16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
             17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
-            17 if name.eq_ignore_ascii_case("transfer-encoding") => return Parsed::HandOver,
-            7 if name.eq_ignore_ascii_case("upgrade") => return Parsed::HandOver,
-            6 if name.eq_ignore_ascii_case("expect") => return Parsed::HandOver,
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
+                return Parsed::HandOver("chunked-body")
+            }
+            7 if name.eq_ignore_ascii_case("upgrade") => return Parsed::HandOver("upgrade"),
+            6 if name.eq_ignore_ascii_case("expect") => return Parsed::HandOver("expect"),
             10 if name.eq_ignore_ascii_case("keep-alive") => false,
             16 if name.eq_ignore_ascii_case("proxy-connection") => false,
             2 if name.eq_ignore_ascii_case("te") => false,
@@ -280,7 +287,7 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
         }
     }
     let Some(host_raw) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
-        return Parsed::HandOver;
+        return Parsed::HandOver("no-host");
     };
     let host = answers::normalize_host(host_raw.trim());
 
@@ -311,7 +318,10 @@ fn parse_request(buf: &[u8], out: &mut Vec<u8>, client_ip: Option<&str>, tls: bo
         content_length: content_length.unwrap_or(0),
         host,
         target: target_start..target_start + target.len(),
-        idempotent: matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"),
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
+        ),
         head_method: method == "HEAD",
         close,
     })
@@ -384,7 +394,12 @@ fn parse_response(
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; anything but chunked is read until close.
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"").trim_ascii();
+            let last = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
             chunked = last.eq_ignore_ascii_case(b"chunked");
             other_coding = !chunked;
         } else if is_hop_by_hop(h.name) {
@@ -399,8 +414,7 @@ fn parse_response(
             }
         }
     }
-    let framing = if head_method || status == 204 || status == 304 || (100..200).contains(&status)
-    {
+    let framing = if head_method || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::Empty
     } else if chunked {
         Framing::Chunked
@@ -493,7 +507,10 @@ enum AttemptError {
     /// Could not open a connection to the backend.
     Connect,
     /// The backend failed before answering (`what` names how, for the 502 body).
-    Upstream { what: &'static str, reused: bool },
+    Upstream {
+        what: &'static str,
+        reused: bool,
+    },
     Timeout,
 }
 
@@ -536,8 +553,10 @@ impl VhostApp {
                     client.tls,
                 ) {
                     Parsed::Request(head) => return Ok(head),
-                    Parsed::HandOver => return Err(End::HandOver),
-                    Parsed::Partial if client.filled >= MAX_HEAD => return Err(End::HandOver),
+                    Parsed::HandOver(reason) => return Err(End::HandOver(reason)),
+                    Parsed::Partial if client.filled >= MAX_HEAD => {
+                        return Err(End::HandOver("large-head"))
+                    }
                     Parsed::Partial => {}
                 }
             } else if *shutdown.borrow() {
@@ -556,7 +575,7 @@ impl VhostApp {
             match read {
                 Ok(Ok(n)) if n > 0 => {}
                 // End of stream, error, idle timeout or a head over MAX_HEAD (handled above).
-                _ if client.filled >= MAX_HEAD => return Err(End::HandOver),
+                _ if client.filled >= MAX_HEAD => return Err(End::HandOver("large-head")),
                 _ => return Err(End::Close),
             }
         }
@@ -576,9 +595,9 @@ impl VhostApp {
                 .map(str::to_string);
             let route = table.lookup(&head.host).cloned();
             let redirect = match &route {
-                Some(r) if !client.tls && r.http_to_https && !acme_path => Some(
-                    answers::https_location(&head.host, self.https_port, target),
-                ),
+                Some(r) if !client.tls && r.http_to_https && !acme_path => {
+                    Some(answers::https_location(&head.host, self.https_port, target))
+                }
                 _ => None,
             };
             (acme_answer, route, redirect)
@@ -599,7 +618,9 @@ impl VhostApp {
         let Some(route) = route else {
             client.consume(head.head_len);
             let body = answers::no_virtual_host(&head.host);
-            return self.answer(client, 404, &body, None, own_answer_outcome).await;
+            return self
+                .answer(client, 404, &body, None, own_answer_outcome)
+                .await;
         };
         if let Some(location) = redirect {
             client.consume(head.head_len);
@@ -654,7 +675,12 @@ impl VhostApp {
     /// Proxies the request to the route's pool: round-robin, the next backend when one
     /// cannot be reached, and (for idempotent requests whose body is held) when one fails
     /// before answering.
-    async fn forward(&self, client: &mut Client, head: &RequestHead, route: &Route) -> (u16, Outcome) {
+    async fn forward(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        route: &Route,
+    ) -> (u16, Outcome) {
         let replayable = head.content_length <= REPLAY_LIMIT;
         if replayable && head.content_length > 0 {
             let end = head.head_len + head.content_length;
@@ -681,7 +707,9 @@ impl VhostApp {
                     (502, answers::every_backend_failed(route))
                 };
                 client.consume(head.head_len);
-                return self.answer(client, body.0, &body.1, None, Outcome::Close).await;
+                return self
+                    .answer(client, body.0, &body.1, None, Outcome::Close)
+                    .await;
             };
             if pick.guard_rail {
                 self.metrics.guard_rail_used();
@@ -691,7 +719,10 @@ impl VhostApp {
             let upstream = pick.upstream;
             in_flight_backend.set(&upstream.runtime);
             let result = match upstream.addr {
-                Some(addr) => self.attempt(client, head, addr, &upstream.runtime, replayable).await,
+                Some(addr) => {
+                    self.attempt(client, head, addr, &upstream.runtime, replayable)
+                        .await
+                }
                 None => Err(AttemptError::Connect),
             };
             let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
@@ -704,7 +735,11 @@ impl VhostApp {
                     let runtime = &upstream.runtime;
                     runtime.failures.fetch_add(1, Ordering::Relaxed);
                     self.metrics.upstream_connect_failure(&upstream.id);
-                    if runtime.health.breaker.record_failure(Failure::Connect, now_ms()) {
+                    if runtime
+                        .health
+                        .breaker
+                        .record_failure(Failure::Connect, now_ms())
+                    {
                         tracing::warn!(backend = %upstream.id, "circuit breaker opened after a failed connect");
                     }
                     // Nothing reached the backend: always safe to try another one.
@@ -740,7 +775,9 @@ impl VhostApp {
                         _ => (502, answers::could_not_connect(&head.host)),
                     };
                     client.consume(head.head_len.min(client.filled));
-                    return self.answer(client, status, &body, None, Outcome::Close).await;
+                    return self
+                        .answer(client, status, &body, None, Outcome::Close)
+                        .await;
                 }
             }
         }
@@ -763,10 +800,16 @@ impl VhostApp {
 
         // Request.
         if replayable {
-            upstream.write_all(&client.out).await.map_err(|_| failed("WriteError"))?;
+            upstream
+                .write_all(&client.out)
+                .await
+                .map_err(|_| failed("WriteError"))?;
         } else {
             let buffered = (client.filled - head.head_len).min(head.content_length);
-            upstream.write_all(&client.out).await.map_err(|_| failed("WriteError"))?;
+            upstream
+                .write_all(&client.out)
+                .await
+                .map_err(|_| failed("WriteError"))?;
             let start = head.head_len;
             upstream
                 .write_all(&client.buf[start..start + buffered])
@@ -777,11 +820,19 @@ impl VhostApp {
             let mut chunk = vec![0u8; RELAY_CHUNK];
             while left > 0 {
                 let want = left.min(chunk.len());
-                let n = match pingora_timeout::timeout(CLIENT_IDLE, client.stream.read(&mut chunk[..want])).await {
+                let n = match pingora_timeout::timeout(
+                    CLIENT_IDLE,
+                    client.stream.read(&mut chunk[..want]),
+                )
+                .await
+                {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
-                upstream.write_all(&chunk[..n]).await.map_err(|_| failed("WriteError"))?;
+                upstream
+                    .write_all(&chunk[..n])
+                    .await
+                    .map_err(|_| failed("WriteError"))?;
                 left -= n;
             }
         }
@@ -832,7 +883,12 @@ impl VhostApp {
         let mut filled = 0;
         let parsed = loop {
             if filled > 0 {
-                match parse_response(&resp[..filled], head.head_method, head.close, &mut client.resp_head) {
+                match parse_response(
+                    &resp[..filled],
+                    head.head_method,
+                    head.close,
+                    &mut client.resp_head,
+                ) {
                     ParsedResponse::Partial => {}
                     ParsedResponse::Invalid(what) => return Err(failed(what)),
                     ParsedResponse::Response(r) if r.status == 101 => {
@@ -857,7 +913,8 @@ impl VhostApp {
                 }
                 resp.resize(resp.len() * 2, 0);
             }
-            let read = pingora_timeout::timeout(self.read_timeout, upstream.read(&mut resp[filled..]));
+            let read =
+                pingora_timeout::timeout(self.read_timeout, upstream.read(&mut resp[filled..]));
             filled += match read.await {
                 Err(_) => return Err(AttemptError::Timeout),
                 Ok(Err(_)) => return Err(failed("ReadError")),
@@ -889,7 +946,10 @@ impl VhostApp {
         let extra = body_in_buf > first_body;
         let body = &resp[parsed.head_len..parsed.head_len + first_body];
         let sent = if parsed.pass_through {
-            client.stream.write_all(&resp[..parsed.head_len + first_body]).await
+            client
+                .stream
+                .write_all(&resp[..parsed.head_len + first_body])
+                .await
         } else {
             client.resp_head.extend_from_slice(body);
             client.stream.write_all(&client.resp_head).await
@@ -915,13 +975,16 @@ impl VhostApp {
             Framing::Chunked => {
                 if let Some(mut tracker) = chunks.take() {
                     loop {
-                        let n = match pingora_timeout::timeout(self.read_timeout, upstream.read(resp)).await {
-                            Ok(Ok(n)) if n > 0 => n,
-                            _ => {
-                                clean_end = false;
-                                break;
-                            }
-                        };
+                        let n =
+                            match pingora_timeout::timeout(self.read_timeout, upstream.read(resp))
+                                .await
+                            {
+                                Ok(Ok(n)) if n > 0 => n,
+                                _ => {
+                                    clean_end = false;
+                                    break;
+                                }
+                            };
                         let end = match tracker.feed(&resp[..n]) {
                             Ok(Some(end)) => Some(end),
                             Ok(None) => None,

@@ -88,6 +88,9 @@ mod tests {
         server_side.shutdown().await.unwrap();
         drop(server_side);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(take(addr).is_none(), "a connection the backend closed is not reused");
+        assert!(
+            take(addr).is_none(),
+            "a connection the backend closed is not reused"
+        );
     }
 }

@@ -11,12 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
 use pingora_core::protocols::raw_connect::ProxyDigest;
-use pingora_core::protocols::{SocketDigest, TimingDigest};
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
 };
+use pingora_core::protocols::{SocketDigest, TimingDigest};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Debug)]
@@ -161,7 +161,7 @@ mod tests {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut b = std::os::unix::net::UnixStream::from(b);
+        let mut b = b;
         std::io::Write::write_all(&mut b, data).unwrap();
         drop(b);
         let a = tokio::net::UnixStream::from_std(a).unwrap();

@@ -19,7 +19,6 @@ use crate::health::breaker::Failure;
 use crate::health::now_ms;
 use crate::observability::Metrics;
 
-
 pub struct VhostProxy {
     pub data: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
@@ -292,15 +291,16 @@ impl ProxyHttp for VhostProxy {
                 | (ErrorType::ConnectRefused, _)
                 | (ErrorType::ConnectNoRoute, _)
                 | (ErrorType::ConnectError, _)
-                | (ErrorType::TLSHandshakeFailure, _) => (502, answers::could_not_connect(&ctx.host)),
+                | (ErrorType::TLSHandshakeFailure, _) => {
+                    (502, answers::could_not_connect(&ctx.host))
+                }
                 (ErrorType::ReadTimedout, ErrorSource::Upstream)
                 | (ErrorType::WriteTimedout, ErrorSource::Upstream) => {
                     (504, answers::backend_timed_out(&ctx.host))
                 }
-                (_, ErrorSource::Upstream) => (
-                    502,
-                    answers::backend_failed(&ctx.host, e.etype().as_str()),
-                ),
+                (_, ErrorSource::Upstream) => {
+                    (502, answers::backend_failed(&ctx.host, e.etype().as_str()))
+                }
                 (
                     ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
                     ErrorSource::Downstream,
