@@ -38,7 +38,7 @@ enum After {
     KeepOpen,
     Close,
     /// Keep the connection open, then close it while idle after this many ms.
-    DropIdleAfter(u64),
+    CloseWhenIdleFor(u64),
 }
 
 type Script = Arc<dyn Fn(&Received) -> (Vec<u8>, After) + Send + Sync>;
@@ -116,7 +116,7 @@ impl ScriptedOrigin {
                         match after {
                             After::KeepOpen => {}
                             After::Close => return,
-                            After::DropIdleAfter(ms) => {
+                            After::CloseWhenIdleFor(ms) => {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                                 return;
                             }
@@ -533,7 +533,7 @@ async fn client_connection_close_is_honoured() {
 async fn a_pooled_connection_the_backend_closed_is_not_used_and_gets_are_retried() {
     // The origin closes every connection 100 ms after answering, without saying so.
     let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
-        (answer("fresh"), After::DropIdleAfter(100))
+        (answer("fresh"), After::CloseWhenIdleFor(100))
     }))
     .await;
     let node = node_with_origin(&origin, "stale.test").await;
