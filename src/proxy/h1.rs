@@ -500,6 +500,22 @@ impl Drop for BackendInFlight<'_> {
     }
 }
 
+async fn write_upstream(
+    upstream: &mut TcpStream,
+    bytes: &[u8],
+    timeout: Duration,
+    reused: bool,
+) -> Result<(), AttemptError> {
+    match pingora_timeout::timeout(timeout, upstream.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(AttemptError::Upstream {
+            what: "WriteError",
+            reused,
+        }),
+        Err(_) => Err(AttemptError::Timeout),
+    }
+}
+
 /// Why an attempt on one backend failed.
 enum AttemptError {
     /// The client went away or sent less than it announced: nothing to answer.
@@ -796,43 +812,32 @@ impl VhostApp {
             Some(conn) => (conn, true),
             None => (self.connect(addr).await?, false),
         };
-        let failed = |what: &'static str| AttemptError::Upstream { what, reused };
 
-        // Request.
-        if replayable {
-            upstream
-                .write_all(&client.out)
-                .await
-                .map_err(|_| failed("WriteError"))?;
-        } else {
+        // Request. A backend that stops reading gets the read timeout, as one that stops
+        // answering does.
+        let timeout = self.read_timeout;
+        write_upstream(&mut upstream, &client.out, timeout, reused).await?;
+        if !replayable {
             let buffered = (client.filled - head.head_len).min(head.content_length);
-            upstream
-                .write_all(&client.out)
-                .await
-                .map_err(|_| failed("WriteError"))?;
             let start = head.head_len;
-            upstream
-                .write_all(&client.buf[start..start + buffered])
-                .await
-                .map_err(|_| failed("WriteError"))?;
+            write_upstream(
+                &mut upstream,
+                &client.buf[start..start + buffered],
+                timeout,
+                reused,
+            )
+            .await?;
             client.consume(head.head_len + buffered);
             let mut left = head.content_length - buffered;
             let mut chunk = vec![0u8; RELAY_CHUNK];
             while left > 0 {
                 let want = left.min(chunk.len());
-                let n = match pingora_timeout::timeout(
-                    CLIENT_IDLE,
-                    client.stream.read(&mut chunk[..want]),
-                )
-                .await
-                {
+                let read = client.stream.read(&mut chunk[..want]);
+                let n = match pingora_timeout::timeout(CLIENT_IDLE, read).await {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
-                upstream
-                    .write_all(&chunk[..n])
-                    .await
-                    .map_err(|_| failed("WriteError"))?;
+                write_upstream(&mut upstream, &chunk[..n], timeout, reused).await?;
                 left -= n;
             }
         }
