@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use chitchat::transport::UdpTransport;
@@ -38,10 +38,7 @@ pub struct Gossip {
 impl Gossip {
     pub async fn start(cfg: &ClusterConfig) -> anyhow::Result<Self> {
         // A new generation per process start, so peers drop our previous incarnation's state.
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let generation = crate::clock::unix_ms();
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(cfg.node_id.to_string(), generation, cfg.gossip_addr),
             cluster_id: cfg.cluster_id.clone(),

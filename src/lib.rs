@@ -5,6 +5,7 @@
 
 pub mod acme;
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -705,3 +705,33 @@ async fn a_backend_that_answers_garbage_gets_a_502() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_while_requests_in_flight_finish() {
+    let backend = Backend::start("S").await;
+    let mut node = Node::start_default().await;
+    node.add_backend("s1", &backend.address(), &["a"]).await;
+    node.add_domain("drain.test", "a").await;
+    node.wait_route("drain.test", "/", "S").await;
+
+    // An idle keep-alive connection that has served one request.
+    let mut idle = RawClient::connect(&node).await;
+    idle.send(&get("drain.test", "/")).await;
+    assert_eq!(idle.response(false).await.body_text(), "S");
+
+    // A slow request in flight on another connection keeps the process alive for ~3 s.
+    let slow = backend
+        .park_slow_request(node.proxy_client().without_keepalive(), "drain.test", 3000)
+        .await;
+    node.sigterm();
+    let started = std::time::Instant::now();
+    let mut chunk = [0u8; 64];
+    let eof = tokio::time::timeout(Duration::from_secs(2), idle.conn.read(&mut chunk)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection should be closed at shutdown, not kept until the process exits: {eof:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let r = slow.await.expect("slow request task").expect("slow request answered");
+    assert_eq!((r.status, r.body.as_str()), (200, "S"), "the request in flight finished");
+}

@@ -16,10 +16,31 @@ use crate::health::{active, now_ms};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 use crate::validate;
 
+/// The backends each live peer reports down in gossip, read once per API answer.
+pub struct PeerVerdicts(Vec<(u64, std::collections::HashSet<String>)>);
+
+impl PeerVerdicts {
+    pub fn read(state: &ApiState) -> Self {
+        Self(
+            state
+                .node
+                .gossip
+                .peer_keys(crate::health::shared::KEY_PREFIX),
+        )
+    }
+}
+
 pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
+    backend_json_with(b, state, &PeerVerdicts::read(state))
+}
+
+/// A backend as the API shows it. `peers` comes from [`PeerVerdicts::read`], so a list reads
+/// gossip once, not once per backend.
+pub fn backend_json_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) -> Value {
     let rt = state.data.backends.runtime(&b.id);
     let health = rt.health.report();
-    // Per node: this node's own verdict plus what every live peer publishes in gossip.
+    // Per node: this node's own verdict plus what every live peer publishes in gossip. Peers
+    // publish only "down" verdicts, so for a peer "up" means "not reported down".
     let mut nodes = serde_json::Map::new();
     let own = if rt.health.local_verdict_down() {
         "down"
@@ -27,11 +48,7 @@ pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
         "up"
     };
     nodes.insert(state.node.node_id.to_string(), json!(own));
-    let peers = state
-        .node
-        .gossip
-        .peer_keys(crate::health::shared::KEY_PREFIX);
-    for (peer, down) in peers {
+    for (peer, down) in &peers.0 {
         let verdict = if down.contains(&b.id) { "down" } else { "up" };
         nodes.insert(peer.to_string(), json!(verdict));
     }
@@ -88,10 +105,11 @@ fn ignore_status_fields(body: &mut Body) {
 }
 
 pub async fn list(State(state): State<ApiState>) -> Json<Value> {
+    let peers = PeerVerdicts::read(&state);
     let list: Vec<Value> = state.node.sm.with_state(|s| {
         s.backends
             .values()
-            .map(|b| backend_json(b, &state))
+            .map(|b| backend_json_with(b, &state, &peers))
             .collect()
     });
     Json(Value::Array(list))

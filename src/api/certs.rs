@@ -1,8 +1,6 @@
 //! /api/v1/certs: certificates per domain (manual or ACME), expiry, ACME order status, and
 //! manual renewal.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -12,12 +10,7 @@ use super::{rfc3339, ApiError, ApiState};
 use crate::proxy::tls;
 use crate::state::{AcmeStatus, Command, Domain, TlsMode, EXPIRY_WARNING_DAYS};
 
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_secs as now_secs;
 
 fn ms_rfc3339(ms: Option<u64>) -> Value {
     ms.map(|ms| json!(rfc3339((ms / 1000) as i64)))

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::backends::backend_json;
+use super::backends::{backend_json_with, PeerVerdicts};
 use super::body::Body;
 use super::{rfc3339, ApiError, ApiState};
 use crate::health::now_ms;
@@ -287,9 +287,10 @@ pub async fn backends(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let current = lookup(&state, &name)?;
+    let peers = PeerVerdicts::read(&state);
     let list: Vec<Value> = state.node.sm.with_state(|s| {
         s.backends_with_tag(&current.enabled_backends_tag)
-            .map(|b| backend_json(b, &state))
+            .map(|b| backend_json_with(b, &state, &peers))
             .collect()
     });
     Ok(Json(Value::Array(list)))

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -101,10 +100,7 @@ impl<S: Subscriber> Layer<S> for StreamLayer {
         event.record(&mut r);
         let meta = event.metadata();
         self.0.push(LogLine {
-            unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            unix_ms: crate::clock::unix_ms(),
             level: meta.level().to_string(),
             target: r.log_target.unwrap_or_else(|| meta.target().to_string()),
             message: format!("{}{}", r.message, r.fields),
