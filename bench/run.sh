@@ -618,55 +618,101 @@ run_once() {
     return 0
 }
 
-# measure NAME PROTO URL: warm-up, then BENCH_RUNS measured runs; the run with the most
-# req/s is reported (all its columns come from that same run).
-measure() {
-    local name="$1" proto="$2" url="$3" key="$1/$2" r raw best=-1 all="" errors="" v
-    if [ "$WARMUP" -gt 0 ]; then
-        log "$name/$proto: warm-up ${WARMUP}s"
-        "${PIN_LOAD[@]}" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" \
-            -H "Host: $HOST_HEADER" "$url" >/dev/null 2>&1 || die "$key: wrk warm-up failed"
-    fi
+# warm_up NAME PROTO URL
+warm_up() {
+    local name="$1" proto="$2" url="$3" key="$1/$2"
+    [ "$WARMUP" -gt 0 ] || return 0
+    log "$key: warm-up ${WARMUP}s"
+    "${PIN_LOAD[@]}" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" \
+        -H "Host: $HOST_HEADER" "$url" >/dev/null 2>&1 || die "$key: wrk warm-up failed"
     [ -d "/proc/$PROXY_PID" ] || { show_log "$name"; die "$name died during warm-up"; }
-    for r in $(seq 1 "$RUNS"); do
-        raw="$TMP/wrk-$name-$proto-$r.txt"
-        log "$key: run $r/$RUNS, ${DURATION}s, $CONNECTIONS connections"
-        run_once "$name" "$proto" "$url" "$raw"
-        log "$key: run $r: $R_RPS req/s, p50 $R_P50 ms, p99 $R_P99 ms, $R_CPU_US us CPU/req" \
-            "(proxy CPU $R_CPU_PCT%, origin CPU $R_ORIGIN_PCT%, other load $R_OTHER_PCT%)"
-        [ -n "$R_NOTE$R_ERRORS" ] && log "WARNING $key run $r: $R_NOTE$R_ERRORS"
-        [ -n "$R_ERRORS" ] && errors="${errors}run $r: $R_ERRORS"
-        all="${all:+$all, }$R_RPS"
-        if [ "$R_RPS" -gt "$best" ]; then
-            best="$R_RPS"
-            REQS[$key]="$R_REQS"; RPS[$key]="$R_RPS"; P50[$key]="$R_P50"; P99[$key]="$R_P99"
-            CPU_US[$key]="$R_CPU_US"; CPU_PCT[$key]="$R_CPU_PCT"; ORIGIN_PCT[$key]="$R_ORIGIN_PCT"
-            OTHER_PCT[$key]="$R_OTHER_PCT"; NOISY[$key]="$R_NOISY"; BEST_RAW[$key]="$raw"
-            v="$R_NOTE"
-        fi
-    done
-    ALL_RPS[$key]="$all"
+}
+
+# measure_run NAME PROTO URL R: measured run R; the run with the most req/s is reported
+# (all its columns come from that same run).
+measure_run() {
+    local name="$1" proto="$2" url="$3" r="$4" key="$1/$2" raw
+    raw="$TMP/wrk-$name-$proto-$r.txt"
+    log "$key: run $r/$RUNS, ${DURATION}s, $CONNECTIONS connections"
+    run_once "$name" "$proto" "$url" "$raw"
+    log "$key: run $r: $R_RPS req/s, p50 $R_P50 ms, p99 $R_P99 ms, $R_CPU_US us CPU/req" \
+        "(proxy CPU $R_CPU_PCT%, origin CPU $R_ORIGIN_PCT%, other load $R_OTHER_PCT%)"
+    [ -n "$R_NOTE$R_ERRORS" ] && log "WARNING $key run $r: $R_NOTE$R_ERRORS"
+    [ -n "$R_ERRORS" ] && ERRORS_OF[$key]="${ERRORS_OF[$key]:-}run $r: $R_ERRORS"
+    ALL_RPS[$key]="${ALL_RPS[$key]:+${ALL_RPS[$key]}, }$R_RPS"
+    ALL_CPU[$key]="${ALL_CPU[$key]:+${ALL_CPU[$key]} }$R_CPU_US"
+    if [ "$R_RPS" -gt "${RPS[$key]:--1}" ]; then
+        REQS[$key]="$R_REQS"; RPS[$key]="$R_RPS"; P50[$key]="$R_P50"; P99[$key]="$R_P99"
+        CPU_US[$key]="$R_CPU_US"; CPU_PCT[$key]="$R_CPU_PCT"; ORIGIN_PCT[$key]="$R_ORIGIN_PCT"
+        OTHER_PCT[$key]="$R_OTHER_PCT"; NOISY[$key]="$R_NOISY"; BEST_RAW[$key]="$raw"
+        BEST_NOTE[$key]="$R_NOTE"
+    fi
+}
+
+# finish_measure NAME PROTO: notes of the reported run, plus errors of any run.
+finish_measure() {
+    local key="$1/$2" v
     [ "${NOISY[$key]}" = 1 ] && NOISY_RUNS=$((NOISY_RUNS + 1))
-    v="$v$errors"
+    v="${BEST_NOTE[$key]:-}${ERRORS_OF[$key]:-}"
     v="${v% }"; NOTES[$key]="${v%;}"
     if [ "$RUNS" -gt 1 ]; then
-        log "$key: best of $RUNS runs: ${RPS[$key]} req/s (all: $all)"
+        log "$key: best of $RUNS runs: ${RPS[$key]} req/s (all: ${ALL_RPS[$key]}; CPU us/req: ${ALL_CPU[$key]})"
     fi
 }
 
-stop_proxy() {
-    kill_tree "$PROXY_PID"
-    forget_pid "$PROXY_PID"
+declare -A PID_OF HTTP_OF HTTPS_OF ERRORS_OF ALL_CPU BEST_NOTE
+
+# use_proxy NAME: make NAME the proxy under test; every other proxy is paused (SIGSTOP) so
+# that it cannot take CPU time from the one being measured.
+use_proxy() {
+    local p q
+    for p in "${PROXIES[@]}"; do
+        [ "$p" = "$1" ] && continue
+        for q in $(proc_tree "${PID_OF[$p]}"); do kill -STOP "$q" 2>/dev/null || true; done
+    done
+    for q in $(proc_tree "${PID_OF[$1]}"); do kill -CONT "$q" 2>/dev/null || true; done
+    PROXY_PID="${PID_OF[$1]}"; PROXY_HTTP="${HTTP_OF[$1]}"; PROXY_HTTPS="${HTTPS_OF[$1]}"
+    sleep 0.5
 }
 
-run_proxy() {
-    local name="$1"
-    log "=== $name ==="
-    "start_${name//-/_}"
-    wait_proxy_ready "$name"
-    measure "$name" http  "http://127.0.0.1:$PROXY_HTTP/"
-    measure "$name" https "https://127.0.0.1:$PROXY_HTTPS/"
-    stop_proxy
+start_all_proxies() {
+    local p
+    for p in "${PROXIES[@]}"; do
+        log "=== start $p ==="
+        "start_${p//-/_}"
+        wait_proxy_ready "$p"
+        PID_OF[$p]="$PROXY_PID"; HTTP_OF[$p]="$PROXY_HTTP"; HTTPS_OF[$p]="$PROXY_HTTPS"
+    done
+}
+
+stop_all_proxies() {
+    local p q
+    for p in "${PROXIES[@]}"; do
+        for q in $(proc_tree "${PID_OF[$p]}"); do kill -CONT "$q" 2>/dev/null || true; done
+        kill_tree "${PID_OF[$p]}"
+        forget_pid "${PID_OF[$p]}"
+    done
+}
+
+# Rounds interleave the proxies: run r of every proxy happens in the same stretch of time,
+# so slow drifts in the machine's speed (common on shared VMs) hit all of them alike.
+run_rounds() {
+    local p proto r
+    for p in "${PROXIES[@]}"; do
+        use_proxy "$p"
+        warm_up "$p" http "http://127.0.0.1:$PROXY_HTTP/"
+        warm_up "$p" https "https://127.0.0.1:$PROXY_HTTPS/"
+    done
+    for r in $(seq 1 "$RUNS"); do
+        for p in "${PROXIES[@]}"; do
+            use_proxy "$p"
+            measure_run "$p" http "http://127.0.0.1:$PROXY_HTTP/" "$r"
+            measure_run "$p" https "https://127.0.0.1:$PROXY_HTTPS/" "$r"
+        done
+    done
+    for p in "${PROXIES[@]}"; do
+        for proto in http https; do finish_measure "$p" "$proto"; done
+    done
 }
 
 # ---------------------------------------------------------------------------------------
@@ -688,7 +734,9 @@ fi
 
 log "temp dir $TMP; CPUs: wrk+origin=$CPU_LOAD proxy=$CPU_PROXY; ${DURATION}s x $CONNECTIONS connections, warm-up ${WARMUP}s"
 start_origin
-for p in "${PROXIES[@]}"; do run_proxy "$p"; done
+start_all_proxies
+run_rounds
+stop_all_proxies
 
 # ---------------------------------------------------------------------------------------
 # Report
@@ -746,7 +794,7 @@ report() {
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- machine: $(nproc) CPUs ($CPU_MODEL), kernel $(uname -r)"
     echo "- pinning: wrk + origin on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY"
-    echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`; per proxy and protocol ${WARMUP}s warm-up, then $RUNS measured runs of ${DURATION}s: the run with the most req/s is reported (every column from that run)"
+    echo "- load: wrk $WRK_VER, 1 thread, $CONNECTIONS connections, HTTP/1.1 keep-alive, \`Host: $HOST_HEADER\`; per proxy and protocol ${WARMUP}s warm-up, then $RUNS rounds; each round measures every proxy for ${DURATION}s (the others paused with SIGSTOP). The run with the most req/s is reported (every column from that run)"
     echo "- proxies (1 worker each): nginx $NGINX_VER, HAProxy $HAPROXY_VER, $PV_VER"
     echo "- origin: nginx, 1 worker, \`return 200 \"ok\\n\"\`"
     echo "- other load: machine ${BUSY_BEFORE}% busy just before the run; per run see *other load %* (CPU used by anything but proxy, origin and wrk, as % of all $NCPU_MACHINE CPUs)$( { [ "$BUSY_BEFORE" -gt 10 ] || [ "$NOISY_RUNS" -gt 0 ]; } && echo ' — **the machine was not idle: numbers are noisy**')"
@@ -758,6 +806,8 @@ report() {
         md_table "$proto"
         echo
         echo "req/s of every run: $(for p in "${PROXIES[@]}"; do printf '%s: %s; ' "$p" "${ALL_RPS[$p/$proto]}"; done | sed 's/; $//')"
+        echo
+        echo "CPU µs/req of every run: $(for p in "${PROXIES[@]}"; do printf '%s: %s; ' "$p" "${ALL_CPU[$p/$proto]}"; done | sed 's/; $//')"
         echo
         md_ratios "$proto"
         echo
