@@ -1033,6 +1033,7 @@ async fn forwarded_headers_reach_the_backend() {
     .await;
     let headers: Value = serde_json::from_str(&r.body).expect("backend /headers JSON");
     assert_eq!(headers["x-forwarded-proto"], "https", "{headers}");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{headers}");
     assert_eq!(headers["x-forwarded-host"], "fwd.test", "{headers}");
 }
 
