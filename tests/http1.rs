@@ -404,6 +404,37 @@ async fn chunked_responses_are_relayed_whole_and_the_connections_stay_open() {
 }
 
 #[tokio::test]
+async fn a_response_with_both_length_and_chunked_reaches_the_client_chunked_only() {
+    // Content-Length is wrong on purpose: Transfer-Encoding wins, and the client must not
+    // see both (it could frame the body differently than the proxy did).
+    let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            After::KeepOpen,
+        )
+    }))
+    .await;
+    let node = node_with_origin(&origin, "both.test").await;
+    let mut c = RawClient::connect(&node).await;
+    let r = loop {
+        c.send(&get("both.test", "/")).await;
+        let r = c.response(false).await;
+        if r.status != 404 {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), None, "{}", r.head);
+    assert_eq!(r.body_text(), "5\r\nhello\r\n0\r\n\r\n");
+    c.send(&get("both.test", "/")).await;
+    assert_eq!(
+        c.response(false).await.body_text(),
+        "5\r\nhello\r\n0\r\n\r\n"
+    );
+}
+
+#[tokio::test]
 async fn close_delimited_responses_end_the_client_connection() {
     let origin = ScriptedOrigin::start(Arc::new(|_req: &Received| {
         (
@@ -732,6 +763,13 @@ async fn shutdown_closes_idle_keep_alive_connections_while_requests_in_flight_fi
         "the idle connection should be closed at shutdown, not kept until the process exits: {eof:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    let r = slow.await.expect("slow request task").expect("slow request answered");
-    assert_eq!((r.status, r.body.as_str()), (200, "S"), "the request in flight finished");
+    let r = slow
+        .await
+        .expect("slow request task")
+        .expect("slow request answered");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "S"),
+        "the request in flight finished"
+    );
 }

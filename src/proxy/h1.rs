@@ -435,7 +435,9 @@ fn parse_response(
         keep_alive = false;
     }
     let close_client = close_client || framing == Framing::UntilClose;
-    let pass_through = version == 1 && !hop_by_hop && !close_client;
+    // Transfer-Encoding overrides Content-Length; the client must not see both (RFC 9112 6.3).
+    let drop_length = (chunked || other_coding) && length.is_some();
+    let pass_through = version == 1 && !hop_by_hop && !close_client && !drop_length;
     if !pass_through {
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -444,7 +446,8 @@ fn parse_response(
         out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         for h in resp.headers.iter() {
-            if !is_hop_by_hop(h.name) {
+            let length_header = h.name.eq_ignore_ascii_case("content-length");
+            if !is_hop_by_hop(h.name) && !(drop_length && length_header) {
                 out.extend_from_slice(h.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(h.value);
