@@ -713,8 +713,10 @@ impl VhostApp {
         if replayable && head.content_length > 0 {
             let end = head.head_len + head.content_length;
             while client.filled < end {
-                match client.read_more(end.max(MAX_HEAD)).await {
-                    Ok(n) if n > 0 => {}
+                let read = client.read_more(end.max(MAX_HEAD));
+                match pingora_timeout::timeout(CLIENT_IDLE, read).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // Gone, or stalled for CLIENT_IDLE in the middle of its body.
                     _ => return (0, Outcome::Close),
                 }
             }
