@@ -773,3 +773,98 @@ async fn shutdown_closes_idle_keep_alive_connections_while_requests_in_flight_fi
         "the request in flight finished"
     );
 }
+
+#[tokio::test]
+async fn head_requests_answered_by_the_proxy_carry_no_body() {
+    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("hi"), After::KeepOpen))).await;
+    let node = node_with_origin(&origin, "known.test").await;
+    node.wait_route("known.test", "/", "hi").await;
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"HEAD / HTTP/1.1\r\nHost: unknown.test\r\n\r\n").await;
+    let r = c.response(true).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("content-length").is_some(), "{}", r.head);
+    // If a body had followed the HEAD answer, it would be read as the next response.
+    c.send(&get("known.test", "/")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "hi"), "{}", r.head);
+}
+
+#[tokio::test]
+async fn slow_chunked_bodies_reach_the_client_as_they_come() {
+    // An SSE-like origin: the head and a first event, then the rest 1.5 s later.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(req) = read_request(&mut conn, &mut buf).await {
+                    if req.head.starts_with("GET /events") {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n").await;
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        let _ = conn.write_all(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n").await;
+                    } else {
+                        let _ = conn.write_all(&answer("up")).await;
+                    }
+                }
+            });
+        }
+    });
+    let node = Node::start_default().await;
+    node.add_backend("sse", &addr.to_string(), &["a"]).await;
+    node.add_domain("sse.test", "a").await;
+    node.wait_route("sse.test", "/", "up").await;
+
+    let mut c = RawClient::connect(&node).await;
+    c.send(&get("sse.test", "/events")).await;
+    let started = std::time::Instant::now();
+    while find(&c.buf, b"data: 1").is_none() {
+        assert!(c.fill().await, "closed before the first event");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the first event should arrive at once, not with the rest of the body ({:?})",
+        started.elapsed()
+    );
+    let r = c.response(false).await;
+    assert_eq!(r.body_text(), "9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n");
+    origin.abort();
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_ends_the_client_connection() {
+    // A bare LF in the trailers, followed by what a lenient client could take as a response.
+    let origin = ScriptedOrigin::start(Arc::new(|_r: &Received| {
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: a\n\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected".to_vec(),
+            After::KeepOpen,
+        )
+    }))
+    .await;
+    let node = node_with_origin(&origin, "lf.test").await;
+    let mut c = RawClient::connect(&node).await;
+    let head = loop {
+        c.send(&get("lf.test", "/")).await;
+        let end = loop {
+            if let Some(end) = find(&c.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(c.fill().await, "closed before a response head");
+        };
+        let head = String::from_utf8_lossy(&c.buf[..end]).to_string();
+        if head.starts_with("HTTP/1.1 404") {
+            c = RawClient::connect(&node).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        break head;
+    };
+    // Seen in the first read, the body is refused whole (502); seen later, the connection is
+    // cut after the bytes relayed so far. Either way nothing after the bad line gets through.
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 502"), "{head}");
+    while c.fill().await {}
+    let all = String::from_utf8_lossy(&c.buf).to_string();
+    assert!(!all.contains("injected"), "bytes after the malformed trailer reached the client: {all:?}");
+}

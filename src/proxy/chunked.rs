@@ -122,6 +122,9 @@ impl ChunkedTracker {
                 Phase::Trailer => {
                     if b == b'\r' {
                         self.phase = Phase::TrailerLf { last: false };
+                    } else if b == b'\n' {
+                        // A bare LF could end the message earlier for a lenient client.
+                        return Err(MalformedChunked);
                     }
                 }
                 Phase::TrailerLf { last } => {
@@ -194,5 +197,9 @@ mod tests {
         assert_eq!(end_of(b"3\r\nabcX"), Err(MalformedChunked));
         assert_eq!(end_of(b"3\nabc"), Err(MalformedChunked));
         assert_eq!(end_of(b"ffffffffffffffff0\r\n"), Err(MalformedChunked));
+        assert_eq!(
+            end_of(b"0\r\nX: a\n\nHTTP/1.1 200 OK\r\n\r\n"),
+            Err(MalformedChunked)
+        );
     }
 }

@@ -125,6 +125,8 @@ struct Client {
     out: Vec<u8>,
     /// Response head rewritten for the client, when it cannot pass through as it came.
     resp_head: Vec<u8>,
+    /// The request being answered is a HEAD: our own answers carry no body.
+    head_request: bool,
     /// Response bytes read from the backend.
     resp: Vec<u8>,
 }
@@ -145,6 +147,7 @@ impl Client {
             client_ip,
             out: Vec::with_capacity(2048),
             resp_head: Vec::new(),
+            head_request: false,
             resp: vec![0; 16 * 1024],
         }
     }
@@ -392,6 +395,7 @@ fn parse_response(
             let parsed = std::str::from_utf8(h.value)
                 .ok()
                 .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|v| v.parse::<u64>().ok());
             match (parsed, length) {
                 (Some(n), None) => length = Some(n),
@@ -531,6 +535,9 @@ enum AttemptError {
     Client,
     /// Could not open a connection to the backend.
     Connect,
+    /// The backend's address did not resolve when the table was built: nothing to count
+    /// against the backend's health, but another backend may serve.
+    NoAddress,
     /// The backend failed before answering (`what` names how, for the 502 body).
     Upstream {
         what: &'static str,
@@ -599,6 +606,7 @@ impl VhostApp {
                 }
             };
             served += 1;
+            client.head_request = head.head_method;
             let _in_flight = NodeInFlight::new(&self.data);
             let (status, outcome) = self.handle(client, &head).await;
             self.metrics.request_done(status);
@@ -691,7 +699,9 @@ impl VhostApp {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body.as_bytes());
+        if !client.head_request {
+            out.extend_from_slice(body.as_bytes());
+        }
         let sent = client.send(&out).await;
         client.out = out;
         match sent {
@@ -753,7 +763,7 @@ impl VhostApp {
                     self.attempt(client, head, addr, &upstream.runtime, replayable)
                         .await
                 }
-                None => Err(AttemptError::Connect),
+                None => Err(AttemptError::NoAddress),
             };
             let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
             match result {
@@ -761,6 +771,14 @@ impl VhostApp {
                     return done;
                 }
                 Err(AttemptError::Client) => return (0, Outcome::Close),
+                Err(AttemptError::NoAddress) => {
+                    if can_retry && route.has_untried(&tried[..n_tried]) {
+                        continue;
+                    }
+                    let body = answers::could_not_connect(&head.host);
+                    client.consume(head.head_len.min(client.filled));
+                    return self.answer(client, 502, &body, None, Outcome::Close).await;
+                }
                 Err(AttemptError::Connect) => {
                     let runtime = &upstream.runtime;
                     runtime.failures.fetch_add(1, Ordering::Relaxed);
@@ -941,10 +959,6 @@ impl VhostApp {
                 Ok(Ok(n)) => n,
             };
         };
-        // From here on bytes reach the client: no more retries.
-        if replayable {
-            client.consume(head.head_len + head.content_length);
-        }
         let body_in_buf = filled - parsed.head_len;
         let (first_body, mut left, mut chunks) = match parsed.framing {
             Framing::Empty => (0, 0u64, None),
@@ -962,6 +976,10 @@ impl VhostApp {
             }
             Framing::UntilClose => (body_in_buf, 0, None),
         };
+        // From here on bytes reach the client: no more retries.
+        if replayable {
+            client.consume(head.head_len + head.content_length);
+        }
         let extra = body_in_buf > first_body;
         let body = &resp[parsed.head_len..parsed.head_len + first_body];
         let sent = if parsed.pass_through {
@@ -974,6 +992,12 @@ impl VhostApp {
             client.stream.write_all(&client.resp_head).await
         };
         if sent.is_err() {
+            return Ok((parsed.status, false, Outcome::Close));
+        }
+        // Pingora's client stream buffers writes: the rest of a body may come slowly (SSE,
+        // long polls), so the client gets what has arrived at once.
+        let complete = left == 0 && chunks.is_none() && parsed.framing != Framing::UntilClose;
+        if !complete && client.stream.flush().await.is_err() {
             return Ok((parsed.status, false, Outcome::Close));
         }
         let mut clean_end = true;
@@ -1013,7 +1037,9 @@ impl VhostApp {
                             }
                         };
                         let upto = end.unwrap_or(n);
-                        if client.stream.write_all(&resp[..upto]).await.is_err() {
+                        if client.stream.write_all(&resp[..upto]).await.is_err()
+                            || client.stream.flush().await.is_err()
+                        {
                             clean_end = false;
                             break;
                         }
@@ -1032,7 +1058,9 @@ impl VhostApp {
                 match pingora_timeout::timeout(self.read_timeout, upstream.read(resp)).await {
                     Ok(Ok(0)) => break,
                     Ok(Ok(n)) => {
-                        if client.stream.write_all(&resp[..n]).await.is_err() {
+                        if client.stream.write_all(&resp[..n]).await.is_err()
+                            || client.stream.flush().await.is_err()
+                        {
                             clean_end = false;
                             break;
                         }
@@ -1070,6 +1098,7 @@ impl VhostApp {
             _ => return None,
         };
         client.stream.write_all(&chunk[..n]).await.ok()?;
+        client.stream.flush().await.ok()?;
         Some(n)
     }
 }

@@ -2,7 +2,7 @@
 //! thread: taking and returning a connection touches no lock and makes no system call.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::task::{Context, Poll, Waker};
@@ -43,7 +43,7 @@ impl Hasher for AddrHasher {
     }
 }
 
-type IdleMap = HashMap<SocketAddr, Vec<Idle>, BuildHasherDefault<AddrHasher>>;
+type IdleMap = HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>;
 
 thread_local! {
     static IDLE: RefCell<IdleMap> = RefCell::new(IdleMap::default());
@@ -54,7 +54,8 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.get_mut(&addr)?;
-        while let Some(candidate) = idle.pop() {
+        // Most recently used first: the warmest connection, the least likely to be closed.
+        while let Some(candidate) = idle.pop_back() {
             if candidate.since.elapsed() < MAX_IDLE && still_open(&candidate.conn) {
                 return Some(candidate.conn);
             }
@@ -68,11 +69,17 @@ pub fn put(addr: SocketAddr, conn: TcpStream) {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.entry(addr).or_default();
+        let now = Instant::now();
+        // The oldest are at the front: close the ones idle too long (after a burst they would
+        // otherwise stay below the warm ones, holding sockets the backend has closed).
+        while idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= MAX_IDLE)
+        {
+            idle.pop_front();
+        }
         if idle.len() < MAX_IDLE_PER_ADDR {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since: now });
         }
     })
 }
