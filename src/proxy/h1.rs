@@ -450,8 +450,8 @@ fn parse_response(
         out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         for h in resp.headers.iter() {
-            let length_header = h.name.eq_ignore_ascii_case("content-length");
-            if !is_hop_by_hop(h.name) && !(drop_length && length_header) {
+            let dropped_length = drop_length && h.name.eq_ignore_ascii_case("content-length");
+            if !(is_hop_by_hop(h.name) || dropped_length) {
                 out.extend_from_slice(h.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(h.value);
