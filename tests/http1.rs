@@ -23,12 +23,7 @@ struct Received {
 
 impl Received {
     fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        header_value(&self.head, name)
     }
 }
 
@@ -57,62 +52,53 @@ impl Drop for ScriptedOrigin {
     }
 }
 
+/// The value of header `name` in a message head (first one; the start line is skipped).
+fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Appends one read from `conn` to `buf`; `None` at end of stream or on error.
+async fn read_some(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 65536];
+    let n = conn.read(&mut chunk).await.ok()?;
+    buf.extend_from_slice(&chunk[..n]);
+    (n > 0).then_some(())
+}
+
 async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Received> {
-    loop {
+    let body_start = loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (n, v) = l.split_once(':')?;
-                    n.trim()
-                        .eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let mut chunk = [0u8; 65536];
-                let n = conn.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let chunked = head.lines().any(|l| {
-                l.split_once(':').is_some_and(|(n, v)| {
-                    n.trim().eq_ignore_ascii_case("transfer-encoding")
-                        && v.trim().eq_ignore_ascii_case("chunked")
-                })
-            });
-            if chunked {
-                // Keep the raw chunked body (enough for these tests), up to its last line;
-                // the connection may carry more requests after it.
-                loop {
-                    if let Some(z) = find(&buf[end + 4..], b"0\r\n\r\n") {
-                        let stop = end + 4 + z + 5;
-                        let body = buf[end + 4..stop].to_vec();
-                        buf.drain(..stop);
-                        return Some(Received { head, body });
-                    }
-                    let mut chunk = [0u8; 65536];
-                    let n = conn.read(&mut chunk).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-            }
-            let body = buf[end + 4..end + 4 + len].to_vec();
-            buf.drain(..end + 4 + len);
-            return Some(Received { head, body });
+            break end + 4;
         }
-        let mut chunk = [0u8; 65536];
-        let n = conn.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
+        read_some(conn, buf).await?;
+    };
+    let head = String::from_utf8_lossy(&buf[..body_start]).to_string();
+    let chunked =
+        header_value(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let length: usize = header_value(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body_end = loop {
+        let end = if chunked {
+            // The raw chunked body (enough for these tests), up to its last line: the
+            // connection may carry more requests after it.
+            find(&buf[body_start..], b"0\r\n\r\n").map(|z| body_start + z + 5)
+        } else {
+            (buf.len() >= body_start + length).then_some(body_start + length)
+        };
+        if let Some(end) = end {
+            break end;
         }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+        read_some(conn, buf).await?;
+    };
+    let body = buf[body_start..body_end].to_vec();
+    buf.drain(..body_end);
+    Some(Received { head, body })
 }
 
 impl ScriptedOrigin {
@@ -180,12 +166,7 @@ struct Response {
 
 impl Response {
     fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        header_value(&self.head, name)
     }
 
     fn body_text(&self) -> String {
@@ -277,6 +258,19 @@ impl RawClient {
         while self.fill().await {}
         r.body = std::mem::take(&mut self.buf);
         r
+    }
+
+    /// GET `/` for `host`, repeated while the route is not there yet (404).
+    async fn get_routed(&mut self, host: &str) -> Response {
+        for _ in 0..100 {
+            self.send(&get(host, "/")).await;
+            let r = self.response(false).await;
+            if r.status != 404 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no route for {host} within 10 s");
     }
 
     /// True when the proxy closed the connection (after any buffered bytes).
@@ -399,13 +393,11 @@ async fn chunked_responses_are_relayed_whole_and_the_connections_stay_open() {
     .await;
     let node = node_with_origin(&origin, "chunk.test").await;
     let mut c = RawClient::connect(&node).await;
-    for _ in 0..3 {
-        // The route may take a moment to appear: retry the first one.
-        c.send(&get("chunk.test", "/")).await;
-        let r = c.response(false).await;
-        if r.status == 404 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+    let mut r = c.get_routed("chunk.test").await;
+    for i in 0..3 {
+        if i > 0 {
+            c.send(&get("chunk.test", "/")).await;
+            r = c.response(false).await;
         }
         assert_eq!(r.status, 200);
         assert_eq!(
@@ -440,14 +432,7 @@ async fn a_response_with_both_length_and_chunked_reaches_the_client_chunked_only
     .await;
     let node = node_with_origin(&origin, "both.test").await;
     let mut c = RawClient::connect(&node).await;
-    let r = loop {
-        c.send(&get("both.test", "/")).await;
-        let r = c.response(false).await;
-        if r.status != 404 {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r = c.get_routed("both.test").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-length"), None, "{}", r.head);
     assert_eq!(r.body_text(), "5\r\nhello\r\n0\r\n\r\n");

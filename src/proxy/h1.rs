@@ -766,20 +766,19 @@ impl VhostApp {
                 None => Err(AttemptError::NoAddress),
             };
             let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
-            match result {
-                Ok(done) => {
-                    return done;
-                }
+            let failure = match result {
+                Ok(done) => return done,
                 Err(AttemptError::Client) => return (0, Outcome::Close),
-                Err(AttemptError::NoAddress) => {
-                    if can_retry && route.has_untried(&tried[..n_tried]) {
-                        continue;
-                    }
-                    let body = answers::could_not_connect(&head.host);
-                    client.consume(head.head_len.min(client.filled));
-                    return self.answer(client, 502, &body, None, Outcome::Close).await;
+                Err(AttemptError::Upstream { reused: true, .. }) if retry_allowed && can_retry => {
+                    // A pooled connection the backend had closed: not the backend's fault.
+                    n_tried -= 1;
+                    continue;
                 }
-                Err(AttemptError::Connect) => {
+                Err(failure) => failure,
+            };
+            let retriable = match failure {
+                AttemptError::NoAddress => true,
+                AttemptError::Connect => {
                     let runtime = &upstream.runtime;
                     runtime.failures.fetch_add(1, Ordering::Relaxed);
                     self.metrics.upstream_connect_failure(&upstream.id);
@@ -791,19 +790,9 @@ impl VhostApp {
                         tracing::warn!(backend = %upstream.id, "circuit breaker opened after a failed connect");
                     }
                     // Nothing reached the backend: always safe to try another one.
-                    if can_retry && route.has_untried(&tried[..n_tried]) {
-                        continue;
-                    }
-                    let body = answers::could_not_connect(&head.host);
-                    client.consume(head.head_len.min(client.filled));
-                    return self.answer(client, 502, &body, None, Outcome::Close).await;
+                    true
                 }
-                Err(AttemptError::Upstream { reused: true, .. }) if retry_allowed && can_retry => {
-                    // A pooled connection the backend had closed: not the backend's fault.
-                    n_tried -= 1;
-                    continue;
-                }
-                Err(err) => {
+                _ => {
                     if upstream
                         .runtime
                         .health
@@ -812,22 +801,22 @@ impl VhostApp {
                     {
                         tracing::warn!(backend = %upstream.id, "circuit breaker opened after repeated failures");
                     }
-                    if retry_allowed && can_retry && route.has_untried(&tried[..n_tried]) {
-                        continue;
-                    }
-                    let (status, body) = match err {
-                        AttemptError::Timeout => (504, answers::backend_timed_out(&head.host)),
-                        AttemptError::Upstream { what, .. } => {
-                            (502, answers::backend_failed(&head.host, what))
-                        }
-                        _ => (502, answers::could_not_connect(&head.host)),
-                    };
-                    client.consume(head.head_len.min(client.filled));
-                    return self
-                        .answer(client, status, &body, None, Outcome::Close)
-                        .await;
+                    retry_allowed
                 }
+            };
+            if retriable && can_retry && route.has_untried(&tried[..n_tried]) {
+                continue;
             }
+            let (status, body) = match failure {
+                AttemptError::Timeout => (504, answers::backend_timed_out(&head.host)),
+                AttemptError::Upstream { what, .. } => {
+                    (502, answers::backend_failed(&head.host, what))
+                }
+                _ => (502, answers::could_not_connect(&head.host)),
+            };
+            return self
+                .answer(client, status, &body, None, Outcome::Close)
+                .await;
         }
     }
 
