@@ -11,8 +11,7 @@ pub mod breaker;
 pub mod shared;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -22,10 +21,9 @@ const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 
-/// Milliseconds on a monotonic clock (since first use), for breaker deadlines.
+/// Milliseconds on a coarse monotonic clock, for breaker deadlines (see `clock`).
 pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    crate::clock::coarse_monotonic_ms()
 }
 
 use crate::clock::unix_ms;

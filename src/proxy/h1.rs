@@ -29,6 +29,8 @@ use tokio::net::TcpStream;
 
 use super::answers::{self, ACME_CHALLENGE_PREFIX};
 use super::chunked::ChunkedTracker;
+use super::client_io::ClientIo;
+use super::deadline::ReadDeadline;
 use super::replay::Replayed;
 use super::service::VhostProxy;
 use super::table::{BackendRuntime, Route};
@@ -89,15 +91,15 @@ impl ServerApp for VhostApp {
             self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;
         }
-        let mut client = Client::new(stream);
+        let io = ClientIo::from_accepted(stream)?;
+        let mut client = Client::new(io, self.read_timeout);
         if let End::HandOver(reason) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
             let replayed: Stream = Box::new(Replayed::new(unread, stream));
             return self.fallback.process_new(replayed, shutdown).await;
         }
-        let _ = client.stream.flush().await;
-        pingora_core::protocols::Shutdown::shutdown(client.stream.as_mut()).await;
+        client.stream.close().await;
         None
     }
 
@@ -116,7 +118,7 @@ enum End {
 
 /// One client connection: the stream and the bytes read from it but not yet consumed.
 struct Client {
-    stream: Stream,
+    stream: ClientIo,
     buf: Vec<u8>,
     filled: usize,
     tls: bool,
@@ -129,16 +131,14 @@ struct Client {
     head_request: bool,
     /// Response bytes read from the backend.
     resp: Vec<u8>,
+    /// Times out backend reads that wait longer than the upstream read timeout.
+    deadline: ReadDeadline,
 }
 
 impl Client {
-    fn new(stream: Stream) -> Self {
-        let tls = stream.get_ssl_digest().is_some();
-        let client_ip = stream.get_socket_digest().and_then(|d| {
-            d.peer_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string())
-        });
+    fn new(stream: ClientIo, read_timeout: Duration) -> Self {
+        let tls = stream.is_tls();
+        let client_ip = stream.peer_ip();
         Self {
             stream,
             buf: vec![0; 8 * 1024],
@@ -149,12 +149,13 @@ impl Client {
             resp_head: Vec::new(),
             head_request: false,
             resp: vec![0; 16 * 1024],
+            deadline: ReadDeadline::new(read_timeout),
         }
     }
 
     fn into_parts(self) -> (Stream, Bytes) {
         let unread = Bytes::copy_from_slice(&self.buf[..self.filled]);
-        (self.stream, unread)
+        (self.stream.into_pingora(), unread)
     }
 
     /// Drops the first `n` buffered bytes (a request that has been handled).
@@ -939,8 +940,7 @@ impl VhostApp {
                 }
                 resp.resize(resp.len() * 2, 0);
             }
-            let read =
-                pingora_timeout::timeout(self.read_timeout, upstream.read(&mut resp[filled..]));
+            let read = client.deadline.run(upstream.read(&mut resp[filled..]));
             filled += match read.await {
                 Err(_) => return Err(AttemptError::Timeout),
                 Ok(Err(_)) => return Err(failed("ReadError")),
@@ -1007,10 +1007,7 @@ impl VhostApp {
             Framing::Chunked => {
                 if let Some(mut tracker) = chunks.take() {
                     loop {
-                        let n =
-                            match pingora_timeout::timeout(self.read_timeout, upstream.read(resp))
-                                .await
-                            {
+                        let n = match client.deadline.run(upstream.read(resp)).await {
                                 Ok(Ok(n)) if n > 0 => n,
                                 _ => {
                                     clean_end = false;
@@ -1044,7 +1041,7 @@ impl VhostApp {
                 }
             }
             Framing::UntilClose => loop {
-                match pingora_timeout::timeout(self.read_timeout, upstream.read(resp)).await {
+                match client.deadline.run(upstream.read(resp)).await {
                     Ok(Ok(0)) => break,
                     Ok(Ok(n)) => {
                         if client.stream.write_all(&resp[..n]).await.is_err()
@@ -1082,7 +1079,7 @@ impl VhostApp {
         upstream: &mut TcpStream,
         chunk: &mut [u8],
     ) -> Option<usize> {
-        let n = match pingora_timeout::timeout(self.read_timeout, upstream.read(chunk)).await {
+        let n = match client.deadline.run(upstream.read(chunk)).await {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };

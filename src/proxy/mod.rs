@@ -6,6 +6,8 @@
 
 pub mod answers;
 mod chunked;
+mod client_io;
+mod deadline;
 pub mod h1;
 mod pool;
 mod replay;

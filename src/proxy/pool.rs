@@ -6,19 +6,21 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+
+use crate::clock::coarse_monotonic_ms;
 
 use tokio::net::TcpStream;
 
 /// A connection idle for longer is closed rather than reused (backends commonly close idle
 /// keep-alive connections after 60-75 s; reusing one at that moment would fail).
-const MAX_IDLE: Duration = Duration::from_secs(50);
+const MAX_IDLE_MS: u64 = 50_000;
 /// Idle connections kept per backend address and worker thread.
 const MAX_IDLE_PER_ADDR: usize = 128;
 
 struct Idle {
     conn: TcpStream,
-    since: Instant,
+    /// `clock::coarse_monotonic_ms` when it was put back.
+    since_ms: u64,
 }
 
 /// FNV-1a: backend addresses are not attacker-chosen, and SipHash showed up in profiles.
@@ -54,9 +56,10 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.get_mut(&addr)?;
+        let now = coarse_monotonic_ms();
         // Most recently used first: the warmest connection, the least likely to be closed.
         while let Some(candidate) = idle.pop_back() {
-            if candidate.since.elapsed() < MAX_IDLE && still_open(&candidate.conn) {
+            if now.saturating_sub(candidate.since_ms) < MAX_IDLE_MS && still_open(&candidate.conn) {
                 return Some(candidate.conn);
             }
         }
@@ -69,17 +72,20 @@ pub fn put(addr: SocketAddr, conn: TcpStream) {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.entry(addr).or_default();
-        let now = Instant::now();
+        let now = coarse_monotonic_ms();
         // The oldest are at the front: close the ones idle too long (after a burst they would
         // otherwise stay below the warm ones, holding sockets the backend has closed).
         while idle
             .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) >= MAX_IDLE)
+            .is_some_and(|oldest| now.saturating_sub(oldest.since_ms) >= MAX_IDLE_MS)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE_PER_ADDR {
-            idle.push_back(Idle { conn, since: now });
+            idle.push_back(Idle {
+                conn,
+                since_ms: now,
+            });
         }
     })
 }
@@ -119,7 +125,7 @@ mod tests {
         let mut server_side = server_side;
         server_side.shutdown().await.unwrap();
         drop(server_side);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
             take(addr).is_none(),
             "a connection the backend closed is not reused"
