@@ -41,6 +41,10 @@ mod tests {
         assert!(a > 0);
         std::thread::sleep(std::time::Duration::from_millis(30));
         let b = coarse_monotonic_ms();
-        assert!((20..1000).contains(&(b - a)), "30 ms of sleep read as {} ms", b - a);
+        assert!(
+            (20..1000).contains(&(b - a)),
+            "30 ms of sleep read as {} ms",
+            b - a
+        );
     }
 }

@@ -667,16 +667,18 @@ async fn large_request_bodies_stream_to_the_backend() {
 #[tokio::test]
 async fn requests_the_lean_path_does_not_take_are_still_proxied() {
     let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
-        (
-            answer(&format!("got {} body bytes", req.body.len())),
-            After::KeepOpen,
-        )
+        let text = if req.head.starts_with("GET /who ") {
+            format!("for {}", req.header("x-forwarded-for").unwrap_or_default())
+        } else {
+            format!("got {} body bytes", req.body.len())
+        };
+        (answer(&text), After::KeepOpen)
     }))
     .await;
     let node = node_with_origin(&origin, "other.test").await;
     node.wait_route("other.test", "/", "got 0 body bytes").await;
 
-    // HTTP/1.0
+    // HTTP/1.0; Pingora's proxy still knows the client's address (X-Forwarded-For).
     let mut c = RawClient::connect(&node).await;
     c.send(b"GET / HTTP/1.0\r\nHost: other.test\r\n\r\n").await;
     let r = c.response(false).await;
@@ -687,6 +689,17 @@ async fn requests_the_lean_path_does_not_take_are_still_proxied() {
         r.head
     );
     assert_eq!(handovers(&node, "http/1.0").await, 1);
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"GET /who HTTP/1.0\r\nHost: other.test\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "for 127.0.0.1"),
+        "{}",
+        r.head
+    );
+    assert_eq!(handovers(&node, "http/1.0").await, 2);
 
     // Chunked request body (the origin sees it de-chunked or chunked; either way 5 bytes arrive).
     let mut c = RawClient::connect(&node).await;

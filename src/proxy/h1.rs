@@ -1008,12 +1008,12 @@ impl VhostApp {
                 if let Some(mut tracker) = chunks.take() {
                     loop {
                         let n = match client.deadline.run(upstream.read(resp)).await {
-                                Ok(Ok(n)) if n > 0 => n,
-                                _ => {
-                                    clean_end = false;
-                                    break;
-                                }
-                            };
+                            Ok(Ok(n)) if n > 0 => n,
+                            _ => {
+                                clean_end = false;
+                                break;
+                            }
+                        };
                         let end = match tracker.feed(&resp[..n]) {
                             Ok(Some(end)) => Some(end),
                             Ok(None) => None,
