@@ -1,10 +1,11 @@
-//! A timeout for backend reads that costs next to nothing when the backend answers in time.
+//! A timeout for backend reads and writes that costs next to nothing when the backend keeps
+//! up.
 //!
-//! One timer per client connection, reused for every read: it is armed (one clock read) only
-//! when a read has to wait, and re-arming moves its deadline later, which tokio does with one
-//! atomic operation, without touching its timer wheel. `pingora_timeout` registers and drops
-//! a timer per read (a lock, a map lookup, a notify waiter): ~1 % of the proxy's CPU per
-//! request on the benchmark.
+//! One timer per client connection, reused for every wait: it is armed (one clock read) only
+//! when a read or write has to wait, and re-arming moves its deadline later, which tokio does
+//! with one atomic operation, without touching its timer wheel. `pingora_timeout` reads the
+//! clock on every call, and registers and drops a timer per wait (a lock, a map lookup, a
+//! notify waiter): ~1 % of the proxy's CPU per request on the benchmark.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,12 +18,12 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, PartialEq, Eq)]
 pub struct TimedOut;
 
-pub struct ReadDeadline {
+pub struct IoDeadline {
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl ReadDeadline {
+impl IoDeadline {
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
@@ -66,7 +67,7 @@ mod tests {
 
     #[tokio::test]
     async fn times_out_each_slow_wait_and_passes_quick_ones() {
-        let mut deadline = ReadDeadline::new(Duration::from_millis(100));
+        let mut deadline = IoDeadline::new(Duration::from_millis(100));
         assert_eq!(deadline.run(async { 7 }).await, Ok(7));
 
         let started = std::time::Instant::now();

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use super::answers::{self, ACME_CHALLENGE_PREFIX};
 use super::chunked::ChunkedTracker;
 use super::client_io::ClientIo;
-use super::deadline::ReadDeadline;
+use super::deadline::IoDeadline;
 use super::replay::Replayed;
 use super::service::VhostProxy;
 use super::table::{BackendRuntime, Route};
@@ -131,8 +131,8 @@ struct Client {
     head_request: bool,
     /// Response bytes read from the backend.
     resp: Vec<u8>,
-    /// Times out backend reads that wait longer than the upstream read timeout.
-    deadline: ReadDeadline,
+    /// Times out backend reads and writes that wait longer than the upstream read timeout.
+    deadline: IoDeadline,
 }
 
 impl Client {
@@ -149,7 +149,7 @@ impl Client {
             resp_head: Vec::new(),
             head_request: false,
             resp: vec![0; 16 * 1024],
-            deadline: ReadDeadline::new(read_timeout),
+            deadline: IoDeadline::new(read_timeout),
         }
     }
 
@@ -517,10 +517,10 @@ impl Drop for BackendInFlight<'_> {
 async fn write_upstream(
     upstream: &mut TcpStream,
     bytes: &[u8],
-    timeout: Duration,
+    deadline: &mut IoDeadline,
     reused: bool,
 ) -> Result<(), AttemptError> {
-    match pingora_timeout::timeout(timeout, upstream.write_all(bytes)).await {
+    match deadline.run(upstream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(AttemptError::Upstream {
             what: "WriteError",
@@ -837,15 +837,14 @@ impl VhostApp {
 
         // Request. A backend that stops reading gets the read timeout, as one that stops
         // answering does.
-        let timeout = self.read_timeout;
-        write_upstream(&mut upstream, &client.out, timeout, reused).await?;
+        write_upstream(&mut upstream, &client.out, &mut client.deadline, reused).await?;
         if !replayable {
             let buffered = (client.filled - head.head_len).min(head.content_length);
             let start = head.head_len;
             write_upstream(
                 &mut upstream,
                 &client.buf[start..start + buffered],
-                timeout,
+                &mut client.deadline,
                 reused,
             )
             .await?;
@@ -859,7 +858,7 @@ impl VhostApp {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
-                write_upstream(&mut upstream, &chunk[..n], timeout, reused).await?;
+                write_upstream(&mut upstream, &chunk[..n], &mut client.deadline, reused).await?;
                 left -= n;
             }
         }
