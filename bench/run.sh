@@ -12,9 +12,10 @@
 # dir removed.
 #
 # Environment overrides:
-#   BENCH_DURATION=10      measured seconds per run
+#   BENCH_DURATION=8       measured seconds per run
 #   BENCH_WARMUP=2         warm-up seconds before the runs of each proxy and protocol
-#   BENCH_RUNS=3           measured runs per proxy and protocol; the best (most req/s) is kept
+#   BENCH_RUNS=5           rounds; each measures every proxy and protocol once. Reported: the
+#                          best run (most req/s) of each, and the median of per-round ratios
 #   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
 #   BENCH_PORT_BASE=18400  first loopback port tried; busy ports are skipped
 #   BENCH_CPU_LOAD / BENCH_CPU_PROXY   CPUs for wrk+origin / for the proxy
@@ -28,9 +29,9 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
 
-DURATION="${BENCH_DURATION:-10}"
+DURATION="${BENCH_DURATION:-8}"
 WARMUP="${BENCH_WARMUP:-2}"
-RUNS="${BENCH_RUNS:-3}"
+RUNS="${BENCH_RUNS:-5}"
 CONNECTIONS="${BENCH_CONNECTIONS:-50}"
 PORT_BASE="${BENCH_PORT_BASE:-18400}"
 RESULTS_MD="${BENCH_RESULTS:-$SCRIPT_DIR/results/latest.md}"
@@ -767,6 +768,32 @@ md_table() {
     done
 }
 
+# paired_ratios PROTO -> "CPU_MEDIAN RPS_MEDIAN CPU_LIST|RPS_LIST". Per round r: pingora-vhost's
+# CPU/req over nginx's, and its req/s over the better of nginx and HAProxy, all three measured
+# in the same round (minutes apart at most), so a drift in the VM's speed cancels out.
+paired_ratios() {
+    local proto="$1"
+    awk -v vc="${ALL_CPU[pingora-vhost/$proto]}" -v nc="${ALL_CPU[nginx/$proto]}" \
+        -v vr="${ALL_RPS[pingora-vhost/$proto]}" -v nr="${ALL_RPS[nginx/$proto]}" \
+        -v hr="${ALL_RPS[haproxy/$proto]}" '
+        function median(a, n,   i, j, t) {
+            for (i = 2; i <= n; i++)
+                for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        BEGIN {
+            gsub(/,/, "", vr); gsub(/,/, "", nr); gsub(/,/, "", hr)
+            n = split(vc, V, " "); split(nc, N, " "); split(vr, VR, " "); split(nr, NG, " "); split(hr, HA, " ")
+            for (i = 1; i <= n; i++) {
+                c[i] = V[i] / N[i]
+                r[i] = VR[i] / ((NG[i] + 0 > HA[i] + 0) ? NG[i] : HA[i])
+                cl = cl sprintf("%s%.2f", (i > 1) ? " " : "", c[i])
+                rl = rl sprintf("%s%.2f", (i > 1) ? " " : "", r[i])
+            }
+            printf "%.2f %.2f %s|%s\n", median(c, n), median(r, n), cl, rl
+        }'
+}
+
 md_ratios() {
     local proto="$1" n="nginx/$1" h="haproxy/$1" v="pingora-vhost/$1" best ok
     if [ "$ALL3" -eq 0 ]; then
@@ -786,6 +813,15 @@ md_ratios() {
     ok="$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print ((v <= 0.9 * n) ? 1 : 0) }')"
     echo "| CPU/req pingora-vhost / nginx | $(ratio "${CPU_US[$v]}" "${CPU_US[$n]}") | <= 0.90 | $(verdict "$ok") |"
     echo "| CPU/req pingora-vhost / haproxy | $(ratio "${CPU_US[$v]}" "${CPU_US[$h]}") | | |"
+    local paired cpu_med rps_med lists
+    paired="$(paired_ratios "$proto")"
+    read -r cpu_med rps_med lists <<< "$paired"
+    ok="$(awk -v v="$rps_med" 'BEGIN { print ((v >= 1.0) ? 1 : 0) }')"
+    echo "| req/s pingora-vhost / best(nginx, haproxy), median of the $RUNS rounds' ratios | $rps_med | >= 1.00 | $(verdict "$ok") |"
+    ok="$(awk -v v="$cpu_med" 'BEGIN { print ((v <= 0.9) ? 1 : 0) }')"
+    echo "| CPU/req pingora-vhost / nginx, median of the $RUNS rounds' ratios | $cpu_med | <= 0.90 | $(verdict "$ok") |"
+    echo
+    echo "Per round (same round, same minutes): CPU/req pingora-vhost / nginx: ${lists%|*}; req/s pingora-vhost / best: ${lists#*|}."
 }
 
 report() {
@@ -854,6 +890,12 @@ text_report() {
         printf '  CPU/req pingora-vhost/nginx   %5s   pingora-vhost/haproxy %5s                 (target <= 0.90 x nginx: %s)\n' \
             "$(ratio "${CPU_US[$v]}" "${CPU_US[$n]}")" "$(ratio "${CPU_US[$v]}" "${CPU_US[$h]}")" \
             "$(verdict "$(awk -v v="${CPU_US[$v]}" -v n="${CPU_US[$n]}" 'BEGIN { print ((v <= 0.9 * n) ? 1 : 0) }')")"
+        local cpu_med rps_med lists
+        read -r cpu_med rps_med lists <<< "$(paired_ratios "$proto")"
+        printf '  median of per-round ratios: req/s vs best %5s (target >= 1.00: %s)   CPU/req vs nginx %5s (target <= 0.90: %s)\n' \
+            "$rps_med" "$(verdict "$(awk -v v="$rps_med" 'BEGIN { print ((v >= 1.0) ? 1 : 0) }')")" \
+            "$cpu_med" "$(verdict "$(awk -v v="$cpu_med" 'BEGIN { print ((v <= 0.9) ? 1 : 0) }')")"
+        printf '  per round: CPU/req vs nginx %s; req/s vs best %s\n' "${lists%|*}" "${lists#*|}"
     done
 }
 

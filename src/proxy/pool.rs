@@ -14,8 +14,10 @@ use tokio::net::TcpStream;
 /// A connection idle for longer is closed rather than reused (backends commonly close idle
 /// keep-alive connections after 60-75 s; reusing one at that moment would fail).
 const MAX_IDLE_MS: u64 = 50_000;
-/// Idle connections kept per backend address and worker thread.
-const MAX_IDLE_PER_ADDR: usize = 128;
+/// Idle connections kept per backend address and worker thread. Generous: a connection is
+/// only idle here if that many requests were once in flight to the backend at the same time,
+/// and closing the surplus after a burst makes the next burst reconnect.
+const MAX_IDLE_PER_ADDR: usize = 1024;
 
 struct Idle {
     conn: TcpStream,
