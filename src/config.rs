@@ -49,6 +49,9 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout_ms: u64,
     /// Upstream read timeout (time to first byte / between reads) in seconds -> 504. default 30
     pub upstream_read_timeout_secs: u64,
+    /// Client timeout in seconds: an idle keep-alive connection, a request body that stalls,
+    /// and a client that takes none of its response are given up after it. default 60
+    pub client_timeout_secs: u64,
     /// SIGTERM grace period: seconds in-flight requests get to finish. default 30
     pub shutdown_grace_secs: u64,
     /// Optional default certificate (served when the client sends no SNI or an unknown name).
@@ -220,6 +223,7 @@ impl Default for ProxyConfig {
             threads: 1,
             upstream_connect_timeout_ms: 2000,
             upstream_read_timeout_secs: 30,
+            client_timeout_secs: 60,
             shutdown_grace_secs: 30,
             default_cert_path: None,
             default_key_path: None,
@@ -347,6 +351,7 @@ struct RawProxy {
     threads: Field<i64>,
     upstream_connect_timeout_ms: Field<i64>,
     upstream_read_timeout_secs: Field<i64>,
+    client_timeout_secs: Field<i64>,
     shutdown_grace_secs: Field<i64>,
     default_cert_path: Field<String>,
     default_key_path: Field<String>,
@@ -677,6 +682,12 @@ impl Checker<'_> {
             d.upstream_read_timeout_secs,
             1,
         )?;
+        let client_timeout_secs = self.int(
+            &raw.client_timeout_secs,
+            "proxy.client_timeout_secs",
+            d.client_timeout_secs,
+            1,
+        )?;
         // 0 is allowed: stop immediately without waiting for in-flight requests.
         let shutdown_grace_secs = self.int(
             &raw.shutdown_grace_secs,
@@ -713,6 +724,7 @@ impl Checker<'_> {
             threads,
             upstream_connect_timeout_ms,
             upstream_read_timeout_secs,
+            client_timeout_secs,
             shutdown_grace_secs,
             default_cert_path,
             default_key_path,
@@ -1583,6 +1595,7 @@ tags = ["a", "b"]
         assert_eq!(c.proxy.threads, 1);
         assert_eq!(c.proxy.upstream_connect_timeout_ms, 2000);
         assert_eq!(c.proxy.upstream_read_timeout_secs, 30);
+        assert_eq!(c.proxy.client_timeout_secs, 60);
         assert_eq!(c.proxy.shutdown_grace_secs, 30);
         assert!(c.proxy.default_cert_path.is_none());
         assert!(c.api.token.is_none());
@@ -2175,6 +2188,7 @@ enabled_backends_tag = \"a\"
             ("proxy", "threads"),
             ("proxy", "upstream_connect_timeout_ms"),
             ("proxy", "upstream_read_timeout_secs"),
+            ("proxy", "client_timeout_secs"),
             ("cluster", "node_id"),
             ("cluster", "bootstrap_expect"),
             ("health_check", "interval_secs"),

@@ -908,3 +908,50 @@ async fn a_malformed_chunked_body_ends_the_client_connection() {
         "bytes after the malformed trailer reached the client: {all:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
+    // Larger than what the kernel buffers between the proxy and the client, so the proxy's
+    // writes have to wait for the client.
+    const BIG: usize = 48 * 1024 * 1024;
+    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+        if !req.head.starts_with("GET /big ") {
+            return (answer("small"), After::KeepOpen);
+        }
+        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+        resp.resize(resp.len() + BIG, b'x');
+        (resp, After::KeepOpen)
+    }))
+    .await;
+    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
+    node.add_backend("o1", &origin.addr.to_string(), &["a"])
+        .await;
+    node.add_domain("slow.test", "a").await;
+    node.wait_route("slow.test", "/", "small").await;
+
+    let mut c = RawClient::connect(&node).await;
+    c.send(&get("slow.test", "/big")).await;
+    // Take nothing for a while: the proxy's writes stall for longer than the client timeout.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), c.conn.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => received += n,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        ended,
+        "the proxy kept the connection of a client that stopped reading ({received} bytes read)"
+    );
+    assert!(
+        received < BIG,
+        "the whole response arrived ({received} bytes): the proxy waited for the client"
+    );
+
+    // The node still serves.
+    let r = node.proxy_get("slow.test", "/").await;
+    assert_eq!(r.body, "small");
+}

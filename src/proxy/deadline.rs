@@ -18,21 +18,18 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, PartialEq, Eq)]
 pub struct TimedOut;
 
+#[derive(Default)]
 pub struct IoDeadline {
-    timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl IoDeadline {
-    pub fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            timer: None,
-        }
-    }
-
     /// Runs `fut`, giving up once it has waited `timeout` in all.
-    pub async fn run<F: Future>(&mut self, fut: F) -> Result<F::Output, TimedOut> {
+    pub async fn run<F: Future>(
+        &mut self,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<F::Output, TimedOut> {
         let mut fut = std::pin::pin!(fut);
         let mut armed = false;
         std::future::poll_fn(|cx| {
@@ -41,7 +38,7 @@ impl IoDeadline {
             }
             if !armed {
                 armed = true;
-                let deadline = Instant::now() + self.timeout;
+                let deadline = Instant::now() + timeout;
                 match self.timer.as_mut() {
                     Some(timer) => timer.as_mut().reset(deadline),
                     None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -67,12 +64,13 @@ mod tests {
 
     #[tokio::test]
     async fn times_out_each_slow_wait_and_passes_quick_ones() {
-        let mut deadline = IoDeadline::new(Duration::from_millis(100));
-        assert_eq!(deadline.run(async { 7 }).await, Ok(7));
+        let mut deadline = IoDeadline::default();
+        let t = Duration::from_millis(100);
+        assert_eq!(deadline.run(t, async { 7 }).await, Ok(7));
 
         let started = std::time::Instant::now();
         let slow = tokio::time::sleep(Duration::from_secs(5));
-        assert_eq!(deadline.run(slow).await, Err(TimedOut));
+        assert_eq!(deadline.run(t, slow).await, Err(TimedOut));
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
@@ -82,11 +80,11 @@ mod tests {
         // The timer is re-armed from the start of each wait, not left at the first deadline.
         for _ in 0..3 {
             let quick = tokio::time::sleep(Duration::from_millis(60));
-            assert_eq!(deadline.run(quick).await, Ok(()));
+            assert_eq!(deadline.run(t, quick).await, Ok(()));
         }
         let started = std::time::Instant::now();
         let slow = tokio::time::sleep(Duration::from_secs(5));
-        assert_eq!(deadline.run(slow).await, Err(TimedOut));
+        assert_eq!(deadline.run(t, slow).await, Err(TimedOut));
         assert!(started.elapsed() >= Duration::from_millis(100));
     }
 }

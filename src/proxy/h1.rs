@@ -45,9 +45,6 @@ const MAX_HEADERS: usize = 96;
 /// Request bodies up to this size are read before sending, so a failed attempt can be sent
 /// again (to a fresh connection or another backend). Larger bodies stream, without retry.
 const REPLAY_LIMIT: usize = 64 * 1024;
-/// Idle time allowed between two requests on a client connection (Pingora's default), and
-/// for each read of a request body.
-const CLIENT_IDLE: Duration = Duration::from_secs(60);
 /// Attempts per request (Pingora's `max_retries` in this binary).
 const MAX_ATTEMPTS: usize = 16;
 const RELAY_CHUNK: usize = 64 * 1024;
@@ -58,11 +55,14 @@ pub struct VhostApp {
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
     read_timeout: Duration,
+    /// Idle keep-alive connections, stalled request bodies and clients that stop reading are
+    /// given up after this (`[proxy] client_timeout_secs`).
+    client_timeout: Duration,
     https_port: u16,
 }
 
 impl VhostApp {
-    pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
+    pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>, client_timeout: Duration) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
         let (connect_timeout, read_timeout, https_port) =
@@ -75,6 +75,7 @@ impl VhostApp {
             metrics,
             connect_timeout,
             read_timeout,
+            client_timeout,
             https_port,
         }
     }
@@ -92,7 +93,7 @@ impl ServerApp for VhostApp {
             return self.fallback.process_new(stream, shutdown).await;
         }
         let io = ClientIo::from_accepted(stream)?;
-        let mut client = Client::new(io, self.read_timeout);
+        let mut client = Client::new(io, self.client_timeout);
         if let End::HandOver(reason) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
@@ -131,12 +132,15 @@ struct Client {
     head_request: bool,
     /// Response bytes read from the backend.
     resp: Vec<u8>,
-    /// Times out backend reads and writes that wait longer than the upstream read timeout.
+    /// Times out backend reads and writes (upstream read timeout) and writes to the client
+    /// (client timeout) that wait too long.
     deadline: IoDeadline,
+    /// `[proxy] client_timeout_secs`.
+    client_timeout: Duration,
 }
 
 impl Client {
-    fn new(stream: ClientIo, read_timeout: Duration) -> Self {
+    fn new(stream: ClientIo, client_timeout: Duration) -> Self {
         let tls = stream.is_tls();
         let client_ip = stream.peer_ip();
         Self {
@@ -149,7 +153,8 @@ impl Client {
             resp_head: Vec::new(),
             head_request: false,
             resp: vec![0; 16 * 1024],
-            deadline: IoDeadline::new(read_timeout),
+            deadline: IoDeadline::default(),
+            client_timeout,
         }
     }
 
@@ -180,8 +185,40 @@ impl Client {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
+        to_client(
+            &mut self.stream,
+            &mut self.deadline,
+            self.client_timeout,
+            bytes,
+            true,
+        )
+        .await
+    }
+}
+
+/// Writes to the client (and flushes, if asked), giving up when the client has taken none
+/// of it for the client timeout (nginx's `send_timeout`): a client that stops reading must
+/// not hold its connection, its task and a backend connection for good.
+async fn to_client(
+    stream: &mut ClientIo,
+    deadline: &mut IoDeadline,
+    timeout: Duration,
+    bytes: &[u8],
+    flush: bool,
+) -> io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        if flush {
+            stream.flush().await?;
+        }
+        Ok(())
+    };
+    match deadline.run(timeout, write).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took none of its response",
+        )),
     }
 }
 
@@ -518,9 +555,10 @@ async fn write_upstream(
     upstream: &mut TcpStream,
     bytes: &[u8],
     deadline: &mut IoDeadline,
+    timeout: Duration,
     reused: bool,
 ) -> Result<(), AttemptError> {
-    match deadline.run(upstream.write_all(bytes)).await {
+    match deadline.run(timeout, upstream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(AttemptError::Upstream {
             what: "WriteError",
@@ -559,7 +597,7 @@ impl VhostApp {
         let mut shutdown_rx = shutdown.clone();
         let shutdown_signal = shutdown_rx.changed();
         tokio::pin!(shutdown_signal);
-        let idle = tokio::time::sleep(CLIENT_IDLE);
+        let idle = tokio::time::sleep(self.client_timeout);
         tokio::pin!(idle);
         let mut served: u64 = 0;
         let mut served_at_arm: u64 = 0;
@@ -590,12 +628,13 @@ impl VhostApp {
                     _ = &mut shutdown_signal, if client.filled == 0 => return End::Close,
                     _ = &mut idle => {
                         // The timer is re-armed only when it fires: a connection is closed
-                        // after CLIENT_IDLE to 2 x CLIENT_IDLE without a request.
+                        // after one to two client timeouts without a request.
                         if served == served_at_arm {
                             return End::Close;
                         }
                         served_at_arm = served;
-                        idle.as_mut().reset(tokio::time::Instant::now() + CLIENT_IDLE);
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + self.client_timeout);
                         continue;
                     }
                 };
@@ -725,9 +764,9 @@ impl VhostApp {
             let end = head.head_len + head.content_length;
             while client.filled < end {
                 let read = client.read_more(end.max(MAX_HEAD));
-                match pingora_timeout::timeout(CLIENT_IDLE, read).await {
+                match pingora_timeout::timeout(self.client_timeout, read).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    // Gone, or stalled for CLIENT_IDLE in the middle of its body.
+                    // Gone, or stalled for the client timeout in the middle of its body.
                     _ => return (0, Outcome::Close),
                 }
             }
@@ -837,7 +876,15 @@ impl VhostApp {
 
         // Request. A backend that stops reading gets the read timeout, as one that stops
         // answering does.
-        write_upstream(&mut upstream, &client.out, &mut client.deadline, reused).await?;
+        let timeout = self.read_timeout;
+        write_upstream(
+            &mut upstream,
+            &client.out,
+            &mut client.deadline,
+            timeout,
+            reused,
+        )
+        .await?;
         if !replayable {
             let buffered = (client.filled - head.head_len).min(head.content_length);
             let start = head.head_len;
@@ -845,6 +892,7 @@ impl VhostApp {
                 &mut upstream,
                 &client.buf[start..start + buffered],
                 &mut client.deadline,
+                timeout,
                 reused,
             )
             .await?;
@@ -854,11 +902,18 @@ impl VhostApp {
             while left > 0 {
                 let want = left.min(chunk.len());
                 let read = client.stream.read(&mut chunk[..want]);
-                let n = match pingora_timeout::timeout(CLIENT_IDLE, read).await {
+                let n = match pingora_timeout::timeout(self.client_timeout, read).await {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
-                write_upstream(&mut upstream, &chunk[..n], &mut client.deadline, reused).await?;
+                write_upstream(
+                    &mut upstream,
+                    &chunk[..n],
+                    &mut client.deadline,
+                    timeout,
+                    reused,
+                )
+                .await?;
                 left -= n;
             }
         }
@@ -939,7 +994,9 @@ impl VhostApp {
                 }
                 resp.resize(resp.len() * 2, 0);
             }
-            let read = client.deadline.run(upstream.read(&mut resp[filled..]));
+            let read = client
+                .deadline
+                .run(self.read_timeout, upstream.read(&mut resp[filled..]));
             filled += match read.await {
                 Err(_) => return Err(AttemptError::Timeout),
                 Ok(Err(_)) => return Err(failed("ReadError")),
@@ -971,13 +1028,25 @@ impl VhostApp {
         let extra = body_in_buf > first_body;
         let body = &resp[parsed.head_len..parsed.head_len + first_body];
         let sent = if parsed.pass_through {
-            client
-                .stream
-                .write_all(&resp[..parsed.head_len + first_body])
-                .await
+            let head_and_body = &resp[..parsed.head_len + first_body];
+            to_client(
+                &mut client.stream,
+                &mut client.deadline,
+                client.client_timeout,
+                head_and_body,
+                false,
+            )
+            .await
         } else {
             client.resp_head.extend_from_slice(body);
-            client.stream.write_all(&client.resp_head).await
+            to_client(
+                &mut client.stream,
+                &mut client.deadline,
+                client.client_timeout,
+                &client.resp_head,
+                false,
+            )
+            .await
         };
         if sent.is_err() {
             return Ok((parsed.status, false, Outcome::Close));
@@ -985,7 +1054,17 @@ impl VhostApp {
         // Pingora's client stream buffers writes: the rest of a body may come slowly (SSE,
         // long polls), so the client gets what has arrived at once.
         let complete = left == 0 && chunks.is_none() && parsed.framing != Framing::UntilClose;
-        if !complete && client.stream.flush().await.is_err() {
+        if !complete
+            && to_client(
+                &mut client.stream,
+                &mut client.deadline,
+                client.client_timeout,
+                &[],
+                true,
+            )
+            .await
+            .is_err()
+        {
             return Ok((parsed.status, false, Outcome::Close));
         }
         let mut clean_end = true;
@@ -1006,7 +1085,11 @@ impl VhostApp {
             Framing::Chunked => {
                 if let Some(mut tracker) = chunks.take() {
                     loop {
-                        let n = match client.deadline.run(upstream.read(resp)).await {
+                        let n = match client
+                            .deadline
+                            .run(self.read_timeout, upstream.read(resp))
+                            .await
+                        {
                             Ok(Ok(n)) if n > 0 => n,
                             _ => {
                                 clean_end = false;
@@ -1022,8 +1105,15 @@ impl VhostApp {
                             }
                         };
                         let upto = end.unwrap_or(n);
-                        if client.stream.write_all(&resp[..upto]).await.is_err()
-                            || client.stream.flush().await.is_err()
+                        if to_client(
+                            &mut client.stream,
+                            &mut client.deadline,
+                            client.client_timeout,
+                            &resp[..upto],
+                            true,
+                        )
+                        .await
+                        .is_err()
                         {
                             clean_end = false;
                             break;
@@ -1031,7 +1121,14 @@ impl VhostApp {
                         if let Some(end) = end {
                             if end < n {
                                 // Bytes after the body: the backend connection is not reused.
-                                let _ = client.stream.flush().await;
+                                let _ = to_client(
+                                    &mut client.stream,
+                                    &mut client.deadline,
+                                    client.client_timeout,
+                                    &[],
+                                    true,
+                                )
+                                .await;
                                 return Ok((parsed.status, false, Outcome::KeepAlive));
                             }
                             break;
@@ -1040,11 +1137,22 @@ impl VhostApp {
                 }
             }
             Framing::UntilClose => loop {
-                match client.deadline.run(upstream.read(resp)).await {
+                match client
+                    .deadline
+                    .run(self.read_timeout, upstream.read(resp))
+                    .await
+                {
                     Ok(Ok(0)) => break,
                     Ok(Ok(n)) => {
-                        if client.stream.write_all(&resp[..n]).await.is_err()
-                            || client.stream.flush().await.is_err()
+                        if to_client(
+                            &mut client.stream,
+                            &mut client.deadline,
+                            client.client_timeout,
+                            &resp[..n],
+                            true,
+                        )
+                        .await
+                        .is_err()
                         {
                             clean_end = false;
                             break;
@@ -1057,7 +1165,16 @@ impl VhostApp {
                 }
             },
         }
-        if client.stream.flush().await.is_err() {
+        if to_client(
+            &mut client.stream,
+            &mut client.deadline,
+            client.client_timeout,
+            &[],
+            true,
+        )
+        .await
+        .is_err()
+        {
             return Ok((parsed.status, false, Outcome::Close));
         }
         if !clean_end {
@@ -1078,12 +1195,23 @@ impl VhostApp {
         upstream: &mut TcpStream,
         chunk: &mut [u8],
     ) -> Option<usize> {
-        let n = match client.deadline.run(upstream.read(chunk)).await {
+        let n = match client
+            .deadline
+            .run(self.read_timeout, upstream.read(chunk))
+            .await
+        {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };
-        client.stream.write_all(&chunk[..n]).await.ok()?;
-        client.stream.flush().await.ok()?;
+        to_client(
+            &mut client.stream,
+            &mut client.deadline,
+            client.client_timeout,
+            &chunk[..n],
+            true,
+        )
+        .await
+        .ok()?;
         Some(n)
     }
 }
