@@ -50,7 +50,8 @@ pub struct ProxyConfig {
     /// Upstream read timeout (time to first byte / between reads) in seconds -> 504. default 30
     pub upstream_read_timeout_secs: u64,
     /// Client timeout in seconds: an idle keep-alive connection, a request body that stalls,
-    /// and a client that takes none of its response are given up after it. default 60
+    /// and a client that does not take a write of its response are given up after it.
+    /// default 60
     pub client_timeout_secs: u64,
     /// SIGTERM grace period: seconds in-flight requests get to finish. default 30
     pub shutdown_grace_secs: u64,

@@ -196,9 +196,9 @@ impl Client {
     }
 }
 
-/// Writes to the client (and flushes, if asked), giving up when the client has taken none
-/// of it for the client timeout (nginx's `send_timeout`): a client that stops reading must
-/// not hold its connection, its task and a backend connection for good.
+/// Writes to the client (and flushes, if asked), giving up when the client has not taken
+/// `bytes` within the client timeout (nginx's `send_timeout`): a client that stops reading
+/// must not hold its connection, its task and a backend connection for good.
 async fn to_client(
     stream: &mut ClientIo,
     deadline: &mut IoDeadline,
