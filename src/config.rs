@@ -50,7 +50,7 @@ pub struct ProxyConfig {
     /// Upstream read timeout (time to first byte / between reads) in seconds -> 504. default 30
     pub upstream_read_timeout_secs: u64,
     /// Client timeout in seconds: an idle keep-alive connection, a request body that stalls,
-    /// and a client that does not take a write of its response are given up after it.
+    /// and a client that takes nothing of its response for this long are given up.
     /// default 60
     pub client_timeout_secs: u64,
     /// SIGTERM grace period: seconds in-flight requests get to finish. default 30

@@ -38,36 +38,37 @@ pub struct ControlPlane {
     pub seed: Command,
 }
 
+/// The Pingora background service that hosts the control plane.
+pub struct ControlPlaneService(Arc<ControlPlane>);
+
+impl ControlPlaneService {
+    pub fn new(plane: ControlPlane) -> Self {
+        Self(Arc::new(plane))
+    }
+}
+
 #[async_trait]
-impl BackgroundService for ControlPlane {
+impl BackgroundService for ControlPlaneService {
     /// Runs the control plane on a multi-threaded runtime of its own, on a thread of its own,
-    /// and waits for it. Pingora's runtimes are one single-threaded runtime per worker thread
-    /// in this binary (`work_stealing = false`, which saves the proxy's request path ~2 % of
-    /// CPU), and on one thread a slow disk sync or ACME call would hold up the API and
-    /// gossip. Blocking here is fine: this service's Pingora runtime runs nothing else.
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let result = std::thread::scope(|scope| {
-            let thread = std::thread::Builder::new()
-                .name("control plane".to_string())
-                .spawn_scoped(scope, || {
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .worker_threads(CONTROL_PLANE_THREADS)
-                        .thread_name("control plane")
-                        .enable_all()
-                        .build()
-                        .context("starting the control plane's runtime")?;
-                    let result = runtime.block_on(self.run(&mut shutdown));
-                    // Tasks still running (listeners, timers) end with the runtime.
-                    runtime.shutdown_timeout(Duration::from_secs(1));
-                    result
-                });
-            match thread {
-                Ok(thread) => thread
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the control plane panicked"))),
-                Err(e) => Err(e).context("starting the control plane's thread"),
-            }
-        });
+    /// and awaits its end. Pingora's runtimes are one single-threaded runtime per worker
+    /// thread in this binary (`work_stealing = false`, which saves the proxy's request path
+    /// ~2 % of CPU), and on one thread a slow disk sync or ACME call would hold up the API and
+    /// gossip. This must await, not block: on SIGINT Pingora stops its runtimes without
+    /// telling the services, and a blocked runtime thread would keep the process alive.
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let plane = self.0.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("control plane".to_string())
+            .spawn(move || {
+                let _ = done_tx.send(plane.run_on_own_runtime(shutdown));
+            });
+        let result = match spawned {
+            Err(e) => Err(anyhow::Error::new(e).context("starting the control plane's thread")),
+            Ok(_) => done_rx
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the control plane panicked"))),
+        };
         if let Err(e) = result {
             tracing::error!("control plane failed: {e:#}");
             eprintln!("error: {e:#}");
@@ -95,6 +96,19 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 }
 
 impl ControlPlane {
+    fn run_on_own_runtime(&self, mut shutdown: ShutdownWatch) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(CONTROL_PLANE_THREADS)
+            .thread_name("control plane")
+            .enable_all()
+            .build()
+            .context("starting the control plane's runtime")?;
+        let result = runtime.block_on(self.run(&mut shutdown));
+        // Tasks still running (listeners, timers) end with the runtime.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
+    }
+
     async fn run(&self, shutdown: &mut ShutdownWatch) -> anyhow::Result<()> {
         let cfg = &self.config;
         let opened = self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -199,7 +213,13 @@ impl ControlPlane {
         let _ = shutdown.changed().await;
         self.drain(Duration::from_secs(cfg.proxy.shutdown_grace_secs))
             .await;
-        let _ = node.raft.shutdown().await;
+        // Bounded: the process must exit even if a Raft task hangs.
+        if tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Raft did not shut down within 5 s; exiting anyway");
+        }
         tracing::info!("shut down cleanly");
         std::process::exit(0);
     }

@@ -14,7 +14,7 @@ use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};
-use pingora_vhost::control::ControlPlane;
+use pingora_vhost::control::{ControlPlane, ControlPlaneService};
 use pingora_vhost::observability::{logging, Metrics};
 use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
@@ -259,7 +259,7 @@ fn run(
 
     let mut control = background_service(
         "control plane",
-        ControlPlane {
+        ControlPlaneService::new(ControlPlane {
             config: cfg,
             store: Mutex::new(store),
             publisher,
@@ -267,9 +267,9 @@ fn run(
             data,
             metrics,
             seed,
-        },
+        }),
     );
-    // Its Pingora runtime only hosts the control plane's own runtime (control.rs).
+    // Its Pingora runtime only awaits the control plane's own runtime (control.rs).
     control.threads = Some(1);
     server.add_service(proxy_service);
     server.add_service(control);

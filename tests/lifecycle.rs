@@ -227,6 +227,26 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_at_once() {
+    let mut node = Node::start_default().await;
+    node.add_backend("b", "127.0.0.1:9", &["a"]).await;
+    let sent = Instant::now();
+    // SAFETY: kill(2) on the pid of the child this test started.
+    let rc = unsafe { libc::kill(node.pid() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0, "kill(SIGINT) failed");
+    let bound = Duration::from_secs(10);
+    let status = node
+        .wait_exit(bound)
+        .await
+        .unwrap_or_else(|| panic!("node still running {bound:?} after SIGINT"));
+    assert!(
+        status.code().is_some(),
+        "SIGINT must end the process by itself, got {status} after {:?}",
+        sent.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // SIGQUIT: Pingora's graceful upgrade
 // ---------------------------------------------------------------------------------------------

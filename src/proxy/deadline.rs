@@ -38,7 +38,7 @@ impl IoDeadline {
             }
             if !armed {
                 armed = true;
-                let deadline = Instant::now() + timeout;
+                let deadline = deadline_after(timeout);
                 match self.timer.as_mut() {
                     Some(timer) => timer.as_mut().reset(deadline),
                     None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -56,6 +56,14 @@ impl IoDeadline {
         })
         .await
     }
+}
+
+/// Now plus `timeout`, or a century ahead when that overflows (a huge configured timeout
+/// means "never", not a panic).
+pub fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 #[cfg(test)]
@@ -86,5 +94,13 @@ mod tests {
         let slow = tokio::time::sleep(Duration::from_secs(5));
         assert_eq!(deadline.run(t, slow).await, Err(TimedOut));
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_huge_timeout_means_never_not_a_panic() {
+        let mut deadline = IoDeadline::default();
+        assert!(deadline_after(Duration::MAX) > Instant::now());
+        let quick = tokio::time::sleep(Duration::from_millis(10));
+        assert_eq!(deadline.run(Duration::MAX, quick).await, Ok(()));
     }
 }

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use super::answers::{self, ACME_CHALLENGE_PREFIX};
 use super::chunked::ChunkedTracker;
 use super::client_io::ClientIo;
-use super::deadline::IoDeadline;
+use super::deadline::{deadline_after, IoDeadline};
 use super::replay::Replayed;
 use super::service::VhostProxy;
 use super::table::{BackendRuntime, Route};
@@ -100,7 +100,9 @@ impl ServerApp for VhostApp {
             let replayed: Stream = Box::new(Replayed::new(unread, stream));
             return self.fallback.process_new(replayed, shutdown).await;
         }
-        client.stream.close().await;
+        // Bounded: closing a TLS connection flushes, and a client that stopped reading
+        // would hold it.
+        let _ = tokio::time::timeout(self.client_timeout, client.stream.close()).await;
         None
     }
 
@@ -196,9 +198,10 @@ impl Client {
     }
 }
 
-/// Writes to the client (and flushes, if asked), giving up when the client has not taken
-/// `bytes` within the client timeout (nginx's `send_timeout`): a client that stops reading
-/// must not hold its connection, its task and a backend connection for good.
+/// Writes to the client (and flushes, if asked), giving up when the client takes nothing
+/// for the client timeout, as nginx's `send_timeout` (the timer restarts after every write
+/// that makes progress, so a slow reader is not cut off): a client that stops reading must
+/// not hold its connection, its task and a backend connection for good.
 async fn to_client(
     stream: &mut ClientIo,
     deadline: &mut IoDeadline,
@@ -206,20 +209,23 @@ async fn to_client(
     bytes: &[u8],
     flush: bool,
 ) -> io::Result<()> {
-    let write = async {
-        stream.write_all(bytes).await?;
-        if flush {
-            stream.flush().await?;
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading");
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match deadline.run(timeout, stream.write(rest)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => rest = &rest[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(stalled()),
         }
-        Ok(())
-    };
-    match deadline.run(timeout, write).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the client took none of its response",
-        )),
     }
+    if flush {
+        deadline
+            .run(timeout, stream.flush())
+            .await
+            .map_err(|_| stalled())??;
+    }
+    Ok(())
 }
 
 /// What the head of a request says, once parsed.
@@ -633,8 +639,7 @@ impl VhostApp {
                             return End::Close;
                         }
                         served_at_arm = served;
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + self.client_timeout);
+                        idle.as_mut().reset(deadline_after(self.client_timeout));
                         continue;
                     }
                 };
@@ -764,7 +769,7 @@ impl VhostApp {
             let end = head.head_len + head.content_length;
             while client.filled < end {
                 let read = client.read_more(end.max(MAX_HEAD));
-                match pingora_timeout::timeout(self.client_timeout, read).await {
+                match tokio::time::timeout(self.client_timeout, read).await {
                     Ok(Ok(n)) if n > 0 => {}
                     // Gone, or stalled for the client timeout in the middle of its body.
                     _ => return (0, Outcome::Close),
@@ -902,7 +907,7 @@ impl VhostApp {
             while left > 0 {
                 let want = left.min(chunk.len());
                 let read = client.stream.read(&mut chunk[..want]);
-                let n = match pingora_timeout::timeout(self.client_timeout, read).await {
+                let n = match tokio::time::timeout(self.client_timeout, read).await {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
@@ -940,7 +945,7 @@ impl VhostApp {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {
-        match pingora_timeout::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(conn)) => {
                 let _ = conn.set_nodelay(true);
                 Ok(conn)
