@@ -49,15 +49,43 @@ impl Hasher for AddrHasher {
 
 type IdleMap = HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>;
 
+/// Every this many returns, the whole pool of the thread is swept: connections to addresses
+/// that no request uses any more (a removed backend, a changed address) are closed only then.
+const SWEEP_EVERY_PUTS: u32 = 4096;
+
+#[derive(Default)]
+struct Pool {
+    idle: IdleMap,
+    puts_since_sweep: u32,
+}
+
 thread_local! {
-    static IDLE: RefCell<IdleMap> = RefCell::new(IdleMap::default());
+    static IDLE: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Drops the front (oldest) connections idle for `MAX_IDLE_MS` or longer.
+fn drop_expired(idle: &mut VecDeque<Idle>, now: u64) {
+    while idle
+        .front()
+        .is_some_and(|oldest| now.saturating_sub(oldest.since_ms) >= MAX_IDLE_MS)
+    {
+        idle.pop_front();
+    }
+}
+
+/// Closes expired connections of every address, and forgets addresses left with none.
+fn sweep(pool: &mut IdleMap, now: u64) {
+    pool.retain(|_, idle| {
+        drop_expired(idle, now);
+        !idle.is_empty()
+    });
 }
 
 /// An idle connection to `addr` that still looks open, if there is one.
 pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let idle = pool.get_mut(&addr)?;
+        let idle = pool.idle.get_mut(&addr)?;
         let now = coarse_monotonic_ms();
         // Most recently used first: the warmest connection, the least likely to be closed.
         while let Some(candidate) = idle.pop_back() {
@@ -73,16 +101,16 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
 pub fn put(addr: SocketAddr, conn: TcpStream) {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let idle = pool.entry(addr).or_default();
         let now = coarse_monotonic_ms();
+        pool.puts_since_sweep += 1;
+        if pool.puts_since_sweep >= SWEEP_EVERY_PUTS {
+            pool.puts_since_sweep = 0;
+            sweep(&mut pool.idle, now);
+        }
+        let idle = pool.idle.entry(addr).or_default();
         // The oldest are at the front: close the ones idle too long (after a burst they would
         // otherwise stay below the warm ones, holding sockets the backend has closed).
-        while idle
-            .front()
-            .is_some_and(|oldest| now.saturating_sub(oldest.since_ms) >= MAX_IDLE_MS)
-        {
-            idle.pop_front();
-        }
+        drop_expired(idle, now);
         if idle.len() < MAX_IDLE_PER_ADDR {
             idle.push_back(Idle {
                 conn,
@@ -111,6 +139,36 @@ fn still_open(conn: &TcpStream) -> bool {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_sweep_closes_expired_connections_of_every_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gone: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let now = 10 * MAX_IDLE_MS;
+        let mut pool = IdleMap::default();
+        for (key, since_ms) in [
+            (gone, now - MAX_IDLE_MS),
+            (addr, now - MAX_IDLE_MS),
+            (addr, now),
+        ] {
+            let conn = TcpStream::connect(addr).await.unwrap();
+            pool.entry(key)
+                .or_default()
+                .push_back(Idle { conn, since_ms });
+        }
+        sweep(&mut pool, now);
+        assert!(
+            !pool.contains_key(&gone),
+            "an address left with no connection is forgotten"
+        );
+        assert_eq!(
+            pool[&addr].len(),
+            1,
+            "only the connection still fresh is kept"
+        );
+        assert_eq!(pool[&addr][0].since_ms, now);
+    }
 
     #[tokio::test]
     async fn reuses_open_connections_and_drops_closed_ones() {
