@@ -187,45 +187,34 @@ impl Client {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        to_client(
-            &mut self.stream,
-            &mut self.deadline,
-            self.client_timeout,
-            bytes,
-            true,
-        )
-        .await
+        self.write_out(bytes, true).await
     }
-}
 
-/// Writes to the client (and flushes, if asked), giving up when the client takes nothing
-/// for the client timeout, as nginx's `send_timeout` (the timer restarts after every write
-/// that makes progress, so a slow reader is not cut off): a client that stops reading must
-/// not hold its connection, its task and a backend connection for good.
-async fn to_client(
-    stream: &mut ClientIo,
-    deadline: &mut IoDeadline,
-    timeout: Duration,
-    bytes: &[u8],
-    flush: bool,
-) -> io::Result<()> {
-    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading");
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        match deadline.run(timeout, stream.write(rest)).await {
-            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => rest = &rest[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(stalled()),
+    /// Writes to the client (and flushes, if asked), giving up when the client takes nothing
+    /// for the client timeout, as nginx's `send_timeout` (the timer restarts after every
+    /// write that makes progress, so a slow reader is not cut off): a client that stops
+    /// reading must not hold its connection, its task and a backend connection for good.
+    async fn write_out(&mut self, bytes: &[u8], flush: bool) -> io::Result<()> {
+        let (stream, deadline, timeout) =
+            (&mut self.stream, &mut self.deadline, self.client_timeout);
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading");
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match deadline.run(timeout, stream.write(rest)).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => rest = &rest[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(stalled()),
+            }
         }
+        if flush {
+            deadline
+                .run(timeout, stream.flush())
+                .await
+                .map_err(|_| stalled())??;
+        }
+        Ok(())
     }
-    if flush {
-        deadline
-            .run(timeout, stream.flush())
-            .await
-            .map_err(|_| stalled())??;
-    }
-    Ok(())
 }
 
 /// What the head of a request says, once parsed.
@@ -1034,24 +1023,13 @@ impl VhostApp {
         let body = &resp[parsed.head_len..parsed.head_len + first_body];
         let sent = if parsed.pass_through {
             let head_and_body = &resp[..parsed.head_len + first_body];
-            to_client(
-                &mut client.stream,
-                &mut client.deadline,
-                client.client_timeout,
-                head_and_body,
-                false,
-            )
-            .await
+            client.write_out(head_and_body, false).await
         } else {
-            client.resp_head.extend_from_slice(body);
-            to_client(
-                &mut client.stream,
-                &mut client.deadline,
-                client.client_timeout,
-                &client.resp_head,
-                false,
-            )
-            .await
+            let mut rewritten = std::mem::take(&mut client.resp_head);
+            rewritten.extend_from_slice(body);
+            let sent = client.write_out(&rewritten, false).await;
+            client.resp_head = rewritten;
+            sent
         };
         if sent.is_err() {
             return Ok((parsed.status, false, Outcome::Close));
@@ -1059,17 +1037,7 @@ impl VhostApp {
         // Pingora's client stream buffers writes: the rest of a body may come slowly (SSE,
         // long polls), so the client gets what has arrived at once.
         let complete = left == 0 && chunks.is_none() && parsed.framing != Framing::UntilClose;
-        if !complete
-            && to_client(
-                &mut client.stream,
-                &mut client.deadline,
-                client.client_timeout,
-                &[],
-                true,
-            )
-            .await
-            .is_err()
-        {
+        if !complete && client.write_out(&[], true).await.is_err() {
             return Ok((parsed.status, false, Outcome::Close));
         }
         let mut clean_end = true;
@@ -1110,30 +1078,14 @@ impl VhostApp {
                             }
                         };
                         let upto = end.unwrap_or(n);
-                        if to_client(
-                            &mut client.stream,
-                            &mut client.deadline,
-                            client.client_timeout,
-                            &resp[..upto],
-                            true,
-                        )
-                        .await
-                        .is_err()
-                        {
+                        if client.write_out(&resp[..upto], true).await.is_err() {
                             clean_end = false;
                             break;
                         }
                         if let Some(end) = end {
                             if end < n {
                                 // Bytes after the body: the backend connection is not reused.
-                                let _ = to_client(
-                                    &mut client.stream,
-                                    &mut client.deadline,
-                                    client.client_timeout,
-                                    &[],
-                                    true,
-                                )
-                                .await;
+                                let _ = client.write_out(&[], true).await;
                                 return Ok((parsed.status, false, Outcome::KeepAlive));
                             }
                             break;
@@ -1149,16 +1101,7 @@ impl VhostApp {
                 {
                     Ok(Ok(0)) => break,
                     Ok(Ok(n)) => {
-                        if to_client(
-                            &mut client.stream,
-                            &mut client.deadline,
-                            client.client_timeout,
-                            &resp[..n],
-                            true,
-                        )
-                        .await
-                        .is_err()
-                        {
+                        if client.write_out(&resp[..n], true).await.is_err() {
                             clean_end = false;
                             break;
                         }
@@ -1170,16 +1113,7 @@ impl VhostApp {
                 }
             },
         }
-        if to_client(
-            &mut client.stream,
-            &mut client.deadline,
-            client.client_timeout,
-            &[],
-            true,
-        )
-        .await
-        .is_err()
-        {
+        if client.write_out(&[], true).await.is_err() {
             return Ok((parsed.status, false, Outcome::Close));
         }
         if !clean_end {
@@ -1208,15 +1142,7 @@ impl VhostApp {
             Ok(Ok(n)) if n > 0 => n,
             _ => return None,
         };
-        to_client(
-            &mut client.stream,
-            &mut client.deadline,
-            client.client_timeout,
-            &chunk[..n],
-            true,
-        )
-        .await
-        .ok()?;
+        client.write_out(&chunk[..n], true).await.ok()?;
         Some(n)
     }
 }
