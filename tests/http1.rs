@@ -955,3 +955,70 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
     let r = node.proxy_get("slow.test", "/").await;
     assert_eq!(r.body, "small");
 }
+
+#[tokio::test]
+async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
+    // The backend reads only the head, answers 413 and closes with the body unread (its
+    // kernel then resets the connection while the proxy is still sending the body).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    if read_some(&mut conn, &mut buf).await.is_none() {
+                        return;
+                    }
+                }
+                let answer = if buf.starts_with(b"PUT") {
+                    &b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"[..]
+                } else {
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nup"[..]
+                };
+                let _ = conn.write_all(answer).await;
+                // Dropped with the body unread: a reset, not a clean close.
+            });
+        }
+    });
+    let node = Node::start_default().await;
+    node.add_backend("strict", &addr.to_string(), &["a"]).await;
+    node.add_domain("upload.test", "a").await;
+    node.wait_route("upload.test", "/", "up").await;
+
+    // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
+    // backend's reset arrives.
+    let size = 64 * 1024 * 1024;
+    let mut c = RawClient::connect(&node).await;
+    let mut req =
+        format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
+            .into_bytes();
+    req.extend(std::iter::repeat_n(b'x', size));
+    // Like many simple clients, this one sends the whole request before it reads: the proxy
+    // must take the rest of the body (and drop it) rather than reset the connection.
+    let mut got = Vec::new();
+    let exchange = async {
+        c.conn
+            .write_all(&req)
+            .await
+            .expect("the proxy reset the connection while the client was still sending");
+        c.conn.read_to_end(&mut got).await.expect("read the answer");
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("no answer and no close within 20 s");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 413"),
+        "the backend's early answer should reach the client: {text}"
+    );
+    assert!(text.ends_with("too large"), "{text}");
+    assert!(
+        header_value(&text, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")),
+        "the rest of the body was not read: the connection must end: {text}"
+    );
+    origin.abort();
+}

@@ -48,6 +48,13 @@ const REPLAY_LIMIT: usize = 64 * 1024;
 /// Attempts per request (Pingora's `max_retries` in this binary).
 const MAX_ATTEMPTS: usize = 16;
 const RELAY_CHUNK: usize = 64 * 1024;
+/// Closing with a request body unread: the rest is read and dropped for up to this long
+/// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
+/// kernel does not answer it with a reset that can destroy our answer in flight.
+const LINGER_BETWEEN_READS: Duration = Duration::from_secs(5);
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// What a backend that stops taking the request is told apart by (see `attempt`).
+const WRITE_ERROR: &str = "WriteError";
 
 pub struct VhostApp {
     fallback: Arc<HttpProxy<VhostProxy>>,
@@ -103,6 +110,9 @@ impl ServerApp for VhostApp {
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
         let _ = tokio::time::timeout(self.client_timeout, client.stream.close()).await;
+        if client.linger {
+            client.drain_unread().await;
+        }
         None
     }
 
@@ -139,6 +149,8 @@ struct Client {
     deadline: IoDeadline,
     /// `[proxy] client_timeout_secs`.
     client_timeout: Duration,
+    /// The connection ends with a request body (maybe) unread: read it away before closing.
+    linger: bool,
 }
 
 impl Client {
@@ -157,6 +169,7 @@ impl Client {
             resp: vec![0; 16 * 1024],
             deadline: IoDeadline::default(),
             client_timeout,
+            linger: false,
         }
     }
 
@@ -184,6 +197,24 @@ impl Client {
         let n = self.stream.read(&mut self.buf[self.filled..]).await?;
         self.filled += n;
         Ok(n)
+    }
+
+    /// Reads and drops what the client still sends after our answer and FIN, until it closes
+    /// or the linger limits pass. Closing a socket with unread data makes the kernel send a
+    /// reset, and a reset can reach the client before it has read our answer (an early
+    /// 413 or 502 during an upload would then be lost).
+    async fn drain_unread(&mut self) {
+        let per_read = self.client_timeout.min(LINGER_BETWEEN_READS);
+        let drain = async {
+            let mut scratch = vec![0u8; 16 * 1024];
+            loop {
+                match tokio::time::timeout(per_read, self.stream.read(&mut scratch)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TOTAL, drain).await;
     }
 
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -556,7 +587,7 @@ async fn write_upstream(
     match deadline.run(timeout, upstream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(AttemptError::Upstream {
-            what: "WriteError",
+            what: WRITE_ERROR,
             reused,
         }),
         Err(_) => Err(AttemptError::Timeout),
@@ -646,7 +677,13 @@ impl VhostApp {
             self.metrics.request_done(status);
             match outcome {
                 Outcome::KeepAlive if !head.close && !*shutdown.borrow() => {}
-                _ => return End::Close,
+                Outcome::KeepAlive => return End::Close,
+                Outcome::Close => {
+                    // Ended early (our own answer, a failure, the backend's early answer):
+                    // its body may be partly unread.
+                    client.linger = head.content_length > 0;
+                    return End::Close;
+                }
             }
         }
     }
@@ -868,22 +905,74 @@ impl VhostApp {
             None => (self.connect(addr).await?, false),
         };
 
-        // Request. A backend that stops reading gets the read timeout, as one that stops
-        // answering does.
+        let sent = self
+            .send_request(client, head, &mut upstream, reused, replayable)
+            .await;
+        // A backend may answer before it has read the whole request (a 413 for an upload
+        // that is too large, a 401) and close: the write fails, but the answer is there to
+        // be read. Without one, the write error stands (and a stale pooled connection is
+        // retried as before).
+        let stopped_taking = match sent {
+            Ok(()) => None,
+            Err(
+                e @ AttemptError::Upstream {
+                    what: WRITE_ERROR, ..
+                },
+            ) => Some(e),
+            Err(e) => return Err(e),
+        };
+
+        // Response head (informational 1xx heads are passed on as they come).
+        let mut resp = std::mem::take(&mut client.resp);
+        let close_client = head.close || stopped_taking.is_some();
+        let result = self
+            .relay_response(
+                client,
+                head,
+                &mut upstream,
+                &mut resp,
+                (reused, replayable, close_client),
+            )
+            .await;
+        client.resp = resp;
+        let (status, upstream_reusable, outcome) = match (result, stopped_taking) {
+            (Ok(done), None) => done,
+            // The client's request was cut off: its connection ends after the answer.
+            (Ok((status, _, _)), Some(_)) => (status, false, Outcome::Close),
+            (Err(_), Some(write_error)) => return Err(write_error),
+            (Err(e), None) => return Err(e),
+        };
+        let breaker = &runtime.health.breaker;
+        if (500..600).contains(&status) {
+            if breaker.record_failure(Failure::Soft, now_ms()) {
+                tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated 5xx answers");
+            }
+        } else {
+            breaker.record_success();
+        }
+        if upstream_reusable {
+            pool::put(addr, upstream);
+        }
+        Ok((status, outcome))
+    }
+
+    /// Sends the request head and body to the backend. A backend that stops reading gets the
+    /// read timeout, as one that stops answering does.
+    async fn send_request(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        upstream: &mut TcpStream,
+        reused: bool,
+        replayable: bool,
+    ) -> Result<(), AttemptError> {
         let timeout = self.read_timeout;
-        write_upstream(
-            &mut upstream,
-            &client.out,
-            &mut client.deadline,
-            timeout,
-            reused,
-        )
-        .await?;
+        write_upstream(upstream, &client.out, &mut client.deadline, timeout, reused).await?;
         if !replayable {
             let buffered = (client.filled - head.head_len).min(head.content_length);
             let start = head.head_len;
             write_upstream(
-                &mut upstream,
+                upstream,
                 &client.buf[start..start + buffered],
                 &mut client.deadline,
                 timeout,
@@ -900,37 +989,12 @@ impl VhostApp {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => return Err(AttemptError::Client),
                 };
-                write_upstream(
-                    &mut upstream,
-                    &chunk[..n],
-                    &mut client.deadline,
-                    timeout,
-                    reused,
-                )
-                .await?;
+                write_upstream(upstream, &chunk[..n], &mut client.deadline, timeout, reused)
+                    .await?;
                 left -= n;
             }
         }
-
-        // Response head (informational 1xx heads are passed on as they come).
-        let mut resp = std::mem::take(&mut client.resp);
-        let result = self
-            .relay_response(client, head, &mut upstream, &mut resp, reused, replayable)
-            .await;
-        client.resp = resp;
-        let (status, upstream_reusable, outcome) = result?;
-        let breaker = &runtime.health.breaker;
-        if (500..600).contains(&status) {
-            if breaker.record_failure(Failure::Soft, now_ms()) {
-                tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated 5xx answers");
-            }
-        } else {
-            breaker.record_success();
-        }
-        if upstream_reusable {
-            pool::put(addr, upstream);
-        }
-        Ok((status, outcome))
+        Ok(())
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {
@@ -951,8 +1015,7 @@ impl VhostApp {
         head: &RequestHead,
         upstream: &mut TcpStream,
         resp: &mut Vec<u8>,
-        reused: bool,
-        replayable: bool,
+        (reused, replayable, close_client): (bool, bool, bool),
     ) -> Result<(u16, bool, Outcome), AttemptError> {
         let failed = |what: &'static str| AttemptError::Upstream { what, reused };
         let mut filled = 0;
@@ -961,7 +1024,7 @@ impl VhostApp {
                 match parse_response(
                     &resp[..filled],
                     head.head_method,
-                    head.close,
+                    close_client,
                     &mut client.resp_head,
                 ) {
                     ParsedResponse::Partial => {}
