@@ -246,10 +246,10 @@ fn run(
         connect_timeout: std::time::Duration::from_millis(cfg.proxy.upstream_connect_timeout_ms),
         read_timeout: std::time::Duration::from_secs(cfg.proxy.upstream_read_timeout_secs),
         https_port: cfg.proxy.listen_addr.port(),
+        client_timeout: std::time::Duration::from_secs(cfg.proxy.client_timeout_secs),
     };
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
-    let client_timeout = std::time::Duration::from_secs(cfg.proxy.client_timeout_secs);
-    let app = VhostApp::new(proxy, &server.configuration, client_timeout);
+    let app = VhostApp::new(proxy, &server.configuration);
     let mut proxy_service = Service::new("proxy".to_string(), app);
     proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
     let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;

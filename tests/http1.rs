@@ -1022,3 +1022,47 @@ async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
     );
     origin.abort();
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_on_pingoras_path_close_after_the_client_timeout() {
+    let origin =
+        ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("hello"), After::KeepOpen))).await;
+    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
+    node.add_backend("o1", &origin.addr.to_string(), &["a"])
+        .await;
+    node.add_domain("idle.test", "a").await;
+    node.wait_route("idle.test", "/", "hello").await;
+
+    // HTTP/1.0 with keep-alive: served by Pingora's proxy, the connection stays open after.
+    let mut c = RawClient::connect(&node).await;
+    c.send(b"GET / HTTP/1.0\r\nHost: idle.test\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "hello"),
+        "{}",
+        r.head
+    );
+    assert_eq!(handovers(&node, "http/1.0").await, 1);
+    let idle_since = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut chunk = [0u8; 1024];
+        while let Ok(n) = c.conn.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an idle keep-alive connection on Pingora's path was still open after 8 s \
+         (client timeout 1 s)"
+    );
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}: keep-alive should hold the connection for the client timeout",
+        idle_since.elapsed()
+    );
+}

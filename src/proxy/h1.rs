@@ -69,11 +69,15 @@ pub struct VhostApp {
 }
 
 impl VhostApp {
-    pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>, client_timeout: Duration) -> Self {
+    pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
-        let (connect_timeout, read_timeout, https_port) =
-            (proxy.connect_timeout, proxy.read_timeout, proxy.https_port);
+        let (connect_timeout, read_timeout, https_port, client_timeout) = (
+            proxy.connect_timeout,
+            proxy.read_timeout,
+            proxy.https_port,
+            proxy.client_timeout,
+        );
         let mut fallback = HttpProxy::new(proxy, conf.clone());
         fallback.handle_init_modules();
         Self {

@@ -26,6 +26,9 @@ pub struct VhostProxy {
     pub read_timeout: Duration,
     /// Port used in http->https redirects (omitted when 443).
     pub https_port: u16,
+    /// `[proxy] client_timeout_secs`: idle keep-alive connections, stalled request bodies and
+    /// clients that take nothing of their response are given up after this.
+    pub client_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -73,6 +76,25 @@ async fn respond_plain(session: &mut Session, status: u16, body: String) -> Resu
     session.write_response_body(Some(body), true).await
 }
 
+impl VhostProxy {
+    /// The client timeout on Pingora's path, as on the lean one. Pingora's own defaults: an
+    /// idle HTTP/1.1 keep-alive connection waits for its next request for ever, and writes
+    /// to the client have no time limit. Upgraded connections (websockets) are left alone: an
+    /// idle websocket is not a stalled one.
+    fn apply_client_timeout(&self, session: &mut Session) {
+        if session.is_upgrade_req() {
+            return;
+        }
+        // Only where keep-alive is on: `set_keepalive(Some(_))` would turn it on for an
+        // HTTP/1.0 request that did not ask for it.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.client_timeout.as_secs().max(1)));
+        }
+        session.set_read_timeout(Some(self.client_timeout));
+        session.set_write_timeout(Some(self.client_timeout));
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for VhostProxy {
     type CTX = Ctx;
@@ -84,6 +106,7 @@ impl ProxyHttp for VhostProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
+        self.apply_client_timeout(session);
         ctx.tls = session
             .digest()
             .map(|d| d.ssl_digest.is_some())
