@@ -1035,6 +1035,8 @@ async fn idle_keep_alive_connections_on_pingoras_path_close_after_the_client_tim
 
     // HTTP/1.0 with keep-alive: served by Pingora's proxy, the connection stays open after.
     let mut c = RawClient::connect(&node).await;
+    // The proxy's idle timer starts after its answer, so never before this.
+    let idle_since = std::time::Instant::now();
     c.send(b"GET / HTTP/1.0\r\nHost: idle.test\r\nConnection: keep-alive\r\n\r\n")
         .await;
     let r = c.response(false).await;
@@ -1045,7 +1047,6 @@ async fn idle_keep_alive_connections_on_pingoras_path_close_after_the_client_tim
         r.head
     );
     assert_eq!(handovers(&node, "http/1.0").await, 1);
-    let idle_since = std::time::Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(8), async {
         let mut chunk = [0u8; 1024];
         while let Ok(n) = c.conn.read(&mut chunk).await {
@@ -1061,8 +1062,62 @@ async fn idle_keep_alive_connections_on_pingoras_path_close_after_the_client_tim
          (client timeout 1 s)"
     );
     assert!(
-        idle_since.elapsed() >= Duration::from_millis(900),
+        idle_since.elapsed() >= Duration::from_secs(1),
         "closed after {:?}: keep-alive should hold the connection for the client timeout",
         idle_since.elapsed()
     );
+}
+
+/// Sockets in ESTABLISHED state whose local port is `port` (the proxy's side of its client
+/// connections), from /proc/net/tcp.
+fn established_on_port(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn idle_http2_connections_close_after_the_client_timeout() {
+    let origin =
+        ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("hello"), After::KeepOpen))).await;
+    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
+    node.add_backend("o1", &origin.addr.to_string(), &["a"])
+        .await;
+    node.add_domain("h2idle.test", "a").await;
+    node.wait_route("h2idle.test", "/", "hello").await;
+
+    // A client that keeps its connection pooled (reqwest: 90 s), as browsers do.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .resolve("h2idle.test", node.https_addr)
+        .build()
+        .expect("client");
+    let url = format!("https://h2idle.test:{}/", node.https_addr.port());
+    let r = client.get(&url).send().await.expect("GET over HTTP/2");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.expect("body"), "hello");
+    let port = node.https_addr.port();
+    assert_eq!(
+        established_on_port(port),
+        1,
+        "the client's connection should still be open right after its request"
+    );
+    wait_for(
+        Duration::from_secs(8),
+        "the proxy to close an HTTP/2 connection idle for longer than the client timeout (1 s)",
+        || async move { (established_on_port(port) == 0).then_some(()) },
+    )
+    .await;
+    drop(client);
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
@@ -80,6 +80,10 @@ impl VhostApp {
         );
         let mut fallback = HttpProxy::new(proxy, conf.clone());
         fallback.handle_init_modules();
+        // Idle HTTP/2 connections are closed after the client timeout too (Pingora: never).
+        let mut server_options = HttpServerOptions::default();
+        server_options.h2_idle_timeout = Some(client_timeout);
+        fallback.server_options = Some(server_options);
         Self {
             fallback: Arc::new(fallback),
             data,

@@ -78,13 +78,10 @@ async fn respond_plain(session: &mut Session, status: u16, body: String) -> Resu
 
 impl VhostProxy {
     /// The client timeout on Pingora's path, as on the lean one. Pingora's own defaults: an
-    /// idle HTTP/1.1 keep-alive connection waits for its next request for ever, and writes
-    /// to the client have no time limit. Upgraded connections (websockets) are left alone: an
-    /// idle websocket is not a stalled one.
+    /// idle HTTP/1.1 keep-alive connection waits for its next request for ever, reads from
+    /// the client (also of an upgraded connection) time out after a fixed 60 s, and writes to
+    /// the client have no time limit.
     fn apply_client_timeout(&self, session: &mut Session) {
-        if session.is_upgrade_req() {
-            return;
-        }
         // Only where keep-alive is on: `set_keepalive(Some(_))` would turn it on for an
         // HTTP/1.0 request that did not ask for it.
         if session.get_keepalive().is_some() {
