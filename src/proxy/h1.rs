@@ -213,8 +213,11 @@ impl Client {
     /// 413 or 502 during an upload would then be lost).
     async fn drain_unread(&mut self) {
         let per_read = self.client_timeout.min(LINGER_BETWEEN_READS);
+        // The connection's own buffers: lingering connections hold nothing more.
+        self.resp = Vec::new();
+        let mut scratch = std::mem::take(&mut self.buf);
+        scratch.resize(scratch.len().max(16 * 1024), 0);
         let drain = async {
-            let mut scratch = vec![0u8; 16 * 1024];
             loop {
                 match tokio::time::timeout(per_read, self.stream.read(&mut scratch)).await {
                     Ok(Ok(n)) if n > 0 => {}
