@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -956,13 +957,13 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
     assert_eq!(r.body, "small");
 }
 
-#[tokio::test]
-async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
-    // The backend reads only the head, answers 413 and closes with the body unread (its
-    // kernel then resets the connection while the proxy is still sending the body).
+/// A backend that reads only the head of a PUT and answers 413 at once. Then it drops the
+/// connection with the body unread (its kernel resets it while the proxy is still sending),
+/// or, with `hold_open`, keeps it open for a minute without reading.
+async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let origin = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 return;
@@ -980,25 +981,28 @@ async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
                     &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nup"[..]
                 };
                 let _ = conn.write_all(answer).await;
-                // Dropped with the body unread: a reset, not a clean close.
+                if hold_open && buf.starts_with(b"PUT") {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
             });
         }
     });
-    let node = Node::start_default().await;
-    node.add_backend("strict", &addr.to_string(), &["a"]).await;
-    node.add_domain("upload.test", "a").await;
-    node.wait_route("upload.test", "/", "up").await;
+    (addr, task)
+}
 
+/// Sends a 64 MiB PUT the way many simple clients do, the whole request before reading, and
+/// checks that the backend's early 413 arrives and the connection then ends.
+async fn upload_gets_the_early_answer(node: &Node) {
     // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
-    // backend's reset arrives.
+    // backend answers.
     let size = 64 * 1024 * 1024;
-    let mut c = RawClient::connect(&node).await;
+    let mut c = RawClient::connect(node).await;
     let mut req =
         format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
             .into_bytes();
     req.extend(std::iter::repeat_n(b'x', size));
-    // Like many simple clients, this one sends the whole request before it reads: the proxy
-    // must take the rest of the body (and drop it) rather than reset the connection.
+    // The proxy must take the rest of the body (and drop it) rather than reset the
+    // connection, or this client never reads the answer.
     let mut got = Vec::new();
     let exchange = async {
         c.conn
@@ -1020,6 +1024,29 @@ async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
         header_value(&text, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")),
         "the rest of the body was not read: the connection must end: {text}"
     );
+}
+
+#[tokio::test]
+async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
+    let (addr, origin) = early_refusing_origin(false).await;
+    let node = Node::start_default().await;
+    node.add_backend("strict", &addr.to_string(), &["a"]).await;
+    node.add_domain("upload.test", "a").await;
+    node.wait_route("upload.test", "/", "up").await;
+    upload_gets_the_early_answer(&node).await;
+    origin.abort();
+}
+
+#[tokio::test]
+async fn an_early_answer_is_relayed_even_when_the_backend_stops_reading_but_stays_open() {
+    // The backend neither reads nor closes: without watching for its answer the proxy
+    // would block on the full socket until the read timeout (30 s) and answer 504.
+    let (addr, origin) = early_refusing_origin(true).await;
+    let node = Node::start_default().await;
+    node.add_backend("strict", &addr.to_string(), &["a"]).await;
+    node.add_domain("upload.test", "a").await;
+    node.wait_route("upload.test", "/", "up").await;
+    upload_gets_the_early_answer(&node).await;
     origin.abort();
 }
 

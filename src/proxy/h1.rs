@@ -24,7 +24,7 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::answers::{self, ACME_CHALLENGE_PREFIX};
@@ -589,7 +589,7 @@ impl Drop for BackendInFlight<'_> {
 }
 
 async fn write_upstream(
-    upstream: &mut TcpStream,
+    upstream: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     deadline: &mut IoDeadline,
     timeout: Duration,
@@ -979,31 +979,57 @@ impl VhostApp {
     ) -> Result<(), AttemptError> {
         let timeout = self.read_timeout;
         write_upstream(upstream, &client.out, &mut client.deadline, timeout, reused).await?;
-        if !replayable {
-            let buffered = (client.filled - head.head_len).min(head.content_length);
-            let start = head.head_len;
-            write_upstream(
-                upstream,
-                &client.buf[start..start + buffered],
-                &mut client.deadline,
-                timeout,
+        if replayable {
+            return Ok(());
+        }
+        // A large body streams. A backend that answers before taking all of it (a 413 for an
+        // upload that is too large) may keep its connection open without reading: stop
+        // sending as soon as its answer (or its close) is there, instead of waiting for the
+        // read timeout. Peeked, not read: readiness alone can be stale.
+        let (upstream_rd, mut upstream_wr) = upstream.split();
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            biased;
+            sent = self.stream_body(client, head, &mut upstream_wr, reused) => sent,
+            _ = upstream_rd.as_ref().peek(&mut probe) => Err(AttemptError::Upstream {
+                what: WRITE_ERROR,
                 reused,
-            )
-            .await?;
-            client.consume(head.head_len + buffered);
-            let mut left = head.content_length - buffered;
-            let mut chunk = vec![0u8; RELAY_CHUNK];
-            while left > 0 {
-                let want = left.min(chunk.len());
-                let read = client.stream.read(&mut chunk[..want]);
-                let n = match tokio::time::timeout(self.client_timeout, read).await {
-                    Ok(Ok(n)) if n > 0 => n,
-                    _ => return Err(AttemptError::Client),
-                };
-                write_upstream(upstream, &chunk[..n], &mut client.deadline, timeout, reused)
-                    .await?;
-                left -= n;
-            }
+            }),
+        }
+    }
+
+    /// Sends the rest of a request body that is too large to hold: what is buffered, then
+    /// the rest as it comes from the client.
+    async fn stream_body(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        upstream: &mut (impl AsyncWrite + Unpin),
+        reused: bool,
+    ) -> Result<(), AttemptError> {
+        let timeout = self.read_timeout;
+        let buffered = (client.filled - head.head_len).min(head.content_length);
+        let start = head.head_len;
+        write_upstream(
+            upstream,
+            &client.buf[start..start + buffered],
+            &mut client.deadline,
+            timeout,
+            reused,
+        )
+        .await?;
+        client.consume(head.head_len + buffered);
+        let mut left = head.content_length - buffered;
+        let mut chunk = vec![0u8; RELAY_CHUNK];
+        while left > 0 {
+            let want = left.min(chunk.len());
+            let read = client.stream.read(&mut chunk[..want]);
+            let n = match tokio::time::timeout(self.client_timeout, read).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return Err(AttemptError::Client),
+            };
+            write_upstream(upstream, &chunk[..n], &mut client.deadline, timeout, reused).await?;
+            left -= n;
         }
         Ok(())
     }
