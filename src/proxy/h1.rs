@@ -920,9 +920,9 @@ impl VhostApp {
             .send_request(client, head, &mut upstream, reused, replayable)
             .await;
         // A backend may answer before it has read the whole request (a 413 for an upload
-        // that is too large, a 401) and close: the write fails, but the answer is there to
-        // be read. Without one, the write error stands (and a stale pooled connection is
-        // retried as before).
+        // that is too large, a 401), then close or stop reading: sending stops, and the
+        // answer is there to be read. Without one, the write error stands (and a stale
+        // pooled connection is retried as before).
         let stopped_taking = match sent {
             Ok(()) => None,
             Err(
@@ -967,8 +967,8 @@ impl VhostApp {
         Ok((status, outcome))
     }
 
-    /// Sends the request head and body to the backend. A backend that stops reading gets the
-    /// read timeout, as one that stops answering does.
+    /// Sends the request head and body to the backend. A backend that stops reading without
+    /// answering gets the read timeout, as one that stops answering does.
     async fn send_request(
         &self,
         client: &mut Client,
