@@ -101,7 +101,9 @@ done <<<"$ldd_out"
 # Name resolution (seeds, backend host names): glibc >= 2.34 has files/dns built in; older
 # ones load these modules at run time, so ship them when the host has them.
 for m in libnss_files.so.2 libnss_dns.so.2 libresolv.so.2; do
-  p="$(ldconfig -p 2>/dev/null | awk -v m="$m" '$1 == m && /x86-64|aarch64|64bit/ {print $NF; exit}')"
+  # awk reads to the end: exiting at the first match would kill ldconfig with SIGPIPE, and
+  # under pipefail that failed the whole script now and then.
+  p="$(ldconfig -p 2>/dev/null | awk -v m="$m" '!found && $1 == m && /x86-64|aarch64|64bit/ {print $NF; found = 1}')"
   [ -n "$p" ] && [ -e "$p" ] && copy_lib "$p"
 done
 
