@@ -324,7 +324,11 @@ fn get(host: &str, path: &str) -> Vec<u8> {
 }
 
 async fn node_with_origin(origin: &ScriptedOrigin, host: &str) -> Node {
-    let node = Node::start_default().await;
+    node_with_origin_and(NodeOptions::new(), origin, host).await
+}
+
+async fn node_with_origin_and(options: NodeOptions, origin: &ScriptedOrigin, host: &str) -> Node {
+    let node = Node::start(options).await;
     node.add_backend("o1", &origin.addr.to_string(), &["a"])
         .await;
     node.add_domain(host, "a").await;
@@ -924,10 +928,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
         (resp, After::KeepOpen)
     }))
     .await;
-    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
-    node.add_backend("o1", &origin.addr.to_string(), &["a"])
-        .await;
-    node.add_domain("slow.test", "a").await;
+    let options = NodeOptions::new().proxy("client_timeout_secs = 1");
+    let node = node_with_origin_and(options, &origin, "slow.test").await;
     node.wait_route("slow.test", "/", "small").await;
 
     let mut c = RawClient::connect(&node).await;
@@ -990,13 +992,19 @@ async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::Joi
     (addr, task)
 }
 
-/// Sends a 64 MiB PUT the way many simple clients do, the whole request before reading, and
-/// checks that the backend's early 413 arrives and the connection then ends.
-async fn upload_gets_the_early_answer(node: &Node) {
+/// Sends a 64 MiB PUT, through a node, to an `early_refusing_origin(hold_open)`, the way
+/// many simple clients do (the whole request before reading), and checks that the backend's
+/// early 413 arrives and the connection then ends.
+async fn upload_gets_the_early_answer(hold_open: bool) {
+    let (addr, origin) = early_refusing_origin(hold_open).await;
+    let node = Node::start_default().await;
+    node.add_backend("strict", &addr.to_string(), &["a"]).await;
+    node.add_domain("upload.test", "a").await;
+    node.wait_route("upload.test", "/", "up").await;
     // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
     // backend answers.
     let size = 64 * 1024 * 1024;
-    let mut c = RawClient::connect(node).await;
+    let mut c = RawClient::connect(&node).await;
     let mut req =
         format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
             .into_bytes();
@@ -1024,40 +1032,27 @@ async fn upload_gets_the_early_answer(node: &Node) {
         header_value(&text, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")),
         "the rest of the body was not read: the connection must end: {text}"
     );
+    origin.abort();
 }
 
 #[tokio::test]
 async fn an_upload_the_backend_refuses_early_gets_the_backends_answer() {
-    let (addr, origin) = early_refusing_origin(false).await;
-    let node = Node::start_default().await;
-    node.add_backend("strict", &addr.to_string(), &["a"]).await;
-    node.add_domain("upload.test", "a").await;
-    node.wait_route("upload.test", "/", "up").await;
-    upload_gets_the_early_answer(&node).await;
-    origin.abort();
+    upload_gets_the_early_answer(false).await;
 }
 
 #[tokio::test]
 async fn an_early_answer_is_relayed_even_when_the_backend_stops_reading_but_stays_open() {
     // The backend neither reads nor closes: without watching for its answer the proxy
     // would block on the full socket until the read timeout (30 s) and answer 504.
-    let (addr, origin) = early_refusing_origin(true).await;
-    let node = Node::start_default().await;
-    node.add_backend("strict", &addr.to_string(), &["a"]).await;
-    node.add_domain("upload.test", "a").await;
-    node.wait_route("upload.test", "/", "up").await;
-    upload_gets_the_early_answer(&node).await;
-    origin.abort();
+    upload_gets_the_early_answer(true).await;
 }
 
 #[tokio::test]
 async fn idle_keep_alive_connections_on_pingoras_path_close_after_the_client_timeout() {
     let origin =
         ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("hello"), After::KeepOpen))).await;
-    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
-    node.add_backend("o1", &origin.addr.to_string(), &["a"])
-        .await;
-    node.add_domain("idle.test", "a").await;
+    let options = NodeOptions::new().proxy("client_timeout_secs = 1");
+    let node = node_with_origin_and(options, &origin, "idle.test").await;
     node.wait_route("idle.test", "/", "hello").await;
 
     // HTTP/1.0 with keep-alive: served by Pingora's proxy, the connection stays open after.
@@ -1117,10 +1112,8 @@ fn established_on_port(port: u16) -> usize {
 async fn idle_http2_connections_close_after_the_client_timeout() {
     let origin =
         ScriptedOrigin::start(Arc::new(|_r: &Received| (answer("hello"), After::KeepOpen))).await;
-    let node = Node::start(NodeOptions::new().proxy("client_timeout_secs = 1")).await;
-    node.add_backend("o1", &origin.addr.to_string(), &["a"])
-        .await;
-    node.add_domain("h2idle.test", "a").await;
+    let options = NodeOptions::new().proxy("client_timeout_secs = 1");
+    let node = node_with_origin_and(options, &origin, "h2idle.test").await;
     node.wait_route("h2idle.test", "/", "hello").await;
 
     // A client that keeps its connection pooled (reqwest: 90 s), as browsers do.
