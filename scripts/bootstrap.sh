@@ -10,6 +10,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # metrics format check in tests
 command -v pebble >/dev/null 2>&1 || need+=(pebble)          # ACME test CA (+ pebble-challtestsrv)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)      # renders the dashboard in tests
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # DNS server for the resolver tests
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

@@ -31,6 +31,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
     pub health_check: HealthCheckConfig,
+    pub resolver: ResolverConfig,
     pub virtual_hosts: Vec<VirtualHostConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -153,6 +154,19 @@ pub struct HealthCheckConfig {
     pub path: String,
 }
 
+/// `[resolver]`: how backend names are looked up (IP literals need no lookup).
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// Name servers (`ip` or `ip:port`, port 53 by default). default empty: the system's
+    /// (`/etc/resolv.conf`). The hosts file is read either way.
+    pub servers: Vec<SocketAddr>,
+    /// A name is looked up again after its TTL, but not sooner than this. default 5, >= 1
+    pub min_ttl_secs: u64,
+    /// ... and not later than this (an answer may change before its TTL says). default 60,
+    /// >= min_ttl_secs
+    pub max_ttl_secs: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
@@ -268,6 +282,16 @@ impl Default for MetricsConfig {
     }
 }
 
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            servers: Vec::new(),
+            min_ttl_secs: 5,
+            max_ttl_secs: 60,
+        }
+    }
+}
+
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
@@ -339,6 +363,7 @@ struct RawConfig {
     logging: Option<RawLogging>,
     metrics: Option<RawMetrics>,
     health_check: Option<RawHealthCheck>,
+    resolver: Option<RawResolver>,
     virtual_hosts: Option<Vec<Spanned<RawVirtualHost>>>,
     backends: Option<Vec<Spanned<RawBackend>>>,
 }
@@ -404,6 +429,14 @@ struct RawLogging {
 struct RawMetrics {
     enabled: Option<bool>,
     listen_addr: Field<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    servers: Field<Vec<Spanned<String>>>,
+    min_ttl_secs: Field<i64>,
+    max_ttl_secs: Field<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -567,6 +600,7 @@ impl Checker<'_> {
         let logging = self.logging(&raw.logging.unwrap_or_default())?;
         let metrics = self.metrics(&raw_metrics)?;
         let health_check = self.health_check(&raw.health_check.unwrap_or_default())?;
+        let resolver = self.resolver(&raw.resolver.unwrap_or_default())?;
         let backends = self.backends(&raw.backends.unwrap_or_default())?;
         let virtual_hosts = self.virtual_hosts(
             &raw.virtual_hosts.unwrap_or_default(),
@@ -616,6 +650,7 @@ impl Checker<'_> {
             logging,
             metrics,
             health_check,
+            resolver,
             virtual_hosts,
             backends,
         })
@@ -977,6 +1012,62 @@ impl Checker<'_> {
         Ok(MetricsConfig {
             enabled: raw.enabled.unwrap_or(true),
             listen_addr,
+        })
+    }
+
+    fn resolver(&self, raw: &RawResolver) -> Result<ResolverConfig, ConfigError> {
+        let d = ResolverConfig::default();
+        let mut servers = Vec::new();
+        for (i, s) in raw
+            .servers
+            .iter()
+            .flat_map(|l| l.get_ref().iter())
+            .enumerate()
+        {
+            let text = s.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .ok()
+                .filter(|a| a.port() != 0)
+                .ok_or_else(|| {
+                    self.error(
+                        &s.span(),
+                        &format!("resolver.servers[{i}]"),
+                        format!("{text:?} is not an IP address or IP:port (port 1-65535)"),
+                    )
+                })?;
+            servers.push(addr);
+        }
+        let min_ttl_secs = self.int(
+            &raw.min_ttl_secs,
+            "resolver.min_ttl_secs",
+            d.min_ttl_secs,
+            1,
+        )?;
+        let max_ttl_secs: u64 = self.int(
+            &raw.max_ttl_secs,
+            "resolver.max_ttl_secs",
+            d.max_ttl_secs,
+            1,
+        )?;
+        if max_ttl_secs < min_ttl_secs {
+            let span = raw
+                .max_ttl_secs
+                .as_ref()
+                .or(raw.min_ttl_secs.as_ref())
+                .map(Spanned::span)
+                .unwrap_or_default();
+            return Err(self.error(
+                &span,
+                "resolver.max_ttl_secs",
+                format!("must be >= resolver.min_ttl_secs ({max_ttl_secs} < {min_ttl_secs})"),
+            ));
+        }
+        Ok(ResolverConfig {
+            servers,
+            min_ttl_secs,
+            max_ttl_secs,
         })
     }
 

@@ -22,6 +22,7 @@ use crate::health;
 use crate::observability::log_stream::LogStream;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
+use crate::resolve;
 use crate::state::{Command, State};
 use crate::upgrade;
 
@@ -129,12 +130,26 @@ impl ControlPlane {
             .context("starting Raft")?;
         tokio::spawn(membership::run(node.clone(), cfg.cluster.bootstrap_expect));
         tokio::spawn(health::active::run(
-            self.data.clone(),
+            self.data.live.clone(),
             sm.clone(),
             cfg.health_check.clone(),
         ));
+        tokio::spawn({
+            let (sm, data) = (sm.clone(), self.data.clone());
+            resolve::run(
+                self.data.live.clone(),
+                cfg.resolver.clone(),
+                {
+                    let sm = sm.clone();
+                    move || {
+                        sm.with_state(|s| s.backends.values().map(|b| b.address.clone()).collect())
+                    }
+                },
+                move || sm.with_state(|s| data.publish_routes(s)),
+            )
+        });
         tokio::spawn(health::shared::run(
-            self.data.clone(),
+            self.data.live.clone(),
             node.gossip.clone(),
             {
                 let node = node.clone();

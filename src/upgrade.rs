@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 use crate::cluster::store::StateMachineStore;
+use crate::live::addrs::Resolution;
 use crate::proxy::DataPlane;
 use crate::state::State;
 
@@ -32,6 +33,10 @@ pub struct Handoff {
     /// Backends live peers reported down, and which peers.
     #[serde(default)]
     pub peers_down: BTreeMap<String, Vec<u64>>,
+    /// What backend names resolved to (the new process's resolver starts only once it owns
+    /// the store).
+    #[serde(default)]
+    pub resolved: BTreeMap<String, Resolution>,
 }
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -64,7 +69,7 @@ pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
                 continue;
             }
         };
-        let runtimes = data.backends.all();
+        let runtimes = data.live.backends.all();
         let handoff = Handoff {
             state: sm.with_state(State::clone),
             locally_down: runtimes
@@ -77,6 +82,7 @@ pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
                 .map(|rt| (rt.id.clone(), rt.health.report().peers_reporting_down))
                 .filter(|(_, peers)| !peers.is_empty())
                 .collect(),
+            resolved: data.live.addrs.entries().into_iter().collect(),
         };
         // Each answer in its own task, bounded: a client that never reads blocks nothing.
         tokio::spawn(async move {
@@ -118,17 +124,20 @@ pub fn fetch(path: &Path, timeout: Duration) -> anyhow::Result<Handoff> {
 /// own "down" verdicts stay until this process's probes clear them, its peers' until gossip
 /// brings theirs.
 pub fn adopt(data: &DataPlane, handoff: &Handoff) {
+    for (address, resolution) in &handoff.resolved {
+        data.live.addrs.store(address, resolution.clone());
+    }
     data.publish(&handoff.state);
     for id in &handoff.locally_down {
-        if let Some(rt) = data.backends.get(id) {
+        if let Some(rt) = data.live.backends.get(id) {
             rt.health.assume_down();
         }
     }
     for (id, peers) in &handoff.peers_down {
-        if let Some(rt) = data.backends.get(id) {
+        if let Some(rt) = data.live.backends.get(id) {
             rt.health.set_peers_down(peers.clone());
         }
     }
     // The old process's view stands in for the peers' until gossip runs here.
-    data.peer_view.open();
+    data.live.peer_view.open();
 }

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use super::body::Body;
 use super::domains::unexpected;
 use super::{ApiError, ApiState};
-use crate::health::{active, now_ms};
+use crate::health::active;
+use crate::live::health::ActiveState;
+use crate::live::{now_ms, BackendRuntime};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 use crate::validate;
 
@@ -37,8 +39,14 @@ pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
 /// A backend as the API shows it. `peers` comes from [`PeerVerdicts::read`], so a list reads
 /// gossip once, not once per backend.
 pub fn backend_json_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) -> Value {
-    let rt = state.data.backends.runtime(&b.id);
+    let rt = state
+        .data
+        .live
+        .backends
+        .get(&b.id)
+        .unwrap_or_else(|| std::sync::Arc::new(BackendRuntime::detached(&b.id)));
     let health = rt.health.report();
+    let resolution = state.data.live.addrs.resolution(&b.address);
     // Per node: this node's own verdict plus what every live peer publishes in gossip. Peers
     // publish only "down" verdicts, so for a peer "up" means "not reported down".
     let mut nodes = serde_json::Map::new();
@@ -55,6 +63,9 @@ pub fn backend_json_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) ->
     json!({
         "id": b.id,
         "address": b.address,
+        "resolved_addrs": resolution.as_ref().map(|r| r.addrs.clone()).unwrap_or_default(),
+        "resolved_unix_ms": resolution.as_ref().and_then(|r| r.resolved_unix_ms),
+        "resolve_error": resolution.and_then(|r| r.error),
         "tags": b.tags,
         "health_check_path": b.health_check_path,
         "healthy": rt.health.merged_usable(now_ms()),
@@ -99,6 +110,9 @@ fn ignore_status_fields(body: &mut Body) {
         "in_flight",
         "requests",
         "connect_failures",
+        "resolved_addrs",
+        "resolved_unix_ms",
+        "resolve_error",
     ] {
         body.ignore(f);
     }
@@ -146,7 +160,10 @@ pub async fn create(
         draining: false,
     };
     match state.write(Command::CreateBackend(b)).await? {
-        Applied::Backend(b) => Ok((StatusCode::CREATED, Json(backend_json(&b, &state)))),
+        Applied::Backend(b) => {
+            await_first_resolution(&state, &b.address).await;
+            Ok((StatusCode::CREATED, Json(backend_json(&b, &state))))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -189,10 +206,27 @@ pub async fn update(
         })
         .await?
     {
-        Applied::Backend(b) => Ok(Json(backend_json(&b, &state))),
+        Applied::Backend(b) => {
+            await_first_resolution(&state, &b.address).await;
+            Ok(Json(backend_json(&b, &state)))
+        }
         other => Err(unexpected(other)),
     }
 }
+
+/// A backend named by a host name gets traffic once the name has resolved, moments after the
+/// write is applied. Waiting for that (briefly) lets a client that routes right after its
+/// write succeed on this node; the answer shows the result, or the resolve error.
+async fn await_first_resolution(state: &ApiState, address: &str) {
+    let deadline = tokio::time::Instant::now() + FIRST_RESOLUTION_WAIT;
+    let addrs = &state.data.live.addrs;
+    while !addrs.in_table(address) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Longest a write waits for its backend's name to resolve the first time.
+const FIRST_RESOLUTION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub async fn delete(
     State(state): State<ApiState>,
@@ -243,7 +277,7 @@ pub async fn probe(
 ) -> Result<Json<Value>, ApiError> {
     let b = lookup(&state, &id)?;
     let result = active::check_backend(
-        &state.data,
+        &state.data.live,
         &state.http,
         &state.health_check,
         &b.id,
@@ -251,12 +285,18 @@ pub async fn probe(
         b.health_check_path.as_deref(),
     )
     .await;
-    let rt = state.data.backends.runtime(&b.id);
+    let active = state
+        .data
+        .live
+        .backends
+        .get(&b.id)
+        .map(|rt| rt.health.active())
+        .unwrap_or(ActiveState::Unknown);
     Ok(Json(json!({
         "id": b.id,
         "healthy": result.healthy,
         "detail": result.detail,
         "latency_ms": result.latency_ms,
-        "state": rt.health.active(),
+        "state": active,
     })))
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::backends::{backend_json_with, PeerVerdicts};
 use super::body::Body;
 use super::{rfc3339, ApiError, ApiState};
-use crate::health::now_ms;
+use crate::live::now_ms;
 use crate::proxy::tls;
 use crate::state::{Applied, CertPair, Command, Domain, DomainPatch, TlsMode};
 use crate::validate;
@@ -224,12 +224,13 @@ pub async fn switch(
             let mut usable = 0;
             let mut unusable = Vec::new();
             for b in s.backends_with_tag(&target) {
+                // Not compiled into a table yet: nothing is known against it.
                 let healthy = state
                     .data
+                    .live
                     .backends
-                    .runtime(&b.id)
-                    .health
-                    .merged_usable(now_ms());
+                    .get(&b.id)
+                    .is_none_or(|rt| rt.health.merged_usable(now_ms()));
                 if healthy && !b.draining {
                     usable += 1;
                 } else {

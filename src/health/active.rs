@@ -1,14 +1,15 @@
 //! Active health checks: HTTP GET on the health path, or a TCP connect when the path is "".
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::{ActiveState, Thresholds};
 use crate::cluster::store::StateMachineStore;
 use crate::config::HealthCheckConfig;
-use crate::proxy::DataPlane;
+use crate::live::health::{ActiveState, Thresholds};
+use crate::live::Live;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeResult {
@@ -17,16 +18,18 @@ pub struct ProbeResult {
     pub latency_ms: u64,
 }
 
-/// Probes one backend once.
+/// Probes one backend once, at `addr` (what its `address` resolved to; `address` is the
+/// `Host` of an HTTP probe).
 pub async fn probe(
     client: &reqwest::Client,
     address: &str,
+    addr: SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> ProbeResult {
     let started = Instant::now();
     let (healthy, detail) = if path.is_empty() {
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
             Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
             Err(_) => (
@@ -35,8 +38,12 @@ pub async fn probe(
             ),
         }
     } else {
-        let url = format!("http://{address}{path}");
-        match client.get(&url).timeout(timeout).send().await {
+        let url = format!("http://{addr}{path}");
+        let get = client
+            .get(&url)
+            .header(reqwest::header::HOST, address)
+            .timeout(timeout);
+        match get.send().await {
             Ok(r) if r.status().is_success() || r.status().is_redirection() => {
                 (true, format!("GET {path} answered {}", r.status().as_u16()))
             }
@@ -68,9 +75,10 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Probes `id` now and records the result in its health state.
+/// Probes `id` now and records the result in its health state (if a routing table knows
+/// the backend yet).
 pub async fn check_backend(
-    data: &DataPlane,
+    live: &Live,
     client: &reqwest::Client,
     cfg: &HealthCheckConfig,
     id: &str,
@@ -78,8 +86,30 @@ pub async fn check_backend(
     path_override: Option<&str>,
 ) -> ProbeResult {
     let path = path_override.unwrap_or(&cfg.path);
-    let result = probe(client, address, path, Duration::from_secs(cfg.timeout_secs)).await;
-    let runtime = data.backends.runtime(id);
+    // A name with several addresses is probed at its first: health is kept per backend.
+    let result = match live.addrs.addrs_for(address).first() {
+        Some(addr) => {
+            probe(
+                client,
+                address,
+                *addr,
+                path,
+                Duration::from_secs(cfg.timeout_secs),
+            )
+            .await
+        }
+        None => ProbeResult {
+            healthy: false,
+            detail: match live.addrs.resolution(address).and_then(|r| r.error) {
+                Some(e) => format!("{address} does not resolve: {e}"),
+                None => format!("{address} is not resolved yet"),
+            },
+            latency_ms: 0,
+        },
+    };
+    let Some(runtime) = live.backends.get(id) else {
+        return result;
+    };
     let thresholds = Thresholds {
         unhealthy: cfg.unhealthy_threshold,
         healthy: cfg.healthy_threshold,
@@ -101,7 +131,7 @@ pub async fn check_backend(
 
 /// Probes every backend every `interval_secs`, a bounded number at a time. Unhealthy backends
 /// keep being probed so they can come back.
-pub async fn run(data: Arc<DataPlane>, sm: StateMachineStore, cfg: HealthCheckConfig) {
+pub async fn run(live: Arc<Live>, sm: StateMachineStore, cfg: HealthCheckConfig) {
     let client = client();
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,9 +145,9 @@ pub async fn run(data: Arc<DataPlane>, sm: StateMachineStore, cfg: HealthCheckCo
         });
         futures::stream::iter(backends)
             .for_each_concurrent(64, |(id, address, path)| {
-                let (data, client, cfg) = (&data, &client, &cfg);
+                let (live, client, cfg) = (&live, &client, &cfg);
                 async move {
-                    check_backend(data, client, cfg, &id, &address, path.as_deref()).await;
+                    check_backend(live, client, cfg, &id, &address, path.as_deref()).await;
                 }
             })
             .await;

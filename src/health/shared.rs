@@ -4,81 +4,21 @@
 //! peers' keys are folded into each backend's `peer_down`; keys of dead peers drop out with
 //! the peer (chitchat's live set), so they expire.
 //!
-//! A node that just started knows nothing of its peers' verdicts: [`PeerViewGate`] holds
-//! proxied requests until every other Raft member is live in gossip (their keys arrive with
-//! them) or [`PEER_VIEW_WAIT`] has passed.
+//! A node that just started knows nothing of its peers' verdicts: the peer-view gate
+//! (`live::gate`) holds proxied requests until every other Raft member is live in gossip
+//! (their keys arrive with them) or [`PEER_VIEW_WAIT`] has passed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use crate::gossip::Gossip;
-use crate::proxy::DataPlane;
+use crate::live::gate::PEER_VIEW_WAIT;
+use crate::live::Live;
 
 pub const KEY_PREFIX: &str = "hc/";
 const DOWN: &str = "down";
 const TICK: Duration = Duration::from_millis(100);
-
-/// Longest a starting node waits for its peers' verdicts before it routes on its own view
-/// (a member that is down never shows up in gossip).
-pub const PEER_VIEW_WAIT: Duration = Duration::from_secs(2);
-
-/// Opens once this node has its peers' health verdicts (or gave up waiting for them).
-/// The proxy checks one atomic per request; only requests in the first moments after a
-/// start ever wait.
-#[derive(Debug)]
-pub struct PeerViewGate {
-    open: AtomicBool,
-    opened: Notify,
-    /// The gate opens by itself this long after the data plane was created, even if the
-    /// control plane is slow to start (ports still held, Raft loading).
-    deadline: Instant,
-}
-
-impl Default for PeerViewGate {
-    fn default() -> Self {
-        Self {
-            open: AtomicBool::new(false),
-            opened: Notify::new(),
-            deadline: Instant::now() + PEER_VIEW_WAIT,
-        }
-    }
-}
-
-impl PeerViewGate {
-    pub fn is_open(&self) -> bool {
-        if self.open.load(Ordering::Acquire) {
-            return true;
-        }
-        if Instant::now() >= self.deadline {
-            self.open();
-            return true;
-        }
-        false
-    }
-
-    pub fn open(&self) {
-        if !self.open.swap(true, Ordering::AcqRel) {
-            self.opened.notify_waiters();
-        }
-    }
-
-    /// Waits until the gate opens: when the peer view arrives, at the latest at the deadline.
-    pub async fn wait(&self) {
-        let opened = self.opened.notified();
-        tokio::pin!(opened);
-        opened.as_mut().enable();
-        if self.is_open() {
-            return;
-        }
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(left, opened).await;
-        self.open();
-    }
-}
 
 /// Backend id -> live peers that report it down.
 type PeerVerdicts = HashMap<String, Vec<u64>>;
@@ -99,11 +39,7 @@ fn merge(peer_keys: Vec<(u64, HashSet<String>)>) -> PeerVerdicts {
 
 /// Publishes this node's verdicts and applies its peers' every [`TICK`]. `other_members`
 /// returns the Raft members other than this node (whose verdicts a start waits for).
-pub async fn run(
-    data: Arc<DataPlane>,
-    gossip: Arc<Gossip>,
-    other_members: impl Fn() -> HashSet<u64>,
-) {
+pub async fn run(live: Arc<Live>, gossip: Arc<Gossip>, other_members: impl Fn() -> HashSet<u64>) {
     let started = Instant::now();
     let mut published: HashSet<String> = HashSet::new();
     let mut applied: PeerVerdicts = HashMap::new();
@@ -113,8 +49,8 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let generation = data.backends.generation();
-        let runtimes = data.backends.all();
+        let generation = live.backends.generation();
+        let runtimes = live.backends.all();
 
         // Publish: only changes of our own verdicts touch gossip.
         let down_now: HashSet<&str> = runtimes
@@ -169,7 +105,7 @@ pub async fn run(
             applied = verdicts;
             applied_generation = Some(generation);
         }
-        data.peer_view.open();
+        live.peer_view.open();
     }
 }
 
@@ -191,38 +127,5 @@ mod tests {
         assert_eq!(v.get("a"), Some(&vec![2, 3]));
         assert_eq!(v.get("b"), Some(&vec![3]));
         assert_eq!(v.len(), 2);
-    }
-
-    fn gate_with_deadline(after: Duration) -> PeerViewGate {
-        PeerViewGate {
-            deadline: Instant::now() + after,
-            ..Default::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn gate_releases_waiters_when_opened_and_opens_itself_at_the_deadline() {
-        let gate = gate_with_deadline(Duration::from_millis(50));
-        assert!(!gate.is_open());
-        gate.wait().await;
-        assert!(gate.is_open(), "the deadline opens the gate");
-
-        let gate = Arc::new(gate_with_deadline(Duration::from_secs(30)));
-        let waiter = tokio::spawn({
-            let gate = gate.clone();
-            async move {
-                let t = Instant::now();
-                gate.wait().await;
-                t.elapsed()
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        gate.open();
-        let waited = waiter.await.expect("waiter");
-        assert!(
-            waited < Duration::from_secs(30),
-            "opening releases the waiter"
-        );
-        gate.wait().await; // open: returns at once
     }
 }

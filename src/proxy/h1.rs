@@ -33,10 +33,10 @@ use super::client_io::ClientIo;
 use super::deadline::{deadline_after, IoDeadline};
 use super::replay::Replayed;
 use super::service::VhostProxy;
-use super::table::{BackendRuntime, Route};
+use super::table::Route;
 use super::{pool, DataPlane};
-use crate::health::breaker::Failure;
-use crate::health::now_ms;
+use crate::live::breaker::Failure;
+use crate::live::{now_ms, BackendRuntime, InFlight};
 use crate::observability::Metrics;
 
 /// Largest request or response head read; a bigger request goes to Pingora's path.
@@ -563,31 +563,6 @@ impl Drop for NodeInFlight<'_> {
     }
 }
 
-/// Counts the request on the backend of the current attempt (drain and stats read it).
-#[derive(Default)]
-struct BackendInFlight<'a>(Option<&'a BackendRuntime>);
-
-impl<'a> BackendInFlight<'a> {
-    fn set(&mut self, backend: &'a BackendRuntime) {
-        self.clear();
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
-        backend.requests.fetch_add(1, Ordering::Relaxed);
-        self.0 = Some(backend);
-    }
-
-    fn clear(&mut self) {
-        if let Some(b) = self.0.take() {
-            b.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for BackendInFlight<'_> {
-    fn drop(&mut self) {
-        self.clear();
-    }
-}
-
 async fn write_upstream(
     upstream: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
@@ -746,9 +721,9 @@ impl VhostApp {
                 .answer(client, 301, "", Some(&location), own_answer_outcome)
                 .await;
         }
-        if !self.data.peer_view.is_open() {
+        if !self.data.live.peer_view.is_open() {
             // Just started: peers' health verdicts are a gossip round away (see service.rs).
-            self.data.peer_view.wait().await;
+            self.data.live.peer_view.wait().await;
         }
         self.forward(client, head, &route).await
     }
@@ -818,7 +793,7 @@ impl VhostApp {
         let retry_allowed = head.idempotent && replayable;
         let mut tried = [0usize; MAX_ATTEMPTS];
         let mut n_tried = 0;
-        let mut in_flight_backend = BackendInFlight::default();
+        let mut in_flight_backend = InFlight::<&BackendRuntime>::default();
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -840,7 +815,7 @@ impl VhostApp {
             n_tried += 1;
             let upstream = pick.upstream;
             in_flight_backend.set(&upstream.runtime);
-            let result = match upstream.addr {
+            let result = match upstream.addr() {
                 Some(addr) => {
                     self.attempt(client, head, addr, &upstream.runtime, replayable)
                         .await

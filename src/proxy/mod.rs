@@ -20,19 +20,19 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::health::shared::PeerViewGate;
+use crate::live::Live;
 use crate::state::State;
-use table::{BackendRegistry, RoutingTable};
+use table::RoutingTable;
 use tls::CertStore;
 
 pub struct DataPlane {
     pub routes: ArcSwap<RoutingTable>,
     pub certs: Arc<CertStore>,
-    pub backends: BackendRegistry,
+    /// Backend runtimes, resolved addresses and the peer-view gate, shared with the health
+    /// plane.
+    pub live: Arc<Live>,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
-    /// Open once peers' health verdicts are known (see `health::shared`).
-    pub peer_view: PeerViewGate,
 }
 
 impl DataPlane {
@@ -40,16 +40,20 @@ impl DataPlane {
         Self {
             routes: ArcSwap::from_pointee(RoutingTable::default()),
             certs: Arc::new(certs),
-            backends: BackendRegistry::default(),
+            live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
-            peer_view: PeerViewGate::default(),
         }
     }
 
     /// Compiles and swaps in new snapshots for `state`.
     pub fn publish(&self, state: &State) {
-        let table = table::compile(state, &self.backends);
-        self.routes.store(Arc::new(table));
+        self.publish_routes(state);
         self.certs.publish(state);
+    }
+
+    /// Recompiles the routing table only (backend addresses changed, certificates did not).
+    pub fn publish_routes(&self, state: &State) {
+        let table = table::compile(state, &self.live);
+        self.routes.store(Arc::new(table));
     }
 }

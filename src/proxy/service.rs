@@ -15,8 +15,8 @@ use pingora::{ErrorSource, ErrorType};
 use super::answers::{self, ACME_CHALLENGE_PREFIX};
 use super::table::{Route, Upstream};
 use super::DataPlane;
-use crate::health::breaker::Failure;
-use crate::health::now_ms;
+use crate::live::breaker::Failure;
+use crate::live::{now_ms, BackendRuntime, InFlight};
 use crate::observability::Metrics;
 
 pub struct VhostProxy {
@@ -39,6 +39,7 @@ pub struct Ctx {
     /// Pool indexes this request already tried.
     tried: Vec<usize>,
     current: Option<Arc<Upstream>>,
+    in_flight: InFlight<Arc<BackendRuntime>>,
     /// Set when we decide the answer ourselves (status, plain-text reason).
     failure: Option<(u16, String)>,
     counted: bool,
@@ -46,9 +47,8 @@ pub struct Ctx {
 
 impl Ctx {
     fn release_current(&mut self) {
-        if let Some(u) = self.current.take() {
-            u.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.current = None;
+        self.in_flight.clear();
     }
 }
 
@@ -141,10 +141,10 @@ impl ProxyHttp for VhostProxy {
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(true);
         }
-        if !self.data.peer_view.is_open() {
+        if !self.data.live.peer_view.is_open() {
             // Just started: peers' health verdicts are a gossip round away. Waiting briefly
             // beats sending this request to a backend the cluster knows is down.
-            self.data.peer_view.wait().await;
+            self.data.live.peer_view.wait().await;
         }
         ctx.route = Some(route);
         Ok(false)
@@ -170,7 +170,7 @@ impl ProxyHttp for VhostProxy {
         }
         let upstream = pick.upstream.clone();
         ctx.tried.push(pick.index);
-        let Some(addr) = upstream.addr else {
+        let Some(addr) = upstream.addr() else {
             return Err(Error::new(ErrorType::ConnectNoRoute));
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
@@ -178,8 +178,7 @@ impl ProxyHttp for VhostProxy {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        upstream.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
-        upstream.runtime.requests.fetch_add(1, Ordering::Relaxed);
+        ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
     }

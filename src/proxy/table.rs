@@ -2,52 +2,40 @@
 //! the data plane without locks.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use crate::health::{now_ms, BackendHealth};
+use crate::live::{now_ms, BackendRuntime, Live};
 use crate::state::State;
-
-/// Live counters and health of one backend. Survives table recompiles (looked up by id), so
-/// in-flight counts stay right across config changes.
-#[derive(Debug)]
-pub struct BackendRuntime {
-    pub id: String,
-    pub in_flight: AtomicI64,
-    pub requests: AtomicU64,
-    pub failures: AtomicU64,
-    pub health: BackendHealth,
-}
-
-impl BackendRuntime {
-    fn new(id: &str) -> Self {
-        Self {
-            id: id.to_string(),
-            in_flight: AtomicI64::new(0),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            health: BackendHealth::default(),
-        }
-    }
-}
 
 /// One backend as the proxy sees it.
 #[derive(Debug)]
 pub struct Upstream {
     pub id: String,
-    pub address: String,
-    /// Resolved when the table is compiled, so the hot path never does DNS. `None` if the
-    /// name did not resolve (the backend is then skipped).
-    pub addr: Option<SocketAddr>,
+    /// What the address resolved to when the table was compiled (the hot path never does
+    /// DNS; the resolver recompiles when an answer changes). Empty while a name has no
+    /// answer: the backend is then skipped.
+    addrs: Box<[SocketAddr]>,
+    /// Spreads connections over several addresses of one name.
+    next_addr: AtomicUsize,
     pub draining: bool,
     pub runtime: Arc<BackendRuntime>,
 }
 
 impl Upstream {
+    /// The address for the next connection: round-robin over the name's answers.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self.addrs.len() {
+            0 => None,
+            1 => Some(self.addrs[0]),
+            n => Some(self.addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % n]),
+        }
+    }
+
     fn usable(&self, now: u64, merged: bool) -> bool {
         !self.draining
-            && self.addr.is_some()
+            && !self.addrs.is_empty()
             && if merged {
                 self.runtime.health.merged_usable(now)
             } else {
@@ -144,83 +132,19 @@ impl RoutingTable {
     }
 }
 
-/// Keeps per-backend runtimes and resolved addresses between compiles.
-#[derive(Default)]
-pub struct BackendRegistry {
-    runtimes: Mutex<HashMap<String, Arc<BackendRuntime>>>,
-    resolved: Mutex<HashMap<String, Option<SocketAddr>>>,
-    /// Bumped whenever a runtime is added or dropped, so periodic tasks can skip full passes.
-    generation: AtomicU64,
-}
-
-impl BackendRegistry {
-    pub fn runtime(&self, id: &str) -> Arc<BackendRuntime> {
-        let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(id.to_string())
-            .or_insert_with(|| {
-                self.generation.fetch_add(1, Ordering::Relaxed);
-                Arc::new(BackendRuntime::new(id))
-            })
-            .clone()
-    }
-
-    /// Changes whenever the set of runtimes changes.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<BackendRuntime>> {
-        let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(id).cloned()
-    }
-
-    /// Every backend's runtime (for the health tasks).
-    pub fn all(&self) -> Vec<Arc<BackendRuntime>> {
-        let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().cloned().collect()
-    }
-
-    fn resolve(&self, address: &str) -> Option<SocketAddr> {
-        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = cache.get(address) {
-            return *a;
-        }
-        let addr = address.to_socket_addrs().ok().and_then(|mut it| {
-            // Prefer IPv4: "localhost" often lists ::1 first while backends listen on 127.0.0.1.
-            let all: Vec<SocketAddr> = it.by_ref().collect();
-            all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
-        });
-        if addr.is_none() {
-            tracing::warn!(address, "backend address does not resolve; backend skipped");
-        }
-        cache.insert(address.to_string(), addr);
-        addr
-    }
-
-    /// Drops runtimes of backends that no longer exist.
-    fn retain(&self, state: &State) {
-        let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        let before = map.len();
-        map.retain(|id, _| state.backends.contains_key(id));
-        if map.len() != before {
-            self.generation.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// Builds the table for `state`.
-pub fn compile(state: &State, registry: &BackendRegistry) -> RoutingTable {
-    registry.retain(state);
+pub fn compile(state: &State, live: &Live) -> RoutingTable {
+    live.backends.retain(|id| state.backends.contains_key(id));
     let upstreams: HashMap<&str, Arc<Upstream>> = state
         .backends
         .values()
         .map(|b| {
             let u = Upstream {
                 id: b.id.clone(),
-                address: b.address.clone(),
-                addr: registry.resolve(&b.address),
+                addrs: live.addrs.addrs_for(&b.address).into(),
+                next_addr: AtomicUsize::new(0),
                 draining: b.draining,
-                runtime: registry.runtime(&b.id),
+                runtime: live.backends.ensure(&b.id),
             };
             (b.id.as_str(), Arc::new(u))
         })
@@ -300,8 +224,8 @@ mod tests {
 
     #[test]
     fn lookup_exact_and_wildcard() {
-        let reg = BackendRegistry::default();
-        let t = compile(&state(), &reg);
+        let live = Live::default();
+        let t = compile(&state(), &live);
         assert_eq!(t.lookup("x.test").unwrap().tag, "a");
         assert_eq!(t.lookup("foo.wild.test").unwrap().tag, "b");
         assert!(t.lookup("wild.test").is_none());
@@ -311,9 +235,9 @@ mod tests {
 
     #[test]
     fn round_robin_skips_tried_draining_and_unhealthy() {
-        let reg = BackendRegistry::default();
+        let live = Live::default();
         let mut s = state();
-        let t = compile(&s, &reg);
+        let t = compile(&s, &live);
         let r = t.lookup("x.test").unwrap();
         let first = r.pick(&[]).unwrap().upstream.id.clone();
         let second = r.pick(&[]).unwrap().upstream.id.clone();
@@ -324,31 +248,62 @@ mod tests {
         assert!(r.pick(&[0, 1]).is_none());
         assert!(t.lookup("empty.test").unwrap().pick(&[]).is_none());
 
-        let t3 = crate::health::Thresholds {
+        let t3 = crate::live::health::Thresholds {
             unhealthy: 1,
             healthy: 1,
         };
-        reg.runtime("a1")
+        live.backends
+            .ensure("a1")
             .health
             .record_probe(false, "down".into(), t3);
         for _ in 0..4 {
             assert_eq!(r.pick(&[]).unwrap().upstream.id, "a2");
         }
         s.backends.get_mut("a2").unwrap().draining = true;
-        let t = compile(&s, &reg);
+        let t = compile(&s, &live);
         assert!(t.lookup("x.test").unwrap().pick(&[]).is_none());
     }
 
     #[test]
+    fn names_take_the_resolvers_answers_spread_over_connections() {
+        let live = Live::default();
+        let mut s = state();
+        s.backends.get_mut("a1").unwrap().address = "svc.test:80".into();
+        let t = compile(&s, &live);
+        let a1 = |t: &RoutingTable| {
+            t.lookup("x.test")
+                .unwrap()
+                .upstreams
+                .iter()
+                .find(|u| u.id == "a1")
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(a1(&t).addr(), None, "no answer yet: not usable");
+        let addrs: Vec<SocketAddr> = vec![
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        ];
+        live.addrs.store(
+            "svc.test:80",
+            crate::live::addrs::Resolution::new(addrs.clone(), None, None),
+        );
+        let t = compile(&s, &live);
+        let u = a1(&t);
+        let picked: Vec<SocketAddr> = (0..4).filter_map(|_| u.addr()).collect();
+        assert_eq!(picked, [addrs[0], addrs[1], addrs[0], addrs[1]]);
+    }
+
+    #[test]
     fn runtimes_survive_recompile() {
-        let reg = BackendRegistry::default();
+        let live = Live::default();
         let s = state();
-        let t1 = compile(&s, &reg);
+        let t1 = compile(&s, &live);
         t1.lookup("x.test").unwrap().upstreams[0]
             .runtime
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
-        let t2 = compile(&s, &reg);
+        let t2 = compile(&s, &live);
         assert_eq!(
             t2.lookup("x.test").unwrap().upstreams[0]
                 .runtime
@@ -389,27 +344,33 @@ mod guard_rail_tests {
                 cert: None,
             },
         );
-        let reg = BackendRegistry::default();
-        let t = compile(&s, &reg);
+        let live = Live::default();
+        let t = compile(&s, &live);
         let r = t.lookup("x.test").unwrap();
         // A peer reports a1 down: everyone avoids it.
-        reg.runtime("a1").health.set_peers_down(vec![2]);
+        live.backends.ensure("a1").health.set_peers_down(vec![2]);
         for _ in 0..4 {
             let p = r.pick(&[]).unwrap();
             assert_eq!(p.upstream.id, "a2");
             assert!(!p.guard_rail);
         }
         // Peers report every backend down, but locally both work: fall back to local view.
-        reg.runtime("a2").health.set_peers_down(vec![3]);
+        live.backends.ensure("a2").health.set_peers_down(vec![3]);
         let p = r.pick(&[]).unwrap();
         assert!(p.guard_rail);
         // Down locally as well: nothing to pick (503).
-        let t1 = crate::health::Thresholds {
+        let t1 = crate::live::health::Thresholds {
             unhealthy: 1,
             healthy: 1,
         };
-        reg.runtime("a1").health.record_probe(false, "x".into(), t1);
-        reg.runtime("a2").health.record_probe(false, "x".into(), t1);
+        live.backends
+            .ensure("a1")
+            .health
+            .record_probe(false, "x".into(), t1);
+        live.backends
+            .ensure("a2")
+            .health
+            .record_probe(false, "x".into(), t1);
         assert!(r.pick(&[]).is_none());
     }
 }

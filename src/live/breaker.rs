@@ -41,7 +41,6 @@ pub struct Breaker {
     /// Open: when the next trial may go. Half-open: when a lost trial is given up.
     until_ms: AtomicU64,
     backoff_ms: AtomicU64,
-    pub opened_total: AtomicU64,
 }
 
 impl Default for Breaker {
@@ -51,7 +50,6 @@ impl Default for Breaker {
             consecutive_failures: AtomicU32::new(0),
             until_ms: AtomicU64::new(0),
             backoff_ms: AtomicU64::new(BASE_BACKOFF_MS),
-            opened_total: AtomicU64::new(0),
         }
     }
 }
@@ -105,7 +103,6 @@ impl Breaker {
         self.backoff_ms.store(backoff, Ordering::Relaxed);
         self.until_ms.store(now_ms + backoff, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
-        self.opened_total.fetch_add(1, Ordering::Relaxed);
         true
     }
 
