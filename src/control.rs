@@ -24,6 +24,7 @@ use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::resolve;
 use crate::state::{Command, State};
+use crate::supervise::Tasks;
 use crate::upgrade;
 
 pub struct ControlPlane {
@@ -117,24 +118,28 @@ impl ControlPlane {
             Some(s) => s,
             None => self.open_store_after_old_process().await?,
         };
-        tokio::spawn(upgrade::serve(
-            upgrade::socket_path(&cfg.cluster.data_dir),
-            sm.clone(),
-            self.data.clone(),
-        ));
+        let mut tasks = Tasks::default();
+        if let Some(listener) = upgrade::bind(&upgrade::socket_path(&cfg.cluster.data_dir)) {
+            tasks.spawn(
+                "upgrade handoff",
+                upgrade::serve(listener, sm.clone(), self.data.clone()),
+            );
+        }
         let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
         let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
         let gossip = Arc::new(Gossip::start(&cfg.cluster).await?);
         let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip)
             .await
             .context("starting Raft")?;
-        tokio::spawn(membership::run(node.clone(), cfg.cluster.bootstrap_expect));
-        tokio::spawn(health::active::run(
-            self.data.live.clone(),
-            sm.clone(),
-            cfg.health_check.clone(),
-        ));
-        tokio::spawn({
+        tasks.spawn(
+            "membership",
+            membership::run(node.clone(), cfg.cluster.bootstrap_expect),
+        );
+        tasks.spawn(
+            "health probes",
+            health::active::run(self.data.live.clone(), sm.clone(), cfg.health_check.clone()),
+        );
+        tasks.spawn("resolver", {
             let (sm, data) = (sm.clone(), self.data.clone());
             resolve::run(
                 self.data.live.clone(),
@@ -148,16 +153,14 @@ impl ControlPlane {
                 move || sm.with_state(|s| data.publish_routes(s)),
             )
         });
-        tokio::spawn(health::shared::run(
-            self.data.live.clone(),
-            node.gossip.clone(),
-            {
+        tasks.spawn(
+            "health exchange",
+            health::shared::run(self.data.live.clone(), node.gossip.clone(), {
                 let node = node.clone();
                 move || node.other_member_ids()
-            },
-        ));
-
-        tokio::spawn({
+            }),
+        );
+        tasks.spawn("metrics sampler", {
             let metrics = self.metrics.clone();
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -168,16 +171,14 @@ impl ControlPlane {
             }
         });
         // Domains can turn to tls = "acme" through the API at any time: always watch.
-        tokio::spawn(acme::run(
-            node.clone(),
-            cfg.lets_encrypt.clone(),
-            self.metrics.clone(),
-        ));
-        tokio::spawn(serve(
-            rpc_listener,
-            rpc::router(node.clone()),
+        tasks.spawn(
+            "acme",
+            acme::run(node.clone(), cfg.lets_encrypt.clone(), self.metrics.clone()),
+        );
+        tasks.spawn_fallible(
             "cluster RPC",
-        ));
+            serve(rpc_listener, rpc::router(node.clone())),
+        );
         let api_state = ApiState {
             node: node.clone(),
             data: self.data.clone(),
@@ -198,7 +199,7 @@ impl ControlPlane {
                     async move { m.render() }
                 }),
             );
-            tokio::spawn(serve(listener, app, "metrics"));
+            tasks.spawn_fallible("metrics listener", serve(listener, app));
         }
         tracing::info!(
             node_id = cfg.cluster.node_id,
@@ -217,15 +218,22 @@ impl ControlPlane {
             // client that sees the node up also sees the file's domains.
             seed_task.await;
         } else {
+            // Ends by itself once the cluster is seeded (or the file compared).
             tokio::spawn(seed_task);
         }
-        tokio::spawn(serve(
-            api_listener,
-            api::router(api_state),
+        tasks.spawn_fallible(
             "management API",
-        ));
+            serve(api_listener, api::router(api_state)),
+        );
 
-        let _ = shutdown.changed().await;
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            ended = tasks.watch() => {
+                // Serving on without, say, membership or the health exchange would look
+                // healthy and be wrong: let the supervisor restart the node.
+                return Err(anyhow::Error::new(ended).context("the node cannot run on"));
+            }
+        }
         self.drain(Duration::from_secs(cfg.proxy.shutdown_grace_secs))
             .await;
         // Bounded: the process must exit even if a Raft task hangs.
@@ -296,10 +304,10 @@ impl ControlPlane {
     }
 }
 
-async fn serve(listener: TcpListener, app: axum::Router, what: &'static str) {
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("{what} server stopped: {e}");
-    }
+async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {
+    axum::serve(listener, app)
+        .await
+        .map_err(|e| format!("server stopped: {e}"))
 }
 
 /// On a new cluster, the leader applies the file's seed once. On an existing one, a file that

@@ -16,5 +16,6 @@ pub mod observability;
 pub mod proxy;
 pub mod resolve;
 pub mod state;
+pub mod supervise;
 pub mod upgrade;
 pub mod validate;

@@ -43,22 +43,27 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("handoff.sock")
 }
 
-/// Answers every connection with the current [`Handoff`] (JSON, so that a newer binary with
-/// added fields still reads it), then closes it.
-pub async fn serve(path: PathBuf, sm: StateMachineStore, data: Arc<DataPlane>) {
-    let _ = std::fs::remove_file(&path); // left over from a killed process
-    let listener = match UnixListener::bind(&path) {
+/// Listens on the handoff socket (mode 0600); `None`, logged, when it cannot.
+pub fn bind(path: &Path) -> Option<UnixListener> {
+    let _ = std::fs::remove_file(path); // left over from a killed process
+    let listener = match UnixListener::bind(path) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(path = %path.display(), "graceful upgrade handoff unavailable: {e}");
-            return;
+            return None;
         }
     };
     {
         use std::os::unix::fs::PermissionsExt;
         // Only this user may read the state (it holds the domains' private keys).
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
+    Some(listener)
+}
+
+/// Answers every connection with the current [`Handoff`] (JSON, so that a newer binary with
+/// added fields still reads it), then closes it.
+pub async fn serve(listener: UnixListener, sm: StateMachineStore, data: Arc<DataPlane>) {
     loop {
         let mut stream = match listener.accept().await {
             Ok((stream, _)) => stream,
