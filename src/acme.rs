@@ -103,7 +103,18 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
                         metrics.acme_order(true);
                         tracing::info!(domain, "ACME certificate issued");
                     }
-                    Err(e) => {
+                    Err(OrderError::LeadershipMoved) => {
+                        tracing::info!(
+                            domain,
+                            "ACME order given up: this node is no longer leader; the new leader takes it over"
+                        );
+                        let _ = node
+                            .write(Command::AcmeOrderAbandoned {
+                                domain: domain.clone(),
+                            })
+                            .await;
+                    }
+                    Err(OrderError::Failed(e)) => {
                         metrics.acme_order(false);
                         tracing::warn!(
                             domain,
@@ -163,7 +174,7 @@ fn directory_url(cfg: &LetsEncryptConfig) -> String {
 }
 
 /// The cluster's account: from the replicated credentials, or created once and replicated.
-async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account, String> {
+async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account, OrderError> {
     let builder = || {
         match &cfg.ca_bundle {
             Some(path) => Account::builder_with_root(path),
@@ -185,7 +196,7 @@ async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account,
         return builder()?
             .from_credentials(creds)
             .await
-            .map_err(|e| format!("loading the ACME account: {e}"));
+            .map_err(|e| OrderError::Failed(format!("loading the ACME account: {e}")));
     }
     let contact = cfg.email.as_ref().map(|e| format!("mailto:{e}"));
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
@@ -207,24 +218,53 @@ async fn account(node: &ClusterNode, cfg: &LetsEncryptConfig) -> Result<Account,
     Ok(account)
 }
 
-fn still_leader(node: &ClusterNode) -> Result<(), String> {
-    if node.is_leader() {
-        Ok(())
-    } else {
-        Err("this node lost the Raft leadership during the order".into())
+/// Why an order did not end with a certificate. Only `Failed` counts against the CA (failure
+/// count, backoff): an order given up because this node is no longer leader is the new
+/// leader's to run, at once.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    #[error("this node lost the Raft leadership during the order")]
+    LeadershipMoved,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for OrderError {
+    fn from(e: String) -> Self {
+        OrderError::Failed(e)
     }
 }
 
-async fn write(node: &ClusterNode, cmd: Command) -> Result<(), String> {
+impl From<&str> for OrderError {
+    fn from(e: &str) -> Self {
+        OrderError::Failed(e.to_string())
+    }
+}
+
+fn still_leader(node: &ClusterNode) -> Result<(), OrderError> {
+    if node.is_leader() {
+        Ok(())
+    } else {
+        Err(OrderError::LeadershipMoved)
+    }
+}
+
+async fn write(node: &ClusterNode, cmd: Command) -> Result<(), OrderError> {
     match node.write(cmd).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(Err(e)) => Err(OrderError::Failed(e.to_string())),
+        // The cluster cannot take writes: leadership is moving or gone, not the CA's doing.
+        Err(_) if !node.is_leader() => Err(OrderError::LeadershipMoved),
+        Err(e) => Err(OrderError::Failed(e.to_string())),
     }
 }
 
 /// One order for `domain`, start to finish. Challenge answers are removed whatever happens.
-async fn issue(node: &ClusterNode, cfg: &LetsEncryptConfig, domain: &str) -> Result<(), String> {
+async fn issue(
+    node: &ClusterNode,
+    cfg: &LetsEncryptConfig,
+    domain: &str,
+) -> Result<(), OrderError> {
     write(
         node,
         Command::AcmeOrderStarted {
@@ -256,7 +296,7 @@ async fn order(
     cfg: &LetsEncryptConfig,
     domain: &str,
     tokens: &mut Vec<String>,
-) -> Result<crate::state::CertPair, String> {
+) -> Result<crate::state::CertPair, OrderError> {
     let account = account(node, cfg).await?;
     let identifiers = [Identifier::Dns(domain.to_string())];
     let mut order = account
@@ -269,7 +309,7 @@ async fn order(
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
-            other => return Err(format!("authorization is {other:?}")),
+            other => return Err(format!("authorization is {other:?}").into()),
         }
         let mut challenge = authz
             .challenge(ChallengeType::Http01)
@@ -308,7 +348,7 @@ async fn order(
             .as_ref()
             .map(|p| format!(": {p}"))
             .unwrap_or_default();
-        return Err(format!("order is {status:?} after validation{detail}"));
+        return Err(format!("order is {status:?} after validation{detail}").into());
     }
     let key_pem = order
         .finalize()
@@ -318,7 +358,8 @@ async fn order(
         .poll_certificate(&retry)
         .await
         .map_err(|e| format!("downloading the certificate: {e}"))?;
-    tls::cert_pair(&chain_pem, &key_pem).map_err(|e| format!("issued certificate: {e}"))
+    tls::cert_pair(&chain_pem, &key_pem)
+        .map_err(|e| OrderError::Failed(format!("issued certificate: {e}")))
 }
 
 #[cfg(test)]

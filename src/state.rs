@@ -149,6 +149,11 @@ pub enum Command {
         at_unix_ms: u64,
         outcome: Result<CertPair, String>,
     },
+    /// The node running the order stopped being leader: the lease is released for the new
+    /// leader, and nothing counts against the CA (no failure, no backoff).
+    AcmeOrderAbandoned {
+        domain: String,
+    },
 }
 
 /// What a command did, returned to the API caller after commit + apply.
@@ -368,6 +373,12 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
                 .entry(domain.clone())
                 .or_default()
                 .renew_requested = true;
+            Ok(Applied::Acme)
+        }
+        Command::AcmeOrderAbandoned { domain } => {
+            if let Some(st) = state.acme.status.get_mut(domain) {
+                st.in_flight = None;
+            }
             Ok(Applied::Acme)
         }
         Command::AcmeOrderFinished {
@@ -713,6 +724,22 @@ mod tests {
             (None, 1, Some("challenge invalid"))
         );
         assert!(s.domains["a.test"].cert.is_none());
+
+        // Abandoned because leadership moved: the lease is freed, nothing counts.
+        apply(&mut s, &started).unwrap();
+        apply(
+            &mut s,
+            &Command::AcmeOrderAbandoned {
+                domain: "a.test".into(),
+            },
+        )
+        .unwrap();
+        let st = &s.acme.status["a.test"];
+        assert_eq!(
+            (st.in_flight, st.consecutive_failures),
+            (None, 1),
+            "an abandoned order is not a CA failure"
+        );
 
         apply(&mut s, &started).unwrap();
         let ok = Command::AcmeOrderFinished {

@@ -12,6 +12,7 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 
 use super::{ApiError, ApiState};
+use crate::cluster::membership::RemoveRefused;
 use crate::cluster::RemoveError;
 
 pub async fn health(State(state): State<ApiState>) -> Json<Value> {
@@ -82,10 +83,10 @@ pub async fn remove_member(
     })?;
     match state.node.remove_member(id).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(RemoveError::Refused(reason)) if reason.contains("not a member") => {
-            Err(ApiError::new(StatusCode::NOT_FOUND, reason))
+        Err(RemoveError::Refused(r @ RemoveRefused::NotAMember(_))) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, r.to_string()))
         }
-        Err(RemoveError::Refused(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
+        Err(RemoveError::Refused(r)) => Err(ApiError::new(StatusCode::CONFLICT, r.to_string())),
         Err(RemoveError::Unavailable(reason)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot change membership: {reason}"),

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{ClusterNode, NodeId};
@@ -135,7 +136,34 @@ async fn reconcile(node: &ClusterNode) -> anyhow::Result<()> {
 }
 
 /// Removes `id` from the cluster (voter or learner). Must run on the leader.
-pub async fn remove(node: &ClusterNode, id: NodeId) -> Result<(), String> {
+/// Why the leader refused to remove a member.
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum RemoveRefused {
+    #[error("node {0} is not a member")]
+    NotAMember(NodeId),
+    #[error("node {0} is the last voter; a cluster cannot remove its last voter")]
+    LastVoter(NodeId),
+    /// Another membership change is still being committed: worth retrying.
+    #[error("another membership change is in progress: {0}")]
+    ChangeInProgress(String),
+    /// This node stopped being leader during the change: worth retrying on the new one.
+    #[error("leadership moved during the change")]
+    NotLeader,
+    #[error("{0}")]
+    Raft(String),
+}
+
+fn refusal(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> RemoveRefused {
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            c @ ChangeMembershipError::InProgress(_),
+        )) => RemoveRefused::ChangeInProgress(c.to_string()),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => RemoveRefused::NotLeader,
+        e => RemoveRefused::Raft(e.to_string()),
+    }
+}
+
+pub async fn remove(node: &ClusterNode, id: NodeId) -> Result<(), RemoveRefused> {
     let membership = node
         .raft
         .metrics()
@@ -145,24 +173,22 @@ pub async fn remove(node: &ClusterNode, id: NodeId) -> Result<(), String> {
         .clone();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     if !membership.nodes().any(|(n, _)| *n == id) {
-        return Err(format!("node {id} is not a member"));
+        return Err(RemoveRefused::NotAMember(id));
     }
     if voters.contains(&id) {
         if voters.len() == 1 {
-            return Err(format!(
-                "node {id} is the last voter; a cluster cannot remove its last voter"
-            ));
+            return Err(RemoveRefused::LastVoter(id));
         }
         node.mark_removed(id);
         node.raft
             .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(refusal)?;
     }
     node.raft
         .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(refusal)?;
     tracing::info!(node_id = id, "member removed");
     Ok(())
 }

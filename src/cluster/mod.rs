@@ -56,15 +56,15 @@ pub enum ForwardedWrite {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RemoveOutcome {
     Done,
-    Refused(String),
+    Refused(membership::RemoveRefused),
     NotLeader,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveError {
-    /// The request makes no sense (not a member, last voter...): HTTP 400/404.
+    /// The leader refused (not a member, last voter...): HTTP 404/409.
     #[error("{0}")]
-    Refused(String),
+    Refused(membership::RemoveRefused),
     /// No leader reachable: HTTP 503.
     #[error("{0}")]
     Unavailable(String),
@@ -75,6 +75,17 @@ pub enum WriteError {
     /// No leader or no quorum: the cluster cannot accept writes right now (HTTP 503).
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<membership::RemoveRefused> for RemoveError {
+    /// A refusal that a moment may cure is retried as "unavailable".
+    fn from(e: membership::RemoveRefused) -> Self {
+        use membership::RemoveRefused::*;
+        match e {
+            ChangeInProgress(_) | NotLeader => RemoveError::Unavailable(e.to_string()),
+            e => RemoveError::Refused(e),
+        }
+    }
 }
 
 pub struct ClusterNode {
@@ -101,9 +112,34 @@ pub struct Status {
     pub node_id: NodeId,
     pub leader_id: Option<NodeId>,
     pub term: u64,
-    pub state: String,
+    pub state: NodeState,
     pub last_applied: u64,
     pub members: Vec<Member>,
+}
+
+/// This node's Raft role, as `GET /api/v1/cluster/status` shows it (docs/api.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum NodeState {
+    Leader,
+    Follower,
+    /// Running an election.
+    Candidate,
+    /// Receives the log but does not vote (a node being added).
+    Learner,
+    /// Raft has stopped on this node.
+    Shutdown,
+}
+
+impl From<ServerState> for NodeState {
+    fn from(s: ServerState) -> Self {
+        match s {
+            ServerState::Leader => NodeState::Leader,
+            ServerState::Follower => NodeState::Follower,
+            ServerState::Candidate => NodeState::Candidate,
+            ServerState::Learner => NodeState::Learner,
+            ServerState::Shutdown => NodeState::Shutdown,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -305,7 +341,7 @@ impl ClusterNode {
             node_id: self.node_id,
             leader_id: m.current_leader,
             term: m.current_term,
-            state: format!("{:?}", m.state),
+            state: m.state.into(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             members,
         }
@@ -425,19 +461,14 @@ impl ClusterNode {
             let res = match self.leader() {
                 Some((leader, _)) if leader == self.node_id => membership::remove(self, id)
                     .await
-                    .map_err(RemoveError::Refused),
+                    .map_err(RemoveError::from),
                 Some((leader, addr)) => match self
                     .net
                     .post::<_, RemoveOutcome>(&addr, "/cluster/remove-member", &id, COMMIT_TIMEOUT)
                     .await
                 {
                     Ok(RemoveOutcome::Done) => Ok(()),
-                    Ok(RemoveOutcome::Refused(e))
-                        if e.contains("undergoing a configuration change") =>
-                    {
-                        Err(RemoveError::Unavailable(e))
-                    }
-                    Ok(RemoveOutcome::Refused(e)) => Err(RemoveError::Refused(e)),
+                    Ok(RemoveOutcome::Refused(e)) => Err(RemoveError::from(e)),
                     Ok(RemoveOutcome::NotLeader) => Err(RemoveError::Unavailable(format!(
                         "node {leader} is no longer leader"
                     ))),

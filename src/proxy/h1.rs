@@ -53,8 +53,6 @@ const RELAY_CHUNK: usize = 64 * 1024;
 /// kernel does not answer it with a reset that can destroy our answer in flight.
 const LINGER_BETWEEN_READS: Duration = Duration::from_secs(5);
 const LINGER_TOTAL: Duration = Duration::from_secs(30);
-/// What a backend that stops taking the request is told apart by (see `attempt`).
-const WRITE_ERROR: &str = "WriteError";
 
 pub struct VhostApp {
     fallback: Arc<HttpProxy<VhostProxy>>,
@@ -428,7 +426,8 @@ struct ResponseHead {
 
 enum ParsedResponse {
     Partial,
-    Invalid(&'static str),
+    /// Not a valid HTTP/1 response head.
+    Invalid,
     Response(ResponseHead),
 }
 
@@ -455,10 +454,10 @@ fn parse_response(
     ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return ParsedResponse::Partial,
-        Err(_) => return ParsedResponse::Invalid("InvalidHTTPHeader"),
+        Err(_) => return ParsedResponse::Invalid,
     };
     let (Some(version), Some(status)) = (resp.version, resp.code) else {
-        return ParsedResponse::Invalid("InvalidHTTPHeader");
+        return ParsedResponse::Invalid;
     };
     let mut keep_alive = version == 1;
     let mut hop_by_hop = false;
@@ -475,7 +474,7 @@ fn parse_response(
             match (parsed, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
-                _ => return ParsedResponse::Invalid("InvalidHTTPHeader"),
+                _ => return ParsedResponse::Invalid,
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; anything but chunked is read until close.
@@ -573,7 +572,7 @@ async fn write_upstream(
     match deadline.run(timeout, upstream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(AttemptError::Upstream {
-            what: WRITE_ERROR,
+            fault: UpstreamFault::Write,
             reused,
         }),
         Err(_) => Err(AttemptError::Timeout),
@@ -589,12 +588,34 @@ enum AttemptError {
     /// The backend's address did not resolve when the table was built: nothing to count
     /// against the backend's health, but another backend may serve.
     NoAddress,
-    /// The backend failed before answering (`what` names how, for the 502 body).
+    /// The backend failed before answering.
     Upstream {
-        what: &'static str,
+        fault: UpstreamFault,
         reused: bool,
     },
     Timeout,
+}
+
+/// How a backend failed before answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamFault {
+    /// It stopped taking the request (it may have answered early: see `attempt`).
+    Write,
+    Read,
+    Closed,
+    InvalidHead,
+}
+
+impl UpstreamFault {
+    /// Pingora's names for the same failures, for the 502 body.
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamFault::Write => "WriteError",
+            UpstreamFault::Read => "ReadError",
+            UpstreamFault::Closed => "ConnectionClosed",
+            UpstreamFault::InvalidHead => "InvalidHTTPHeader",
+        }
+    }
 }
 
 /// How a request ended, for the client connection.
@@ -866,8 +887,8 @@ impl VhostApp {
             }
             let (status, body) = match failure {
                 AttemptError::Timeout => (504, answers::backend_timed_out(&head.host)),
-                AttemptError::Upstream { what, .. } => {
-                    (502, answers::backend_failed(&head.host, what))
+                AttemptError::Upstream { fault, .. } => {
+                    (502, answers::backend_failed(&head.host, fault.label()))
                 }
                 _ => (502, answers::could_not_connect(&head.host)),
             };
@@ -902,7 +923,8 @@ impl VhostApp {
             Ok(()) => None,
             Err(
                 e @ AttemptError::Upstream {
-                    what: WRITE_ERROR, ..
+                    fault: UpstreamFault::Write,
+                    ..
                 },
             ) => Some(e),
             Err(e) => return Err(e),
@@ -967,7 +989,7 @@ impl VhostApp {
             biased;
             sent = self.stream_body(client, head, &mut upstream_wr, reused) => sent,
             _ = upstream_rd.as_ref().peek(&mut probe) => Err(AttemptError::Upstream {
-                what: WRITE_ERROR,
+                fault: UpstreamFault::Write,
                 reused,
             }),
         }
@@ -1029,7 +1051,7 @@ impl VhostApp {
         resp: &mut Vec<u8>,
         (reused, replayable, close_client): (bool, bool, bool),
     ) -> Result<(u16, bool, Outcome), AttemptError> {
-        let failed = |what: &'static str| AttemptError::Upstream { what, reused };
+        let failed = |fault: UpstreamFault| AttemptError::Upstream { fault, reused };
         let mut filled = 0;
         let parsed = loop {
             if filled > 0 {
@@ -1040,10 +1062,10 @@ impl VhostApp {
                     &mut client.resp_head,
                 ) {
                     ParsedResponse::Partial => {}
-                    ParsedResponse::Invalid(what) => return Err(failed(what)),
+                    ParsedResponse::Invalid => return Err(failed(UpstreamFault::InvalidHead)),
                     ParsedResponse::Response(r) if r.status == 101 => {
                         // Only an upgrade request may be answered with 101; those go to Pingora.
-                        return Err(failed("InvalidHTTPHeader"));
+                        return Err(failed(UpstreamFault::InvalidHead));
                     }
                     ParsedResponse::Response(r) if (100..200).contains(&r.status) => {
                         // Informational answer: pass it on, then read the final one.
@@ -1059,7 +1081,7 @@ impl VhostApp {
             }
             if filled == resp.len() {
                 if resp.len() >= MAX_HEAD {
-                    return Err(failed("InvalidHTTPHeader"));
+                    return Err(failed(UpstreamFault::InvalidHead));
                 }
                 resp.resize(resp.len() * 2, 0);
             }
@@ -1068,8 +1090,8 @@ impl VhostApp {
                 .run(self.read_timeout, upstream.read(&mut resp[filled..]));
             filled += match read.await {
                 Err(_) => return Err(AttemptError::Timeout),
-                Ok(Err(_)) => return Err(failed("ReadError")),
-                Ok(Ok(0)) => return Err(failed("ConnectionClosed")),
+                Ok(Err(_)) => return Err(failed(UpstreamFault::Read)),
+                Ok(Ok(0)) => return Err(failed(UpstreamFault::Closed)),
                 Ok(Ok(n)) => n,
             };
         };
@@ -1085,7 +1107,7 @@ impl VhostApp {
                 match tracker.feed(&resp[parsed.head_len..filled]) {
                     Ok(Some(end)) => (end, 0, None),
                     Ok(None) => (body_in_buf, 0, Some(tracker)),
-                    Err(_) => return Err(failed("InvalidHTTPHeader")),
+                    Err(_) => return Err(failed(UpstreamFault::InvalidHead)),
                 }
             }
             Framing::UntilClose => (body_in_buf, 0, None),
