@@ -1,11 +1,9 @@
 //! Metrics and stats as an operator's tooling sees them.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// Runs `promtool check metrics` on `text`; returns (success, output).

@@ -3,8 +3,6 @@
 //! and a restarted node starting from its peers' view. Assertions are what users see: status
 //! codes, which backend answered, what the API reports.
 
-mod common;
-
 use tokio::io::AsyncWriteExt;
 
 use std::collections::HashSet;
@@ -17,7 +15,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------

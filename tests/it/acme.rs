@@ -3,14 +3,12 @@
 //! against a node's real plain-HTTP listener and issues real certificates, which the tests
 //! check by a TLS handshake that verifies the chain up to Pebble's issuing root.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// Pebble + challtestsrv, on free loopback ports, killed on drop.

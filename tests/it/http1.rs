@@ -4,14 +4,12 @@
 //! stale pooled connections, large bodies, hop-by-hop headers, and the requests that are
 //! handed to Pingora's full proxy (HTTP/1.0, Expect, chunked request bodies, garbage).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
