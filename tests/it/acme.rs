@@ -400,15 +400,7 @@ async fn failed_validation_is_reported_and_the_domain_keeps_serving() {
         Value::Null,
         "lease released: {v:#}"
     );
-    let metrics = reqwest::Client::new()
-        .get(node.api_url("/api/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /api/v1/metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = node.metrics_text().await;
     assert!(
         metrics.contains("pingora_vhost_acme_orders_total{result=\"error\"}"),
         "failed order counted:\n{metrics}"

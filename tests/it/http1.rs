@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// One request as the origin received it.
 #[derive(Debug, Clone)]
@@ -102,7 +102,7 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Receive
 
 impl ScriptedOrigin {
     async fn start(script: Script) -> ScriptedOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind_loopback().await;
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -278,28 +278,25 @@ impl RawClient {
     }
 }
 
-/// `pingora_vhost_full_proxy_connections_total{reason=...}` from the node's metrics (0 if absent).
-async fn handovers(node: &Node, reason: &str) -> u64 {
-    let text = reqwest::Client::new()
-        .get(node.api_url("/api/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let prefix = format!("pingora_vhost_full_proxy_connections_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().expect("counter value"))
-        .unwrap_or(0)
+/// `pingora_vhost_full_proxy_connections_total{reason=...}` in the node's metrics text
+/// (0 if absent).
+fn handovers_in(text: &str, reason: &str) -> u64 {
+    metric_value(
+        text,
+        &format!("pingora_vhost_full_proxy_connections_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0) as u64
 }
 
-/// Sum of the handover counter over every reason.
+/// `pingora_vhost_full_proxy_connections_total{reason=...}` from the node's metrics (0 if absent).
+async fn handovers(node: &Node, reason: &str) -> u64 {
+    handovers_in(&node.metrics_text().await, reason)
+}
+
+/// Sum of the handover counter over every reason (one scrape).
 async fn all_handovers(node: &Node) -> u64 {
-    let mut sum = 0;
-    for reason in [
+    let text = node.metrics_text().await;
+    [
         "h2",
         "malformed",
         "http/1.0",
@@ -311,10 +308,10 @@ async fn all_handovers(node: &Node) -> u64 {
         "expect",
         "no-host",
         "large-head",
-    ] {
-        sum += handovers(node, reason).await;
-    }
-    sum
+    ]
+    .into_iter()
+    .map(|reason| handovers_in(&text, reason))
+    .sum()
 }
 
 fn get(host: &str, path: &str) -> Vec<u8> {
@@ -825,7 +822,7 @@ async fn head_requests_answered_by_the_proxy_carry_no_body() {
 #[tokio::test]
 async fn slow_chunked_bodies_reach_the_client_as_they_come() {
     // An SSE-like origin: the head and a first event, then the rest 1.5 s later.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = bind_loopback().await;
     let addr = listener.local_addr().unwrap();
     let origin = tokio::spawn(async move {
         loop {
@@ -961,7 +958,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
 /// connection with the body unread (its kernel resets it while the proxy is still sending),
 /// or, with `hold_open`, keeps it open for a minute without reading.
 async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = bind_loopback().await;
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {

@@ -34,13 +34,6 @@ fn promtool_check(text: &str) -> (bool, String) {
     )
 }
 
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_count_requests() {
     let metrics_addr = free_addr();
