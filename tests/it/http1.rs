@@ -914,13 +914,16 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
     // Larger than what the kernel buffers between the proxy and the client, so the proxy's
     // writes have to wait for the client.
     const BIG: usize = 48 * 1024 * 1024;
-    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+    // Built once, before the origin starts: the origin answers on this test's one runtime
+    // thread, and filling 48 MiB there byte by byte (debug build) would hold up its answers to
+    // the node's 1 s health probes.
+    let mut big = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+    big.extend_from_slice(&vec![b'x'; BIG]);
+    let origin = ScriptedOrigin::start(Arc::new(move |req: &Received| {
         if !req.head.starts_with("GET /big ") {
             return (answer("small"), After::KeepOpen);
         }
-        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
-        resp.resize(resp.len() + BIG, b'x');
-        (resp, After::KeepOpen)
+        (big.clone(), After::KeepOpen)
     }))
     .await;
     let options = NodeOptions::new().proxy("client_timeout_secs = 1");
@@ -991,19 +994,22 @@ async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::Joi
 /// many simple clients do (the whole request before reading), and checks that the backend's
 /// early 413 arrives and the connection then ends.
 async fn upload_gets_the_early_answer(hold_open: bool) {
+    // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
+    // backend answers. Built before the origin starts: the origin runs on this test's one
+    // runtime thread, which answers nothing while it fills memory (byte by byte that took
+    // 0.7 s in a debug build, seconds on a loaded machine: long enough for the node's 1 s
+    // health probe to time out and mark the origin down, and the PUT got a 503).
+    let size = 64 * 1024 * 1024;
+    let mut req =
+        format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
+            .into_bytes();
+    req.extend_from_slice(&vec![b'x'; size]);
     let (addr, origin) = early_refusing_origin(hold_open).await;
     let node = Node::start_default().await;
     node.add_backend("strict", &addr.to_string(), &["a"]).await;
     node.add_domain("upload.test", "a").await;
     node.wait_route("upload.test", "/", "up").await;
-    // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
-    // backend answers.
-    let size = 64 * 1024 * 1024;
     let mut c = RawClient::connect(&node).await;
-    let mut req =
-        format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
-            .into_bytes();
-    req.extend(std::iter::repeat_n(b'x', size));
     // The proxy must take the rest of the body (and drop it) rather than reset the
     // connection, or this client never reads the answer.
     let mut got = Vec::new();
