@@ -4,16 +4,14 @@
 //! stale pooled connections, large bodies, hop-by-hop headers, and the requests that are
 //! handed to Pingora's full proxy (HTTP/1.0, Expect, chunked request bodies, garbage).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// One request as the origin received it.
 #[derive(Debug, Clone)]
@@ -104,7 +102,7 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Receive
 
 impl ScriptedOrigin {
     async fn start(script: Script) -> ScriptedOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind_loopback().await;
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -280,28 +278,25 @@ impl RawClient {
     }
 }
 
-/// `pingora_vhost_full_proxy_connections_total{reason=...}` from the node's metrics (0 if absent).
-async fn handovers(node: &Node, reason: &str) -> u64 {
-    let text = reqwest::Client::new()
-        .get(node.api_url("/api/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let prefix = format!("pingora_vhost_full_proxy_connections_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().expect("counter value"))
-        .unwrap_or(0)
+/// `pingora_vhost_full_proxy_connections_total{reason=...}` in the node's metrics text
+/// (0 if absent).
+fn handovers_in(text: &str, reason: &str) -> u64 {
+    metric_value(
+        text,
+        &format!("pingora_vhost_full_proxy_connections_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0) as u64
 }
 
-/// Sum of the handover counter over every reason.
+/// `pingora_vhost_full_proxy_connections_total{reason=...}` from the node's metrics (0 if absent).
+async fn handovers(node: &Node, reason: &str) -> u64 {
+    handovers_in(&node.metrics_text().await, reason)
+}
+
+/// Sum of the handover counter over every reason (one scrape).
 async fn all_handovers(node: &Node) -> u64 {
-    let mut sum = 0;
-    for reason in [
+    let text = node.metrics_text().await;
+    [
         "h2",
         "malformed",
         "http/1.0",
@@ -313,10 +308,10 @@ async fn all_handovers(node: &Node) -> u64 {
         "expect",
         "no-host",
         "large-head",
-    ] {
-        sum += handovers(node, reason).await;
-    }
-    sum
+    ]
+    .into_iter()
+    .map(|reason| handovers_in(&text, reason))
+    .sum()
 }
 
 fn get(host: &str, path: &str) -> Vec<u8> {
@@ -827,7 +822,7 @@ async fn head_requests_answered_by_the_proxy_carry_no_body() {
 #[tokio::test]
 async fn slow_chunked_bodies_reach_the_client_as_they_come() {
     // An SSE-like origin: the head and a first event, then the rest 1.5 s later.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = bind_loopback().await;
     let addr = listener.local_addr().unwrap();
     let origin = tokio::spawn(async move {
         loop {
@@ -919,13 +914,16 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
     // Larger than what the kernel buffers between the proxy and the client, so the proxy's
     // writes have to wait for the client.
     const BIG: usize = 48 * 1024 * 1024;
-    let origin = ScriptedOrigin::start(Arc::new(|req: &Received| {
+    // Built once, before the origin starts: the origin answers on this test's one runtime
+    // thread, and filling 48 MiB there byte by byte (debug build) would hold up its answers to
+    // the node's 1 s health probes.
+    let mut big = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+    big.extend_from_slice(&vec![b'x'; BIG]);
+    let origin = ScriptedOrigin::start(Arc::new(move |req: &Received| {
         if !req.head.starts_with("GET /big ") {
             return (answer("small"), After::KeepOpen);
         }
-        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
-        resp.resize(resp.len() + BIG, b'x');
-        (resp, After::KeepOpen)
+        (big.clone(), After::KeepOpen)
     }))
     .await;
     let options = NodeOptions::new().proxy("client_timeout_secs = 1");
@@ -963,7 +961,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
 /// connection with the body unread (its kernel resets it while the proxy is still sending),
 /// or, with `hold_open`, keeps it open for a minute without reading.
 async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = bind_loopback().await;
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
@@ -996,19 +994,22 @@ async fn early_refusing_origin(hold_open: bool) -> (SocketAddr, tokio::task::Joi
 /// many simple clients do (the whole request before reading), and checks that the backend's
 /// early 413 arrives and the connection then ends.
 async fn upload_gets_the_early_answer(hold_open: bool) {
+    // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
+    // backend answers. Built before the origin starts: the origin runs on this test's one
+    // runtime thread, which answers nothing while it fills memory (byte by byte that took
+    // 0.7 s in a debug build, seconds on a loaded machine: long enough for the node's 1 s
+    // health probe to time out and mark the origin down, and the PUT got a 503).
+    let size = 64 * 1024 * 1024;
+    let mut req =
+        format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
+            .into_bytes();
+    req.extend_from_slice(&vec![b'x'; size]);
     let (addr, origin) = early_refusing_origin(hold_open).await;
     let node = Node::start_default().await;
     node.add_backend("strict", &addr.to_string(), &["a"]).await;
     node.add_domain("upload.test", "a").await;
     node.wait_route("upload.test", "/", "up").await;
-    // 64 MiB: far more than the socket buffers hold, so the proxy is still sending when the
-    // backend answers.
-    let size = 64 * 1024 * 1024;
     let mut c = RawClient::connect(&node).await;
-    let mut req =
-        format!("PUT /upload HTTP/1.1\r\nHost: upload.test\r\nContent-Length: {size}\r\n\r\n")
-            .into_bytes();
-    req.extend(std::iter::repeat_n(b'x', size));
     // The proxy must take the rest of the body (and drop it) rather than reset the
     // connection, or this client never reads the answer.
     let mut got = Vec::new();

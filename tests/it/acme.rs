@@ -3,14 +3,12 @@
 //! against a node's real plain-HTTP listener and issues real certificates, which the tests
 //! check by a TLS handshake that verifies the chain up to Pebble's issuing root.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// Pebble + challtestsrv, on free loopback ports, killed on drop.
@@ -402,15 +400,7 @@ async fn failed_validation_is_reported_and_the_domain_keeps_serving() {
         Value::Null,
         "lease released: {v:#}"
     );
-    let metrics = reqwest::Client::new()
-        .get(node.api_url("/api/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /api/v1/metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = node.metrics_text().await;
     assert!(
         metrics.contains("pingora_vhost_acme_orders_total{result=\"error\"}"),
         "failed order counted:\n{metrics}"

@@ -2,14 +2,12 @@
 //! SIGSTOP/SIGCONT, real data dirs. Every test asserts what a user of the cluster sees: the
 //! proxy answers, the API answers, the status endpoint.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
 

@@ -1,320 +1,18 @@
-//! Test harness: runs the real `pingora-vhost` binary as a child process against real backend
-//! HTTP servers, real temp data dirs and real signals.
-//!
-//! Every test builds its own [`Node`] (own ports, own temp dir), so tests run in parallel.
-//! Every wait is bounded by a deadline. When a test panics while a [`Node`] is alive, the node's
-//! stdout/stderr are printed so the failure can be debugged from the test output alone.
+//! One real node: the `pingora-vhost` binary as a child process, with its own ports, config
+//! file and data dir; its management API, its proxy listeners and its metrics; and `--check`.
 
-#![allow(dead_code)]
-
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The bearer token every test node is configured with.
-pub const TOKEN: &str = "test-token";
-/// How long a node gets to answer `GET /api/v1/health` after spawn.
-pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-pub fn bin_path() -> &'static str {
-    env!("CARGO_BIN_EXE_pingora-vhost")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ports
-// ---------------------------------------------------------------------------------------------
-
-fn handed_out() -> &'static Mutex<HashSet<u16>> {
-    static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    PORTS.get_or_init(|| Mutex::new(HashSet::new()))
-}
-
-/// A loopback port that is free for both TCP and UDP right now and was never handed out before
-/// in this test process (the kernel may recycle a just-released ephemeral port).
-pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().unwrap().port();
-        // gossip is UDP: make sure the same number is free there too.
-        let udp_ok = UdpSocket::bind(("127.0.0.1", port)).is_ok();
-        drop(listener);
-        if !udp_ok {
-            continue;
-        }
-        if handed_out().lock().unwrap().insert(port) {
-            return port;
-        }
-    }
-    panic!("could not find a free loopback port");
-}
-
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-/// An address where nothing listens: connects are refused.
-pub fn dead_address() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Polling
-// ---------------------------------------------------------------------------------------------
-
-/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Does `msg` mention `field` as a whole word (so "id" does not match inside "invalid")?
-pub fn mentions_field(msg: &str, field: &str) -> bool {
-    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let mut start = 0;
-    while let Some(pos) = msg[start..].find(field) {
-        let i = start + pos;
-        let before = msg[..i].chars().next_back();
-        let after = msg[i + field.len()..].chars().next();
-        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
-            return true;
-        }
-        start = i + field.len();
-    }
-    false
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backend: a real HTTP server on its own port
-// ---------------------------------------------------------------------------------------------
-
-struct BackendState {
-    name: String,
-    /// Requests served, not counting `/health` (health probes would make counts meaningless).
-    requests: AtomicUsize,
-}
-
-/// An in-process HTTP origin server.
-///
-/// Routes: `/health` -> 200 "ok"; `/headers` -> JSON object of the received request headers
-/// (lower-case names, repeated headers joined with ", "); `/slow?ms=N` -> sleeps N ms then
-/// answers the name; `/ws` -> websocket echo (replies "<name>: <text>"); anything else -> 200,
-/// body = name, header `x-backend: <name>`.
-/// Serves `app` on `listener` until the returned sender fires (or is dropped).
-pub fn serve_until_shutdown(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    (tx, task)
-}
-
-pub struct Backend {
-    pub name: String,
-    pub addr: SocketAddr,
-    state: Arc<BackendState>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Backend {
-    pub async fn start(name: &str) -> Backend {
-        Backend::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
-    }
-
-    /// Starts on a given address (e.g. the address of a stopped backend, to bring it back).
-    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .unwrap_or_else(|e| panic!("bind backend listener {addr}: {e}"));
-        let addr = listener.local_addr().unwrap();
-        handed_out().lock().unwrap().insert(addr.port());
-        let state = Arc::new(BackendState {
-            name: name.to_string(),
-            requests: AtomicUsize::new(0),
-        });
-        let app = Router::new()
-            .route("/health", get(|| async { "ok" }))
-            .route("/headers", get(headers_handler))
-            .route("/slow", get(slow_handler))
-            .route("/ws", get(ws_handler))
-            .fallback(default_handler)
-            .with_state(state.clone());
-        let (tx, task) = serve_until_shutdown(listener, app);
-        Backend {
-            name: name.to_string(),
-            addr,
-            state,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// "127.0.0.1:<port>", the form registered with the proxy.
-    pub fn address(&self) -> String {
-        self.addr.to_string()
-    }
-
-    /// Requests served so far (excluding `/health`).
-    /// Sends `GET /slow?ms=<ms>` for `host` through `client` and returns once this backend
-    /// has received it: a request in flight, for drain and switch tests.
-    pub async fn park_slow_request(
-        &self,
-        client: ProxyClient,
-        host: &str,
-        ms: u64,
-    ) -> tokio::task::JoinHandle<Result<HttpResp, reqwest::Error>> {
-        let before = self.requests();
-        let host = host.to_string();
-        let handle =
-            tokio::spawn(async move { client.get(&host, &format!("/slow?ms={ms}")).await });
-        wait_for(
-            Duration::from_secs(5),
-            &format!("the slow request to reach backend {}", self.name),
-            || async { (self.requests() > before).then_some(()) },
-        )
-        .await;
-        handle
-    }
-
-    pub fn requests(&self) -> usize {
-        self.state.requests.load(Ordering::SeqCst)
-    }
-
-    /// Closes the listener (new connects are refused) and closes idle keep-alive connections.
-    pub async fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            // Graceful: in-flight requests finish. Bounded anyway.
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
-                panic!("backend {} did not stop within 5 s", self.name);
-            }
-        }
-        // The port must now refuse connections.
-        assert!(
-            TcpStream::connect(self.addr).await.is_err(),
-            "backend {} still accepts connections after stop()",
-            self.name
-        );
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn default_handler(State(st): State<Arc<BackendState>>) -> Response {
-    st.requests.fetch_add(1, Ordering::SeqCst);
-    ([("x-backend", st.name.clone())], st.name.clone()).into_response()
-}
-
-async fn headers_handler(State(st): State<Arc<BackendState>>, headers: HeaderMap) -> Response {
-    st.requests.fetch_add(1, Ordering::SeqCst);
-    let mut map = serde_json::Map::new();
-    for (k, v) in headers.iter() {
-        let v = String::from_utf8_lossy(v.as_bytes()).to_string();
-        let key = k.as_str().to_ascii_lowercase();
-        match map.get_mut(&key) {
-            Some(Value::String(existing)) => {
-                existing.push_str(", ");
-                existing.push_str(&v);
-            }
-            _ => {
-                map.insert(key, Value::String(v));
-            }
-        }
-    }
-    (
-        [("x-backend", st.name.clone())],
-        axum::Json(Value::Object(map)),
-    )
-        .into_response()
-}
-
-#[derive(serde::Deserialize)]
-struct SlowQuery {
-    ms: u64,
-}
-
-async fn slow_handler(State(st): State<Arc<BackendState>>, Query(q): Query<SlowQuery>) -> Response {
-    st.requests.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(q.ms)).await;
-    ([("x-backend", st.name.clone())], st.name.clone()).into_response()
-}
-
-async fn ws_handler(State(st): State<Arc<BackendState>>, ws: WebSocketUpgrade) -> Response {
-    st.requests.fetch_add(1, Ordering::SeqCst);
-    let name = st.name.clone();
-    ws.on_upgrade(move |socket| ws_echo(socket, name))
-}
-
-async fn ws_echo(mut socket: WebSocket, name: String) {
-    while let Some(Ok(msg)) = socket.recv().await {
-        match msg {
-            Message::Text(t) => {
-                let reply = format!("{name}: {}", t.as_str());
-                if socket.send(Message::Text(reply.into())).await.is_err() {
-                    return;
-                }
-            }
-            Message::Close(_) => return,
-            _ => {}
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Node: the real binary
-// ---------------------------------------------------------------------------------------------
+use super::{bin_path, free_addr, START_TIMEOUT, TOKEN};
 
 /// Extra config text for a node.
 #[derive(Clone, Default)]
@@ -382,7 +80,6 @@ pub struct HttpResp {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
     pub body: String,
-    pub version: reqwest::Version,
 }
 
 impl HttpResp {
@@ -435,13 +132,11 @@ impl ProxyClient {
             .await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let version = resp.version();
         let body = resp.text().await?;
         Ok(HttpResp {
             status,
             headers,
             body,
-            version,
         })
     }
 }
@@ -503,7 +198,7 @@ pub struct Node {
     pub gossip_addr: SocketAddr,
     pub options: NodeOptions,
     child: Option<Child>,
-    api_client: reqwest::Client,
+    pub(super) api_client: reqwest::Client,
     proxy: ProxyClient,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
@@ -1021,156 +716,45 @@ fn tail(s: &str, lines: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Certificates
+// Metrics
 // ---------------------------------------------------------------------------------------------
 
-pub struct TestCert {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub der: Vec<u8>,
-}
+impl Node {
+    /// The text of `GET /api/v1/metrics` (with the token); panics unless it answers 200.
+    pub async fn metrics_text(&self) -> String {
+        let resp = self
+            .api_client
+            .get(self.api_url("/api/v1/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET /api/v1/metrics failed: {e}\n{}", self.logs()));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("metrics body");
+        assert_eq!(status, 200, "GET /api/v1/metrics: {text}");
+        text
+    }
 
-/// A fresh self-signed certificate for `names`.
-pub fn self_signed(names: &[&str]) -> TestCert {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen self-signed cert");
-    TestCert {
-        cert_pem: ck.cert.pem(),
-        key_pem: ck.key_pair.serialize_pem(),
-        der: ck.cert.der().to_vec(),
+    /// The value of `series` in [`Node::metrics_text`] (see [`metric_value`]); panics, showing
+    /// the text, when the series is absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_value(&text, series)
+            .unwrap_or_else(|| panic!("metric {series} not found in /api/v1/metrics:\n{text}"))
     }
 }
 
-impl TestCert {
-    /// Writes `<stem>.crt` and `<stem>.key` into `dir`; returns their paths.
-    pub fn write_files(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-        let cert = dir.join(format!("{stem}.crt"));
-        let key = dir.join(format!("{stem}.key"));
-        File::create(&cert)
-            .and_then(|mut f| f.write_all(self.cert_pem.as_bytes()))
-            .expect("write cert file");
-        File::create(&key)
-            .and_then(|mut f| f.write_all(self.key_pem.as_bytes()))
-            .expect("write key file");
-        (cert, key)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Raw websocket client (enough for one text echo; no extra dependency)
-// ---------------------------------------------------------------------------------------------
-
-/// Connects to `addr`, sends an HTTP/1.1 websocket upgrade for `path` with `Host: host`, and
-/// returns the stream after a valid `101` (checks `Sec-WebSocket-Accept`).
-pub async fn ws_connect(addr: SocketAddr, host: &str, path: &str) -> TcpStream {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .expect("ws connect timed out")
-        .expect("ws connect");
-    // RFC 6455 §1.3 sample key and its accept value.
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let head = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read ws handshake");
-            assert!(
-                n == 1,
-                "connection closed during websocket handshake: {:?}",
-                String::from_utf8_lossy(&head)
-            );
-            head.push(byte[0]);
-            assert!(
-                head.len() < 16 * 1024,
-                "websocket handshake response too large"
-            );
+/// The value of one series in Prometheus text format: `series` is the metric name with its
+/// labels as exposed (`pingora_vhost_requests_total{code="200"}`), matched whole, so a name is
+/// not found inside a longer one. `None` when the text has no such sample.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        if !rest.starts_with([' ', '\t']) {
+            return None;
         }
-        String::from_utf8_lossy(&head).to_string()
+        rest.split_whitespace().next()?.parse().ok()
     })
-    .await
-    .expect("websocket handshake response timed out");
-    let status_line = head.lines().next().unwrap_or_default().to_string();
-    assert!(
-        status_line.starts_with("HTTP/1.1 101"),
-        "websocket upgrade through the proxy should answer 101, got:\n{head}"
-    );
-    let accept = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("sec-websocket-accept")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    assert_eq!(
-        accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
-        "Sec-WebSocket-Accept must be passed through; response:\n{head}"
-    );
-    stream
-}
-
-/// Sends one masked text frame.
-pub async fn ws_send_text(stream: &mut TcpStream, text: &str) {
-    let payload = text.as_bytes();
-    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![0x81u8];
-    if payload.len() < 126 {
-        frame.push(0x80 | payload.len() as u8);
-    } else {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    stream.write_all(&frame).await.unwrap();
-}
-
-/// Reads frames until a text frame arrives (skipping pings/pongs); returns its text.
-pub async fn ws_recv_text(stream: &mut TcpStream) -> String {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let mut h = [0u8; 2];
-            stream
-                .read_exact(&mut h)
-                .await
-                .expect("read ws frame header");
-            let opcode = h[0] & 0x0f;
-            let masked = h[1] & 0x80 != 0;
-            let mut len = (h[1] & 0x7f) as u64;
-            if len == 126 {
-                let mut b = [0u8; 2];
-                stream.read_exact(&mut b).await.unwrap();
-                len = u16::from_be_bytes(b) as u64;
-            } else if len == 127 {
-                let mut b = [0u8; 8];
-                stream.read_exact(&mut b).await.unwrap();
-                len = u64::from_be_bytes(b);
-            }
-            let mut mask = [0u8; 4];
-            if masked {
-                stream.read_exact(&mut mask).await.unwrap();
-            }
-            let mut payload = vec![0u8; len as usize];
-            stream.read_exact(&mut payload).await.unwrap();
-            if masked {
-                for (i, b) in payload.iter_mut().enumerate() {
-                    *b ^= mask[i % 4];
-                }
-            }
-            match opcode {
-                0x1 => return String::from_utf8(payload).expect("utf-8 text frame"),
-                0x8 => panic!("websocket closed by peer instead of echoing"),
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("no websocket frame within 10 s")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1219,156 +803,5 @@ pub async fn run_check(path: &Path) -> CheckOutput {
         status,
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Cluster: several real nodes on loopback
-// ---------------------------------------------------------------------------------------------
-
-pub const CLUSTER_SECRET: &str = "test-cluster-secret";
-
-/// `n` nodes (ids 1..=n) that find each other by gossip with `bootstrap_expect = n`.
-pub struct Cluster {
-    pub nodes: Vec<Node>,
-}
-
-impl Cluster {
-    /// Starts `n` nodes; `options(i)` gives node i's extra options (cluster keys are set here).
-    pub async fn start(n: usize, options: impl Fn(u64) -> NodeOptions) -> Cluster {
-        let mut nodes: Vec<Node> = (1..=n as u64)
-            .map(|id| Node::new_unstarted(options(id).node_id(id).bootstrap_expect(n)))
-            .collect();
-        let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.gossip_addr).collect();
-        for node in nodes.iter_mut() {
-            node.options.seeds = seeds.clone();
-            node.write_config();
-            node.spawn();
-        }
-        for node in nodes.iter_mut() {
-            node.wait_ready().await;
-        }
-        let cluster = Cluster { nodes };
-        cluster.wait_converged(Duration::from_secs(20)).await;
-        cluster
-    }
-
-    /// Gossip seeds of the running cluster (for a node that joins later).
-    pub fn seeds(&self) -> Vec<SocketAddr> {
-        self.nodes.iter().map(|n| n.gossip_addr).collect()
-    }
-
-    /// Starts one more node with `id` that joins through gossip.
-    pub async fn join(&mut self, id: u64, options: NodeOptions) -> &mut Node {
-        let expect = self.nodes.len();
-        let node = Node::start(
-            options
-                .node_id(id)
-                .bootstrap_expect(expect)
-                .seeds(&self.seeds()),
-        )
-        .await;
-        self.nodes.push(node);
-        self.nodes.last_mut().unwrap()
-    }
-
-    pub fn node(&self, id: u64) -> &Node {
-        self.nodes
-            .iter()
-            .find(|n| n.options.node_id == Some(id))
-            .expect("no such node")
-    }
-
-    pub fn node_mut(&mut self, id: u64) -> &mut Node {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.options.node_id == Some(id))
-            .expect("no such node")
-    }
-
-    /// Running nodes.
-    pub fn running(&mut self) -> Vec<&mut Node> {
-        self.nodes
-            .iter_mut()
-            .filter_map(|n| if n.is_running() { Some(n) } else { None })
-            .collect()
-    }
-
-    /// The leader id as seen by a running node.
-    /// (leader id, ids of the other nodes).
-    pub async fn leader_and_followers(&mut self) -> (u64, Vec<u64>) {
-        let leader = self.leader().await.expect("a leader");
-        let ids = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.options.node_id)
-            .filter(|id| *id != leader)
-            .collect();
-        (leader, ids)
-    }
-
-    /// (leader id, id of one follower): for tests that act through a follower.
-    pub async fn leader_and_follower(&mut self) -> (u64, u64) {
-        let (leader, followers) = self.leader_and_followers().await;
-        (leader, *followers.first().expect("a follower"))
-    }
-
-    pub async fn leader(&mut self) -> Option<u64> {
-        for n in self.running() {
-            let (status, v) = n.api_get("/api/v1/cluster/status").await;
-            if status == 200 {
-                if let Some(l) = v["leader_id"].as_u64() {
-                    return Some(l);
-                }
-            }
-        }
-        None
-    }
-
-    /// Waits until every running node reports the same leader, the same voters, and the same
-    /// last applied index.
-    pub async fn wait_converged(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut last = Vec::new();
-        loop {
-            last.clear();
-            for n in &self.nodes {
-                if let Ok(r) = n
-                    .api_client
-                    .get(n.api_url("/api/v1/cluster/status"))
-                    .bearer_auth(TOKEN)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                {
-                    if let Ok(v) = r.json::<Value>().await {
-                        last.push(v);
-                        continue;
-                    }
-                }
-                last.push(Value::Null);
-            }
-            let ok = last.iter().all(|v| !v.is_null())
-                && last.windows(2).all(|w| {
-                    w[0]["leader_id"] == w[1]["leader_id"]
-                        && w[0]["last_applied"] == w[1]["last_applied"]
-                        && w[0]["members"] == w[1]["members"]
-                })
-                && !last[0]["leader_id"].is_null()
-                && last[0]["members"].as_array().is_some_and(|m| {
-                    m.len() == self.nodes.len() && m.iter().all(|x| x["voter"] == true)
-                });
-            if ok {
-                return;
-            }
-            if Instant::now() >= deadline {
-                let logs: Vec<String> = self.nodes.iter().map(|n| n.logs()).collect();
-                panic!(
-                    "cluster did not converge within {timeout:?}; statuses: {last:#?}\n{}",
-                    logs.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }

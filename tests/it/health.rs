@@ -3,8 +3,6 @@
 //! and a restarted node starting from its peers' view. Assertions are what users see: status
 //! codes, which backend answered, what the API reports.
 
-mod common;
-
 use tokio::io::AsyncWriteExt;
 
 use std::collections::HashSet;
@@ -13,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -263,23 +261,6 @@ async fn wait_serving(node: &Node, host: &str) {
         }
     })
     .await;
-}
-
-/// The value of an unlabelled Prometheus counter/gauge in `GET /api/v1/metrics`.
-async fn metric(node: &Node, name: &str) -> f64 {
-    let (status, v) = node.api_get("/api/v1/metrics").await;
-    assert_eq!(status, 200, "GET /api/v1/metrics");
-    let text = match v {
-        Value::String(s) => s,
-        other => other.to_string(),
-    };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            (it.next() == Some(name)).then(|| it.next()?.parse::<f64>().ok())?
-        })
-        .unwrap_or_else(|| panic!("metric {name} not found in /api/v1/metrics:\n{text}"))
 }
 
 /// Sends `n` GETs through `node` one after the other; returns the samples.
@@ -618,7 +599,7 @@ async fn one_wrong_observer_cannot_empty_a_pool() {
             &format!("node {id}: node 2 alone reports the whole pool down"),
             &[n, cluster.node(2)],
         );
-        let g = metric(n, "pingora_vhost_health_guard_rail_total").await;
+        let g = n.metric("pingora_vhost_health_guard_rail_total").await;
         assert!(
             g > 0.0,
             "node {id}: guard rail metric should count the fallback: {g}"

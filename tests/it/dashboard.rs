@@ -1,12 +1,10 @@
 //! The dashboard page, rendered by headless Chromium (Debian package `chromium`) against a real
 //! node: what an operator sees after the page's scripts ran.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Loads `url` in headless Chromium, lets its scripts run, and returns the resulting DOM.
 fn rendered_dom(url: &str) -> String {

@@ -1,13 +1,11 @@
 //! Process lifecycle: persistence across kill -9, the config file vs the replicated state,
 //! SIGTERM drain, and `--check`.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------

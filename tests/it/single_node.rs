@@ -2,11 +2,9 @@
 //!
 //! Each test starts its own node (own ports, own temp dir) so tests run in parallel.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// Sends `n` proxied GETs and asserts every one is 200 from `expected` (body and x-backend).

@@ -1,0 +1,18 @@
+//! The integration tests, one test crate: each module starts the real `pingora-vhost` binary
+//! (see `common`) and checks one area from the outside. One crate means the harness in
+//! `common` is compiled once and every test of the suite shares one process, so everything
+//! that must not collide (ports, names) is handed out process-wide by `common`.
+//!
+//! Run one area with a filter: `cargo test --test it http1::`.
+
+mod common;
+
+mod acme;
+mod cluster;
+mod dashboard;
+mod deploy;
+mod health;
+mod http1;
+mod lifecycle;
+mod observability;
+mod single_node;
