@@ -15,4 +15,6 @@ mod health;
 mod http1;
 mod lifecycle;
 mod observability;
+mod resolver;
 mod single_node;
+mod supervision;

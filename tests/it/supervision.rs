@@ -2,12 +2,10 @@
 //! line and a non-zero exit (for systemd or Docker to restart it), instead of serving on
 //! without membership, health exchange or its API.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn a_control_plane_task_that_panics_ends_the_process_with_a_clear_log_line() {

@@ -1,14 +1,12 @@
 //! Backend names follow DNS: a real DNS server (dnsmasq on a loopback port, answering from a
 //! hosts file the test rewrites) and a node whose `[resolver]` points at it.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// dnsmasq serving `hosts` (and nothing else) on 127.0.0.1:`port`, with a 1 s TTL.
 struct Dns {
