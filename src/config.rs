@@ -2,9 +2,6 @@
 //!
 //! `load` parses the TOML file, checks every field and returns a validated [`Config`] plus
 //! warnings. Errors name the file, the line and the field (`file:line: field: problem`).
-//!
-//! NOTE FOR IMPLEMENTER: the public types below are the interface the rest of the crate uses;
-//! keep their names and fields. Internals (raw/spanned types) are free.
 
 use crate::validate::{
     backend_id as validate_backend_id, domain_name as validate_domain,

@@ -5,7 +5,6 @@
 //! from gossip is trusted for writes; joining a node still needs the cluster secret on RPC.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,6 +18,18 @@ use crate::config::ClusterConfig;
 
 pub const KEY_RPC_ADDR: &str = "rpc_addr";
 pub const KEY_RAFT_INITIALIZED: &str = "raft_initialized";
+/// Prefix of this node's health verdicts: `hc/<backend key>` = "down".
+pub const KEY_HEALTH_PREFIX: &str = "hc/";
+
+/// A backend's name in gossip: a 64-bit FNV-1a hash of its id, in hex. Keys have a fixed size
+/// whatever the id: one key larger than a gossip packet stops the node's whole state from
+/// reaching its peers (a 200,000-character id once ended health sharing for a cluster).
+pub fn backend_key(id: &str) -> String {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
 
 /// A live node as seen through gossip.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +37,6 @@ pub struct Peer {
     pub node_id: u64,
     pub rpc_addr: String,
     pub initialized: bool,
-    pub gossip_addr: SocketAddr,
 }
 
 pub struct Gossip {
@@ -82,7 +92,6 @@ impl Gossip {
                     node_id: id.node_id.parse().ok()?,
                     rpc_addr: state.get(KEY_RPC_ADDR)?.to_string(),
                     initialized: state.get(KEY_RAFT_INITIALIZED) == Some("true"),
-                    gossip_addr: id.gossip_advertise_addr,
                 })
             })
             .collect()
@@ -145,5 +154,22 @@ impl Gossip {
         if state.get(key) != Some(value) {
             state.set(key, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backend_key;
+
+    #[test]
+    fn backend_keys_have_a_fixed_size_whatever_the_id() {
+        // FNV-1a 64 reference values: stable across versions and nodes.
+        assert_eq!(backend_key(""), "cbf29ce484222325");
+        assert_eq!(backend_key("a"), "af63dc4c8601ec8c");
+        let huge = "x".repeat(1_500_000);
+        for id in ["web-1", "web-2", huge.as_str()] {
+            assert_eq!(backend_key(id).len(), 16, "{}", &id[..id.len().min(10)]);
+        }
+        assert_ne!(backend_key("web-1"), backend_key("web-2"));
     }
 }

@@ -27,7 +27,7 @@ impl PeerVerdicts {
             state
                 .node
                 .gossip
-                .peer_keys(crate::health::shared::KEY_PREFIX),
+                .peer_keys(crate::gossip::KEY_HEALTH_PREFIX),
         )
     }
 }
@@ -56,8 +56,9 @@ pub fn backend_json_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) ->
         "up"
     };
     nodes.insert(state.node.node_id.to_string(), json!(own));
+    let key = crate::gossip::backend_key(&b.id);
     for (peer, down) in &peers.0 {
-        let verdict = if down.contains(&b.id) { "down" } else { "up" };
+        let verdict = if down.contains(&key) { "down" } else { "up" };
         nodes.insert(peer.to_string(), json!(verdict));
     }
     json!({

@@ -1,5 +1,6 @@
 //! Health shared through gossip. Each node publishes only its own "down" verdicts, one key
-//! per backend it sees failing (`hc/<backend>`), and deletes the key when the backend
+//! per backend it sees failing (`hc/<backend key>`, a fixed-size hash of the id, see
+//! `gossip::backend_key`), and deletes the key when the backend
 //! recovers: gossip carries only failures, so 10,000 healthy backends cost nothing. Live
 //! peers' keys are folded into each backend's `peer_down`; keys of dead peers drop out with
 //! the peer (chitchat's live set), so they expire.
@@ -12,18 +13,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::gossip::Gossip;
+use crate::gossip::{backend_key, Gossip, KEY_HEALTH_PREFIX};
 use crate::live::gate::PEER_VIEW_WAIT;
 use crate::live::Live;
 
-pub const KEY_PREFIX: &str = "hc/";
 const DOWN: &str = "down";
 const TICK: Duration = Duration::from_millis(100);
 
-/// Backend id -> live peers that report it down.
+/// Backend key -> live peers that report it down.
 type PeerVerdicts = HashMap<String, Vec<u64>>;
 
-/// Folds per-peer key sets into backend id -> peers reporting it down (sorted ids).
+/// Folds per-peer key sets into backend key -> peers reporting it down (sorted ids).
 fn merge(peer_keys: Vec<(u64, HashSet<String>)>) -> PeerVerdicts {
     let mut out: PeerVerdicts = HashMap::new();
     for (peer, keys) in peer_keys {
@@ -61,12 +61,17 @@ pub async fn run(live: Arc<Live>, gossip: Arc<Gossip>, other_members: impl Fn() 
         let raised: Vec<(String, String)> = down_now
             .iter()
             .filter(|id| !published.contains(**id))
-            .map(|id| (format!("{KEY_PREFIX}{id}"), DOWN.to_string()))
+            .map(|id| {
+                (
+                    format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)),
+                    DOWN.to_string(),
+                )
+            })
             .collect();
         let cleared: Vec<String> = published
             .iter()
             .filter(|id| !down_now.contains(id.as_str()))
-            .map(|id| format!("{KEY_PREFIX}{id}"))
+            .map(|id| format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)))
             .collect();
         if !raised.is_empty() || !cleared.is_empty() {
             gossip.update_own(raised, cleared).await;
@@ -96,11 +101,11 @@ pub async fn run(live: Arc<Live>, gossip: Arc<Gossip>, other_members: impl Fn() 
         }
 
         // Apply peers' verdicts: a full pass only when they or the set of backends changed.
-        let verdicts = merge(gossip.peer_keys(KEY_PREFIX));
+        let verdicts = merge(gossip.peer_keys(KEY_HEALTH_PREFIX));
         if verdicts != applied || applied_generation != Some(generation) {
             for rt in &runtimes {
-                rt.health
-                    .set_peers_down(verdicts.get(&rt.id).cloned().unwrap_or_default());
+                let peers = verdicts.get(&backend_key(&rt.id));
+                rt.health.set_peers_down(peers.cloned().unwrap_or_default());
             }
             applied = verdicts;
             applied_generation = Some(generation);

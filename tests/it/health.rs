@@ -988,3 +988,52 @@ async fn client_aborts_do_not_open_the_backend_breaker() {
         "three clients that gave up on a slow request made the healthy backend unusable"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gossip cannot be poisoned by a long backend id
+// ---------------------------------------------------------------------------------------------
+
+/// A backend id far larger than a gossip packet, down on every node, must not stop the
+/// nodes from hearing each other's verdicts about any other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
+    let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    let n1 = cluster.node(1);
+    let huge = "x".repeat(200_000);
+    let (status, body) = n1
+        .api_post(
+            "/api/v1/backends",
+            json!({"id": huge, "address": dead_address(), "tags": ["a"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // Its address refuses connections: every node's probes find it down and publish that
+    // first (a key that cannot be sent holds back every later one).
+    for node in all_nodes(&cluster) {
+        wait_for(
+            Duration::from_secs(20),
+            "the huge-id backend down",
+            || async {
+                let (_, list) = node.api_get("/api/v1/backends").await;
+                list.as_array()?
+                    .iter()
+                    .find(|b| b["id"].as_str().map(str::len) == Some(huge.len()))
+                    .filter(|b| b["health"]["active"] == "down")
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+    n1.add_backend("plain", &dead_address(), &["a"]).await;
+    // Down on every node too: each node must hear that from both of its peers.
+    for node in all_nodes(&cluster) {
+        wait_view(
+            node,
+            "plain",
+            Duration::from_secs(30),
+            "both peers reporting `plain` down",
+            |v| peers_down(v).len() == 2,
+        )
+        .await;
+    }
+}
