@@ -20,8 +20,12 @@ use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
 use pingora_vhost::proxy::DataPlane;
+use pingora_vhost::resolve;
 use pingora_vhost::state::{Backend, Command, Domain};
 use pingora_vhost::upgrade;
+
+/// Longest a start waits for backend names to resolve before serving.
+const PRIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 // The proxy allocates per request (headers, buffers): mimalloc is markedly cheaper than glibc
 // malloc there (see bench/README.md).
@@ -198,8 +202,16 @@ fn run(
         );
         None
     } else {
-        // Loads the last known state before anything listens: the proxy serves it at once.
-        Some(store::open(&data_dir, publisher.clone()).context("opening the Raft store")?)
+        // Loads the last known state before anything listens: the proxy serves it at once,
+        // with its backend names resolved (bounded).
+        let (log, sm) =
+            store::open(&data_dir, publisher.clone()).context("opening the Raft store")?;
+        let addresses = sm.with_state(|s| s.backends.values().map(|b| b.address.clone()).collect());
+        resolve::prime(&data.live, &cfg.resolver, addresses, PRIME_LIMIT);
+        let stored = data.live.addrs.stored();
+        sm.with_state(|s| data.publish_routes(s));
+        data.live.addrs.published(stored);
+        Some((log, sm))
     };
 
     // For operators (`kill -QUIT $(cat .../pingora-vhost.pid)`); Pingora writes it only when

@@ -93,23 +93,28 @@ async fn lookup(resolver: &TokioResolver, host: &str, port: u16) -> Answer {
     Ok((addrs, ttl))
 }
 
-/// Runs for ever. `addresses` lists the backend addresses of the current state;
-/// `republish` recompiles the routing table from it.
-pub async fn run(
-    live: Arc<Live>,
-    cfg: ResolverConfig,
-    addresses: impl Fn() -> Vec<String>,
-    republish: impl Fn(),
-) {
-    let resolver = build(&cfg);
-    let (min_ttl, max_ttl) = (
-        Duration::from_secs(cfg.min_ttl_secs),
-        Duration::from_secs(cfg.max_ttl_secs),
-    );
-    // Name -> when it is looked up next.
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    loop {
-        let mut names: Vec<String> = addresses()
+/// The resolver and when each name is due for its next lookup.
+struct Lookups {
+    resolver: TokioResolver,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    due: HashMap<String, Instant>,
+}
+
+impl Lookups {
+    fn new(cfg: &ResolverConfig) -> Self {
+        Self {
+            resolver: build(cfg),
+            min_ttl: Duration::from_secs(cfg.min_ttl_secs),
+            max_ttl: Duration::from_secs(cfg.max_ttl_secs),
+            due: HashMap::new(),
+        }
+    }
+
+    /// Looks up every name of `addresses` that is due, stores the answers in `live.addrs`,
+    /// and forgets names no backend uses. True when the addresses to use changed.
+    async fn pass(&mut self, live: &Live, addresses: Vec<String>) -> bool {
+        let mut names: Vec<String> = addresses
             .into_iter()
             .filter(|a| matches!(target(a), Some(Target::Name { .. })))
             .collect();
@@ -117,23 +122,21 @@ pub async fn run(
         names.dedup();
         live.addrs
             .retain(|a| names.binary_search_by(|n| n.as_str().cmp(a)).is_ok());
-        due.retain(|a, _| names.binary_search(a).is_ok());
+        self.due.retain(|a, _| names.binary_search(a).is_ok());
 
         let now = Instant::now();
         let todo: Vec<String> = names
             .into_iter()
-            .filter(|a| due.get(a).is_none_or(|t| *t <= now))
+            .filter(|a| self.due.get(a).is_none_or(|t| *t <= now))
             .collect();
+        let resolver = &self.resolver;
         let answers: Vec<(String, Answer)> = futures::stream::iter(todo)
-            .map(|address| {
-                let resolver = &resolver;
-                async move {
-                    let answer = match target(&address) {
-                        Some(Target::Name { host, port }) => lookup(resolver, host, port).await,
-                        _ => Err("not a name".to_string()),
-                    };
-                    (address, answer)
-                }
+            .map(|address| async move {
+                let answer = match target(&address) {
+                    Some(Target::Name { host, port }) => lookup(resolver, host, port).await,
+                    _ => Err("not a name".to_string()),
+                };
+                (address, answer)
             })
             .buffer_unordered(CONCURRENCY)
             .collect()
@@ -148,7 +151,7 @@ pub async fn run(
                         tracing::info!(%address, ?addrs, "backend name resolves to new addresses");
                     }
                     let resolution = Resolution::new(addrs, Some(unix_ms()), None);
-                    (ttl.clamp(min_ttl, max_ttl), resolution)
+                    (ttl.clamp(self.min_ttl, self.max_ttl), resolution)
                 }
                 Err(error) => {
                     if previous.error.as_ref() != Some(&error) {
@@ -161,24 +164,76 @@ pub async fn run(
                     }
                     let resolution =
                         Resolution::new(previous.addrs, previous.resolved_unix_ms, Some(error));
-                    (min_ttl, resolution)
+                    (self.min_ttl, resolution)
                 }
             };
-            due.insert(address.clone(), Instant::now() + next);
+            self.due.insert(address.clone(), Instant::now() + next);
             changed |= live.addrs.store(&address, resolution);
         }
+        changed
+    }
+
+    fn next_due(&self) -> Instant {
+        self.due
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(|| Instant::now() + self.max_ttl)
+    }
+}
+
+/// One bounded pass before the data plane starts, on a runtime of its own (the control
+/// plane's does not exist yet): a restarted node must not answer 503 for backends named by
+/// host name in the moment before its resolver task runs. Names that take longer are left
+/// to that task.
+pub fn prime(live: &Live, cfg: &ResolverConfig, addresses: Vec<String>, limit: Duration) {
+    if !addresses
+        .iter()
+        .any(|a| matches!(target(a), Some(Target::Name { .. })))
+    {
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("backend names not looked up before start: {e}");
+            return;
+        }
+    };
+    runtime.block_on(async {
+        let mut lookups = Lookups::new(cfg);
+        if tokio::time::timeout(limit, lookups.pass(live, addresses))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some backend names did not resolve within {limit:?} of start; the resolver keeps trying"
+            );
+        }
+    });
+}
+
+/// Runs for ever. `addresses` lists the backend addresses of the current state;
+/// `republish` recompiles the routing table from it.
+pub async fn run(
+    live: Arc<Live>,
+    cfg: ResolverConfig,
+    addresses: impl Fn() -> Vec<String>,
+    republish: impl Fn(),
+) {
+    let mut lookups = Lookups::new(&cfg);
+    loop {
+        let changed = lookups.pass(&live, addresses()).await;
         let stored = live.addrs.stored();
         if changed {
             republish();
         }
         live.addrs.published(stored);
-        let wake = due
-            .values()
-            .min()
-            .copied()
-            .unwrap_or_else(|| Instant::now() + max_ttl);
         tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = tokio::time::sleep_until(lookups.next_due()) => {}
             // A compile met a name with no answer yet (a backend just added).
             _ = live.addrs.unresolved_name() => {}
         }

@@ -1243,3 +1243,236 @@ impl VhostApp {
         Some(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `parse_request` decided, in a comparable form.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Req {
+        Partial,
+        HandOver(&'static str),
+        /// host, content length, idempotent, HEAD, close
+        Lean(&'static str, usize, bool, bool, bool),
+    }
+
+    fn req(raw: &str) -> (Req, String) {
+        let mut out = Vec::new();
+        let r = match parse_request(raw.as_bytes(), &mut out, Some("10.0.0.9"), false) {
+            Parsed::Partial => Req::Partial,
+            Parsed::HandOver(why) => Req::HandOver(why),
+            Parsed::Request(h) => {
+                assert_eq!(h.head_len, raw.find("\r\n\r\n").map_or(0, |i| i + 4));
+                let host: &'static str = Box::leak(h.host.into_boxed_str());
+                Req::Lean(host, h.content_length, h.idempotent, h.head_method, h.close)
+            }
+        };
+        (r, String::from_utf8(out).unwrap_or_default())
+    }
+
+    #[test]
+    fn parse_request_cases() {
+        use Req::*;
+        let cases: &[(&str, Req)] = &[
+            ("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", Lean("a.test", 0, true, false, false)),
+            ("GET / HTTP/1.1\r\nHost: A.Test:8080\r\n\r\n", Lean("a.test", 0, true, false, false)),
+            ("HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", Lean("a", 0, true, true, false)),
+            (
+                "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                Lean("a", 5, false, false, false),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                Lean("a", 0, true, false, true),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+                Lean("a", 0, true, false, false),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\n", Partial),
+            ("GET / HTTP/1.0\r\nHost: a\r\n\r\n", HandOver("http/1.0")),
+            ("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", HandOver("request-target")),
+            ("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", HandOver("request-target")),
+            ("GET / HTTP/1.1\r\n\r\n", HandOver("no-host")),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HandOver("malformed")),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                HandOver("malformed"),
+            ),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", HandOver("malformed")),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", HandOver("malformed")),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HandOver("chunked-body"),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", HandOver("upgrade")),
+            (
+                "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+                HandOver("expect"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\n\r\n",
+                HandOver("connection-header"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n\r\n",
+                HandOver("repeated-x-forwarded-for"),
+            ),
+            ("GET / HTTP/1.1\r\nHost a\r\n\r\n", HandOver("malformed")),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(&req(raw).0, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_head_drops_hop_by_hop_and_sets_forwarding_headers() {
+        let (r, out) = req(
+            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\nTE: trailers\r\nTrailer: x\r\n\
+             Proxy-Connection: keep-alive\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n",
+        );
+        assert!(matches!(r, Req::Lean(..)), "{r:?}");
+        assert_eq!(
+            out,
+            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"
+        );
+    }
+
+    /// What `parse_response` decided: status, framing, keep-alive, pass-through, and the
+    /// rewritten head when it is not passed through.
+    fn resp(raw: &str, head: bool, close: bool) -> Option<(u16, Framing, bool, bool, String)> {
+        let mut out = Vec::new();
+        match parse_response(raw.as_bytes(), head, close, &mut out) {
+            ParsedResponse::Response(r) => Some((
+                r.status,
+                r.framing,
+                r.keep_alive,
+                r.pass_through,
+                if r.pass_through {
+                    String::new()
+                } else {
+                    String::from_utf8(out).unwrap_or_default()
+                },
+            )),
+            ParsedResponse::Partial | ParsedResponse::Invalid => None,
+        }
+    }
+
+    /// status, framing, keep-alive, pass-through
+    type Decision = Option<(u16, Framing, bool, bool)>;
+
+    #[test]
+    fn parse_response_cases() {
+        use Framing::*;
+        let cases: &[(&str, bool, Decision)] = &[
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                false,
+                Some((200, Length(3), true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                true,
+                Some((200, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                Some((204, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Some((304, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\n",
+                false,
+                Some((100, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Some((200, Chunked, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false,
+                Some((200, Chunked, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                false,
+                Some((200, UntilClose, false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                false,
+                Some((200, UntilClose, false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), false, false)),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false,
+                None,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false, None),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0x10\r\n\r\n",
+                false,
+                None,
+            ),
+            ("HTTP/1.1 2000 OK\r\n\r\n", false, None),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", false, None),
+            ("SSH-2.0-OpenSSH\r\n\r\n", false, None),
+        ];
+        for (raw, head, want) in cases {
+            let got = resp(raw, *head, false).map(|(s, f, k, p, _)| (s, f, k, p));
+            assert_eq!(&got, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn rewritten_response_heads() {
+        // Transfer-Encoding wins over Content-Length, and the client never sees both.
+        let (_, framing, _, pass, head) = resp(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n",
+            false,
+            false,
+        )
+        .expect("valid");
+        assert_eq!((framing, pass), (Framing::Chunked, false));
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n"
+        );
+        // Hop-by-hop headers are dropped; closing the client adds `Connection: close`.
+        let (_, _, _, _, head) = resp(
+            "HTTP/1.1 404 Not Found\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+            true,
+        )
+        .expect("valid");
+        assert_eq!(
+            head,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+}

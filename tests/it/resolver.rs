@@ -182,6 +182,30 @@ async fn backend_names_follow_dns_changes_and_keep_the_last_answer_when_dns_fail
         );
     }
 
+    // A restarted node serves its named backend from its very first request: the names are
+    // looked up before the proxy listens, not a moment after.
+    let mut node = node;
+    node.kill9();
+    node.spawn();
+    let first = loop {
+        match node
+            .proxy_client()
+            .without_keepalive()
+            .get("dns.test", "/")
+            .await
+        {
+            Ok(r) => break r,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    assert!(
+        first.status == 200 && ["blue", "green"].contains(&first.body.as_str()),
+        "the first request after a restart: {} {:?}",
+        first.status,
+        first.body
+    );
+    node.wait_ready().await;
+
     // The DNS server goes away: lookups fail, the last good answer stays in use.
     dns.set(&[("127.0.0.3", name)]);
     wait_for(Duration::from_secs(6), "one address again", || async {
