@@ -233,7 +233,7 @@ fn run(
 
     let conf = ServerConf {
         threads: cfg.proxy.threads,
-        max_retries: 16,
+        max_retries: pingora_vhost::proxy::rules::MAX_ATTEMPTS,
         // One single-threaded runtime per worker thread, as nginx workers: a connection stays
         // on the thread that accepted it. Measured ~2 % less CPU per proxied request than
         // tokio's work-stealing scheduler (bench/README.md). The control plane brings its own

@@ -27,16 +27,17 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::answers::{self, ACME_CHALLENGE_PREFIX};
+use super::answers;
 use super::chunked::ChunkedTracker;
 use super::client_io::ClientIo;
 use super::deadline::{deadline_after, IoDeadline};
+use super::outcome::{self, AttemptFailure};
 use super::replay::Replayed;
+use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::service::VhostProxy;
 use super::table::Route;
 use super::{pool, DataPlane};
-use crate::live::breaker::Failure;
-use crate::live::{now_ms, BackendRuntime, InFlight};
+use crate::live::{BackendRuntime, InFlight};
 use crate::observability::Metrics;
 
 /// Largest request or response head read; a bigger request goes to Pingora's path.
@@ -45,8 +46,6 @@ const MAX_HEADERS: usize = 96;
 /// Request bodies up to this size are read before sending, so a failed attempt can be sent
 /// again (to a fresh connection or another backend). Larger bodies stream, without retry.
 const REPLAY_LIMIT: usize = 64 * 1024;
-/// Attempts per request (Pingora's `max_retries` in this binary).
-const MAX_ATTEMPTS: usize = 16;
 const RELAY_CHUNK: usize = 64 * 1024;
 /// Closing with a request body unread: the rest is read and dropped for up to this long
 /// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
@@ -697,24 +696,11 @@ impl VhostApp {
 
     /// Answers one request; returns the status sent (0 when none) and what comes next.
     async fn handle(&self, client: &mut Client, head: &RequestHead) -> (u16, Outcome) {
-        // Everything that reads the request target, before the client buffer moves on.
-        let (acme_answer, route, redirect) = {
+        // Read the request target before the client buffer moves on.
+        let decision = {
             let target = std::str::from_utf8(&client.buf[head.target.clone()]).unwrap_or("/");
-            let path = target.split('?').next().unwrap_or("");
             let table = self.data.routes.load();
-            let acme_path = path.starts_with(ACME_CHALLENGE_PREFIX);
-            let acme_answer = path
-                .strip_prefix(ACME_CHALLENGE_PREFIX)
-                .and_then(|token| table.challenge(token))
-                .map(str::to_string);
-            let route = table.lookup(&head.host).cloned();
-            let redirect = match &route {
-                Some(r) if !client.tls && r.http_to_https && !acme_path => {
-                    Some(answers::https_location(&head.host, self.https_port, target))
-                }
-                _ => None,
-            };
-            (acme_answer, route, redirect)
+            Decision::for_request(&table, &head.host, target, client.tls, self.https_port)
         };
         // An answer of ours leaves any request body unread: close unless there is none.
         let own_answer_outcome = if head.content_length == 0 {
@@ -722,31 +708,28 @@ impl VhostApp {
         } else {
             Outcome::Close
         };
-        if let Some(key_authorization) = acme_answer {
-            // Answered on every node: the CA may validate against any of them.
-            client.consume(head.head_len);
-            return self
-                .answer(client, 200, &key_authorization, None, own_answer_outcome)
-                .await;
+        match decision {
+            Decision::AcmeChallenge(key_authorization) => {
+                client.consume(head.head_len);
+                self.answer(client, 200, &key_authorization, None, own_answer_outcome)
+                    .await
+            }
+            Decision::UnknownHost => {
+                client.consume(head.head_len);
+                let body = answers::no_virtual_host(&head.host);
+                self.answer(client, 404, &body, None, own_answer_outcome)
+                    .await
+            }
+            Decision::Redirect(location) => {
+                client.consume(head.head_len);
+                self.answer(client, 301, "", Some(&location), own_answer_outcome)
+                    .await
+            }
+            Decision::Proxy(route) => {
+                rules::await_peer_view(&self.data.live).await;
+                self.forward(client, head, &route).await
+            }
         }
-        let Some(route) = route else {
-            client.consume(head.head_len);
-            let body = answers::no_virtual_host(&head.host);
-            return self
-                .answer(client, 404, &body, None, own_answer_outcome)
-                .await;
-        };
-        if let Some(location) = redirect {
-            client.consume(head.head_len);
-            return self
-                .answer(client, 301, "", Some(&location), own_answer_outcome)
-                .await;
-        }
-        if !self.data.live.peer_view.is_open() {
-            // Just started: peers' health verdicts are a gossip round away (see service.rs).
-            self.data.live.peer_view.wait().await;
-        }
-        self.forward(client, head, &route).await
     }
 
     /// Sends an answer of ours (plain text, or an empty redirect).
@@ -819,11 +802,7 @@ impl VhostApp {
         loop {
             attempts += 1;
             let Some(pick) = route.pick(&tried[..n_tried]) else {
-                let body = if n_tried == 0 {
-                    (503, answers::no_healthy_backend(route))
-                } else {
-                    (502, answers::every_backend_failed(route))
-                };
+                let body = outcome::nothing_to_pick(route, n_tried > 0);
                 client.consume(head.head_len);
                 return self
                     .answer(client, body.0, &body.1, None, Outcome::Close)
@@ -852,46 +831,19 @@ impl VhostApp {
                     n_tried -= 1;
                     continue;
                 }
-                Err(failure) => failure,
-            };
-            let retriable = match failure {
-                AttemptError::NoAddress => true,
-                AttemptError::Connect => {
-                    let runtime = &upstream.runtime;
-                    runtime.failures.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.upstream_connect_failure(&upstream.id);
-                    if runtime
-                        .health
-                        .breaker
-                        .record_failure(Failure::Connect, now_ms())
-                    {
-                        tracing::warn!(backend = %upstream.id, "circuit breaker opened after a failed connect");
-                    }
-                    // Nothing reached the backend: always safe to try another one.
-                    true
-                }
-                _ => {
-                    if upstream
-                        .runtime
-                        .health
-                        .breaker
-                        .record_failure(Failure::Soft, now_ms())
-                    {
-                        tracing::warn!(backend = %upstream.id, "circuit breaker opened after repeated failures");
-                    }
-                    retry_allowed
+                Err(AttemptError::Connect) => AttemptFailure::Connect,
+                Err(AttemptError::NoAddress) => AttemptFailure::NoAddress,
+                Err(AttemptError::Timeout) => AttemptFailure::Timeout,
+                Err(AttemptError::Upstream { fault, .. }) => {
+                    AttemptFailure::Upstream(fault.label())
                 }
             };
-            if retriable && can_retry && route.has_untried(&tried[..n_tried]) {
+            outcome::record_failure(failure, &upstream.runtime, &self.metrics);
+            if failure.retriable(retry_allowed) && can_retry && route.has_untried(&tried[..n_tried])
+            {
                 continue;
             }
-            let (status, body) = match failure {
-                AttemptError::Timeout => (504, answers::backend_timed_out(&head.host)),
-                AttemptError::Upstream { fault, .. } => {
-                    (502, answers::backend_failed(&head.host, fault.label()))
-                }
-                _ => (502, answers::could_not_connect(&head.host)),
-            };
+            let (status, body) = failure.answer(&head.host);
             return self
                 .answer(client, status, &body, None, Outcome::Close)
                 .await;
@@ -950,14 +902,7 @@ impl VhostApp {
             (Err(_), Some(write_error)) => return Err(write_error),
             (Err(e), None) => return Err(e),
         };
-        let breaker = &runtime.health.breaker;
-        if (500..600).contains(&status) {
-            if breaker.record_failure(Failure::Soft, now_ms()) {
-                tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated 5xx answers");
-            }
-        } else {
-            breaker.record_success();
-        }
+        outcome::record_response(status, runtime);
         if upstream_reusable {
             pool::put(addr, upstream);
         }

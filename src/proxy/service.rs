@@ -12,11 +12,12 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-use super::answers::{self, ACME_CHALLENGE_PREFIX};
+use super::answers;
+use super::outcome::{self, AttemptFailure};
+use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::table::{Route, Upstream};
 use super::DataPlane;
-use crate::live::breaker::Failure;
-use crate::live::{now_ms, BackendRuntime, InFlight};
+use crate::live::{BackendRuntime, InFlight};
 use crate::observability::Metrics;
 
 pub struct VhostProxy {
@@ -49,6 +50,26 @@ impl Ctx {
     fn release_current(&mut self) {
         self.current = None;
         self.in_flight.clear();
+    }
+}
+
+/// A Pingora error in the shared classification (`outcome`); `None` when it is not the
+/// backend's (the client's, or ours).
+fn classify(e: &Error) -> Option<AttemptFailure> {
+    match (e.etype(), e.esource()) {
+        (
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure,
+            _,
+        ) => Some(AttemptFailure::Connect),
+        (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => {
+            Some(AttemptFailure::Timeout)
+        }
+        (other, ErrorSource::Upstream) => Some(AttemptFailure::Upstream(other.as_str())),
+        _ => None,
     }
 }
 
@@ -109,45 +130,38 @@ impl ProxyHttp for VhostProxy {
             .map(|d| d.ssl_digest.is_some())
             .unwrap_or(false);
         ctx.host = request_host(session.req_header());
-        let table = self.data.routes.load();
-        if let Some(token) = session
-            .req_header()
-            .uri
-            .path()
-            .strip_prefix(ACME_CHALLENGE_PREFIX)
-        {
-            if let Some(key_authorization) = table.challenge(token) {
-                // Answered on every node: the CA may validate against any of them.
-                respond_plain(session, 200, key_authorization.to_string()).await?;
-                return Ok(true);
-            }
-        }
-        let Some(route) = table.lookup(&ctx.host).cloned() else {
-            respond_plain(session, 404, answers::no_virtual_host(&ctx.host)).await?;
-            return Ok(true);
-        };
-        let path = session.req_header().uri.path();
-        if !ctx.tls && route.http_to_https && !path.starts_with(ACME_CHALLENGE_PREFIX) {
-            let pq = session
+        let decision = {
+            let target = session
                 .req_header()
                 .uri
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
-            let location = answers::https_location(&ctx.host, self.https_port, pq);
-            let mut resp = ResponseHeader::build(301, Some(3))?;
-            resp.insert_header("location", &location)?;
-            resp.insert_header("content-length", "0")?;
-            session.write_response_header(Box::new(resp), true).await?;
-            return Ok(true);
+            let table = self.data.routes.load();
+            Decision::for_request(&table, &ctx.host, target, ctx.tls, self.https_port)
+        };
+        match decision {
+            Decision::AcmeChallenge(key_authorization) => {
+                respond_plain(session, 200, key_authorization).await?;
+                Ok(true)
+            }
+            Decision::UnknownHost => {
+                respond_plain(session, 404, answers::no_virtual_host(&ctx.host)).await?;
+                Ok(true)
+            }
+            Decision::Redirect(location) => {
+                let mut resp = ResponseHeader::build(301, Some(3))?;
+                resp.insert_header("location", &location)?;
+                resp.insert_header("content-length", "0")?;
+                session.write_response_header(Box::new(resp), true).await?;
+                Ok(true)
+            }
+            Decision::Proxy(route) => {
+                rules::await_peer_view(&self.data.live).await;
+                ctx.route = Some(route);
+                Ok(false)
+            }
         }
-        if !self.data.live.peer_view.is_open() {
-            // Just started: peers' health verdicts are a gossip round away. Waiting briefly
-            // beats sending this request to a backend the cluster knows is down.
-            self.data.live.peer_view.wait().await;
-        }
-        ctx.route = Some(route);
-        Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -155,23 +169,25 @@ impl ProxyHttp for VhostProxy {
         let Some(route) = ctx.route.clone() else {
             return Err(Error::new(ErrorType::InternalError));
         };
-        let Some(pick) = route.pick(&ctx.tried) else {
-            ctx.failure = Some(if ctx.tried.is_empty() {
-                (503, answers::no_healthy_backend(&route))
-            } else {
-                (502, answers::every_backend_failed(&route))
-            });
-            return Err(Error::new(ErrorType::HTTPStatus(
-                ctx.failure.as_ref().map(|f| f.0).unwrap_or(502),
-            )));
-        };
-        if pick.guard_rail {
-            self.metrics.guard_rail_used();
-        }
-        let upstream = pick.upstream.clone();
-        ctx.tried.push(pick.index);
-        let Some(addr) = upstream.addr() else {
-            return Err(Error::new(ErrorType::ConnectNoRoute));
+        // Pingora bounds the attempts (`max_retries` = `rules::MAX_ATTEMPTS`).
+        let (upstream, addr) = loop {
+            let Some(pick) = route.pick(&ctx.tried) else {
+                let (status, body) = outcome::nothing_to_pick(&route, !ctx.tried.is_empty());
+                ctx.failure = Some((status, body));
+                return Err(Error::new(ErrorType::HTTPStatus(status)));
+            };
+            if pick.guard_rail {
+                self.metrics.guard_rail_used();
+            }
+            ctx.tried.push(pick.index);
+            if ctx.tried.len() > MAX_ATTEMPTS {
+                return Err(Error::new(ErrorType::ConnectNoRoute));
+            }
+            match pick.upstream.addr() {
+                Some(addr) => break (pick.upstream.clone(), addr),
+                // No address yet: not the backend's fault; another one may serve.
+                None => continue,
+            }
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
@@ -190,22 +206,16 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        let failure = AttemptFailure::Connect;
         if let Some(u) = &ctx.current {
-            u.runtime.failures.fetch_add(1, Ordering::Relaxed);
-            self.metrics.upstream_connect_failure(&u.id);
-            if u.runtime
-                .health
-                .breaker
-                .record_failure(Failure::Connect, now_ms())
-            {
-                tracing::warn!(backend = %u.id, "circuit breaker opened after a failed connect");
-            }
+            outcome::record_failure(failure, &u.runtime, &self.metrics);
         }
-        // A failed connect sent nothing upstream: always safe to try another backend.
-        if let Some(route) = &ctx.route {
-            if route.has_untried(&ctx.tried) {
-                e.set_retry(true);
-            }
+        let others = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.has_untried(&ctx.tried));
+        if failure.retriable(false) && others {
+            e.set_retry(true);
         }
         e
     }
@@ -233,21 +243,16 @@ impl ProxyHttp for VhostProxy {
             e.set_retry(true);
             return e;
         }
+        let failure = classify(&e).unwrap_or(AttemptFailure::Upstream("UnknownError"));
         if let Some(u) = &ctx.current {
-            if u.runtime
-                .health
-                .breaker
-                .record_failure(Failure::Soft, now_ms())
-            {
-                tracing::warn!(backend = %u.id, "circuit breaker opened after repeated failures");
-            }
+            outcome::record_failure(failure, &u.runtime, &self.metrics);
         }
         // Idempotent requests whose body we still have may go to another backend.
         let others = ctx
             .route
             .as_ref()
             .is_some_and(|r| r.has_untried(&ctx.tried));
-        e.set_retry(retriable && others);
+        e.set_retry(failure.retriable(retriable) && others);
         e
     }
 
@@ -258,14 +263,7 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(u) = &ctx.current {
-            let breaker = &u.runtime.health.breaker;
-            if upstream_response.status.is_server_error() {
-                if breaker.record_failure(Failure::Soft, now_ms()) {
-                    tracing::warn!(backend = %u.id, "circuit breaker opened after repeated 5xx answers");
-                }
-            } else {
-                breaker.record_success();
-            }
+            outcome::record_response(upstream_response.status.as_u16(), &u.runtime);
         }
         Ok(())
     }
@@ -304,27 +302,15 @@ impl ProxyHttp for VhostProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, body) = match ctx.failure.take() {
             Some(f) => f,
-            None => match (e.etype(), e.esource()) {
-                (ErrorType::HTTPStatus(c), _) => (*c, format!("{c}\n")),
-                (ErrorType::ConnectTimedout, _)
-                | (ErrorType::ConnectRefused, _)
-                | (ErrorType::ConnectNoRoute, _)
-                | (ErrorType::ConnectError, _)
-                | (ErrorType::TLSHandshakeFailure, _) => {
-                    (502, answers::could_not_connect(&ctx.host))
-                }
-                (ErrorType::ReadTimedout, ErrorSource::Upstream)
-                | (ErrorType::WriteTimedout, ErrorSource::Upstream) => {
-                    (504, answers::backend_timed_out(&ctx.host))
-                }
-                (_, ErrorSource::Upstream) => {
-                    (502, answers::backend_failed(&ctx.host, e.etype().as_str()))
-                }
+            None => match (e.etype(), e.esource(), classify(e)) {
+                (ErrorType::HTTPStatus(c), _, _) => (*c, format!("{c}\n")),
+                (_, _, Some(failure)) => failure.answer(&ctx.host),
                 (
                     ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
                     ErrorSource::Downstream,
+                    _,
                 ) => (0, String::new()),
-                (_, ErrorSource::Downstream) => (400, "400 Bad Request\n".to_string()),
+                (_, ErrorSource::Downstream, _) => (400, "400 Bad Request\n".to_string()),
                 _ => (500, "500 Internal Server Error\n".to_string()),
             },
         };
