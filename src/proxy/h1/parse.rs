@@ -1,0 +1,535 @@
+//! Parsing of HTTP/1.1 heads on the lean path: a request head from the client (and the head
+//! sent upstream, written as it is parsed), a response head from the backend (and, when it
+//! cannot pass through unchanged, the head sent to the client). One `httparse` pass each.
+
+use super::super::answers;
+
+/// Headers per head (both directions); more goes to Pingora's path (requests) or is a 502.
+const MAX_HEADERS: usize = 96;
+
+/// What the head of a request says, once parsed.
+pub(super) struct RequestHead {
+    pub(super) head_len: usize,
+    pub(super) content_length: usize,
+    pub(super) host: String,
+    /// Request target (origin form), as a range of the client buffer.
+    pub(super) target: std::ops::Range<usize>,
+    pub(super) idempotent: bool,
+    pub(super) head_method: bool,
+    /// The client asked to close after this request.
+    pub(super) close: bool,
+}
+
+pub(super) enum Parsed {
+    Partial,
+    /// Pingora's proxy serves this request (the reason is a metric label).
+    HandOver(&'static str),
+    Request(RequestHead),
+}
+
+/// Parses a request head from `buf` and writes the upstream request head into `out`.
+pub(super) fn parse_request(
+    buf: &[u8],
+    out: &mut Vec<u8>,
+    client_ip: Option<&str>,
+    tls: bool,
+) -> Parsed {
+    // Uninitialised: httparse writes only the headers it finds (no 3 KiB memset per request).
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Pingora's parser answers malformed requests (400) and takes the rare ones.
+        Err(_) => return Parsed::HandOver("malformed"),
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::HandOver("http/1.0");
+    };
+    if !target.starts_with('/') || method == "CONNECT" {
+        return Parsed::HandOver("request-target");
+    }
+    let target_start = target.as_ptr() as usize - buf.as_ptr() as usize;
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut host: Option<&[u8]> = None;
+    let mut content_length: Option<usize> = None;
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        let copy = match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => {
+                if host.replace(h.value).is_some() {
+                    return Parsed::HandOver("malformed");
+                }
+                true
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let parsed = std::str::from_utf8(h.value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok());
+                match (parsed, content_length) {
+                    (Some(n), None) => content_length = Some(n),
+                    _ => return Parsed::HandOver("malformed"),
+                }
+                true
+            }
+            10 if name.eq_ignore_ascii_case("connection") => {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        // Upgrade, or hop-by-hop headers named by the client.
+                        return Parsed::HandOver("connection-header");
+                    }
+                }
+                false
+            }
+            15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
+                if forwarded_for.replace(h.value).is_some() {
+                    return Parsed::HandOver("repeated-x-forwarded-for");
+                }
+                false
+            }
+            16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
+            17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
+                return Parsed::HandOver("chunked-body")
+            }
+            7 if name.eq_ignore_ascii_case("upgrade") => return Parsed::HandOver("upgrade"),
+            6 if name.eq_ignore_ascii_case("expect") => return Parsed::HandOver("expect"),
+            10 if name.eq_ignore_ascii_case("keep-alive") => false,
+            16 if name.eq_ignore_ascii_case("proxy-connection") => false,
+            2 if name.eq_ignore_ascii_case("te") => false,
+            7 if name.eq_ignore_ascii_case("trailer") => false,
+            _ => true,
+        };
+        if copy {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let Some(host_raw) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return Parsed::HandOver("no-host");
+    };
+    let host = answers::normalize_host(host_raw.trim());
+
+    if let Some(ip) = client_ip {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        if let Some(prev) = forwarded_for.filter(|p| !p.is_empty()) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    } else if let Some(prev) = forwarded_for {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(if tls {
+        b"X-Forwarded-Proto: https\r\n".as_slice()
+    } else {
+        b"X-Forwarded-Proto: http\r\n".as_slice()
+    });
+    out.extend_from_slice(b"X-Forwarded-Host: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+
+    Parsed::Request(RequestHead {
+        head_len,
+        content_length: content_length.unwrap_or(0),
+        host,
+        target: target_start..target_start + target.len(),
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
+        ),
+        head_method: method == "HEAD",
+        close,
+    })
+}
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+pub(super) struct ResponseHead {
+    pub(super) head_len: usize,
+    pub(super) status: u16,
+    pub(super) framing: Framing,
+    /// The backend keeps the connection open after this response.
+    pub(super) keep_alive: bool,
+    /// The head can go to the client as the backend sent it.
+    pub(super) pass_through: bool,
+}
+
+pub(super) enum ParsedResponse {
+    Partial,
+    /// Not a valid HTTP/1 response head.
+    Invalid,
+    Response(ResponseHead),
+}
+
+pub(super) fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case("connection")
+        || name.eq_ignore_ascii_case("keep-alive")
+        || name.eq_ignore_ascii_case("proxy-connection")
+}
+
+/// Parses a response head. When it cannot pass through unchanged (HTTP/1.0, hop-by-hop
+/// headers, or `close_client`), writes the head to send to the client into `out`.
+pub(super) fn parse_response(
+    buf: &[u8],
+    head_method: bool,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> ParsedResponse {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return ParsedResponse::Partial,
+        Err(_) => return ParsedResponse::Invalid,
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return ParsedResponse::Invalid;
+    };
+    let mut keep_alive = version == 1;
+    let mut hop_by_hop = false;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            match (parsed, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return ParsedResponse::Invalid,
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides; anything but chunked is read until close.
+            let last = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            other_coding = !chunked;
+        } else if is_hop_by_hop(h.name) {
+            hop_by_hop = true;
+            if h.name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    }
+                }
+            }
+        }
+    }
+    let framing = if head_method || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if other_coding {
+        Framing::UntilClose
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+    let close_client = close_client || framing == Framing::UntilClose;
+    // Transfer-Encoding overrides Content-Length; the client must not see both (RFC 9112 6.3).
+    let drop_length = (chunked || other_coding) && length.is_some();
+    let pass_through = version == 1 && !hop_by_hop && !close_client && !drop_length;
+    if !pass_through {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in resp.headers.iter() {
+            let dropped_length = drop_length && h.name.eq_ignore_ascii_case("content-length");
+            if !(is_hop_by_hop(h.name) || dropped_length) {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if close_client {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    ParsedResponse::Response(ResponseHead {
+        head_len,
+        status,
+        framing,
+        keep_alive,
+        pass_through,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `parse_request` decided, in a comparable form.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Req {
+        Partial,
+        HandOver(&'static str),
+        /// host, content length, idempotent, HEAD, close
+        Lean(&'static str, usize, bool, bool, bool),
+    }
+
+    fn req(raw: &str) -> (Req, String) {
+        let mut out = Vec::new();
+        let r = match parse_request(raw.as_bytes(), &mut out, Some("10.0.0.9"), false) {
+            Parsed::Partial => Req::Partial,
+            Parsed::HandOver(why) => Req::HandOver(why),
+            Parsed::Request(h) => {
+                assert_eq!(h.head_len, raw.find("\r\n\r\n").map_or(0, |i| i + 4));
+                let host: &'static str = Box::leak(h.host.into_boxed_str());
+                Req::Lean(host, h.content_length, h.idempotent, h.head_method, h.close)
+            }
+        };
+        (r, String::from_utf8(out).unwrap_or_default())
+    }
+
+    #[test]
+    fn parse_request_cases() {
+        use Req::*;
+        let cases: &[(&str, Req)] = &[
+            ("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", Lean("a.test", 0, true, false, false)),
+            ("GET / HTTP/1.1\r\nHost: A.Test:8080\r\n\r\n", Lean("a.test", 0, true, false, false)),
+            ("HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", Lean("a", 0, true, true, false)),
+            (
+                "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                Lean("a", 5, false, false, false),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                Lean("a", 0, true, false, true),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+                Lean("a", 0, true, false, false),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\n", Partial),
+            ("GET / HTTP/1.0\r\nHost: a\r\n\r\n", HandOver("http/1.0")),
+            ("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", HandOver("request-target")),
+            ("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", HandOver("request-target")),
+            ("GET / HTTP/1.1\r\n\r\n", HandOver("no-host")),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HandOver("malformed")),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                HandOver("malformed"),
+            ),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", HandOver("malformed")),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", HandOver("malformed")),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HandOver("chunked-body"),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", HandOver("upgrade")),
+            (
+                "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+                HandOver("expect"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\n\r\n",
+                HandOver("connection-header"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n\r\n",
+                HandOver("repeated-x-forwarded-for"),
+            ),
+            ("GET / HTTP/1.1\r\nHost a\r\n\r\n", HandOver("malformed")),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(&req(raw).0, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_head_drops_hop_by_hop_and_sets_forwarding_headers() {
+        let (r, out) = req(
+            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\nTE: trailers\r\nTrailer: x\r\n\
+             Proxy-Connection: keep-alive\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n",
+        );
+        assert!(matches!(r, Req::Lean(..)), "{r:?}");
+        assert_eq!(
+            out,
+            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"
+        );
+    }
+
+    /// What `parse_response` decided: status, framing, keep-alive, pass-through, and the
+    /// rewritten head when it is not passed through.
+    fn resp(raw: &str, head: bool, close: bool) -> Option<(u16, Framing, bool, bool, String)> {
+        let mut out = Vec::new();
+        match parse_response(raw.as_bytes(), head, close, &mut out) {
+            ParsedResponse::Response(r) => Some((
+                r.status,
+                r.framing,
+                r.keep_alive,
+                r.pass_through,
+                if r.pass_through {
+                    String::new()
+                } else {
+                    String::from_utf8(out).unwrap_or_default()
+                },
+            )),
+            ParsedResponse::Partial | ParsedResponse::Invalid => None,
+        }
+    }
+
+    /// status, framing, keep-alive, pass-through
+    type Decision = Option<(u16, Framing, bool, bool)>;
+
+    #[test]
+    fn parse_response_cases() {
+        use Framing::*;
+        let cases: &[(&str, bool, Decision)] = &[
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                false,
+                Some((200, Length(3), true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                true,
+                Some((200, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                Some((204, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Some((304, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\n",
+                false,
+                Some((100, Empty, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Some((200, Chunked, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false,
+                Some((200, Chunked, true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                false,
+                Some((200, UntilClose, false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                false,
+                Some((200, UntilClose, false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), false, false)),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), false, false)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Some((200, Length(1), true, true)),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false,
+                None,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false, None),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0x10\r\n\r\n",
+                false,
+                None,
+            ),
+            ("HTTP/1.1 2000 OK\r\n\r\n", false, None),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", false, None),
+            ("SSH-2.0-OpenSSH\r\n\r\n", false, None),
+        ];
+        for (raw, head, want) in cases {
+            let got = resp(raw, *head, false).map(|(s, f, k, p, _)| (s, f, k, p));
+            assert_eq!(&got, want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn rewritten_response_heads() {
+        // Transfer-Encoding wins over Content-Length, and the client never sees both.
+        let (_, framing, _, pass, head) = resp(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n",
+            false,
+            false,
+        )
+        .expect("valid");
+        assert_eq!((framing, pass), (Framing::Chunked, false));
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n"
+        );
+        // Hop-by-hop headers are dropped; closing the client adds `Connection: close`.
+        let (_, _, _, _, head) = resp(
+            "HTTP/1.1 404 Not Found\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+            true,
+        )
+        .expect("valid");
+        assert_eq!(
+            head,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+}
