@@ -48,12 +48,16 @@ pub fn due_domains(
             let requested = state
                 .acme
                 .status
-                .get(&d.domain)
+                .get(d.domain.as_str())
                 .is_some_and(|s| s.renew_requested);
             requested || d.cert.as_ref().is_none_or(|c| c.not_after <= renew_at)
         })
         .filter(|d| {
-            let lease = state.acme.status.get(&d.domain).and_then(|s| s.in_flight);
+            let lease = state
+                .acme
+                .status
+                .get(d.domain.as_str())
+                .and_then(|s| s.in_flight);
             match lease {
                 Some((owner, since)) => {
                     owner == node_id
@@ -63,7 +67,7 @@ pub fn due_domains(
                 None => true,
             }
         })
-        .map(|d| d.domain.clone())
+        .map(|d| d.domain.to_string())
         .collect()
 }
 
@@ -76,7 +80,7 @@ pub async fn run(node: Arc<ClusterNode>, cfg: LetsEncryptConfig, metrics: Arc<Me
         let expiries: Vec<(String, i64)> = node.sm.with_state(|s| {
             s.domains
                 .values()
-                .filter_map(|d| d.cert.as_ref().map(|c| (d.domain.clone(), c.not_after)))
+                .filter_map(|d| d.cert.as_ref().map(|c| (d.domain.to_string(), c.not_after)))
                 .collect()
         });
         metrics.set_cert_expiries(&expiries);
@@ -406,11 +410,11 @@ mod tests {
             acme_domain("later.test", Some(1_000_000_000 + 60 * day)),
             acme_domain("*.wild.test", None),
         ] {
-            s.domains.insert(d.domain.clone(), d);
+            s.domains.insert(d.domain.to_string(), d);
         }
         let mut manual = acme_domain("manual.test", None);
         manual.tls = TlsMode::Manual;
-        s.domains.insert(manual.domain.clone(), manual);
+        s.domains.insert(manual.domain.to_string(), manual);
         let window = Duration::from_secs(30 * 86_400);
         let all_alive = |_| true;
         assert_eq!(

@@ -147,7 +147,9 @@ impl ControlPlane {
                 {
                     let sm = sm.clone();
                     move || {
-                        sm.with_state(|s| s.backends.values().map(|b| b.address.clone()).collect())
+                        sm.with_state(|s| {
+                            s.backends.values().map(|b| b.address.to_string()).collect()
+                        })
                     }
                 },
                 move || sm.with_state(|s| data.publish_routes(s)),
@@ -335,7 +337,7 @@ async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
         let differs = node.sm.with_state(|s: &State| {
             let same_domains = domains.len() == s.domains.len()
                 && domains.iter().all(|d| {
-                    s.domains.get(&d.domain).is_some_and(|x| {
+                    s.domains.get(d.domain.as_str()).is_some_and(|x| {
                         x.enabled_backends_tag == d.enabled_backends_tag
                             && x.http_to_https == d.http_to_https
                             && x.tls == d.tls
@@ -344,7 +346,7 @@ async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
             let same_backends = backends.len() == s.backends.len()
                 && backends.iter().all(|b| {
                     s.backends
-                        .get(&b.id)
+                        .get(b.id.as_str())
                         .is_some_and(|x| x.address == b.address && x.tags == b.tags)
                 });
             !(same_domains && same_backends)

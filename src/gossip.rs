@@ -54,7 +54,7 @@ impl Gossip {
             cluster_id: cfg.cluster_id.clone(),
             gossip_interval: Duration::from_millis(200),
             listen_addr: cfg.gossip_addr,
-            seed_nodes: cfg.seeds.clone(),
+            seed_nodes: cfg.seeds.iter().map(|s| s.to_string()).collect(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: 8.0,
                 sampling_window_size: 1000,

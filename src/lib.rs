@@ -15,7 +15,7 @@ pub mod live;
 pub mod observability;
 pub mod proxy;
 pub mod resolve;
+pub mod schema;
 pub mod state;
 pub mod supervise;
 pub mod upgrade;
-pub mod validate;

@@ -206,7 +206,8 @@ fn run(
         // with its backend names resolved (bounded).
         let (log, sm) =
             store::open(&data_dir, publisher.clone()).context("opening the Raft store")?;
-        let addresses = sm.with_state(|s| s.backends.values().map(|b| b.address.clone()).collect());
+        let addresses =
+            sm.with_state(|s| s.backends.values().map(|b| b.address.to_string()).collect());
         resolve::prime(&data.live, &cfg.resolver, addresses, PRIME_LIMIT);
         let stored = data.live.addrs.stored();
         sm.with_state(|s| data.publish_routes(s));

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::TlsMode;
+pub use crate::schema::TlsMode;
+use crate::schema::{BackendId, DomainName, HealthPath, HostPort, Tag, MAX_BACKENDS, MAX_DOMAINS};
 
 /// A certificate chain and its private key, both PEM, plus facts read from the leaf when the
 /// command was built (so `apply` never parses certificates).
@@ -25,8 +26,8 @@ pub struct CertPair {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Domain {
-    pub domain: String,
-    pub enabled_backends_tag: String,
+    pub domain: DomainName,
+    pub enabled_backends_tag: Tag,
     pub http_to_https: bool,
     pub tls: TlsMode,
     pub cert: Option<CertPair>,
@@ -34,10 +35,10 @@ pub struct Domain {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
-    pub id: String,
-    pub address: String,
-    pub tags: Vec<String>,
-    pub health_check_path: Option<String>,
+    pub id: BackendId,
+    pub address: HostPort,
+    pub tags: Vec<Tag>,
+    pub health_check_path: Option<HealthPath>,
     /// Drained backends get no new requests (replicated so every node honours it).
     pub draining: bool,
 }
@@ -62,7 +63,7 @@ where
 /// Partial update of a domain: `None` keeps the current value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainPatch {
-    pub enabled_backends_tag: Option<String>,
+    pub enabled_backends_tag: Option<Tag>,
     pub http_to_https: Option<bool>,
     pub tls: Option<TlsMode>,
     /// `Some(None)` removes the certificate.
@@ -77,15 +78,15 @@ pub struct DomainPatch {
 /// Partial update of a backend: `None` keeps the current value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendPatch {
-    pub address: Option<String>,
-    pub tags: Option<Vec<String>>,
+    pub address: Option<HostPort>,
+    pub tags: Option<Vec<Tag>>,
     /// `Some(None)` clears the override.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "double_option"
     )]
-    pub health_check_path: Option<Option<String>>,
+    pub health_check_path: Option<Option<HealthPath>>,
 }
 
 /// Every change to the replicated state. One API call is one command, so a rejected call
@@ -100,24 +101,24 @@ pub enum Command {
     },
     CreateDomain(Domain),
     UpdateDomain {
-        domain: String,
+        domain: DomainName,
         patch: DomainPatch,
     },
-    DeleteDomain(String),
+    DeleteDomain(DomainName),
     /// Sets the active tag. Health checks happen before proposing (they are local views, not
     /// replicated facts).
     SwitchTag {
-        domain: String,
-        tag: String,
+        domain: DomainName,
+        tag: Tag,
     },
     CreateBackend(Backend),
     UpdateBackend {
-        id: String,
+        id: BackendId,
         patch: BackendPatch,
     },
-    DeleteBackend(String),
+    DeleteBackend(BackendId),
     SetDraining {
-        id: String,
+        id: BackendId,
         draining: bool,
     },
     // ACME.
@@ -167,7 +168,7 @@ pub enum Applied {
     Domain(Domain),
     DomainSwitched {
         domain: Domain,
-        previous_tag: String,
+        previous_tag: Tag,
     },
     DomainDeleted,
     Backend(Backend),
@@ -185,6 +186,10 @@ pub enum ApplyError {
     BackendExists(String),
     #[error("backend {0:?} not found")]
     BackendNotFound(String),
+    #[error("the cluster already holds the maximum of {0} domains")]
+    TooManyDomains(usize),
+    #[error("the cluster already holds the maximum of {0} backends")]
+    TooManyBackends(usize),
 }
 
 /// The response type stored in Raft: the outcome of `apply` for one entry.
@@ -243,27 +248,30 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
                 return Ok(Applied::Seeded { applied: false });
             }
             for b in backends {
-                state.backends.insert(b.id.clone(), b.clone());
+                state.backends.insert(b.id.to_string(), b.clone());
             }
             for d in domains {
-                state.domains.insert(d.domain.clone(), d.clone());
+                state.domains.insert(d.domain.to_string(), d.clone());
             }
             state.seeded = true;
             Ok(Applied::Seeded { applied: true })
         }
         Command::CreateDomain(d) => {
-            if state.domains.contains_key(&d.domain) {
-                return Err(ApplyError::DomainExists(d.domain.clone()));
+            if state.domains.contains_key(d.domain.as_str()) {
+                return Err(ApplyError::DomainExists(d.domain.to_string()));
+            }
+            if state.domains.len() >= MAX_DOMAINS {
+                return Err(ApplyError::TooManyDomains(MAX_DOMAINS));
             }
             state.seeded = true;
-            state.domains.insert(d.domain.clone(), d.clone());
+            state.domains.insert(d.domain.to_string(), d.clone());
             Ok(Applied::Domain(d.clone()))
         }
         Command::UpdateDomain { domain, patch } => {
             let d = state
                 .domains
-                .get_mut(domain)
-                .ok_or_else(|| ApplyError::DomainNotFound(domain.clone()))?;
+                .get_mut(domain.as_str())
+                .ok_or_else(|| ApplyError::DomainNotFound(domain.to_string()))?;
             if let Some(tag) = &patch.enabled_backends_tag {
                 d.enabled_backends_tag = tag.clone();
             }
@@ -278,18 +286,18 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             }
             Ok(Applied::Domain(d.clone()))
         }
-        Command::DeleteDomain(domain) => match state.domains.remove(domain) {
+        Command::DeleteDomain(domain) => match state.domains.remove(domain.as_str()) {
             Some(_) => {
-                state.acme.status.remove(domain);
+                state.acme.status.remove(domain.as_str());
                 Ok(Applied::DomainDeleted)
             }
-            None => Err(ApplyError::DomainNotFound(domain.clone())),
+            None => Err(ApplyError::DomainNotFound(domain.to_string())),
         },
         Command::SwitchTag { domain, tag } => {
             let d = state
                 .domains
-                .get_mut(domain)
-                .ok_or_else(|| ApplyError::DomainNotFound(domain.clone()))?;
+                .get_mut(domain.as_str())
+                .ok_or_else(|| ApplyError::DomainNotFound(domain.to_string()))?;
             let previous_tag = std::mem::replace(&mut d.enabled_backends_tag, tag.clone());
             Ok(Applied::DomainSwitched {
                 domain: d.clone(),
@@ -297,18 +305,21 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             })
         }
         Command::CreateBackend(b) => {
-            if state.backends.contains_key(&b.id) {
-                return Err(ApplyError::BackendExists(b.id.clone()));
+            if state.backends.contains_key(b.id.as_str()) {
+                return Err(ApplyError::BackendExists(b.id.to_string()));
+            }
+            if state.backends.len() >= MAX_BACKENDS {
+                return Err(ApplyError::TooManyBackends(MAX_BACKENDS));
             }
             state.seeded = true;
-            state.backends.insert(b.id.clone(), b.clone());
+            state.backends.insert(b.id.to_string(), b.clone());
             Ok(Applied::Backend(b.clone()))
         }
         Command::UpdateBackend { id, patch } => {
             let b = state
                 .backends
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::BackendNotFound(id.clone()))?;
+                .get_mut(id.as_str())
+                .ok_or_else(|| ApplyError::BackendNotFound(id.to_string()))?;
             if let Some(a) = &patch.address {
                 b.address = a.clone();
             }
@@ -320,15 +331,15 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             }
             Ok(Applied::Backend(b.clone()))
         }
-        Command::DeleteBackend(id) => match state.backends.remove(id) {
+        Command::DeleteBackend(id) => match state.backends.remove(id.as_str()) {
             Some(_) => Ok(Applied::BackendDeleted),
-            None => Err(ApplyError::BackendNotFound(id.clone())),
+            None => Err(ApplyError::BackendNotFound(id.to_string())),
         },
         Command::SetDraining { id, draining } => {
             let b = state
                 .backends
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::BackendNotFound(id.clone()))?;
+                .get_mut(id.as_str())
+                .ok_or_else(|| ApplyError::BackendNotFound(id.to_string()))?;
             b.draining = *draining;
             Ok(Applied::Backend(b.clone()))
         }
@@ -429,7 +440,7 @@ mod tests {
         Backend {
             id: id.into(),
             address: "127.0.0.1:1".into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
+            tags: tags.iter().map(|t| (*t).into()).collect(),
             health_check_path: None,
             draining: false,
         }
@@ -648,7 +659,7 @@ mod tests {
             let back: Command = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
             assert_eq!(c, back);
         }
-        for path in [None, Some(None), Some(Some("/hc".to_string()))] {
+        for path in [None, Some(None), Some(Some("/hc".into()))] {
             let c = Command::UpdateBackend {
                 id: "b".into(),
                 patch: BackendPatch {

@@ -15,8 +15,8 @@ use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
 use crate::live::{now_ms, BackendRuntime};
+use crate::schema::{self, BackendId, HealthPath, HostPort, Tag};
 use crate::state::{Applied, Backend, BackendPatch, Command};
-use crate::validate;
 
 /// The backends each live peer reports down in gossip, read once per API answer.
 pub struct PeerVerdicts(Vec<(u64, std::collections::HashSet<String>)>);
@@ -87,20 +87,10 @@ fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("backend {id:?} not found")))
 }
 
-fn parse_tags(tags: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
-    let Some(tags) = tags else { return Ok(None) };
-    let mut out: Vec<String> = Vec::new();
-    for t in tags {
-        validate::tag(&t).map_err(|e| ApiError::field("tags", e))?;
-        if !out.contains(&t) {
-            out.push(t);
-        }
-    }
-    Ok(Some(out))
-}
-
-fn parse_address(a: &str) -> Result<(), ApiError> {
-    validate::host_port(a).map_err(|e| ApiError::field("address", e))
+fn parse_tags(body: &mut Body) -> Result<Option<Vec<Tag>>, ApiError> {
+    body.opt_list::<Tag>("tags")?
+        .map(|tags| schema::tag_list(tags).map_err(|e| ApiError::field("tags", e)))
+        .transpose()
 }
 
 /// Read-only status fields clients may echo back from a GET.
@@ -142,15 +132,10 @@ pub async fn create(
     bytes: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut body = Body::parse(&bytes)?;
-    let id = body.req_str("id")?;
-    validate::backend_id(&id).map_err(|e| ApiError::field("id", e))?;
-    let address = body.req_str("address")?;
-    parse_address(&address)?;
-    let tags = parse_tags(body.opt_str_list("tags")?)?.unwrap_or_default();
-    let health_check_path = body.nullable_str("health_check_path")?.flatten();
-    if let Some(p) = &health_check_path {
-        validate::health_path(p).map_err(|e| ApiError::field("health_check_path", e))?;
-    }
+    let id: BackendId = body.req("id")?;
+    let address: HostPort = body.req("address")?;
+    let tags = parse_tags(&mut body)?.unwrap_or_default();
+    let health_check_path = body.nullable::<HealthPath>("health_check_path")?.flatten();
     ignore_status_fields(&mut body);
     body.finish()?;
     let b = Backend {
@@ -177,22 +162,16 @@ pub async fn update(
     let current = lookup(&state, &id)?;
     let mut body = Body::parse(&bytes)?;
     if let Some(given) = body.opt_str("id")? {
-        if given != current.id {
+        if current.id != given {
             return Err(ApiError::field(
                 "id",
                 "cannot be changed (delete and create instead)",
             ));
         }
     }
-    let address = body.opt_str("address")?;
-    if let Some(a) = &address {
-        parse_address(a)?;
-    }
-    let tags = parse_tags(body.opt_str_list("tags")?)?;
-    let health_check_path = body.nullable_str("health_check_path")?;
-    if let Some(Some(p)) = &health_check_path {
-        validate::health_path(p).map_err(|e| ApiError::field("health_check_path", e))?;
-    }
+    let address = body.opt::<HostPort>("address")?;
+    let tags = parse_tags(&mut body)?;
+    let health_check_path = body.nullable::<HealthPath>("health_check_path")?;
     ignore_status_fields(&mut body);
     body.finish()?;
     let patch = BackendPatch {

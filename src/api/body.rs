@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::ApiError;
+use crate::schema::FieldRule;
 
 pub struct Body {
     fields: Map<String, Value>,
@@ -92,6 +93,47 @@ impl Body {
                 .map(Some),
             Some(other) => Err(Self::type_error(name, "an array of strings", &other)),
         }
+    }
+
+    /// A required field checked by its rule (the same one the config file and Raft use).
+    pub fn req<T: FieldRule>(&mut self, name: &'static str) -> Result<T, ApiError> {
+        let raw = self.req_str(name)?;
+        T::parse(&raw).map_err(|e| ApiError::field(name, e))
+    }
+
+    /// An optional field checked by its rule.
+    pub fn opt<T: FieldRule>(&mut self, name: &'static str) -> Result<Option<T>, ApiError> {
+        self.opt_str(name)?
+            .map(|raw| T::parse(&raw).map_err(|e| ApiError::field(name, e)))
+            .transpose()
+    }
+
+    /// A nullable field checked by its rule (`Some(None)` = explicit null).
+    pub fn nullable<T: FieldRule>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Option<Option<T>>, ApiError> {
+        Ok(match self.nullable_str(name)? {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(raw)) => Some(Some(T::parse(&raw).map_err(|e| ApiError::field(name, e))?)),
+        })
+    }
+
+    /// An optional list whose items follow a rule; the error names the item's index.
+    pub fn opt_list<T: FieldRule>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Option<Vec<T>>, ApiError> {
+        let Some(items) = self.opt_str_list(name)? else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| T::parse(raw).map_err(|e| ApiError::field(&format!("{name}[{i}]"), e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// Ignores `name` if present (e.g. read-only fields echoed back by clients).

@@ -58,7 +58,7 @@ pub async fn list(State(state): State<ApiState>) -> Json<Value> {
             s.domains
                 .values()
                 .filter(|d| d.tls != TlsMode::None || d.cert.is_some())
-                .map(|d| cert_json(d, s.acme.status.get(&d.domain)))
+                .map(|d| cert_json(d, s.acme.status.get(d.domain.as_str())))
                 .collect(),
         )
     }))
@@ -75,7 +75,7 @@ pub async fn get_one(
         .with_state(|s| {
             s.domains
                 .get(&domain)
-                .map(|d| cert_json(d, s.acme.status.get(&d.domain)))
+                .map(|d| cert_json(d, s.acme.status.get(d.domain.as_str())))
         })
         .map(Json)
         .ok_or_else(|| {

@@ -12,8 +12,8 @@ use super::body::Body;
 use super::{rfc3339, ApiError, ApiState};
 use crate::live::now_ms;
 use crate::proxy::tls;
+use crate::schema::{DomainName, FieldRule, Tag};
 use crate::state::{Applied, CertPair, Command, Domain, DomainPatch, TlsMode};
-use crate::validate;
 
 pub fn domain_json(d: &Domain) -> Value {
     json!({
@@ -26,19 +26,6 @@ pub fn domain_json(d: &Domain) -> Value {
             "names": c.names,
         })),
     })
-}
-
-fn parse_tls(raw: Option<String>) -> Result<Option<TlsMode>, ApiError> {
-    raw.map(|s| match s.as_str() {
-        "none" => Ok(TlsMode::None),
-        "manual" => Ok(TlsMode::Manual),
-        "acme" => Ok(TlsMode::Acme),
-        other => Err(ApiError::field(
-            "tls",
-            format!("{other:?} is not one of \"none\", \"manual\", \"acme\""),
-        )),
-    })
-    .transpose()
 }
 
 /// Reads `cert_pem` + `key_pem` (both or neither) and validates them as a matching pair.
@@ -97,12 +84,10 @@ pub async fn create(
     bytes: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut body = Body::parse(&bytes)?;
-    let domain = validate::domain_name(&body.req_str("domain")?)
-        .map_err(|e| ApiError::field("domain", e))?;
-    let tag = body.req_str("enabled_backends_tag")?;
-    validate::tag(&tag).map_err(|e| ApiError::field("enabled_backends_tag", e))?;
+    let domain: DomainName = body.req("domain")?;
+    let tag: Tag = body.req("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?.unwrap_or(false);
-    let tls_mode = parse_tls(body.opt_str("tls")?)?;
+    let tls_mode = body.opt::<TlsMode>("tls")?;
     let cert = parse_cert(&mut body)?;
     body.ignore("certificate");
     body.finish()?;
@@ -139,19 +124,16 @@ pub async fn update(
     let current = lookup(&state, &name)?;
     let mut body = Body::parse(&bytes)?;
     if let Some(d) = body.opt_str("domain")? {
-        if validate::domain_name(&d).ok().as_deref() != Some(current.domain.as_str()) {
+        if DomainName::parse(&d).ok().as_ref() != Some(&current.domain) {
             return Err(ApiError::field(
                 "domain",
                 "cannot be changed (delete and create instead)",
             ));
         }
     }
-    let tag = body.opt_str("enabled_backends_tag")?;
-    if let Some(t) = &tag {
-        validate::tag(t).map_err(|e| ApiError::field("enabled_backends_tag", e))?;
-    }
+    let tag = body.opt::<Tag>("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?;
-    let tls_mode = parse_tls(body.opt_str("tls")?)?;
+    let tls_mode = body.opt::<TlsMode>("tls")?;
     let cert = parse_cert(&mut body)?;
     body.ignore("certificate");
     body.finish()?;
@@ -197,17 +179,18 @@ pub async fn switch(
 ) -> Result<Json<Value>, ApiError> {
     let current = lookup(&state, &name)?;
     let mut body = Body::parse(&bytes)?;
-    let tag = body.opt_str("tag")?;
+    let tag = body.opt::<Tag>("tag")?;
     let force = body.opt_bool("force")?.unwrap_or(false);
     body.finish()?;
     let target = match tag {
-        Some(t) => {
-            validate::tag(&t).map_err(|e| ApiError::field("tag", e))?;
-            t
-        }
+        Some(t) => t,
         None => match current.enabled_backends_tag.as_str() {
-            "a" => "b".to_string(),
-            "b" => "a".to_string(),
+            "a" | "b" => Tag::parse(if current.enabled_backends_tag == "a" {
+                "b"
+            } else {
+                "a"
+            })
+            .map_err(|e| ApiError::field("tag", e))?,
             other => {
                 return Err(ApiError::field(
                     "tag",

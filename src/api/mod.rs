@@ -168,7 +168,10 @@ impl ApiError {
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         let status = match e {
-            ApplyError::DomainExists(_) | ApplyError::BackendExists(_) => StatusCode::CONFLICT,
+            ApplyError::DomainExists(_)
+            | ApplyError::BackendExists(_)
+            | ApplyError::TooManyDomains(_)
+            | ApplyError::TooManyBackends(_) => StatusCode::CONFLICT,
             ApplyError::DomainNotFound(_) | ApplyError::BackendNotFound(_) => StatusCode::NOT_FOUND,
         };
         Self::new(status, e.to_string())

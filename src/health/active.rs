@@ -140,7 +140,13 @@ pub async fn run(live: Arc<Live>, sm: StateMachineStore, cfg: HealthCheckConfig)
         let backends: Vec<(String, String, Option<String>)> = sm.with_state(|s| {
             s.backends
                 .values()
-                .map(|b| (b.id.clone(), b.address.clone(), b.health_check_path.clone()))
+                .map(|b| {
+                    (
+                        b.id.to_string(),
+                        b.address.to_string(),
+                        b.health_check_path.as_ref().map(|p| p.to_string()),
+                    )
+                })
                 .collect()
         });
         futures::stream::iter(backends)

@@ -140,7 +140,7 @@ pub fn compile(state: &State, live: &Live) -> RoutingTable {
         .values()
         .map(|b| {
             let u = Upstream {
-                id: b.id.clone(),
+                id: b.id.to_string(),
                 addrs: live.addrs.addrs_for(&b.address).into(),
                 next_addr: AtomicUsize::new(0),
                 draining: b.draining,
@@ -161,8 +161,8 @@ pub fn compile(state: &State, live: &Live) -> RoutingTable {
     let mut table = RoutingTable::default();
     for d in state.domains.values() {
         let route = Arc::new(Route {
-            domain: d.domain.clone(),
-            tag: d.enabled_backends_tag.clone(),
+            domain: d.domain.to_string(),
+            tag: d.enabled_backends_tag.to_string(),
             http_to_https: d.http_to_https,
             upstreams: by_tag
                 .get(d.enabled_backends_tag.as_str())
@@ -172,7 +172,7 @@ pub fn compile(state: &State, live: &Live) -> RoutingTable {
         });
         match d.domain.strip_prefix("*.") {
             Some(parent) => table.wildcard.insert(parent.to_string(), route),
-            None => table.exact.insert(d.domain.clone(), route),
+            None => table.exact.insert(d.domain.to_string(), route),
         };
     }
     table.challenges = state
@@ -200,8 +200,8 @@ mod tests {
                 id.into(),
                 Backend {
                     id: id.into(),
-                    address: format!("127.0.0.1:{port}"),
-                    tags: tags.into_iter().map(String::from).collect(),
+                    address: format!("127.0.0.1:{port}").as_str().into(),
+                    tags: tags.into_iter().map(Into::into).collect(),
                     health_check_path: None,
                     draining: false,
                 },

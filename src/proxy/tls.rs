@@ -127,7 +127,7 @@ impl CertStore {
         let mut next_cache = HashMap::new();
         for d in state.domains.values() {
             let Some(pair) = &d.cert else { continue };
-            let ck = match cache.remove(&d.domain) {
+            let ck = match cache.remove(d.domain.as_str()) {
                 Some((pem, ck)) if pem == pair.chain_pem => ck,
                 _ => match certified_key(&pair.chain_pem, &pair.key_pem) {
                     Ok(ck) => Arc::new(ck),
@@ -137,8 +137,8 @@ impl CertStore {
                     }
                 },
             };
-            map.insert(d.domain.clone(), ck.clone());
-            next_cache.insert(d.domain.clone(), (pair.chain_pem.clone(), ck));
+            map.insert(d.domain.to_string(), ck.clone());
+            next_cache.insert(d.domain.to_string(), (pair.chain_pem.clone(), ck));
         }
         *cache = next_cache;
         self.map.store(Arc::new(map));

@@ -999,7 +999,18 @@ async fn client_aborts_do_not_open_the_backend_breaker() {
 async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
     let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let n1 = cluster.node(1);
-    let huge = "x".repeat(200_000);
+    // #13: an id over the bound is refused up front, naming the field and the bound...
+    let (status, body) = n1
+        .api_post(
+            "/api/v1/backends",
+            json!({"id": "x".repeat(200_000), "address": dead_address(), "tags": ["a"]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("`id`") && msg.contains("63"), "{body}");
+    // ...and the longest allowed one does not end health sharing either.
+    let huge = "x".repeat(63);
     let (status, body) = n1
         .api_post(
             "/api/v1/backends",
