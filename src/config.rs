@@ -1195,7 +1195,21 @@ impl<'a> Doc<'a> {
             .replace('\n', "; ")
             .replace("expected i64", "expected an integer");
         let message = if message.is_empty() {
-            "invalid TOML here".to_string()
+            // toml leaves the message empty for some syntax errors: say what is at the spot.
+            match err.span().and_then(|sp| self.text.get(sp.start..)) {
+                Some(rest) if rest.lines().next().unwrap_or("").trim().is_empty() => {
+                    "a value is missing (the line ends here)".to_string()
+                }
+                Some(rest) => match rest.chars().next() {
+                    Some(c) if c.is_control() => format!(
+                        "control character U+{:04X} is not allowed here (not even in a comment)",
+                        u32::from(c)
+                    ),
+                    Some(c) => format!("invalid TOML syntax at {c:?}"),
+                    None => "a value is missing (the file ends here)".to_string(),
+                },
+                None => "invalid TOML syntax".to_string(),
+            }
         } else {
             message
         };

@@ -871,3 +871,132 @@ fn read_error_names_the_file() {
         "{msg}"
     );
 }
+
+#[test]
+fn every_syntax_error_says_what_is_wrong() {
+    // #13: these gave an empty message.
+    for (text, line, needle) in [
+        ("[proxy]\nthreads =", 2, "value is missing"),
+        ("# hi \0 there\n[proxy]\n", 1, "U+0000"),
+        ("# esc \u{1b} x\n", 1, "U+001B"),
+        ("# cr \r x\n", 1, "U+000D"),
+    ] {
+        let msg = parse(text).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.starts_with(&format!("cfg.toml:{line}: ")),
+            "{text:?}: {msg}"
+        );
+        assert!(msg.contains(needle), "{text:?}: {msg}");
+    }
+}
+
+#[test]
+fn invalid_utf8_names_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cfg.toml");
+    std::fs::write(&path, b"[proxy]\n# \xff\xfe\n").expect("write");
+    let msg = load(&path).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("cfg.toml:2: ") && msg.contains("UTF-8"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn every_number_has_a_range_so_check_is_the_truth() {
+    // #13: these passed --check and then crashed the node.
+    for (text, line, field, needle) in [
+        ("[proxy]\nthreads = 65536\n", 2, "proxy.threads", "<= 128"),
+        (
+            "[proxy]\nthreads = 2147483648\n",
+            2,
+            "proxy.threads",
+            "<= 128",
+        ),
+        (
+            "[proxy]\nthreads = 9223372036854775807\n",
+            2,
+            "proxy.threads",
+            "too large",
+        ),
+        (
+            "[cluster]\nrpc_addr = \"127.0.0.1:0\"\n",
+            2,
+            "cluster.rpc_addr",
+            "port 0",
+        ),
+        (
+            "[proxy]\nlisten_addr = \"127.0.0.1:0\"\n",
+            2,
+            "proxy.listen_addr",
+            "port 0",
+        ),
+        (
+            "[cluster]\nbootstrap_expect = 1000\n",
+            2,
+            "cluster.bootstrap_expect",
+            "<= 99",
+        ),
+        (
+            "[proxy]\nclient_timeout_secs = 99999999999\n",
+            2,
+            "proxy.client_timeout_secs",
+            "<= 86400",
+        ),
+    ] {
+        assert_err(text, line, field, needle);
+    }
+}
+
+#[test]
+fn file_values_follow_the_shared_rules() {
+    // #13: the file accepted values the API refuses; now both use schema.rs.
+    let backend = |extra: &str| format!("[[backends]]\nid = \"x\"\naddress = \"h:1\"\n{extra}");
+    assert_err(
+        &backend("tags = [\"blue green\"]\n"),
+        4,
+        "backends[0].tags[0]",
+        "only letters",
+    );
+    assert_err(
+        &backend(&format!("tags = [\"{}\"]\n", "t".repeat(64))),
+        4,
+        "backends[0].tags[0]",
+        "at most 63",
+    );
+    let many: Vec<String> = (0..33).map(|i| format!("\"t{i}\"")).collect();
+    assert_err(
+        &backend(&format!("tags = [{}]\n", many.join(", "))),
+        4,
+        "backends[0].tags",
+        "at most 32",
+    );
+    for bad in [
+        "..:80",
+        "-:80",
+        "a..b:80",
+        "999.999.999.999:80",
+        "my_host:80",
+        "127.0.0.1:+80",
+    ] {
+        assert_err(&backend_with_address(bad), 3, "backends[0].address", "");
+    }
+    assert_err(
+        "[[backends]]\nid = \"..\"\naddress = \"h:1\"\n",
+        2,
+        "backends[0].id",
+        "must contain",
+    );
+    assert_err(
+        &vhost("1.2.3.4"),
+        6,
+        "virtual_hosts[0].domain",
+        "all digits",
+    );
+    assert_err(
+        &vhost("xn--a.com"),
+        6,
+        "virtual_hosts[0].domain",
+        "punycode",
+    );
+}
