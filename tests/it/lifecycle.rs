@@ -578,3 +578,56 @@ async fn check_flag_validates_config_files() {
         failures.join("\n")
     );
 }
+
+/// #13: `--check` is the truth. Each file holds values at the edge of their documented ranges
+/// (before, `threads = 65536` passed `--check` and then panicked); each passes `--check` and
+/// the node then starts and answers. Values one past the edge are refused by `--check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_at_the_edge_of_their_ranges_pass_check_and_start() {
+    let edges: [(&str, &str, &str); 4] = [
+        ("threads = 1", "threads = 128", "threads = 129"),
+        (
+            "[health_check]\ninterval_secs = 1\ntimeout_secs = 1",
+            "[health_check]\ninterval_secs = 3600\ntimeout_secs = 3600\nunhealthy_threshold = 1000\nhealthy_threshold = 1000",
+            "[health_check]\ninterval_secs = 3601\ntimeout_secs = 1",
+        ),
+        (
+            "threads = 1",
+            "threads = 1\nupstream_connect_timeout_ms = 600000\nupstream_read_timeout_secs = 86400\nclient_timeout_secs = 86400\nshutdown_grace_secs = 0",
+            "threads = 1\nupstream_connect_timeout_ms = 600001",
+        ),
+        (
+            "[health_check]",
+            "[resolver]\nmin_ttl_secs = 86400\nmax_ttl_secs = 86400\n[lets_encrypt]\nrenew_before_days = 365\ncheck_interval_secs = 86400\n[health_check]",
+            "[resolver]\nmax_ttl_secs = 86401\n[health_check]",
+        ),
+    ];
+    for (from, edge, beyond) in edges {
+        let mut node = Node::new_unstarted(NodeOptions::new());
+        let base = node.config_text();
+        assert!(base.contains(from), "the base config has {from:?}");
+        std::fs::write(&node.config_path, base.replacen(from, beyond, 1)).expect("write");
+        let out = run_check(&node.config_path).await;
+        assert!(
+            !out.status.success(),
+            "--check must refuse {beyond:?}: {}",
+            out.stderr
+        );
+        std::fs::write(&node.config_path, base.replacen(from, edge, 1)).expect("write");
+        let out = run_check(&node.config_path).await;
+        assert!(
+            out.status.success(),
+            "--check must pass {edge:?}: {}",
+            out.stderr
+        );
+        node.spawn();
+        node.wait_ready().await;
+        let (status, _) = node.api_get("/api/v1/cluster/status").await;
+        assert_eq!(status, 200, "a node started with {edge:?} answers");
+        node.sigterm();
+        assert!(
+            node.wait_exit(Duration::from_secs(20)).await.is_some(),
+            "the node started with {edge:?} stops on SIGTERM"
+        );
+    }
+}
