@@ -307,9 +307,7 @@ impl ControlPlane {
 }
 
 async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {
-    axum::serve(listener, app)
-        .await
-        .map_err(|e| format!("server stopped: {e}"))
+    api::server::serve(listener, app).await
 }
 
 /// On a new cluster, the leader applies the file's seed once. On an existing one, a file that

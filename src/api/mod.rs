@@ -4,7 +4,9 @@ mod backends;
 mod body;
 mod certs;
 mod domains;
+pub mod errors;
 mod logs;
+pub mod server;
 mod system;
 
 use std::sync::Arc;
@@ -98,6 +100,8 @@ pub fn router(state: ApiState) -> Router {
             get(|| async { axum::response::Redirect::temporary("/dashboard") }),
         )
         .merge(authed)
+        .layer(axum::extract::DefaultBodyLimit::max(errors::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(errors::limits_and_json_errors))
         .with_state(state)
 }
 
@@ -119,13 +123,22 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint")
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235 §2.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
+}
+
 async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         let ok = given.len() == token.len()
             && given

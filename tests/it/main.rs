@@ -8,6 +8,7 @@
 mod common;
 
 mod acme;
+mod api_errors;
 mod cluster;
 mod dashboard;
 mod deploy;
