@@ -88,7 +88,7 @@ fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
 }
 
 fn parse_tags(body: &mut Body) -> Result<Option<Vec<Tag>>, ApiError> {
-    body.opt_list::<Tag>("tags")?
+    body.opt_list::<Tag>("tags", schema::MAX_TAGS_PER_BACKEND)?
         .map(|tags| schema::tag_list(tags).map_err(|e| ApiError::field("tags", e)))
         .transpose()
 }
@@ -131,7 +131,7 @@ pub async fn create(
     State(state): State<ApiState>,
     bytes: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut body = Body::parse(&bytes)?;
+    let mut body = Body::read(bytes).await?;
     let id: BackendId = body.req("id")?;
     let address: HostPort = body.req("address")?;
     let tags = parse_tags(&mut body)?.unwrap_or_default();
@@ -160,7 +160,7 @@ pub async fn update(
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let current = lookup(&state, &id)?;
-    let mut body = Body::parse(&bytes)?;
+    let mut body = Body::read(bytes).await?;
     if let Some(given) = body.opt_str("id")? {
         if current.id != given {
             return Err(ApiError::field(

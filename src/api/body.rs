@@ -6,12 +6,44 @@ use serde_json::{Map, Value};
 use super::ApiError;
 use crate::schema::FieldRule;
 
+/// One CPU-heavy API job at a time per node: a flood of large requests queues here instead
+/// of taking the cores the runtime (Raft heartbeats, gossip, the health endpoint) needs.
+static HEAVY: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(1));
+
+/// Runs CPU-heavy request work (parsing a large body, a certificate chain) on the blocking
+/// pool, one job at a time.
+pub async fn off_runtime<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let failed = || {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "request processing failed",
+        )
+    };
+    let _permit = HEAVY.acquire().await.map_err(|_| failed())?;
+    tokio::task::spawn_blocking(job).await.map_err(|_| failed())
+}
+
+/// Bodies up to this size are parsed in place (microseconds); larger ones on the blocking pool.
+const INLINE_PARSE_MAX: usize = 16 * 1024;
+
 pub struct Body {
     fields: Map<String, Value>,
     seen: Vec<&'static str>,
 }
 
 impl Body {
+    /// [`Body::parse`], on the blocking pool when the body is large: the API shares its
+    /// runtime with Raft heartbeats and gossip, which a 2 MiB parse must not hold up.
+    pub async fn read(bytes: axum::body::Bytes) -> Result<Self, ApiError> {
+        if bytes.len() <= INLINE_PARSE_MAX {
+            return Self::parse(&bytes);
+        }
+        off_runtime(move || Self::parse(&bytes)).await?
+    }
+
     /// Parses `bytes` as a JSON object. An empty body is an empty object.
     pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -32,9 +64,10 @@ impl Body {
         }
     }
 
+    /// Moves the field out (no copy of a large value).
     fn take(&mut self, name: &'static str) -> Option<Value> {
         self.seen.push(name);
-        self.fields.get(name).cloned()
+        self.fields.remove(name)
     }
 
     fn type_error(name: &str, expected: &str, got: &Value) -> ApiError {
@@ -120,11 +153,21 @@ impl Body {
         })
     }
 
-    /// An optional list whose items follow a rule; the error names the item's index.
+    /// An optional list of at most `max` items that follow a rule; the error names the item's
+    /// index. The count is checked first, so an oversized list costs no per-item work.
     pub fn opt_list<T: FieldRule>(
         &mut self,
         name: &'static str,
+        max: usize,
     ) -> Result<Option<Vec<T>>, ApiError> {
+        if let Some(Value::Array(items)) = self.fields.get(name) {
+            if items.len() > max {
+                return Err(ApiError::field(
+                    name,
+                    format!("{} items given, at most {max} are allowed", items.len()),
+                ));
+            }
+        }
         let Some(items) = self.opt_str_list(name)? else {
             return Ok(None);
         };
@@ -139,15 +182,13 @@ impl Body {
     /// Ignores `name` if present (e.g. read-only fields echoed back by clients).
     pub fn ignore(&mut self, name: &'static str) {
         self.seen.push(name);
+        self.fields.remove(name);
     }
 
     /// Refuses fields the endpoint does not know.
     pub fn finish(self) -> Result<(), ApiError> {
-        let mut unknown: Vec<&String> = self
-            .fields
-            .keys()
-            .filter(|k| !self.seen.contains(&k.as_str()))
-            .collect();
+        // Fields read or ignored were removed: what is left is unknown.
+        let mut unknown: Vec<&String> = self.fields.keys().collect();
         unknown.sort();
         match unknown.first() {
             None => Ok(()),

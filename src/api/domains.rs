@@ -29,18 +29,26 @@ pub fn domain_json(d: &Domain) -> Value {
 }
 
 /// Reads `cert_pem` + `key_pem` (both or neither) and validates them as a matching pair.
-fn parse_cert(body: &mut Body) -> Result<Option<CertPair>, ApiError> {
+async fn parse_cert(body: &mut Body) -> Result<Option<CertPair>, ApiError> {
     let cert = body.opt_str("cert_pem")?;
     let key = body.opt_str("key_pem")?;
     match (cert, key) {
         (None, None) => Ok(None),
         (Some(_), None) => Err(ApiError::field("key_pem", "is required with cert_pem")),
         (None, Some(_)) => Err(ApiError::field("cert_pem", "is required with key_pem")),
-        (Some(c), Some(k)) => tls::cert_pair(&c, &k).map(Some).map_err(|e| match e {
-            tls::CertError::NoKey | tls::CertError::Key(_) => ApiError::field("key_pem", e),
-            tls::CertError::Mismatch => ApiError::field("key_pem", e),
-            _ => ApiError::field("cert_pem", e),
-        }),
+        // PEM and X.509 parsing of a long chain is CPU work: off the control plane's runtime.
+        (Some(c), Some(k)) => super::body::off_runtime(move || tls::cert_pair(&c, &k))
+            .await?
+            .map(Some)
+            .map_err(|e| match e {
+                tls::CertError::NoKey
+                | tls::CertError::KeyPem(_)
+                | tls::CertError::Key(_)
+                | tls::CertError::Mismatch => ApiError::field("key_pem", e),
+                tls::CertError::NoCertificate
+                | tls::CertError::ChainPem(_)
+                | tls::CertError::X509(_) => ApiError::field("cert_pem", e),
+            }),
     }
 }
 
@@ -83,12 +91,12 @@ pub async fn create(
     State(state): State<ApiState>,
     bytes: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut body = Body::parse(&bytes)?;
+    let mut body = Body::read(bytes).await?;
     let domain: DomainName = body.req("domain")?;
     let tag: Tag = body.req("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?.unwrap_or(false);
     let tls_mode = body.opt::<TlsMode>("tls")?;
-    let cert = parse_cert(&mut body)?;
+    let cert = parse_cert(&mut body).await?;
     body.ignore("certificate");
     body.finish()?;
     let tls_mode = tls_mode.unwrap_or(if cert.is_some() {
@@ -122,7 +130,7 @@ pub async fn update(
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let current = lookup(&state, &name)?;
-    let mut body = Body::parse(&bytes)?;
+    let mut body = Body::read(bytes).await?;
     if let Some(d) = body.opt_str("domain")? {
         if DomainName::parse(&d).ok().as_ref() != Some(&current.domain) {
             return Err(ApiError::field(
@@ -134,7 +142,7 @@ pub async fn update(
     let tag = body.opt::<Tag>("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?;
     let tls_mode = body.opt::<TlsMode>("tls")?;
-    let cert = parse_cert(&mut body)?;
+    let cert = parse_cert(&mut body).await?;
     body.ignore("certificate");
     body.finish()?;
     let final_tls = tls_mode.unwrap_or(current.tls);
@@ -178,7 +186,7 @@ pub async fn switch(
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let current = lookup(&state, &name)?;
-    let mut body = Body::parse(&bytes)?;
+    let mut body = Body::read(bytes).await?;
     let tag = body.opt::<Tag>("tag")?;
     let force = body.opt_bool("force")?.unwrap_or(false);
     body.finish()?;

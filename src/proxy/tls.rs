@@ -18,8 +18,10 @@ pub enum CertError {
     NoCertificate,
     #[error("no private key found in the PEM key")]
     NoKey,
-    #[error("invalid PEM: {0}")]
-    Pem(String),
+    #[error("invalid PEM in the certificate chain: {0}")]
+    ChainPem(String),
+    #[error("invalid PEM in the private key: {0}")]
+    KeyPem(String),
     #[error("unsupported or invalid private key: {0}")]
     Key(String),
     #[error("the private key does not match the certificate")]
@@ -32,12 +34,15 @@ pub enum CertError {
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, CertError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| CertError::Pem(e.to_string()))?;
-    if certs.is_empty() {
+        .map_err(|e| CertError::ChainPem(e.to_string()))?;
+    let Some(leaf) = certs.first() else {
         return Err(CertError::NoCertificate);
-    }
+    };
+    // A leaf that does not parse is the certificate's fault, not a key mismatch.
+    x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| CertError::X509(e.to_string()))?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| CertError::Pem(e.to_string()))?
+        .map_err(|e| CertError::KeyPem(e.to_string()))?
         .ok_or(CertError::NoKey)?;
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
