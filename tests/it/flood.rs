@@ -51,7 +51,7 @@ async fn the_largest_bodies_from_several_clients_do_not_stall_the_control_plane(
         flooders.push(tokio::spawn(async move {
             let mut sent = 0u32;
             while Instant::now() < stop_at {
-                let (url, body) = if sent % 2 == 0 {
+                let (url, body) = if sent.is_multiple_of(2) {
                     (&url_b, &bodies[0])
                 } else {
                     (&url_d, &bodies[1])
