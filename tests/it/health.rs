@@ -1048,3 +1048,43 @@ async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
         .await;
     }
 }
+
+/// #13: gossip keys have a fixed size, so 10,000 verdicts at once still reach every peer
+/// within a few gossip rounds (a node's verdicts go out in version order, MTU by MTU).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_backends_down_at_once_reach_every_peer() {
+    const N: usize = 10_000;
+    let dead = dead_address();
+    let seed: String = (0..N)
+        .map(|i| format!("[[backends]]\nid = \"dead-{i:05}\"\naddress = \"{dead}\"\ntags = [\"a\"]\n"))
+        .collect();
+    let cluster = Cluster::start(3, |_| {
+        NodeOptions::new()
+            .health("unhealthy_threshold = 1")
+            .extra(&seed)
+    })
+    .await;
+    let started = Instant::now();
+    for node in all_nodes(&cluster) {
+        wait_for(
+            Duration::from_secs(120),
+            "every backend down in every node's own and peers' verdicts",
+            || async {
+                let (status, list) = node.api_get("/api/v1/backends").await;
+                let list = list.as_array().filter(|_| status == 200)?;
+                let all_down = list.len() == N
+                    && list.iter().all(|b| {
+                        b["nodes"].as_object().is_some_and(|m| {
+                            m.len() == 3 && m.values().all(|v| v == "down")
+                        })
+                    });
+                all_down.then_some(())
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "10,000 verdicts from each of 3 nodes seen everywhere {:?} after start",
+        started.elapsed()
+    );
+}
