@@ -554,3 +554,135 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::writes::{Write, WriteId};
+    use crate::state::{Command, Domain, TlsMode};
+
+    fn no_publish() -> Publisher {
+        Arc::new(|_: &State| {})
+    }
+
+    fn domain(name: &str) -> Domain {
+        Domain {
+            domain: name.into(),
+            enabled_backends_tag: "a".into(),
+            http_to_https: false,
+            tls: TlsMode::None,
+            cert: None,
+        }
+    }
+
+    fn entry(index: u64, payload: Proposal) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(payload),
+        }
+    }
+
+    fn put_raw(db: &Database, index: u64, json: &str) {
+        let tx = db.begin_write().unwrap();
+        tx.open_table(LOG)
+            .unwrap()
+            .insert(index, json.as_bytes())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_written_before_write_ids_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = open(dir.path(), no_publish()).unwrap();
+            // Log entries exactly as the previous version wrote them: bare commands.
+            put_raw(
+                &log.db,
+                1,
+                r#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":1},"payload":{"Normal":{"CreateDomain":{"domain":"old.test","enabled_backends_tag":"a","http_to_https":false,"tls":"none","cert":null}}}}"#,
+            );
+            put_raw(
+                &log.db,
+                2,
+                r#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":2},"payload":{"Normal":{"SwitchTag":{"domain":"old.test","tag":"b"}}}}"#,
+            );
+            let committed =
+                serde_json::to_vec(&Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2)))
+                    .unwrap();
+            let tx = log.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(KEY_COMMITTED, committed.as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let (_, sm) = open(dir.path(), no_publish()).unwrap();
+        assert_eq!(sm.state().domains["old.test"].enabled_backends_tag, "b");
+    }
+
+    #[test]
+    fn a_snapshot_written_before_the_write_table_still_loads() {
+        let old = r#"{"domains":{"a.test":{"domain":"a.test","enabled_backends_tag":"a","http_to_https":false,"tls":"none","cert":null}},"backends":{},"seeded":true}"#;
+        let data: SnapshotData = serde_json::from_str(old).unwrap();
+        assert!(data.state.domains.contains_key("a.test"));
+        assert!(data.writes.is_empty());
+        // And an older binary (which reads a bare State) reads a new snapshot.
+        let mut writes = Sessions::default();
+        let mut st = data.state.clone();
+        writes.apply(
+            &mut st,
+            &Write {
+                id: WriteId::Key("k".into()),
+                fingerprint: None,
+                at_unix_ms: 1,
+                cmd: Command::DeleteDomain("a.test".into()),
+            },
+        );
+        let text = serde_json::to_string(&SnapshotDataRef {
+            state: &st,
+            writes: &writes,
+        })
+        .unwrap();
+        let as_old: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(as_old, st);
+    }
+
+    #[tokio::test]
+    async fn the_write_table_travels_in_snapshots_and_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = WriteId::Node {
+            node: 1,
+            boot: 2,
+            seq: 3,
+        };
+        let (_, mut sm) = open(dir.path(), no_publish()).unwrap();
+        let write = Proposal::Write(Write {
+            id: id.clone(),
+            fingerprint: None,
+            at_unix_ms: 10,
+            cmd: Command::CreateDomain(domain("snap.test")),
+        });
+        let out = sm.apply(vec![entry(1, write.clone())]).await.unwrap();
+        assert!(matches!(out[0], Outcome::Applied(Ok(_))));
+        let snap = sm.build_snapshot().await.unwrap();
+
+        // A follower installs it: it knows the id, and a re-proposal is not applied again.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_, mut other) = open(dir2.path(), no_publish()).unwrap();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert!(matches!(other.known(&id, None).0, Known::Same(Ok(_))));
+        let again = other.apply(vec![entry(2, write)]).await.unwrap();
+        assert!(matches!(again[0], Outcome::Replayed(Ok(_))), "{again:?}");
+        drop(other);
+
+        // The node restarts from its persisted snapshot with the table.
+        drop(sm);
+        let (_, reopened) = open(dir.path(), no_publish()).unwrap();
+        assert!(matches!(reopened.known(&id, None).0, Known::Same(Ok(_))));
+        assert!(reopened.state().domains.contains_key("snap.test"));
+    }
+}

@@ -18,3 +18,4 @@ mod observability;
 mod resolver;
 mod single_node;
 mod supervision;
+mod writes;
