@@ -325,8 +325,13 @@ impl ClusterNode {
                         "write not accepted within {}s: {last_reason}",
                         WRITE_DEADLINE.as_secs()
                     )),
+                    Some(why) if why == last_reason => WriteError::OutcomeUnknown(format!(
+                        "no final answer on the write within {}s: {why}",
+                        WRITE_DEADLINE.as_secs()
+                    )),
                     Some(why) => WriteError::OutcomeUnknown(format!(
-                        "no answer on the write within {}s ({why}); last attempt: {last_reason}",
+                        "no final answer on the write within {}s: {why}; last attempt: \
+                         {last_reason}",
                         WRITE_DEADLINE.as_secs()
                     )),
                 });
