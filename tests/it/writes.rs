@@ -215,6 +215,15 @@ async fn idempotency_key_retry_across_a_leader_kill_applies_once() {
     )
     .await;
     assert_eq!(s, 204);
+    // Retried on a node that has applied the delete: its lookup alone would say 404.
+    wait_for(
+        Duration::from_secs(10),
+        "the delete reaches node f1",
+        || async {
+            (cluster.node(f1).api_get("/api/v1/domains/key.test").await.0 == 404).then_some(())
+        },
+    )
+    .await;
     let (s, body) = send(
         cluster.node(f1),
         reqwest::Method::DELETE,
