@@ -179,7 +179,10 @@ impl ControlPlane {
         );
         tasks.spawn_fallible(
             "cluster RPC",
-            serve(rpc_listener, rpc::router(node.clone())),
+            serve(
+                rpc_listener,
+                rpc::router(node.clone(), self.metrics.clone()),
+            ),
         );
         let api_state = ApiState {
             node: node.clone(),

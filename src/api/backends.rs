@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
@@ -145,10 +145,15 @@ pub async fn create(
         health_check_path,
         draining: false,
     };
-    match state.write(Command::CreateBackend(b)).await? {
+    created(&state, state.write(Command::CreateBackend(b)).await?).await
+}
+
+/// The answer to a created backend (also to a retry with its idempotency key).
+pub async fn created(state: &ApiState, applied: Applied) -> Result<Response, ApiError> {
+    match applied {
         Applied::Backend(b) => {
-            await_first_resolution(&state, &b.address).await;
-            Ok((StatusCode::CREATED, Json(backend_json(&b, &state))))
+            await_first_resolution(state, &b.address).await;
+            Ok((StatusCode::CREATED, Json(backend_json(&b, state))).into_response())
         }
         other => Err(unexpected(other)),
     }
@@ -158,7 +163,7 @@ pub async fn update(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let current = lookup(&state, &id)?;
     let mut body = Body::read(bytes).await?;
     if let Some(given) = body.opt_str("id")? {
@@ -179,16 +184,21 @@ pub async fn update(
         tags,
         health_check_path,
     };
-    match state
+    let applied = state
         .write(Command::UpdateBackend {
             id: current.id,
             patch,
         })
-        .await?
-    {
+        .await?;
+    updated(&state, applied).await
+}
+
+/// The answer to an updated backend (also to a retry with its idempotency key).
+pub async fn updated(state: &ApiState, applied: Applied) -> Result<Response, ApiError> {
+    match applied {
         Applied::Backend(b) => {
-            await_first_resolution(&state, &b.address).await;
-            Ok(Json(backend_json(&b, &state)))
+            await_first_resolution(state, &b.address).await;
+            Ok(Json(backend_json(&b, state)).into_response())
         }
         other => Err(unexpected(other)),
     }
@@ -217,20 +227,21 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn set_draining(
-    state: ApiState,
-    id: String,
-    draining: bool,
-) -> Result<Json<Value>, ApiError> {
+async fn set_draining(state: ApiState, id: String, draining: bool) -> Result<Response, ApiError> {
     let current = lookup(&state, &id)?;
-    match state
+    let applied = state
         .write(Command::SetDraining {
             id: current.id,
             draining,
         })
-        .await?
-    {
-        Applied::Backend(b) => Ok(Json(backend_json(&b, &state))),
+        .await?;
+    drained(&state, applied)
+}
+
+/// The answer to a drain or undrain (also to a retry with its idempotency key).
+pub fn drained(state: &ApiState, applied: Applied) -> Result<Response, ApiError> {
+    match applied {
+        Applied::Backend(b) => Ok(Json(backend_json(&b, state)).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -238,14 +249,14 @@ async fn set_draining(
 pub async fn drain(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     set_draining(state, id, true).await
 }
 
 pub async fn undrain(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     set_draining(state, id, false).await
 }
 

@@ -117,8 +117,13 @@ pub async fn renew(
             domain: domain.clone(),
         })
         .await?;
-    Ok((
+    Ok(renew_requested(&domain))
+}
+
+/// The answer to a renewal request (also to a retry with its idempotency key).
+pub fn renew_requested(domain: &str) -> (StatusCode, Json<Value>) {
+    (
         StatusCode::ACCEPTED,
         Json(json!({"domain": domain, "renew_requested": true})),
-    ))
+    )
 }

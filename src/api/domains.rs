@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
@@ -118,8 +118,13 @@ pub async fn create(
         tls: tls_mode,
         cert,
     };
-    match state.write(Command::CreateDomain(d)).await? {
-        Applied::Domain(d) => Ok((StatusCode::CREATED, Json(domain_json(&d)))),
+    created(state.write(Command::CreateDomain(d)).await?)
+}
+
+/// The answer to a created domain (also to a retry with its idempotency key).
+pub fn created(applied: Applied) -> Result<Response, ApiError> {
+    match applied {
+        Applied::Domain(d) => Ok((StatusCode::CREATED, Json(domain_json(&d))).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -128,7 +133,7 @@ pub async fn update(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let current = lookup(&state, &name)?;
     let mut body = Body::read(bytes).await?;
     if let Some(d) = body.opt_str("domain")? {
@@ -159,14 +164,20 @@ pub async fn update(
         tls: tls_mode,
         cert: cert.map(Some),
     };
-    match state
-        .write(Command::UpdateDomain {
-            domain: current.domain,
-            patch,
-        })
-        .await?
-    {
-        Applied::Domain(d) => Ok(Json(domain_json(&d))),
+    updated(
+        state
+            .write(Command::UpdateDomain {
+                domain: current.domain,
+                patch,
+            })
+            .await?,
+    )
+}
+
+/// The answer to an updated domain (also to a retry with its idempotency key).
+pub fn updated(applied: Applied) -> Result<Response, ApiError> {
+    match applied {
+        Applied::Domain(d) => Ok(Json(domain_json(&d)).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -184,7 +195,7 @@ pub async fn switch(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let current = lookup(&state, &name)?;
     let mut body = Body::read(bytes).await?;
     let tag = body.opt::<Tag>("tag")?;
@@ -255,20 +266,26 @@ pub async fn switch(
             return Err(err);
         }
     }
-    match state
-        .write(Command::SwitchTag {
-            domain: current.domain,
-            tag: target,
-        })
-        .await?
-    {
+    switched(
+        state
+            .write(Command::SwitchTag {
+                domain: current.domain,
+                tag: target,
+            })
+            .await?,
+    )
+}
+
+/// The answer to a switch (also to a retry with its idempotency key).
+pub fn switched(applied: Applied) -> Result<Response, ApiError> {
+    match applied {
         Applied::DomainSwitched {
             domain,
             previous_tag,
         } => {
             let mut v = domain_json(&domain);
             v["previous_tag"] = json!(previous_tag);
-            Ok(Json(v))
+            Ok(Json(v).into_response())
         }
         other => Err(unexpected(other)),
     }

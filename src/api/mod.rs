@@ -5,6 +5,7 @@ mod body;
 mod certs;
 mod domains;
 pub mod errors;
+mod idempotency;
 mod logs;
 pub mod server;
 mod system;
@@ -39,42 +40,39 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// Runs a command through Raft and maps its outcome to an API result.
+    /// Runs a command through Raft and maps its outcome to an API result. A request with an
+    /// `Idempotency-Key` writes under that key (one write per request: a second write in the
+    /// same request would get the first one's result).
     async fn write(&self, cmd: Command) -> Result<Applied, ApiError> {
-        match self.node.write(cmd).await {
-            Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(e)) => Err(e.into()),
-            Err(WriteError::Unavailable(reason)) => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot write: {reason}"),
-            )),
-        }
+        let result = match idempotency::current() {
+            Some(k) => self.node.write_as(k.id, Some(k.fingerprint), cmd).await,
+            None => self.node.write(cmd).await,
+        };
+        Ok(result??)
     }
 }
 
 pub fn router(state: ApiState) -> Router {
+    use idempotency::routes;
     let authed = Router::new()
-        .route("/api/v1/domains", get(domains::list).post(domains::create))
+        .route(routes::DOMAINS, get(domains::list).post(domains::create))
         .route(
-            "/api/v1/domains/{domain}",
+            routes::DOMAIN,
             get(domains::get_one)
                 .put(domains::update)
                 .delete(domains::delete),
         )
-        .route("/api/v1/domains/{domain}/switch", post(domains::switch))
+        .route(routes::DOMAIN_SWITCH, post(domains::switch))
         .route("/api/v1/domains/{domain}/backends", get(domains::backends))
+        .route(routes::BACKENDS, get(backends::list).post(backends::create))
         .route(
-            "/api/v1/backends",
-            get(backends::list).post(backends::create),
-        )
-        .route(
-            "/api/v1/backends/{id}",
+            routes::BACKEND,
             get(backends::get_one)
                 .put(backends::update)
                 .delete(backends::delete),
         )
         .route(
-            "/api/v1/backends/{id}/drain",
+            routes::BACKEND_DRAIN,
             post(backends::drain).delete(backends::undrain),
         )
         .route("/api/v1/backends/{id}/health", post(backends::probe))
@@ -85,10 +83,14 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/certs", get(certs::list))
         .route("/api/v1/certs/{domain}", get(certs::get_one))
-        .route("/api/v1/certs/{domain}/renew", post(certs::renew))
+        .route(routes::CERT_RENEW, post(certs::renew))
         .route("/api/v1/logs/stream", get(logs::stream))
         .route("/api/v1/metrics", get(system::metrics))
         .route("/api/v1/stats", get(system::stats))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -188,6 +190,43 @@ impl From<ApplyError> for ApiError {
             ApplyError::DomainNotFound(_) | ApplyError::BackendNotFound(_) => StatusCode::NOT_FOUND,
         };
         Self::new(status, e.to_string())
+    }
+}
+
+/// What a write's failure tells the client, in one place: the status, and `"outcome"` saying
+/// whether the write was applied (docs/api.md, "Write answers").
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        let (status, outcome, message) = match &e {
+            WriteError::NotApplied(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_applied",
+                format!("cannot write: {reason}"),
+            ),
+            WriteError::OutcomeUnknown(reason) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "unknown",
+                format!(
+                    "write outcome unknown: {reason}. It is applied at most once; retry with \
+                     the same Idempotency-Key to learn the outcome"
+                ),
+            ),
+            WriteError::NotYetVisible { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "applied",
+                format!("{e}; read it again shortly"),
+            ),
+            WriteError::KeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not_applied",
+                "header `Idempotency-Key`: this key was first used for a different request \
+                 (method, path or body); use a new key for a new request"
+                    .to_string(),
+            ),
+        };
+        let mut err = ApiError::new(status, message);
+        err.extra = Some(json!({ "outcome": outcome }));
+        err
     }
 }
 

@@ -5,6 +5,7 @@ pub mod membership;
 pub mod network;
 pub mod rpc;
 pub mod store;
+pub mod writes;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -15,40 +16,64 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
+use crate::clock;
 use crate::config::ClusterConfig;
 use crate::gossip::Gossip;
 use crate::state::{ApplyResult, Command};
 use network::HttpNetwork;
 use store::{LogStore, StateMachineStore};
+use writes::{IdGen, Known, Outcome, Proposal, Write, WriteId};
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Command,
-        R = ApplyResult,
+        D = Proposal,
+        R = Outcome,
 );
 
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// How long a write may wait for a leader / quorum before answering 503.
+/// How long a write may wait for a leader / quorum before answering.
 const WRITE_DEADLINE: Duration = Duration::from_secs(8);
 /// How long one attempt may wait for commit on the leader.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the leader may take to confirm a quorum before a write.
 const QUORUM_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A forwarded write must reach the leader and be proposed within this time after it was sent
+/// (the leader's quorum check, up to [`QUORUM_CHECK_TIMEOUT`], is included). A copy delivered
+/// later (a TCP retransmission after a partition heals) is refused. See docs/cluster.md
+/// "Forwarded writes and clocks".
+pub const FORWARD_WINDOW: Duration = Duration::from_secs(3);
+/// The wall clocks of the nodes are assumed to agree within this (NTP keeps them within
+/// milliseconds): a leader honours a forwarded deadline up to this much later or earlier
+/// than the forwarding node meant.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 
-/// The outcome of one write attempt on a node (also the body of a forwarded write).
+/// A write forwarded by a follower to the leader (body of `POST /cluster/write`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub id: WriteId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The forwarding node's wall clock (Unix ms): the leader does not propose the write after
+    /// this moment, by its own clock.
+    pub deadline_unix_ms: u64,
+    pub cmd: Command,
+}
+
+/// The outcome of one write attempt on a node (also the answer to a forwarded write).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardedWrite {
-    Done {
-        index: u64,
-        result: ApplyResult,
-    },
-    NotLeader {
-        leader: Option<(NodeId, String)>,
-    },
+    /// Committed as entry `index` (applied now, or earlier under the same id).
+    Done { index: u64, outcome: Outcome },
+    /// Not proposed: this node is not the leader.
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// Not proposed: no quorum (or another reason given).
     Unavailable(String),
-    /// Proposed but not known to be committed: must not be retried.
+    /// Not proposed: the forwarded write's deadline had passed.
+    Expired,
+    /// Maybe proposed, not known to be committed: it may still take effect. Retrying with the
+    /// same id is safe (it applies at most once).
     Indeterminate(String),
 }
 
@@ -70,11 +95,23 @@ pub enum RemoveError {
     Unavailable(String),
 }
 
+/// Why a write has no result, saying what is known about it (mapped to HTTP in `api`).
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// No leader or no quorum: the cluster cannot accept writes right now (HTTP 503).
+    /// Not applied, and never will be from this call: no attempt was proposed (no leader, no
+    /// quorum, or the leader refused it before proposing).
     #[error("{0}")]
-    Unavailable(String),
+    NotApplied(String),
+    /// An attempt went unanswered (or was proposed and not committed): the write may have been
+    /// applied, or may be applied later, at most once. A retry with the same id tells.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    /// Committed, but not applied on this node in time (it will be).
+    #[error("committed as entry {index} but not yet applied on node {node}")]
+    NotYetVisible { index: u64, node: NodeId },
+    /// The idempotency key was first used for a different request: nothing was applied.
+    #[error("the idempotency key was first used for a different request")]
+    KeyReused,
 }
 
 impl From<membership::RemoveRefused> for RemoveError {
@@ -97,6 +134,7 @@ pub struct ClusterNode {
     pub cluster_id: String,
     pub gossip: Arc<Gossip>,
     net: HttpNetwork,
+    ids: IdGen,
     started: Instant,
     /// Voters this node removed recently (as leader): a removal passes through "learner", and
     /// reconciliation must not promote them back meanwhile.
@@ -208,6 +246,7 @@ impl ClusterNode {
             cluster_id: cfg.cluster_id.clone(),
             gossip,
             net,
+            ids: IdGen::new(cfg.node_id),
             started: Instant::now(),
             recently_removed: Default::default(),
         }))
@@ -215,35 +254,51 @@ impl ClusterNode {
 
     /// Proposes `cmd` and returns its apply result once it is committed and applied on THIS
     /// node (read-your-writes). Forwards to the leader when this node is a follower, retrying
-    /// with backoff while a leader is being elected.
+    /// with backoff while a leader is being elected. The write gets a new id here.
     pub async fn write(&self, cmd: Command) -> Result<ApplyResult, WriteError> {
-        let deadline = Instant::now() + WRITE_DEADLINE;
+        self.write_as(self.ids.next(), None, cmd).await
+    }
+
+    /// Like [`write`](Self::write) under a given id (a client's idempotency key with its
+    /// request digest): every attempt carries the id, so the command applies at most once and
+    /// a retry returns the first result.
+    pub async fn write_as(
+        &self,
+        id: WriteId,
+        fingerprint: Option<String>,
+        cmd: Command,
+    ) -> Result<ApplyResult, WriteError> {
+        let end = Instant::now() + WRITE_DEADLINE;
         let mut backoff = Duration::from_millis(50);
-        let mut last_reason;
+        let mut leaders = self.raft.metrics();
+        let mut last_reason: String;
+        // Why an earlier attempt's outcome is unknown: then "not applied" cannot be said.
+        let mut unknown: Option<String> = None;
         loop {
-            let outcome = match self.write_local(cmd.clone()).await {
-                ForwardedWrite::NotLeader {
-                    leader: Some((id, addr)),
-                } if id != self.node_id => self
-                    .net
-                    .post::<_, ForwardedWrite>(
-                        &addr,
-                        "/cluster/write",
-                        &cmd,
-                        COMMIT_TIMEOUT + Duration::from_secs(1),
-                    )
-                    .await
-                    .unwrap_or_else(|e| {
-                        ForwardedWrite::Unavailable(format!(
-                            "leader {id} at {addr} unreachable: {e}"
-                        ))
-                    }),
-                other => other,
+            let target = self.leader();
+            let attempt = match &target {
+                Some((leader, _)) if *leader == self.node_id => {
+                    self.write_local(id.clone(), fingerprint.clone(), cmd.clone(), end)
+                        .await
+                }
+                Some((leader, addr)) => {
+                    let req = ForwardRequest {
+                        id: id.clone(),
+                        fingerprint: fingerprint.clone(),
+                        deadline_unix_ms: clock::unix_ms()
+                            + FORWARD_WINDOW
+                                .min(end.saturating_duration_since(Instant::now()))
+                                .as_millis() as u64,
+                        cmd: cmd.clone(),
+                    };
+                    self.forward(*leader, addr, &req, end).await
+                }
+                None => ForwardedWrite::NotLeader { leader: None },
             };
-            match outcome {
-                ForwardedWrite::Done { index, result } => {
+            match attempt {
+                ForwardedWrite::Done { index, outcome } => {
                     self.wait_applied(index).await?;
-                    return Ok(result);
+                    return outcome.result().ok_or(WriteError::KeyReused);
                 }
                 ForwardedWrite::NotLeader { leader } => {
                     last_reason = match leader {
@@ -252,31 +307,134 @@ impl ClusterNode {
                     }
                 }
                 ForwardedWrite::Unavailable(reason) => last_reason = reason,
-                // Retrying would propose the command twice.
+                ForwardedWrite::Expired => {
+                    last_reason = format!(
+                        "the leader received the forwarded write after its deadline (slow \
+                         network, or clocks further apart than {}s)",
+                        MAX_CLOCK_SKEW.as_secs()
+                    )
+                }
                 ForwardedWrite::Indeterminate(reason) => {
-                    return Err(WriteError::Unavailable(reason))
+                    last_reason = reason.clone();
+                    unknown = Some(reason);
                 }
             }
-            if Instant::now() + backoff > deadline {
-                return Err(WriteError::Unavailable(format!(
-                    "write not accepted within {}s: {last_reason}",
-                    WRITE_DEADLINE.as_secs()
-                )));
+            if Instant::now() + backoff > end {
+                return Err(match unknown {
+                    None => WriteError::NotApplied(format!(
+                        "write not accepted within {}s: {last_reason}",
+                        WRITE_DEADLINE.as_secs()
+                    )),
+                    Some(why) if why == last_reason => WriteError::OutcomeUnknown(format!(
+                        "no final answer on the write within {}s: {why}",
+                        WRITE_DEADLINE.as_secs()
+                    )),
+                    Some(why) => WriteError::OutcomeUnknown(format!(
+                        "no final answer on the write within {}s: {why}; last attempt: \
+                         {last_reason}",
+                        WRITE_DEADLINE.as_secs()
+                    )),
+                });
             }
-            tokio::time::sleep(backoff).await;
+            // Back off, but go at once to a leader other than the one just tried.
+            let tried = target.map(|(id, _)| id);
+            let _ = tokio::time::timeout(
+                backoff,
+                leaders.wait_for(|m| m.current_leader.is_some() && m.current_leader != tried),
+            )
+            .await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
-    /// One attempt to commit `cmd` through this node's Raft (succeeds only on the leader).
-    pub async fn write_local(&self, cmd: Command) -> ForwardedWrite {
+    /// Sends a write to the leader and waits for its answer, or until another leader is known
+    /// (then the leader we wait on may be gone or frozen: the caller re-forwards the same id).
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        req: &ForwardRequest,
+        end: Instant,
+    ) -> ForwardedWrite {
+        let timeout = end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let mut leaders = self.raft.metrics();
+        let moved = async {
+            let changed = leaders
+                .wait_for(|m| m.current_leader.is_some() && m.current_leader != Some(leader))
+                .await
+                .map(|m| m.current_leader);
+            match changed {
+                Ok(new) => new,
+                // Raft stopped: only the answer (or its timeout) can end the wait.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            answer = self.net.post::<_, ForwardedWrite>(addr, "/cluster/write", req, timeout) => {
+                match answer {
+                    Ok(a) => a,
+                    // Never sent: nothing reached the leader.
+                    Err(e) if e.is_connect() => ForwardedWrite::Unavailable(format!(
+                        "leader {leader} at {addr} unreachable: {e}"
+                    )),
+                    // Refused before the handler (secret, body): not proposed.
+                    Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
+                        ForwardedWrite::Unavailable(format!(
+                            "leader {leader} at {addr} refused the forwarded write: {e}"
+                        ))
+                    }
+                    Err(e) => ForwardedWrite::Indeterminate(format!(
+                        "no answer from leader {leader} at {addr}: {e}"
+                    )),
+                }
+            }
+            new = moved => ForwardedWrite::Indeterminate(format!(
+                "node {leader} was replaced as leader by node {} while the write was in flight",
+                new.map(|n| n.to_string()).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// One attempt to commit a write through this node's Raft (succeeds only on the leader),
+    /// proposed only before `deadline`.
+    pub async fn write_local(
+        &self,
+        id: WriteId,
+        fingerprint: Option<String>,
+        cmd: Command,
+        deadline: Instant,
+    ) -> ForwardedWrite {
+        // Applied before (a retry, or a re-forward after a lost answer): its first result.
+        match self.sm.known(&id, fingerprint.as_deref()) {
+            (Known::Same(result), index) => {
+                return ForwardedWrite::Done {
+                    index,
+                    outcome: Outcome::Replayed(result),
+                }
+            }
+            (Known::OtherRequest, index) => {
+                return ForwardedWrite::Done {
+                    index,
+                    outcome: Outcome::KeyReused,
+                }
+            }
+            (Known::No, _) => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return ForwardedWrite::Expired;
+        }
         // Confirm leadership with a quorum before proposing: without a quorum the write is
         // refused cleanly instead of sitting in the log and committing later.
-        match tokio::time::timeout(QUORUM_CHECK_TIMEOUT, self.raft.ensure_linearizable()).await {
+        let check = QUORUM_CHECK_TIMEOUT.min(left);
+        match tokio::time::timeout(check, self.raft.ensure_linearizable()).await {
+            Err(_) if Instant::now() >= deadline => return ForwardedWrite::Expired,
             Err(_) => {
                 return ForwardedWrite::Unavailable(format!(
                     "the cluster has no quorum (no majority answered within {}ms)",
-                    QUORUM_CHECK_TIMEOUT.as_millis()
+                    check.as_millis()
                 ))
             }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
@@ -289,24 +447,42 @@ impl ClusterNode {
             }
             Ok(Ok(_)) => {}
         }
-        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
+        // The quorum check may have used up the time: never propose past the deadline.
+        if Instant::now() >= deadline {
+            return ForwardedWrite::Expired;
+        }
+        let entry = Proposal::Write(Write {
+            id,
+            fingerprint,
+            at_unix_ms: clock::unix_ms(),
+            cmd,
+        });
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(entry)).await {
             // Proposed but not committed: it may still commit if the quorum comes back.
             Err(_) => ForwardedWrite::Indeterminate(format!(
                 "the write was proposed but not committed within {}s (quorum lost during the \
-                 write); it takes effect if the cluster regains quorum: check before retrying",
+                 write); it takes effect if the cluster regains quorum",
                 COMMIT_TIMEOUT.as_secs()
             )),
             Ok(Ok(resp)) => ForwardedWrite::Done {
                 index: resp.log_id.index,
-                result: resp.data,
+                outcome: resp.data,
             },
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 ForwardedWrite::NotLeader {
                     leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
                 }
             }
-            Ok(Err(e)) => ForwardedWrite::Unavailable(e.to_string()),
+            // Raft refused or stopped while taking the entry: whether it reached the log is
+            // not known.
+            Ok(Err(e)) => ForwardedWrite::Indeterminate(e.to_string()),
         }
+    }
+
+    /// What the replicated write table knows about `id` on this node (for answering a
+    /// client's retry without proposing anything).
+    pub fn known_write(&self, id: &WriteId, fingerprint: Option<&str>) -> Known {
+        self.sm.known(id, fingerprint).0
     }
 
     async fn wait_applied(&self, index: u64) -> Result<(), WriteError> {
@@ -317,10 +493,10 @@ impl ClusterNode {
         .await;
         match reached {
             Ok(true) => Ok(()),
-            _ => Err(WriteError::Unavailable(format!(
-                "committed as entry {index} but not yet applied on node {}",
-                self.node_id
-            ))),
+            _ => Err(WriteError::NotYetVisible {
+                index,
+                node: self.node_id,
+            }),
         }
     }
 

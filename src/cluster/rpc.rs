@@ -2,8 +2,9 @@
 //! Every call must carry the cluster secret and id; others are refused (403) and logged.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRef, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -12,10 +13,26 @@ use axum::{Json, Router};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
 use super::network::{CLUSTER_ID_HEADER, SECRET_HEADER};
-use super::{ClusterNode, ForwardedWrite, TypeConfig};
-use crate::state::Command;
+use super::{ClusterNode, ForwardRequest, ForwardedWrite, TypeConfig};
+use super::{FORWARD_WINDOW, MAX_CLOCK_SKEW};
+use crate::clock;
+use crate::observability::Metrics;
 
-pub fn router(node: Arc<ClusterNode>) -> Router {
+/// What the RPC handlers share: the node, and the metrics that count refused calls.
+#[derive(Clone)]
+pub struct Rpc {
+    node: Arc<ClusterNode>,
+    metrics: Arc<Metrics>,
+}
+
+impl FromRef<Rpc> for Arc<ClusterNode> {
+    fn from_ref(rpc: &Rpc) -> Self {
+        rpc.node.clone()
+    }
+}
+
+pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
+    let rpc = Rpc { node, metrics };
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
@@ -24,12 +41,13 @@ pub fn router(node: Arc<ClusterNode>) -> Router {
         .route("/cluster/hello", post(hello))
         .route("/cluster/applied", post(applied))
         .route("/cluster/remove-member", post(remove_member))
-        .layer(middleware::from_fn_with_state(node.clone(), authenticate))
-        .with_state(node)
+        .layer(middleware::from_fn_with_state(rpc.clone(), authenticate))
+        .with_state(rpc)
 }
 
-async fn authenticate(State(node): State<Arc<ClusterNode>>, req: Request, next: Next) -> Response {
-    if !authorized(&node, req.headers()) {
+async fn authenticate(State(rpc): State<Rpc>, req: Request, next: Next) -> Response {
+    if !authorized(&rpc.node, req.headers()) {
+        rpc.metrics.cluster_rpc_refused("secret");
         tracing::warn!(
             path = %req.uri().path(),
             "refused cluster RPC: wrong or missing cluster secret / cluster id"
@@ -86,12 +104,38 @@ async fn snapshot(
 }
 
 /// A follower forwarded a client write: run it here (we believe we are leader; if not the
-/// answer says so and the follower retries).
+/// answer says so and the follower retries). Past its deadline it is refused unproposed: it
+/// may be a copy delivered late, after the follower gave up on it.
 async fn forwarded_write(
-    State(node): State<Arc<ClusterNode>>,
-    Json(cmd): Json<Command>,
+    State(rpc): State<Rpc>,
+    Json(req): Json<ForwardRequest>,
 ) -> Json<ForwardedWrite> {
-    Json(node.write_local(cmd).await)
+    // The rest of the deadline, measured from receipt on the monotonic clock (a wall clock
+    // step while the write runs changes nothing). Capped, so a sender whose clock runs far
+    // ahead cannot make a request live longer than any follower waits for it.
+    let left = Duration::from_millis(req.deadline_unix_ms.saturating_sub(clock::unix_ms()))
+        .min(FORWARD_WINDOW + MAX_CLOCK_SKEW);
+    let outcome = if left.is_zero() {
+        ForwardedWrite::Expired
+    } else {
+        rpc.node
+            .write_local(
+                req.id.clone(),
+                req.fingerprint,
+                req.cmd,
+                Instant::now() + left,
+            )
+            .await
+    };
+    if matches!(outcome, ForwardedWrite::Expired) {
+        rpc.metrics.cluster_rpc_refused("expired");
+        tracing::warn!(
+            id = ?req.id,
+            deadline_unix_ms = req.deadline_unix_ms,
+            "refused a forwarded write past its deadline (delivered late, or clocks apart)"
+        );
+    }
+    Json(outcome)
 }
 
 /// Lets a leader check, before adding us, that we share the cluster secret (the auth layer

@@ -25,8 +25,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::writes::{Known, Outcome, Proposal, Sessions, WriteId};
 use super::{NodeId, TypeConfig};
-use crate::state::{self, Applied, ApplyResult, State};
+use crate::state::{self, Applied, State};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -64,11 +65,29 @@ pub enum OpenError {
     Corrupt { path: String, message: String },
 }
 
-/// The snapshot as persisted: its meta and the JSON-encoded `State`.
+/// The snapshot as persisted: its meta and the JSON-encoded [`SnapshotData`].
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     data: Vec<u8>,
+}
+
+/// A snapshot's data: the `State` object with the write-id table as one more field, so a
+/// snapshot written before the table existed reads with an empty one, and an older binary
+/// reads a newer snapshot (it ignores the field).
+#[derive(Deserialize)]
+struct SnapshotData {
+    #[serde(flatten)]
+    state: State,
+    #[serde(default)]
+    writes: Sessions,
+}
+
+#[derive(Serialize)]
+struct SnapshotDataRef<'a> {
+    #[serde(flatten)]
+    state: &'a State,
+    writes: &'a Sessions,
 }
 
 /// Opens (creating if needed) the store in `data_dir` and rebuilds the state machine.
@@ -116,8 +135,10 @@ pub fn open(
 
     let mut sm = SmData::default();
     if let Some(snap) = &snapshot {
-        sm.state =
+        let data: SnapshotData =
             serde_json::from_slice(&snap.data).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+        sm.state = data.state;
+        sm.writes = data.writes;
         sm.last_applied = snap.meta.last_log_id;
         sm.last_membership = snap.meta.last_membership.clone();
     }
@@ -338,17 +359,22 @@ struct SmData {
     last_applied: Option<LogId<NodeId>>,
     last_membership: StoredMembership<NodeId, openraft::BasicNode>,
     state: State,
+    /// Recent write ids and their results (replicated: part of every snapshot).
+    writes: Sessions,
 }
 
 impl SmData {
-    fn apply_entry(&mut self, entry: &Entry<TypeConfig>) -> ApplyResult {
+    fn apply_entry(&mut self, entry: &Entry<TypeConfig>) -> Outcome {
         self.last_applied = Some(entry.log_id);
         match &entry.payload {
-            EntryPayload::Blank => Ok(Applied::Nothing),
-            EntryPayload::Normal(cmd) => state::apply(&mut self.state, cmd),
+            EntryPayload::Blank => Outcome::Applied(Ok(Applied::Nothing)),
+            EntryPayload::Normal(Proposal::Write(w)) => self.writes.apply(&mut self.state, w),
+            EntryPayload::Normal(Proposal::Legacy(cmd)) => {
+                Outcome::Applied(state::apply(&mut self.state, cmd))
+            }
             EntryPayload::Membership(m) => {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                Ok(Applied::Nothing)
+                Outcome::Applied(Ok(Applied::Nothing))
             }
         }
     }
@@ -379,6 +405,15 @@ impl StateMachineStore {
         f(&self.lock().state)
     }
 
+    /// What the replicated write table knows about `id` (and the index it was read at).
+    pub fn known(&self, id: &WriteId, fingerprint: Option<&str>) -> (Known, u64) {
+        let sm = self.lock();
+        (
+            sm.writes.known(id, fingerprint),
+            sm.last_applied.map(|l| l.index).unwrap_or(0),
+        )
+    }
+
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.inner.applied_tx.subscribe()
     }
@@ -391,7 +426,11 @@ impl StateMachineStore {
 
     fn snapshot_of(&self) -> StorageResult<StoredSnapshot> {
         let sm = self.lock();
-        let data = serde_json::to_vec(&sm.state).map_err(read_err)?;
+        let data = serde_json::to_vec(&SnapshotDataRef {
+            state: &sm.state,
+            writes: &sm.writes,
+        })
+        .map_err(read_err)?;
         let last = sm.last_applied;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
@@ -447,15 +486,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((sm.last_applied, sm.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Outcome>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let (results, last) = {
             let mut sm = self.lock();
-            let results: Vec<ApplyResult> =
-                entries.into_iter().map(|e| sm.apply_entry(&e)).collect();
+            let results: Vec<Outcome> = entries.into_iter().map(|e| sm.apply_entry(&e)).collect();
             // Publish once per batch, before the caller gets its answer: a write is live in the
             // proxy when the API call returns.
             (self.inner.publish)(&sm.state);
@@ -479,7 +517,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let new_state: State = serde_json::from_slice(&data)
+        let new: SnapshotData = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let snap = StoredSnapshot {
             meta: meta.clone(),
@@ -488,7 +526,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.persist_snapshot(&snap).await?;
         let last = {
             let mut sm = self.lock();
-            sm.state = new_state;
+            sm.state = new.state;
+            sm.writes = new.writes;
             sm.last_applied = meta.last_log_id;
             sm.last_membership = meta.last_membership.clone();
             (self.inner.publish)(&sm.state);
@@ -513,5 +552,137 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::writes::{Write, WriteId};
+    use crate::state::{Command, Domain, TlsMode};
+
+    fn no_publish() -> Publisher {
+        Arc::new(|_: &State| {})
+    }
+
+    fn domain(name: &str) -> Domain {
+        Domain {
+            domain: name.into(),
+            enabled_backends_tag: "a".into(),
+            http_to_https: false,
+            tls: TlsMode::None,
+            cert: None,
+        }
+    }
+
+    fn entry(index: u64, payload: Proposal) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(payload),
+        }
+    }
+
+    fn put_raw(db: &Database, index: u64, json: &str) {
+        let tx = db.begin_write().unwrap();
+        tx.open_table(LOG)
+            .unwrap()
+            .insert(index, json.as_bytes())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_written_before_write_ids_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = open(dir.path(), no_publish()).unwrap();
+            // Log entries exactly as the previous version wrote them: bare commands.
+            put_raw(
+                &log.db,
+                1,
+                r#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":1},"payload":{"Normal":{"CreateDomain":{"domain":"old.test","enabled_backends_tag":"a","http_to_https":false,"tls":"none","cert":null}}}}"#,
+            );
+            put_raw(
+                &log.db,
+                2,
+                r#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":2},"payload":{"Normal":{"SwitchTag":{"domain":"old.test","tag":"b"}}}}"#,
+            );
+            let committed =
+                serde_json::to_vec(&Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2)))
+                    .unwrap();
+            let tx = log.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(KEY_COMMITTED, committed.as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let (_, sm) = open(dir.path(), no_publish()).unwrap();
+        assert_eq!(sm.state().domains["old.test"].enabled_backends_tag, "b");
+    }
+
+    #[test]
+    fn a_snapshot_written_before_the_write_table_still_loads() {
+        let old = r#"{"domains":{"a.test":{"domain":"a.test","enabled_backends_tag":"a","http_to_https":false,"tls":"none","cert":null}},"backends":{},"seeded":true}"#;
+        let data: SnapshotData = serde_json::from_str(old).unwrap();
+        assert!(data.state.domains.contains_key("a.test"));
+        assert!(data.writes.is_empty());
+        // And an older binary (which reads a bare State) reads a new snapshot.
+        let mut writes = Sessions::default();
+        let mut st = data.state.clone();
+        writes.apply(
+            &mut st,
+            &Write {
+                id: WriteId::Key("k".into()),
+                fingerprint: None,
+                at_unix_ms: 1,
+                cmd: Command::DeleteDomain("a.test".into()),
+            },
+        );
+        let text = serde_json::to_string(&SnapshotDataRef {
+            state: &st,
+            writes: &writes,
+        })
+        .unwrap();
+        let as_old: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(as_old, st);
+    }
+
+    #[tokio::test]
+    async fn the_write_table_travels_in_snapshots_and_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = WriteId::Node {
+            node: 1,
+            boot: 2,
+            seq: 3,
+        };
+        let (_, mut sm) = open(dir.path(), no_publish()).unwrap();
+        let write = Proposal::Write(Write {
+            id: id.clone(),
+            fingerprint: None,
+            at_unix_ms: 10,
+            cmd: Command::CreateDomain(domain("snap.test")),
+        });
+        let out = sm.apply(vec![entry(1, write.clone())]).await.unwrap();
+        assert!(matches!(out[0], Outcome::Applied(Ok(_))));
+        let snap = sm.build_snapshot().await.unwrap();
+
+        // A follower installs it: it knows the id, and a re-proposal is not applied again.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_, mut other) = open(dir2.path(), no_publish()).unwrap();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert!(matches!(other.known(&id, None).0, Known::Same(Ok(_))));
+        let again = other.apply(vec![entry(2, write)]).await.unwrap();
+        assert!(matches!(again[0], Outcome::Replayed(Ok(_))), "{again:?}");
+        drop(other);
+
+        // The node restarts from its persisted snapshot with the table.
+        drop(sm);
+        let (_, reopened) = open(dir.path(), no_publish()).unwrap();
+        assert!(matches!(reopened.known(&id, None).0, Known::Same(Ok(_))));
+        assert!(reopened.state().domains.contains_key("snap.test"));
     }
 }

@@ -16,6 +16,7 @@ pub struct Metrics {
     guard_rail: prometheus::IntCounter,
     handovers: IntCounterVec,
     acme_orders: IntCounterVec,
+    cluster_rpc_refused: IntCounterVec,
     cert_expiry: prometheus::IntGaugeVec,
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
@@ -63,6 +64,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let cluster_rpc_refused = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_cluster_rpc_refused_total",
+                "Cluster RPC calls this node refused, by reason (secret: wrong cluster secret or id; expired: a forwarded write that arrived after its deadline)",
+            ),
+            &["reason"],
+        )?;
         let cert_expiry = prometheus::IntGaugeVec::new(
             Opts::new(
                 "pingora_vhost_certificate_expiry_timestamp_seconds",
@@ -89,6 +97,7 @@ impl Metrics {
         registry.register(Box::new(guard_rail.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
+        registry.register(Box::new(cluster_rpc_refused.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         for g in [
             &raft_term,
@@ -106,6 +115,7 @@ impl Metrics {
             guard_rail,
             handovers,
             acme_orders,
+            cluster_rpc_refused,
             cert_expiry,
             raft_term,
             raft_last_applied,
@@ -134,6 +144,11 @@ impl Metrics {
         self.acme_orders
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+    }
+
+    /// A cluster RPC call refused (`reason`: secret, expired).
+    pub fn cluster_rpc_refused(&self, reason: &str) {
+        self.cluster_rpc_refused.with_label_values(&[reason]).inc();
     }
 
     /// Replaces the per-domain certificate expiry gauges.

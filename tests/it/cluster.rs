@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------------------------------------
 
 /// A client with short timeouts, for polling nodes that may be dead or frozen.
-fn poll_client() -> &'static reqwest::Client {
+pub(crate) fn poll_client() -> &'static reqwest::Client {
     static C: OnceLock<reqwest::Client> = OnceLock::new();
     C.get_or_init(|| {
         reqwest::Client::builder()
@@ -29,7 +29,7 @@ fn poll_client() -> &'static reqwest::Client {
 }
 
 /// `GET /api/v1/cluster/status`, or `None` when the node does not answer within 2 s.
-async fn try_status(n: &Node) -> Option<Value> {
+pub(crate) async fn try_status(n: &Node) -> Option<Value> {
     let r = poll_client()
         .get(n.api_url("/api/v1/cluster/status"))
         .bearer_auth(TOKEN)
@@ -100,7 +100,7 @@ async fn wait_voters(nodes: &[&Node], ids: &[u64], timeout: Duration) -> Vec<Val
 
 /// Waits until every node in `nodes` reports the same leader, different from `old`, and that
 /// leader reports itself `Leader`. Returns the new leader's id.
-async fn wait_new_leader(nodes: &[&Node], old: u64, timeout: Duration) -> u64 {
+pub(crate) async fn wait_new_leader(nodes: &[&Node], old: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
         let mut statuses = Vec::new();
@@ -143,20 +143,20 @@ async fn domain_names(n: &Node) -> BTreeSet<String> {
         .collect()
 }
 
-fn signal(n: &Node, sig: libc::c_int) {
+pub(crate) fn signal(n: &Node, sig: libc::c_int) {
     let rc = unsafe { libc::kill(n.pid() as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({}, {sig}) failed", n.pid());
 }
 
 /// Sends SIGCONT to a node when dropped, so a failing test never leaves a stopped process
 /// (the harness's SIGKILL works on stopped processes too, but SIGCONT keeps logs flushing).
-struct Frozen(u32);
+pub(crate) struct Frozen(u32);
 impl Frozen {
-    fn new(n: &Node) -> Frozen {
+    pub(crate) fn new(n: &Node) -> Frozen {
         signal(n, libc::SIGSTOP);
         Frozen(n.pid())
     }
-    fn thaw(self) {}
+    pub(crate) fn thaw(self) {}
 }
 impl Drop for Frozen {
     fn drop(&mut self) {

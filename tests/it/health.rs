@@ -1056,7 +1056,9 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
     const N: usize = 10_000;
     let dead = dead_address();
     let seed: String = (0..N)
-        .map(|i| format!("[[backends]]\nid = \"dead-{i:05}\"\naddress = \"{dead}\"\ntags = [\"a\"]\n"))
+        .map(|i| {
+            format!("[[backends]]\nid = \"dead-{i:05}\"\naddress = \"{dead}\"\ntags = [\"a\"]\n")
+        })
         .collect();
     let cluster = Cluster::start(3, |_| {
         NodeOptions::new()
@@ -1074,9 +1076,9 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
                 let list = list.as_array().filter(|_| status == 200)?;
                 let all_down = list.len() == N
                     && list.iter().all(|b| {
-                        b["nodes"].as_object().is_some_and(|m| {
-                            m.len() == 3 && m.values().all(|v| v == "down")
-                        })
+                        b["nodes"]
+                            .as_object()
+                            .is_some_and(|m| m.len() == 3 && m.values().all(|v| v == "down"))
                     });
                 all_down.then_some(())
             },

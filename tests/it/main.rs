@@ -20,3 +20,4 @@ mod observability;
 mod resolver;
 mod single_node;
 mod supervision;
+mod writes;
