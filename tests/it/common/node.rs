@@ -19,8 +19,10 @@ use super::{bin_path, free_addr, START_TIMEOUT, TOKEN};
 pub struct NodeOptions {
     /// Lines added inside `[proxy]` (e.g. `upstream_read_timeout_secs = 1`).
     pub proxy_extra: String,
-    /// Lines added inside `[health_check]` (interval_secs = 1 and timeout_secs = 1 are set).
+    /// Lines added inside `[health_check]` (interval_secs and timeout_secs = 1 are set).
     pub health_extra: String,
+    /// `[health_check] interval_secs` (default 1).
+    pub health_interval_secs: Option<u64>,
     /// Text appended at the end (`[[virtual_hosts]]`, `[[backends]]`).
     pub extra: String,
     /// `[cluster]` settings; defaults give a lone node (id 1, bootstrap_expect 1, no seeds).
@@ -39,6 +41,10 @@ impl NodeOptions {
     pub fn proxy(mut self, lines: &str) -> Self {
         self.proxy_extra.push_str(lines);
         self.proxy_extra.push('\n');
+        self
+    }
+    pub fn health_interval(mut self, secs: u64) -> Self {
+        self.health_interval_secs = Some(secs);
         self
     }
     pub fn health(mut self, lines: &str) -> Self {
@@ -286,7 +292,7 @@ secret = "{secret}"
 {cluster_extra}
 
 [health_check]
-interval_secs = 1
+interval_secs = {health_interval}
 timeout_secs = 1
 {health_extra}
 {extra}
@@ -299,6 +305,7 @@ timeout_secs = 1
             rpc = self.rpc_addr,
             gossip = self.gossip_addr,
             health_extra = o.health_extra,
+            health_interval = o.health_interval_secs.unwrap_or(1),
             extra = o.extra,
             node_id = o.node_id.unwrap_or(1),
             bootstrap_expect = o.bootstrap_expect.unwrap_or(1),
