@@ -110,3 +110,36 @@ async fn every_error_answer_is_json_and_the_scheme_is_case_insensitive() {
     let got = raw(&node, head.as_bytes(), b"").await;
     assert_json_error("another scheme", 401, &got);
 }
+
+/// #13: a junk certificate is blamed on `cert_pem` (it was blamed on `key_pem`), a junk key on
+/// `key_pem`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_certificate_or_key_names_the_field_at_fault() {
+    let node = Node::start_default().await;
+    let good = self_signed(&["pair.test"]);
+    let junk_cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    let junk_key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    let other = self_signed(&["other.test"]);
+    for (cert, key, field) in [
+        (junk_cert, good.key_pem.as_str(), "cert_pem"),
+        ("no pem at all", good.key_pem.as_str(), "cert_pem"),
+        (good.cert_pem.as_str(), junk_key, "key_pem"),
+        (good.cert_pem.as_str(), "no pem at all", "key_pem"),
+        (good.cert_pem.as_str(), other.key_pem.as_str(), "key_pem"),
+    ] {
+        let (status, body) = node
+            .api_post(
+                "/api/v1/domains",
+                serde_json::json!({
+                    "domain": "pair.test",
+                    "enabled_backends_tag": "a",
+                    "cert_pem": cert,
+                    "key_pem": key,
+                }),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(&format!("`{field}`")), "want {field} blamed: {body}");
+    }
+}
