@@ -3,9 +3,14 @@
 //! answers them in the API's error format (see [`super::errors`]), instead of hyper closing
 //! them with an empty answer.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 /// Hyper's own ceiling on a request head: above [`super::errors::MAX_HEAD_BYTES`], so heads
@@ -35,8 +40,146 @@ pub async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), Strin
         tokio::spawn(async move {
             // A client that goes away mid-request is not worth a log line.
             let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(JsonParseErrors::new(stream)), service)
                 .await;
         });
+    }
+}
+
+/// hyper answers a request it cannot parse (a request target that is not ASCII, a head over
+/// its own limits) by itself, with an empty 400/414/431, before any handler runs. Every 4xx of
+/// ours carries a JSON body (`super::errors`), so a 4xx head with `content-length: 0` is
+/// hyper's: this gives it the API's error format on its way out.
+struct JsonParseErrors<T> {
+    inner: T,
+    /// A rewritten answer still being written.
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl<T> JsonParseErrors<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            written: 0,
+        }
+    }
+}
+
+/// The JSON version of hyper's own empty 4xx answer in `buf`, if that is what `buf` holds.
+fn rewrite_empty_4xx(buf: &[u8]) -> Option<Vec<u8>> {
+    const EMPTY: &[u8] = b"content-length: 0\r\n";
+    if !buf.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = &buf[..head_end];
+    let at = head.windows(EMPTY.len()).position(|w| w == EMPTY)?;
+    let message = match &buf[9..12] {
+        b"414" => "the request target is too long",
+        b"431" => "the request head is too large",
+        _ => "the request could not be parsed (a request target must be ASCII: percent-encode other bytes)",
+    };
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut out = Vec::with_capacity(buf.len() + body.len() + 64);
+    out.extend_from_slice(&head[..at]);
+    out.extend_from_slice(
+        format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&head[at + EMPTY.len()..]);
+    out.extend_from_slice(body.as_bytes());
+    out.extend_from_slice(&buf[head_end..]);
+    Some(out)
+}
+
+impl<T: AsyncWrite + Unpin> JsonParseErrors<T> {
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.pending.len() {
+            let n =
+                ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.pending.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonParseErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_pending(cx))?;
+        if let Some(rewritten) = rewrite_empty_4xx(buf) {
+            self.pending = rewritten;
+            // Taken whole; the rest goes out on the next write, flush or shutdown.
+            if let Poll::Ready(Err(e)) = self.poll_pending(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrite_empty_4xx;
+
+    #[test]
+    fn only_empty_4xx_heads_are_rewritten() {
+        let hyper_400 = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let out = String::from_utf8(rewrite_empty_4xx(hyper_400).expect("rewritten")).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            head.contains("connection: close") && head.contains("date: x"),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("ASCII"));
+        // Ours (a body), successes and 5xx pass unchanged.
+        for kept in [
+            &b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{\"e\":\"x\"}"[..],
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n",
+            b"data that is not a head",
+        ] {
+            assert!(rewrite_empty_4xx(kept).is_none());
+        }
     }
 }

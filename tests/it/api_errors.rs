@@ -92,6 +92,13 @@ async fn every_error_answer_is_json_and_the_scheme_is_case_insensitive() {
     let got = raw(&node, &request("GET", "/api/v1/backends", &fat, 0), b"").await;
     assert_json_error("100 KiB of headers", 431, &got);
 
+    // Refused by the HTTP layer itself (hyper), in the same format.
+    let got = raw(&node, b"GET /api/v1/backends/\xff\xfe HTTP/1.1\r\nHost: api\r\n\r\n", b"").await;
+    assert_json_error("non-UTF-8 request target", 400, &got);
+    let huge = format!("X-Huge: {}\r\n", "v".repeat(300 * 1024));
+    let got = raw(&node, &request("GET", "/api/v1/backends", &huge, 0), b"").await;
+    assert_json_error("head over hyper's limit", 431, &got);
+
     let got = raw(&node, &request("GET", "/api/v1/nope", "", 0), b"").await;
     assert_json_error("unknown endpoint", 404, &got);
 
@@ -140,6 +147,9 @@ async fn a_bad_certificate_or_key_names_the_field_at_fault() {
             .await;
         assert_eq!(status, 400, "{body}");
         let msg = body["error"].as_str().unwrap_or_default();
-        assert!(msg.contains(&format!("`{field}`")), "want {field} blamed: {body}");
+        assert!(
+            msg.contains(&format!("`{field}`")),
+            "want {field} blamed: {body}"
+        );
     }
 }
