@@ -313,6 +313,52 @@ async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {
     api::server::serve(listener, app).await
 }
 
+/// Bytes of JSON per seed entry: a seed of 100,000 domains is tens of MB, far more than one
+/// log entry may hold (`cluster::network::MAX_ENTRY_BYTES`), and smaller entries commit
+/// faster on slow disks.
+const SEED_PART_BYTES: usize = 256 * 1024;
+
+/// Writes the seed as one entry, or in parts that apply together with the last one. A failed
+/// attempt is started over (under a new seed id) while this node leads an unseeded cluster.
+async fn propose_seed(node: &ClusterNode, seed: &Command, file: &str) {
+    let Command::Seed { domains, backends } = seed else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(1);
+    while node.is_leader() && !node.sm.with_state(|s| s.seeded) {
+        // Unique per attempt: a new attempt replaces a half-written one.
+        let seed_id = crate::clock::unix_ms()
+            .wrapping_mul(1000)
+            .wrapping_add(node.node_id);
+        let parts =
+            crate::state::seed_parts(seed_id, domains.clone(), backends.clone(), SEED_PART_BYTES);
+        let count = parts.len();
+        let mut failed = None;
+        for (i, part) in parts.into_iter().enumerate() {
+            match node.write(part).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failed = Some((i, e.to_string())),
+                Err(e) => failed = Some((i, e.to_string())),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        match failed {
+            None => {
+                tracing::info!(parts = count, "seeded the cluster from {file}");
+                return;
+            }
+            Some((i, e)) => tracing::warn!(
+                "seeding from {file} failed at part {}/{count}: {e}; starting over in {backoff:?}",
+                i + 1
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// On a new cluster, the leader applies the file's seed once. On an existing one, a file that
 /// differs from the replicated state gets one warning and changes nothing.
 async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
@@ -326,11 +372,7 @@ async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
     }
     if !node.sm.with_state(|s| s.seeded) {
         if node.is_leader() {
-            match node.write(seed).await {
-                Ok(Ok(_)) => tracing::info!("seeded the cluster from {file}"),
-                Ok(Err(e)) => tracing::warn!("seeding from {file} failed: {e}"),
-                Err(e) => tracing::warn!("seeding from {file} failed: {e}"),
-            }
+            propose_seed(&node, &seed, &file).await;
         }
         return;
     }

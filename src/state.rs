@@ -99,6 +99,18 @@ pub enum Command {
         domains: Vec<Domain>,
         backends: Vec<Backend>,
     },
+    /// One part of a seed too large for one log entry ([`seed_parts`]). Parts are staged in
+    /// `State::pending_seed` and applied together with the last one, so nothing of a seed is
+    /// visible before all of it is.
+    SeedPart {
+        /// Chosen by the proposer; a part of another seed id restarts the staging.
+        seed_id: u64,
+        /// 0-based; parts apply only in order.
+        part: u32,
+        parts: u32,
+        domains: Vec<Domain>,
+        backends: Vec<Backend>,
+    },
     CreateDomain(Domain),
     UpdateDomain {
         domain: DomainName,
@@ -165,6 +177,10 @@ pub enum Applied {
     Seeded {
         applied: bool,
     },
+    /// A seed part was staged; the seed applies with its last part.
+    SeedPartStaged {
+        part: u32,
+    },
     Domain(Domain),
     DomainSwitched {
         domain: Domain,
@@ -204,6 +220,75 @@ pub struct State {
     pub seeded: bool,
     #[serde(default)]
     pub acme: AcmeState,
+    /// Parts of a large seed received so far (not visible in `domains`/`backends` yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_seed: Option<PendingSeed>,
+}
+
+/// A seed being received in parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSeed {
+    pub seed_id: u64,
+    /// The part expected next.
+    pub next_part: u32,
+    pub domains: Vec<Domain>,
+    pub backends: Vec<Backend>,
+}
+
+/// Splits a seed into log entries of about `budget` bytes of JSON each: one `Seed` when it
+/// fits, `SeedPart`s otherwise. No entry exceeds the budget unless one domain or backend does.
+pub fn seed_parts(
+    seed_id: u64,
+    domains: Vec<Domain>,
+    backends: Vec<Backend>,
+    budget: usize,
+) -> Vec<Command> {
+    let total: usize =
+        domains.iter().map(json_len).sum::<usize>() + backends.iter().map(json_len).sum::<usize>();
+    if total <= budget {
+        return vec![Command::Seed { domains, backends }];
+    }
+    let mut chunks: Vec<(Vec<Domain>, Vec<Backend>)> = vec![(Vec::new(), Vec::new())];
+    let mut used = 0;
+    let mut room = |n: usize, chunks: &mut Vec<(Vec<Domain>, Vec<Backend>)>| {
+        let last = chunks
+            .last()
+            .map_or(true, |(d, b)| d.is_empty() && b.is_empty());
+        if used + n > budget && !last {
+            chunks.push((Vec::new(), Vec::new()));
+            used = 0;
+        }
+        used += n;
+    };
+    for b in backends {
+        room(json_len(&b), &mut chunks);
+        if let Some(last) = chunks.last_mut() {
+            last.1.push(b);
+        }
+    }
+    for d in domains {
+        room(json_len(&d), &mut chunks);
+        if let Some(last) = chunks.last_mut() {
+            last.0.push(d);
+        }
+    }
+    let parts = chunks.len() as u32;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (domains, backends))| Command::SeedPart {
+            seed_id,
+            part: i as u32,
+            parts,
+            domains,
+            backends,
+        })
+        .collect()
+}
+
+/// JSON size of a value, for splitting seeds.
+fn json_len<T: Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(0, |v| v.len())
 }
 
 /// Certificates expiring within this many days are flagged in the API and logged.
@@ -255,6 +340,46 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             }
             state.seeded = true;
             Ok(Applied::Seeded { applied: true })
+        }
+        Command::SeedPart {
+            seed_id,
+            part,
+            parts,
+            domains,
+            backends,
+        } => {
+            if state.seeded {
+                state.pending_seed = None;
+                return Ok(Applied::Seeded { applied: false });
+            }
+            if *part == 0 {
+                state.pending_seed = Some(PendingSeed {
+                    seed_id: *seed_id,
+                    ..Default::default()
+                });
+            }
+            let Some(pending) = state
+                .pending_seed
+                .as_mut()
+                .filter(|p| p.seed_id == *seed_id && p.next_part == *part)
+            else {
+                // A part of an abandoned seed, or out of order: the proposer starts over.
+                return Ok(Applied::Seeded { applied: false });
+            };
+            pending.domains.extend(domains.iter().cloned());
+            pending.backends.extend(backends.iter().cloned());
+            pending.next_part += 1;
+            if pending.next_part < *parts {
+                return Ok(Applied::SeedPartStaged { part: *part });
+            }
+            let done = state.pending_seed.take().unwrap_or_default();
+            apply(
+                state,
+                &Command::Seed {
+                    domains: done.domains,
+                    backends: done.backends,
+                },
+            )
         }
         Command::CreateDomain(d) => {
             if state.domains.contains_key(d.domain.as_str()) {
@@ -807,5 +932,69 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.domains["m.test"].cert, Some(cert(5)));
+    }
+
+    #[test]
+    fn a_large_seed_applies_in_parts_all_at_once() {
+        let backends: Vec<Backend> = (0..300)
+            .map(|i| backend(&format!("b{i}"), &["a"]))
+            .collect();
+        let domains: Vec<Domain> = (0..300)
+            .map(|i| domain(&format!("d{i}.test"), "a"))
+            .collect();
+        let parts = seed_parts(7, domains.clone(), backends.clone(), 4096);
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        for p in &parts {
+            assert!(serde_json::to_vec(p).unwrap().len() <= 4096 + 512);
+        }
+        let mut s = State::default();
+        let (last, staged) = parts.split_last().unwrap();
+        for (i, p) in staged.iter().enumerate() {
+            assert_eq!(
+                apply(&mut s, p),
+                Ok(Applied::SeedPartStaged { part: i as u32 })
+            );
+            // Nothing is visible before the last part.
+            assert!(s.domains.is_empty() && s.backends.is_empty() && !s.seeded);
+        }
+        assert_eq!(apply(&mut s, last), Ok(Applied::Seeded { applied: true }));
+        assert_eq!((s.domains.len(), s.backends.len()), (300, 300));
+        assert!(s.pending_seed.is_none());
+        // A part applied again after the seed changes nothing.
+        assert_eq!(
+            apply(&mut s, &parts[0]),
+            Ok(Applied::Seeded { applied: false })
+        );
+        // A small seed is one plain entry.
+        assert!(matches!(
+            seed_parts(1, domains[..1].to_vec(), vec![], 4096).as_slice(),
+            [Command::Seed { .. }]
+        ));
+    }
+
+    #[test]
+    fn an_abandoned_or_out_of_order_seed_part_is_ignored() {
+        let backends: Vec<Backend> = (0..100)
+            .map(|i| backend(&format!("b{i}"), &["a"]))
+            .collect();
+        let first = seed_parts(1, vec![], backends.clone(), 2048);
+        let second = seed_parts(2, vec![], backends, 2048);
+        let mut s = State::default();
+        apply(&mut s, &first[0]).unwrap();
+        // A new leader starts its own seed: the first one's staging is replaced.
+        apply(&mut s, &second[0]).unwrap();
+        assert_eq!(
+            apply(&mut s, &first[1]),
+            Ok(Applied::Seeded { applied: false })
+        );
+        // Out of order.
+        assert_eq!(
+            apply(&mut s, &second[2]),
+            Ok(Applied::Seeded { applied: false })
+        );
+        for p in &second[1..] {
+            apply(&mut s, p).unwrap();
+        }
+        assert!(s.seeded && s.backends.len() == 100);
     }
 }

@@ -216,6 +216,11 @@ impl From<WriteError> for ApiError {
                 "applied",
                 format!("{e}; read it again shortly"),
             ),
+            WriteError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "not_applied",
+                format!("{e}: split it into smaller changes"),
+            ),
             WriteError::KeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "not_applied",

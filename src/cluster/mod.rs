@@ -112,6 +112,9 @@ pub enum WriteError {
     /// The idempotency key was first used for a different request: nothing was applied.
     #[error("the idempotency key was first used for a different request")]
     KeyReused,
+    /// The change does not fit in one log entry: nothing was applied.
+    #[error("the change is {size} bytes as a log entry; at most {max} fit in one")]
+    TooLarge { size: usize, max: usize },
 }
 
 impl From<membership::RemoveRefused> for RemoveError {
@@ -203,6 +206,8 @@ impl ClusterNode {
             election_timeout_min: 1000,
             election_timeout_max: 2000,
             install_snapshot_timeout: 10_000,
+            // A snapshot goes in chunks of this many bytes, each one RPC (see network.rs).
+            snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
             // Keep some entries behind a snapshot so a briefly lagging follower needs no snapshot.
             max_in_snapshot_log_to_keep: (cfg.snapshot_logs / 5).max(1),
@@ -268,6 +273,14 @@ impl ClusterNode {
         fingerprint: Option<String>,
         cmd: Command,
     ) -> Result<ApplyResult, WriteError> {
+        // An entry the peers' RPC would refuse would be retried for ever: refuse it here.
+        let size = serde_json::to_vec(&cmd).map_or(usize::MAX, |v| v.len());
+        if size > network::MAX_ENTRY_BYTES {
+            return Err(WriteError::TooLarge {
+                size,
+                max: network::MAX_ENTRY_BYTES,
+            });
+        }
         let end = Instant::now() + WRITE_DEADLINE;
         let mut backoff = Duration::from_millis(50);
         let mut leaders = self.raft.metrics();

@@ -20,6 +20,18 @@ pub const SECRET_HEADER: &str = "x-pingora-vhost-secret";
 /// Header carrying the cluster id, so two clusters on one network never talk.
 pub const CLUSTER_ID_HEADER: &str = "x-pingora-vhost-cluster";
 
+/// Largest request body the cluster RPC accepts (`rpc.rs`). Everything sent is kept under it:
+/// log entries are bounded at proposal ([`MAX_ENTRY_BYTES`]), an append carries at most
+/// [`APPEND_BUDGET_BYTES`] of entries (the rest goes in the next one), and a snapshot goes in
+/// chunks of [`SNAPSHOT_CHUNK_BYTES`] (a JSON byte array takes up to 4 bytes per byte).
+pub const MAX_RPC_BODY: usize = 32 * 1024 * 1024;
+/// Largest single log entry (JSON). API bodies are at most 2 MiB, and large seeds are split.
+pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
+/// Entries per append are cut after this many bytes of JSON.
+pub const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// Snapshot chunk size (bytes of snapshot data per install-snapshot RPC).
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct HttpNetwork {
     pub client: reqwest::Client,
@@ -111,10 +123,21 @@ impl PeerClient {
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("/raft/append", &rpc, &option).await
+        // Send the longest prefix that fits the budget and report a partial success: openraft
+        // sends the rest in the next call (its documented contract for `PartialSuccess`).
+        let fits = prefix_within(&rpc.entries, APPEND_BUDGET_BYTES);
+        if fits == rpc.entries.len() {
+            return self.call("/raft/append", &rpc, &option).await;
+        }
+        rpc.entries.truncate(fits);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        match self.call("/raft/append", &rpc, &option).await? {
+            AppendEntriesResponse::Success => Ok(AppendEntriesResponse::PartialSuccess(last)),
+            other => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -134,5 +157,33 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call("/raft/vote", &rpc, &option).await
+    }
+}
+
+/// How many leading entries fit in `budget` bytes of JSON (at least one: a single entry is
+/// bounded by [`MAX_ENTRY_BYTES`] at proposal).
+fn prefix_within<T: Serialize>(entries: &[T], budget: usize) -> usize {
+    let mut used = 0;
+    for (i, e) in entries.iter().enumerate() {
+        used += serde_json::to_vec(e).map_or(usize::MAX / 2, |v| v.len());
+        if used > budget && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_within;
+
+    #[test]
+    fn appends_are_cut_at_the_budget() {
+        let entries = vec!["x".repeat(100); 10];
+        assert_eq!(prefix_within(&entries, 10_000), 10);
+        assert_eq!(prefix_within(&entries, 350), 3);
+        // One entry over the budget still goes alone.
+        assert_eq!(prefix_within(&entries, 10), 1);
+        assert_eq!(prefix_within::<String>(&[], 10), 0);
     }
 }

@@ -42,6 +42,9 @@ pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
         .route("/cluster/applied", post(applied))
         .route("/cluster/remove-member", post(remove_member))
         .layer(middleware::from_fn_with_state(rpc.clone(), authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            super::network::MAX_RPC_BODY,
+        ))
         .with_state(rpc)
 }
 

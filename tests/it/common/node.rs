@@ -23,6 +23,8 @@ pub struct NodeOptions {
     pub health_extra: String,
     /// `[health_check] interval_secs` (default 1).
     pub health_interval_secs: Option<u64>,
+    /// How long start-up may take (default `START_TIMEOUT`; a huge config takes longer).
+    pub start_timeout: Option<Duration>,
     /// Text appended at the end (`[[virtual_hosts]]`, `[[backends]]`).
     pub extra: String,
     /// `[cluster]` settings; defaults give a lone node (id 1, bootstrap_expect 1, no seeds).
@@ -41,6 +43,10 @@ impl NodeOptions {
     pub fn proxy(mut self, lines: &str) -> Self {
         self.proxy_extra.push_str(lines);
         self.proxy_extra.push('\n');
+        self
+    }
+    pub fn start_timeout(mut self, t: Duration) -> Self {
+        self.start_timeout = Some(t);
         self
     }
     pub fn health_interval(mut self, secs: u64) -> Self {
@@ -391,7 +397,8 @@ timeout_secs = 1
 
     /// Waits until the API health endpoint answers 200 and both proxy listeners accept TCP.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
+        let timeout = self.options.start_timeout.unwrap_or(START_TIMEOUT);
+        let deadline = Instant::now() + timeout;
         let url = format!("http://{}/api/v1/health", self.api_addr);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -413,7 +420,7 @@ timeout_secs = 1
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "node not ready within {START_TIMEOUT:?} (GET /api/v1/health 200 and proxy \
+                    "node not ready within {timeout:?} (GET /api/v1/health 200 and proxy \
                      listeners {} / {} accepting)\n{}",
                     self.http_addr,
                     self.https_addr,
