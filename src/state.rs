@@ -253,7 +253,7 @@ pub fn seed_parts(
     let mut room = |n: usize, chunks: &mut Vec<(Vec<Domain>, Vec<Backend>)>| {
         let last = chunks
             .last()
-            .map_or(true, |(d, b)| d.is_empty() && b.is_empty());
+            .is_none_or(|(d, b)| d.is_empty() && b.is_empty());
         if used + n > budget && !last {
             chunks.push((Vec::new(), Vec::new()));
             used = 0;
