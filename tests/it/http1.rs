@@ -1,4 +1,4 @@
-//! HTTP/1.1 on the wire: the proxy's lean request path (src/proxy/h1.rs) against a scripted
+//! HTTP/1.1 on the wire: the proxy's lean request path (src/proxy/h1/) against a scripted
 //! origin that answers with exact bytes, and a raw TCP client. Framing (chunked, length,
 //! close-delimited, HEAD, 204/304, 1xx), pipelining, keep-alive reuse of both connections,
 //! stale pooled connections, large bodies, hop-by-hop headers, and the requests that are
