@@ -53,6 +53,12 @@ pub struct ProxyConfig {
     pub client_timeout_secs: u64,
     /// SIGTERM grace period: seconds in-flight requests get to finish. default 30
     pub shutdown_grace_secs: u64,
+    /// A request announcing a longer body (`Content-Length`) is answered 413 before any
+    /// backend is contacted. default 1 GiB, must be >= 1
+    pub max_body_bytes: u64,
+    /// Pass header names containing `_` on to backends (nginx's `underscores_in_headers`).
+    /// default false: they are dropped.
+    pub underscores_in_headers: bool,
     /// Optional default certificate (served when the client sends no SNI or an unknown name).
     /// Both or neither. Files must exist and be readable. When absent a self-signed one is made.
     pub default_cert_path: Option<PathBuf>,
@@ -237,6 +243,8 @@ impl Default for ProxyConfig {
             upstream_read_timeout_secs: 30,
             client_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            max_body_bytes: 1 << 30,
+            underscores_in_headers: false,
             default_cert_path: None,
             default_key_path: None,
         }
@@ -376,6 +384,8 @@ struct RawProxy {
     upstream_read_timeout_secs: Field<i64>,
     client_timeout_secs: Field<i64>,
     shutdown_grace_secs: Field<i64>,
+    max_body_bytes: Field<i64>,
+    underscores_in_headers: Option<bool>,
     default_cert_path: Field<String>,
     default_key_path: Field<String>,
 }
@@ -728,6 +738,15 @@ impl Checker<'_> {
             d.shutdown_grace_secs,
             0,
         )?;
+        let max_body_bytes = self.int(
+            &raw.max_body_bytes,
+            "proxy.max_body_bytes",
+            d.max_body_bytes,
+            1,
+        )?;
+        let underscores_in_headers = raw
+            .underscores_in_headers
+            .unwrap_or(d.underscores_in_headers);
         let (default_cert_path, default_key_path) =
             match (&raw.default_cert_path, &raw.default_key_path) {
                 (None, None) => (None, None),
@@ -759,6 +778,8 @@ impl Checker<'_> {
             upstream_read_timeout_secs,
             client_timeout_secs,
             shutdown_grace_secs,
+            max_body_bytes,
+            underscores_in_headers,
             default_cert_path,
             default_key_path,
         })
@@ -1673,6 +1694,13 @@ tags = ["a", "b"]
     }
 
     #[test]
+    fn request_strictness_keys() {
+        let c = ok("[proxy]\nunderscores_in_headers = true\nmax_body_bytes = 5\n");
+        assert!(c.proxy.underscores_in_headers);
+        assert_eq!(c.proxy.max_body_bytes, 5);
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = ok("");
         assert_eq!(c.proxy.listen_addr, "0.0.0.0:8443".parse().unwrap());
@@ -1685,6 +1713,8 @@ tags = ["a", "b"]
         assert_eq!(c.proxy.upstream_connect_timeout_ms, 2000);
         assert_eq!(c.proxy.upstream_read_timeout_secs, 30);
         assert_eq!(c.proxy.client_timeout_secs, 60);
+        assert_eq!(c.proxy.max_body_bytes, 1 << 30);
+        assert!(!c.proxy.underscores_in_headers);
         assert_eq!(c.proxy.shutdown_grace_secs, 30);
         assert!(c.proxy.default_cert_path.is_none());
         assert!(c.api.token.is_none());
@@ -2278,6 +2308,7 @@ enabled_backends_tag = \"a\"
             ("proxy", "upstream_connect_timeout_ms"),
             ("proxy", "upstream_read_timeout_secs"),
             ("proxy", "client_timeout_secs"),
+            ("proxy", "max_body_bytes"),
             ("cluster", "node_id"),
             ("cluster", "bootstrap_expect"),
             ("health_check", "interval_secs"),

@@ -8,9 +8,11 @@ pub struct MalformedChunked;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Hex digits of a chunk size.
+    /// Hex digits of a chunk size: whether any was seen, and how many count (leading
+    /// zeros do not: `00000000000000003` is 3).
     Size {
-        digits: u8,
+        any: bool,
+        significant: u8,
     },
     /// Chunk extension after `;`, up to the line end.
     Extension,
@@ -40,7 +42,10 @@ pub struct ChunkedTracker {
 impl Default for ChunkedTracker {
     fn default() -> Self {
         Self {
-            phase: Phase::Size { digits: 0 },
+            phase: Phase::Size {
+                any: false,
+                significant: 0,
+            },
             size: 0,
             remaining: 0,
         }
@@ -66,17 +71,22 @@ impl ChunkedTracker {
                     }
                     continue;
                 }
-                Phase::Size { digits } => match b {
+                Phase::Size { any, significant } => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if digits >= 15 {
+                        // 15 significant hex digits at most: no overflow, sizes < 2^60.
+                        let significant = significant + u8::from(significant > 0 || b != b'0');
+                        if significant > 15 {
                             return Err(MalformedChunked);
                         }
                         let v = (b as char).to_digit(16).unwrap_or(0) as u64;
                         self.size = self.size * 16 + v;
-                        self.phase = Phase::Size { digits: digits + 1 };
+                        self.phase = Phase::Size {
+                            any: true,
+                            significant,
+                        };
                     }
-                    b';' | b' ' | b'\t' if digits > 0 => self.phase = Phase::Extension,
-                    b'\r' if digits > 0 => self.phase = Phase::SizeLf,
+                    b';' | b' ' | b'\t' if any => self.phase = Phase::Extension,
+                    b'\r' if any => self.phase = Phase::SizeLf,
                     _ => return Err(MalformedChunked),
                 },
                 Phase::Extension => {
@@ -108,7 +118,10 @@ impl ChunkedTracker {
                     if b != b'\n' {
                         return Err(MalformedChunked);
                     }
-                    self.phase = Phase::Size { digits: 0 };
+                    self.phase = Phase::Size {
+                        any: false,
+                        significant: 0,
+                    };
                 }
                 Phase::TrailerStart => {
                     self.phase = if b == b'\r' {
@@ -188,6 +201,17 @@ mod tests {
             let r = t.feed(std::slice::from_ref(b)).unwrap();
             assert_eq!(r.is_some(), i == body.len() - 1);
         }
+    }
+
+    #[test]
+    fn leading_zeros_do_not_count_towards_the_size_limit() {
+        assert_eq!(
+            end_of(b"00000000000000003\r\nabc\r\n0\r\n\r\n"),
+            Ok(Some(29))
+        );
+        assert_eq!(end_of(b"0000000000000000000\r\n\r\n"), Ok(Some(23)));
+        assert_eq!(end_of(b"000fffffffffffffff\r\n"), Ok(None));
+        assert_eq!(end_of(b"0001000000000000000\r\n"), Err(MalformedChunked));
     }
 
     #[test]

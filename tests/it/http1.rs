@@ -1142,3 +1142,5 @@ async fn idle_http2_connections_close_after_the_client_timeout() {
     .await;
     drop(client);
 }
+
+mod strict;

@@ -6,8 +6,10 @@ use std::sync::atomic::Ordering;
 use pingora_core::server::ShutdownWatch;
 
 use super::super::answers;
+use super::super::chunked::ChunkedTracker;
 use super::super::deadline::deadline_after;
 use super::super::rules::{self, Decision};
+use super::super::strict::Refusal;
 use super::super::DataPlane;
 use super::client::Client;
 use super::parse::{parse_request, Parsed, RequestHead};
@@ -48,11 +50,23 @@ impl VhostApp {
                         &mut client.out,
                         client.client_ip.as_deref(),
                         client.tls,
+                        self.strict,
                     ) {
                         Parsed::Request(head) => break head,
-                        Parsed::HandOver(reason) => return End::HandOver(reason),
+                        Parsed::HandOver(reason, None) => return End::HandOver(reason),
+                        Parsed::HandOver(reason, Some(body_at)) => {
+                            // What is here of a chunked body is checked before Pingora's proxy
+                            // sends the head upstream: a malformed one never reaches a backend.
+                            let body = &client.buf[body_at..client.filled];
+                            if ChunkedTracker::default().feed(body).is_err() {
+                                let refusal = Refusal::BadRequest("malformed chunked body");
+                                return self.refuse(client, refusal).await;
+                            }
+                            return End::HandOver(reason);
+                        }
+                        Parsed::Refuse(refusal) => return self.refuse(client, refusal).await,
                         Parsed::Partial if client.filled >= MAX_HEAD => {
-                            return End::HandOver("large-head")
+                            return self.refuse(client, Refusal::HeadTooLarge).await
                         }
                         Parsed::Partial => {}
                     }
@@ -77,7 +91,9 @@ impl VhostApp {
                 };
                 match read {
                     Ok(n) if n > 0 => {}
-                    _ if client.filled >= MAX_HEAD => return End::HandOver("large-head"),
+                    _ if client.filled >= MAX_HEAD => {
+                        return self.refuse(client, Refusal::HeadTooLarge).await
+                    }
                     // End of stream or error.
                     _ => return End::Close,
                 }
@@ -98,6 +114,24 @@ impl VhostApp {
                 }
             }
         }
+    }
+
+    /// Answers a request refused by the rules in `strict` and ends the connection (what the
+    /// client still sends is read away, so our answer is not lost to a reset).
+    async fn refuse(&self, client: &mut Client, refusal: Refusal) -> End {
+        client.head_request = false;
+        let (status, _) = self
+            .answer(
+                client,
+                refusal.status(),
+                &refusal.to_string(),
+                None,
+                Outcome::Close,
+            )
+            .await;
+        self.metrics.request_done(status);
+        client.linger = true;
+        End::Close
     }
 
     /// Answers one request; returns the status sent (0 when none) and what comes next.

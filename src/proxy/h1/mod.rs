@@ -35,12 +35,13 @@ mod relay;
 use super::client_io::ClientIo;
 use super::replay::Replayed;
 use super::service::VhostProxy;
+use super::strict::{self, Strictness};
 use super::DataPlane;
 use crate::observability::Metrics;
 use client::Client;
 
-/// Largest request or response head read; a bigger request goes to Pingora's path.
-const MAX_HEAD: usize = 64 * 1024;
+/// Largest request or response head read: a bigger request is a 431, a bigger response a 502.
+const MAX_HEAD: usize = strict::MAX_HEAD;
 
 pub struct VhostApp {
     fallback: Arc<HttpProxy<VhostProxy>>,
@@ -52,17 +53,20 @@ pub struct VhostApp {
     /// given up after this (`[proxy] client_timeout_secs`).
     client_timeout: Duration,
     https_port: u16,
+    /// What a request must look like (`[proxy] max_body_bytes`, `underscores_in_headers`).
+    strict: Strictness,
 }
 
 impl VhostApp {
     pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
-        let (connect_timeout, read_timeout, https_port, client_timeout) = (
+        let (connect_timeout, read_timeout, https_port, client_timeout, strict) = (
             proxy.connect_timeout,
             proxy.read_timeout,
             proxy.https_port,
             proxy.client_timeout,
+            proxy.strict,
         );
         let mut fallback = HttpProxy::new(proxy, conf.clone());
         fallback.handle_init_modules();
@@ -78,6 +82,7 @@ impl VhostApp {
             read_timeout,
             client_timeout,
             https_port,
+            strict,
         }
     }
 }
