@@ -61,6 +61,17 @@ impl Client {
         }
     }
 
+    /// A connection back from Pingora's proxy, with the bytes it did not read.
+    pub(super) fn resume(stream: ClientIo, unread: &[u8], client_timeout: Duration) -> Self {
+        let mut client = Self::new(stream, client_timeout);
+        if unread.len() > client.buf.len() {
+            client.buf.resize(unread.len(), 0);
+        }
+        client.buf[..unread.len()].copy_from_slice(unread);
+        client.filled = unread.len();
+        client
+    }
+
     pub(super) fn into_parts(self) -> (Stream, Bytes) {
         let unread = Bytes::copy_from_slice(&self.buf[..self.filled]);
         (self.stream.into_pingora(), unread)

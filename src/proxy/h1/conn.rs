@@ -8,6 +8,7 @@ use pingora_core::server::ShutdownWatch;
 use super::super::answers;
 use super::super::chunked::ChunkedTracker;
 use super::super::deadline::deadline_after;
+use super::super::replay::RequestEnd;
 use super::super::rules::{self, Decision};
 use super::super::strict::Refusal;
 use super::super::DataPlane;
@@ -53,17 +54,17 @@ impl VhostApp {
                         self.strict,
                     ) {
                         Parsed::Request(head) => break head,
-                        Parsed::HandOver(reason, None) => return End::HandOver(reason),
-                        Parsed::HandOver(reason, Some(body_at)) => {
+                        Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked))) => {
                             // What is here of a chunked body is checked before Pingora's proxy
                             // sends the head upstream: a malformed one never reaches a backend.
-                            let body = &client.buf[body_at..client.filled];
+                            let body = &client.buf[head_len..client.filled];
                             if ChunkedTracker::default().feed(body).is_err() {
                                 let refusal = Refusal::BadRequest("malformed chunked body");
                                 return self.refuse(client, refusal).await;
                             }
-                            return End::HandOver(reason);
+                            return End::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
                         }
+                        Parsed::HandOver(reason, one) => return End::HandOver(reason, one),
                         Parsed::Refuse(refusal) => return self.refuse(client, refusal).await,
                         Parsed::Partial if client.filled >= MAX_HEAD => {
                             return self.refuse(client, Refusal::HeadTooLarge).await

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerOptions, ServerApp};
+use bytes::Bytes;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
@@ -33,7 +35,7 @@ mod parse;
 mod relay;
 
 use super::client_io::ClientIo;
-use super::replay::Replayed;
+use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
 use super::DataPlane;
@@ -100,11 +102,20 @@ impl ServerApp for VhostApp {
         }
         let io = ClientIo::from_accepted(stream)?;
         let mut client = Client::new(io, self.client_timeout);
-        if let End::HandOver(reason) = self.serve(&mut client, shutdown).await {
+        while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
-            let replayed: Stream = Box::new(Replayed::new(unread, stream));
-            return self.fallback.process_new(replayed, shutdown).await;
+            let Some((head_len, end)) = one else {
+                // An upgrade (a tunnel after a 101), or a request Pingora's parser refuses:
+                // Pingora's proxy may read past its end, so the connection ends with it.
+                let replayed = Replayed::new(unread, stream);
+                self.serve_one_by_pingora(replayed, false, shutdown).await;
+                return None;
+            };
+            let replayed = Replayed::one_request(unread, stream, head_len, end);
+            let (stream, unread) = self.serve_one_by_pingora(replayed, true, shutdown).await?;
+            // Back to the lean loop for the next request (pipelined or not).
+            client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
         }
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
@@ -120,12 +131,33 @@ impl ServerApp for VhostApp {
     }
 }
 
+impl VhostApp {
+    /// Pingora's proxy serves the one request `replayed` lets it read; the connection comes
+    /// back (with what was read past that request) when it may be reused.
+    async fn serve_one_by_pingora(
+        &self,
+        replayed: Replayed,
+        keep_alive: bool,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(Stream, Bytes)> {
+        let mut session = ServerSession::new_http1(Box::new(replayed));
+        // As Pingora's own HTTP/1 loop does; `service` sets the client timeout on top.
+        session.set_keepalive((keep_alive && !*shutdown.borrow()).then_some(60));
+        let reused = self.fallback.process_new_http(session, shutdown).await?;
+        let (stream, _) = reused.consume();
+        let replayed = stream.into_any().downcast::<Replayed>().ok()?;
+        let (unread, stream) = replayed.into_parts();
+        Some((stream, unread))
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum End {
     /// The connection is finished (closed by either side, or after a `close` answer).
     Close,
-    /// Pingora's proxy takes over the connection, starting with the unread bytes.
-    HandOver(&'static str),
+    /// Pingora's proxy takes over the connection, starting with the unread bytes: for this
+    /// request only when its end is known (head length, body end), else for good.
+    HandOver(&'static str, Option<(usize, RequestEnd)>),
 }
 
 /// How a request ended, for the client connection.

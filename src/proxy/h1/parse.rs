@@ -3,6 +3,7 @@
 //! cannot pass through unchanged, the head sent to the client). One `httparse` pass each.
 
 use super::super::answers;
+use super::super::replay::RequestEnd;
 use super::super::strict::{self, Refusal, Strictness, MAX_HEADERS};
 
 /// What the head of a request says, once parsed.
@@ -20,9 +21,10 @@ pub(super) struct RequestHead {
 
 pub(super) enum Parsed {
     Partial,
-    /// Pingora's proxy serves this request (the reason is a metric label). With a chunked
-    /// body, where the body starts: what is already buffered of it is checked first.
-    HandOver(&'static str, Option<usize>),
+    /// Pingora's proxy serves this request (the reason is a metric label). When the head was
+    /// read whole and is not an upgrade: its length and where the body ends (Pingora's proxy
+    /// then reads this request only; a chunked body already buffered is checked first).
+    HandOver(&'static str, Option<(usize, RequestEnd)>),
     Request(RequestHead),
     /// Answered by us (400, 413, 431) and the connection closed: no backend sees it.
     Refuse(Refusal),
@@ -174,23 +176,27 @@ pub(super) fn parse_request(
     }
     // `Upgrade` without `Connection: upgrade` (or on anything but an HTTP/1.1 GET) is not an
     // upgrade: the header is dropped and the request served as any other.
+    // A real upgrade: Pingora's proxy keeps the connection (a tunnel after a 101).
     if upgrade && strict::is_upgrade(method, version == 1, connection_upgrade) {
-        hand_over.get_or_insert("upgrade");
+        return Parsed::HandOver(hand_over.unwrap_or("upgrade"), None);
     }
     if !transfer_encoding.is_empty() {
         if version != 1 || !strict::transfer_encoding_ok(transfer_encoding) {
             return Parsed::Refuse(Refusal::BadRequest("invalid Transfer-Encoding"));
         }
-        return Parsed::HandOver(hand_over.unwrap_or("chunked-body"), Some(head_len));
+        let reason = hand_over.unwrap_or("chunked-body");
+        return Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
     }
     if let Some(reason) = hand_over {
-        return Parsed::HandOver(reason, None);
+        let end = RequestEnd::Length(content_length.unwrap_or(0));
+        return Parsed::HandOver(reason, Some((head_len, end)));
     }
     let Ok(content_length) = content_length.map(usize::try_from).transpose() else {
         return Parsed::Refuse(Refusal::BodyTooLarge);
     };
     let Some(host_raw) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
-        return Parsed::HandOver("no-host", None);
+        let end = RequestEnd::Length(content_length.unwrap_or(0) as u64);
+        return Parsed::HandOver("no-host", Some((head_len, end)));
     };
     let host = answers::normalize_host(host_raw.trim());
 
