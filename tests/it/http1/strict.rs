@@ -109,9 +109,19 @@ async fn an_upgrade_needs_connection_upgrade_and_only_a_real_one_opens_a_tunnel(
                 "post",
                 "Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n",
             ),
+            // Handed to Pingora's proxy (chunked body), which alone would take `Upgrade:
+            // websocket` for an upgrade.
+            (
+                "chunked",
+                "Upgrade: websocket\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+            ),
             ("none", ""),
         ] {
-            let method = if name == "post" { "POST" } else { "GET" };
+            let method = if name == "alone" || name == "none" {
+                "GET"
+            } else {
+                "POST"
+            };
             let raw = format!("{method} /101-{name} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n");
             let (r, mut c) = exchange(&node, host, via, raw.as_bytes()).await;
             assert_eq!(r.status, 502, "{via:?} {name}: {}", r.head);
@@ -278,6 +288,19 @@ async fn repeated_chunked_and_malformed_chunked_bodies_are_400() {
     let origin = echo_origin().await;
     let host = "te.test";
     let node = strict_node(&origin, host, "").await;
+
+    // A malformed first chunk size, in the same packet as the head: refused before any
+    // head goes upstream (Pingora's proxy, which would take this request, has no backend
+    // connection yet: it would open one).
+    let connections = origin.connections();
+    let raw = format!(
+        "POST /mc HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    );
+    let (r, _) = exchange(&node, host, Via::Lean, raw.as_bytes()).await;
+    assert_eq!(r.status, 400, "{}", r.head);
+    assert_eq!(origin.connections(), connections, "a backend was contacted");
+    assert!(seen(&origin, "/mc").is_empty());
+
     for via in VIAS {
         for te in ["chunked, chunked", "chunked\r\nTransfer-Encoding: chunked"] {
             let raw = format!(
@@ -288,15 +311,6 @@ async fn repeated_chunked_and_malformed_chunked_bodies_are_400() {
         }
     }
     assert!(seen(&origin, "/te").is_empty());
-
-    // A malformed first chunk size, in the same packet as the head: refused before any
-    // head goes upstream.
-    let raw = format!(
-        "POST /mc HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
-    );
-    let (r, _) = exchange(&node, host, Via::Lean, raw.as_bytes()).await;
-    assert_eq!(r.status, 400, "{}", r.head);
-    assert!(seen(&origin, "/mc").is_empty());
 }
 
 #[tokio::test]
