@@ -186,9 +186,6 @@ impl ProxyHttp for VhostProxy {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
         self.apply_client_timeout(session);
-        // Requests the client pipelined behind this one are served in turn (Pingora's
-        // default drops them and closes after this answer).
-        session.as_downstream_mut().set_pipelining_enabled(true);
         if let Err(refusal) = check_request(self.strict, session.req_header_mut()) {
             session.set_keepalive(None);
             respond_plain(session, refusal.status(), refusal.to_string()).await?;

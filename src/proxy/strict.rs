@@ -32,7 +32,7 @@ impl Default for Strictness {
 pub enum Refusal {
     #[error("400 Bad Request: {0}\n")]
     BadRequest(&'static str),
-    #[error("413 Content Too Large: the request body is over the limit\n")]
+    #[error("413 Payload Too Large: the request body is over the limit\n")]
     BodyTooLarge,
     #[error("431 Request Header Fields Too Large\n")]
     HeadTooLarge,
