@@ -388,7 +388,9 @@ impl ProxyHttp for VhostProxy {
                 _ => (500, "500 Internal Server Error\n".to_string()),
             },
         };
-        if code > 0 {
+        // Once a response head has gone out, an error answer would be read as part of its
+        // body: the connection is only cut.
+        if code > 0 && session.response_written().is_none() {
             if let Err(err) = respond_plain(session, code, body).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
