@@ -47,6 +47,8 @@ pub struct Ctx {
     /// Set when we decide the answer ourselves (status, plain-text reason).
     failure: Option<(u16, String)>,
     counted: bool,
+    /// Request body bytes received so far (a chunked body has no length to check up front).
+    body_bytes: u64,
 }
 
 impl Ctx {
@@ -320,6 +322,27 @@ impl ProxyHttp for VhostProxy {
             .is_some_and(|r| r.has_untried(&ctx.tried));
         e.set_retry(failure.retriable(retriable) && others);
         e
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_bytes > self.strict.max_body_bytes {
+            let refusal = Refusal::BodyTooLarge;
+            ctx.failure = Some((refusal.status(), refusal.to_string()));
+            // The client's doing: not counted against the backend (`error_while_proxy`).
+            let e = Error::explain(
+                ErrorType::HTTPStatus(refusal.status()),
+                "body over the limit",
+            );
+            return Err(e.into_down());
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
