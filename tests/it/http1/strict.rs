@@ -457,3 +457,59 @@ async fn http2_requests_follow_the_same_rules() {
         assert!(seen(&origin, path).is_empty(), "{path} reached the backend");
     }
 }
+
+/// The same over TLS (the connection is Pingora's TLS stream throughout): `openssl s_client`
+/// as a raw client.
+#[tokio::test]
+async fn requests_pipelined_after_a_hand_over_are_served_over_tls() {
+    let origin = echo_origin().await;
+    let host = "pipe-tls.test";
+    let node = strict_node(&origin, host, "").await;
+    let mut all = format!(
+        "POST /chunked HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    all.push_str(&format!("GET /second HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    all.push_str(&format!(
+        "GET /third HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n"
+    ));
+    all.push_str(&format!(
+        "GET /fourth HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    ));
+    let addr = node.https_addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &addr,
+                "-servername",
+                "pipe-tls.test",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_client");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(all.as_bytes()).expect("write");
+        let mut out = String::new();
+        let mut stdout = child.stdout.take().expect("stdout");
+        // The proxy closes after the last answer (`Connection: close`).
+        let _ = stdout.read_to_string(&mut out);
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        out
+    })
+    .await
+    .expect("client task");
+    for path in ["/chunked", "/second", "/third", "/fourth"] {
+        assert!(
+            out.contains(&format!("POST {path} ")) || out.contains(&format!("GET {path} ")),
+            "{path} not answered: {out}"
+        );
+    }
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 4, "{out}");
+}
