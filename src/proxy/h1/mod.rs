@@ -146,6 +146,10 @@ impl VhostApp {
         let reused = self.fallback.process_new_http(session, shutdown).await?;
         let (stream, _) = reused.consume();
         let replayed = stream.into_any().downcast::<Replayed>().ok()?;
+        if !replayed.request_done() {
+            // Where the request ended is not clear: nothing after it is read.
+            return None;
+        }
         let (unread, stream) = replayed.into_parts();
         Some((stream, unread))
     }
