@@ -73,6 +73,13 @@ pub struct ProxyConfig {
     /// default 30
     #[serde(deserialize_with = "int::<_, _, 0, DAY_SECS>")]
     pub shutdown_grace_secs: u64,
+    /// A request announcing a longer body (`Content-Length`) is answered 413 before any
+    /// backend is contacted. default 1 GiB, 1..=2^62
+    #[serde(deserialize_with = "int::<_, _, 1, { 1 << 62 }>")]
+    pub max_body_bytes: u64,
+    /// Pass header names containing `_` on to backends (nginx's `underscores_in_headers`).
+    /// default false: they are dropped.
+    pub underscores_in_headers: bool,
     /// Optional default certificate (served when the client sends no SNI or an unknown name).
     /// Both or neither. Files must exist and be readable. When absent a self-signed one is made.
     #[serde(deserialize_with = "non_empty_path")]
@@ -290,6 +297,8 @@ impl Default for ProxyConfig {
             upstream_read_timeout_secs: 30,
             client_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            max_body_bytes: 1 << 30,
+            underscores_in_headers: false,
             default_cert_path: None,
             default_key_path: None,
         }

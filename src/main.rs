@@ -260,6 +260,10 @@ fn run(
         read_timeout: std::time::Duration::from_secs(cfg.proxy.upstream_read_timeout_secs),
         https_port: cfg.proxy.listen_addr.port(),
         client_timeout: std::time::Duration::from_secs(cfg.proxy.client_timeout_secs),
+        strict: pingora_vhost::proxy::strict::Strictness {
+            max_body_bytes: cfg.proxy.max_body_bytes,
+            underscores_in_headers: cfg.proxy.underscores_in_headers,
+        },
     };
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
     let app = VhostApp::new(proxy, &server.configuration);

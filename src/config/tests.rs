@@ -161,6 +161,8 @@ fn empty_file_gives_defaults() {
     assert_eq!(c.proxy.upstream_read_timeout_secs, 30);
     assert_eq!(c.proxy.client_timeout_secs, 60);
     assert_eq!(c.proxy.shutdown_grace_secs, 30);
+    assert_eq!(c.proxy.max_body_bytes, 1 << 30);
+    assert!(!c.proxy.underscores_in_headers);
     assert!(c.proxy.default_cert_path.is_none());
     assert!(c.api.token.is_none());
     assert_eq!(c.cluster.node_id, 1);
@@ -755,6 +757,7 @@ fn numeric_minimums() {
         ("proxy", "upstream_connect_timeout_ms"),
         ("proxy", "upstream_read_timeout_secs"),
         ("proxy", "client_timeout_secs"),
+        ("proxy", "max_body_bytes"),
         ("cluster", "node_id"),
         ("cluster", "bootstrap_expect"),
         ("health_check", "interval_secs"),
@@ -999,4 +1002,11 @@ fn file_values_follow_the_shared_rules() {
         "virtual_hosts[0].domain",
         "punycode",
     );
+}
+
+#[test]
+fn request_strictness_keys() {
+    let c = ok("[proxy]\nunderscores_in_headers = true\nmax_body_bytes = 5\n");
+    assert!(c.proxy.underscores_in_headers);
+    assert_eq!(c.proxy.max_body_bytes, 5);
 }

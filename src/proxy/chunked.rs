@@ -8,9 +8,11 @@ pub struct MalformedChunked;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Hex digits of a chunk size.
+    /// Hex digits of a chunk size: whether any was seen, and how many count (leading
+    /// zeros do not: `00000000000000003` is 3).
     Size {
-        digits: u8,
+        any: bool,
+        significant: u8,
     },
     /// Chunk extension after `;`, up to the line end.
     Extension,
@@ -40,7 +42,10 @@ pub struct ChunkedTracker {
 impl Default for ChunkedTracker {
     fn default() -> Self {
         Self {
-            phase: Phase::Size { digits: 0 },
+            phase: Phase::Size {
+                any: false,
+                significant: 0,
+            },
             size: 0,
             remaining: 0,
         }
@@ -66,17 +71,22 @@ impl ChunkedTracker {
                     }
                     continue;
                 }
-                Phase::Size { digits } => match b {
+                Phase::Size { any, significant } => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if digits >= 15 {
+                        // 15 significant hex digits at most: no overflow, sizes < 2^60.
+                        let significant = significant + u8::from(significant > 0 || b != b'0');
+                        if significant > 15 {
                             return Err(MalformedChunked);
                         }
                         let v = (b as char).to_digit(16).unwrap_or(0) as u64;
                         self.size = self.size * 16 + v;
-                        self.phase = Phase::Size { digits: digits + 1 };
+                        self.phase = Phase::Size {
+                            any: true,
+                            significant,
+                        };
                     }
-                    b';' | b' ' | b'\t' if digits > 0 => self.phase = Phase::Extension,
-                    b'\r' if digits > 0 => self.phase = Phase::SizeLf,
+                    b';' | b' ' | b'\t' if any => self.phase = Phase::Extension,
+                    b'\r' if any => self.phase = Phase::SizeLf,
                     _ => return Err(MalformedChunked),
                 },
                 Phase::Extension => {
@@ -108,7 +118,10 @@ impl ChunkedTracker {
                     if b != b'\n' {
                         return Err(MalformedChunked);
                     }
-                    self.phase = Phase::Size { digits: 0 };
+                    self.phase = Phase::Size {
+                        any: false,
+                        significant: 0,
+                    };
                 }
                 Phase::TrailerStart => {
                     self.phase = if b == b'\r' {
@@ -145,6 +158,52 @@ impl ChunkedTracker {
         } else {
             None
         })
+    }
+}
+
+impl ChunkedTracker {
+    /// As `feed`, and appends `data` (up to the end of the body) to `out` with the leading
+    /// zeros of chunk sizes taken out (a size of zeros only becomes `0`): Pingora's parser
+    /// (httparse) counts leading zeros towards its 16-digit limit and would refuse
+    /// `00000000000000003`.
+    pub fn feed_normalized(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Option<usize>, MalformedChunked> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.phase == Phase::Data {
+                let take =
+                    (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                out.extend_from_slice(&data[i..i + take]);
+                i += take;
+                self.remaining -= take as u64;
+                if self.remaining == 0 {
+                    self.phase = Phase::DataCr;
+                }
+                continue;
+            }
+            let b = data[i];
+            let before = self.phase;
+            let ended = self.feed(&data[i..i + 1])?;
+            match before {
+                Phase::Size { significant: 0, .. } if b == b'0' => {}
+                Phase::Size {
+                    any: true,
+                    significant: 0,
+                } if matches!(b, b';' | b' ' | b'\t' | b'\r') => {
+                    out.push(b'0');
+                    out.push(b);
+                }
+                _ => out.push(b),
+            }
+            i += 1;
+            if ended.is_some() {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -188,6 +247,51 @@ mod tests {
             let r = t.feed(std::slice::from_ref(b)).unwrap();
             assert_eq!(r.is_some(), i == body.len() - 1);
         }
+    }
+
+    #[test]
+    fn leading_zeros_do_not_count_towards_the_size_limit() {
+        assert_eq!(
+            end_of(b"00000000000000003\r\nabc\r\n0\r\n\r\n"),
+            Ok(Some(29))
+        );
+        assert_eq!(end_of(b"0000000000000000000\r\n\r\n"), Ok(Some(23)));
+        assert_eq!(end_of(b"000fffffffffffffff\r\n"), Ok(None));
+        assert_eq!(end_of(b"0001000000000000000\r\n"), Err(MalformedChunked));
+    }
+
+    #[test]
+    fn leading_zeros_are_taken_out_for_pingora() {
+        let body = b"00000000000000003;x=1\r\nabc\r\n000A\r\n0123456789\r\n00\r\nT: 0\r\n\r\nNEXT";
+        let want = b"3;x=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nT: 0\r\n\r\n";
+        let end = body.len() - 4;
+        let mut out = Vec::new();
+        let got = ChunkedTracker::default().feed_normalized(body, &mut out);
+        assert_eq!(got, Ok(Some(end)));
+        assert_eq!(
+            out.escape_ascii().to_string(),
+            want.escape_ascii().to_string()
+        );
+        // The same, one byte at a time.
+        let mut t = ChunkedTracker::default();
+        let mut out = Vec::new();
+        for (i, b) in body.iter().enumerate() {
+            if let Some(n) = t
+                .feed_normalized(std::slice::from_ref(b), &mut out)
+                .unwrap()
+            {
+                assert_eq!((i + 1, n), (end, 1));
+                break;
+            }
+        }
+        assert_eq!(
+            out.escape_ascii().to_string(),
+            want.escape_ascii().to_string()
+        );
+        assert_eq!(
+            ChunkedTracker::default().feed_normalized(b"zz\r\n", &mut Vec::new()),
+            Err(MalformedChunked)
+        );
     }
 
     #[test]

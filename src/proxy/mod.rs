@@ -14,6 +14,7 @@ mod pool;
 mod replay;
 pub mod rules;
 pub mod service;
+pub mod strict;
 pub mod table;
 pub mod tls;
 

@@ -15,6 +15,7 @@ use pingora::{ErrorSource, ErrorType};
 use super::answers;
 use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
+use super::strict::{self, Refusal, Strictness};
 use super::table::{Route, Upstream};
 use super::DataPlane;
 use crate::live::{BackendRuntime, InFlight};
@@ -30,6 +31,8 @@ pub struct VhostProxy {
     /// `[proxy] client_timeout_secs`: idle keep-alive connections, stalled request bodies and
     /// clients that take nothing of their response are given up after this.
     pub client_timeout: Duration,
+    /// What a request must look like, as on the lean path (`strict`).
+    pub strict: Strictness,
 }
 
 #[derive(Default)]
@@ -44,6 +47,8 @@ pub struct Ctx {
     /// Set when we decide the answer ourselves (status, plain-text reason).
     failure: Option<(u16, String)>,
     counted: bool,
+    /// Request body bytes received so far (a chunked body has no length to check up front).
+    body_bytes: u64,
 }
 
 impl Ctx {
@@ -87,6 +92,64 @@ fn request_host(req: &RequestHeader) -> String {
     answers::normalize_host(raw)
 }
 
+/// The rules of `strict` on a request as Pingora parsed it (HTTP/1 requests handed over by
+/// the lean path, and those pipelined after them; HTTP/2): refuses what must not be proxied,
+/// and drops what must not reach the backend (header names with `_`, an `Upgrade` that is not
+/// an upgrade request).
+fn check_request(rules: Strictness, req: &mut RequestHeader) -> Result<(), Refusal> {
+    if req.headers.len() > strict::MAX_HEADERS {
+        return Err(Refusal::HeadTooLarge);
+    }
+    // The head as an HTTP/1.1 request line and header fields would take (for HTTP/2 too).
+    let head_len = req.method.as_str().len()
+        + req.raw_path().len()
+        + " HTTP/1.1\r\n\r\n".len()
+        + req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_len > strict::MAX_HEAD {
+        return Err(Refusal::HeadTooLarge);
+    }
+    if !strict::clean_target(req.raw_path()) {
+        return Err(Refusal::BadRequest("invalid request target"));
+    }
+    for value in req.headers.get_all(http::header::CONTENT_LENGTH) {
+        rules.content_length(value.as_bytes())?;
+    }
+    let te = req.headers.get_all(http::header::TRANSFER_ENCODING);
+    if te.iter().next().is_some() && !strict::transfer_encoding_ok(te.iter().map(|v| v.as_bytes()))
+    {
+        return Err(Refusal::BadRequest("invalid Transfer-Encoding"));
+    }
+    if req.headers.contains_key(http::header::UPGRADE) {
+        let connection_upgrade = req
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| strict::connection_upgrade(v.as_bytes()));
+        let http11 = req.version == http::Version::HTTP_11;
+        // Pingora would turn `Upgrade: websocket` alone into an upgrade (and add
+        // `Connection: Upgrade` upstream).
+        if !strict::is_upgrade(req.method.as_str(), http11, connection_upgrade) {
+            req.remove_header(&http::header::UPGRADE);
+        }
+    }
+    if !rules.underscores_in_headers {
+        let dropped: Vec<http::HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| rules.drops_header(n.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for name in dropped {
+            req.remove_header(&name);
+        }
+    }
+    Ok(())
+}
+
 async fn respond_plain(session: &mut Session, status: u16, body: String) -> Result<()> {
     let body = Bytes::from(body);
     let mut resp = ResponseHeader::build(status, Some(3))?;
@@ -125,6 +188,11 @@ impl ProxyHttp for VhostProxy {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
         self.apply_client_timeout(session);
+        if let Err(refusal) = check_request(self.strict, session.req_header_mut()) {
+            session.set_keepalive(None);
+            respond_plain(session, refusal.status(), refusal.to_string()).await?;
+            return Ok(true);
+        }
         ctx.tls = session
             .digest()
             .map(|d| d.ssl_digest.is_some())
@@ -256,12 +324,41 @@ impl ProxyHttp for VhostProxy {
         e
     }
 
-    async fn upstream_response_filter(
+    async fn request_body_filter(
         &self,
         _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_bytes > self.strict.max_body_bytes {
+            let refusal = Refusal::BodyTooLarge;
+            ctx.failure = Some((refusal.status(), refusal.to_string()));
+            // The client's doing: not counted against the backend (`error_while_proxy`).
+            let e = Error::explain(
+                ErrorType::HTTPStatus(refusal.status()),
+                "body over the limit",
+            );
+            return Err(e.into_down());
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // Only a real upgrade request may be answered with a tunnel.
+        if upstream_response.status.as_u16() == 101 && !session.as_downstream().is_upgrade_req() {
+            let e = Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "101 to a request that is not an upgrade",
+            );
+            return Err(e.into_up());
+        }
         if let Some(u) = &ctx.current {
             outcome::record_response(upstream_response.status.as_u16(), &u.runtime);
         }
@@ -314,7 +411,9 @@ impl ProxyHttp for VhostProxy {
                 _ => (500, "500 Internal Server Error\n".to_string()),
             },
         };
-        if code > 0 {
+        // Once a response head has gone out, an error answer would be read as part of its
+        // body: the connection is only cut.
+        if code > 0 && session.response_written().is_none() {
             if let Err(err) = respond_plain(session, code, body).await {
                 tracing::debug!(error = %err, "could not send error response");
             }

@@ -1,4 +1,4 @@
-//! HTTP/1.1 on the wire: the proxy's lean request path (src/proxy/h1.rs) against a scripted
+//! HTTP/1.1 on the wire: the proxy's lean request path (src/proxy/h1/) against a scripted
 //! origin that answers with exact bytes, and a raw TCP client. Framing (chunked, length,
 //! close-delimited, HEAD, 204/304, 1xx), pipelining, keep-alive reuse of both connections,
 //! stale pooled connections, large bodies, hop-by-hop headers, and the requests that are
@@ -1142,3 +1142,5 @@ async fn idle_http2_connections_close_after_the_client_timeout() {
     .await;
     drop(client);
 }
+
+mod strict;

@@ -3,9 +3,8 @@
 //! cannot pass through unchanged, the head sent to the client). One `httparse` pass each.
 
 use super::super::answers;
-
-/// Headers per head (both directions); more goes to Pingora's path (requests) or is a 502.
-const MAX_HEADERS: usize = 96;
+use super::super::replay::RequestEnd;
+use super::super::strict::{self, Refusal, Strictness, MAX_HEADERS};
 
 /// What the head of a request says, once parsed.
 pub(super) struct RequestHead {
@@ -22,9 +21,33 @@ pub(super) struct RequestHead {
 
 pub(super) enum Parsed {
     Partial,
-    /// Pingora's proxy serves this request (the reason is a metric label).
-    HandOver(&'static str),
+    /// Pingora's proxy serves this request (the reason is a metric label). When the head was
+    /// read whole and is not an upgrade: its length and where the body ends (Pingora's proxy
+    /// then reads this request only; a chunked body already buffered is checked first).
+    HandOver(&'static str, Option<(usize, RequestEnd)>),
     Request(RequestHead),
+    /// Answered by us (400, 413, 431) and the connection closed: no backend sees it.
+    Refuse(Refusal),
+}
+
+/// After an `httparse` error in the request line: a line that ends in ` HTTP/1.x` but whose
+/// target holds a raw space, control byte or NUL (`GET /a b HTTP/1.1`, `GET  /x HTTP/1.1`).
+/// Pingora's parser would percent-encode such a target and forward it; it is refused.
+/// `None` while the line is not complete.
+fn bad_target(buf: &[u8]) -> Option<bool> {
+    let end = buf.iter().position(|b| *b == b'\n')?;
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    let Some(rest) = line
+        .strip_suffix(b" HTTP/1.1")
+        .or_else(|| line.strip_suffix(b" HTTP/1.0"))
+    else {
+        return Some(false);
+    };
+    let Some(space) = rest.iter().position(|b| *b == b' ') else {
+        return Some(false);
+    };
+    let target = &rest[space + 1..];
+    Some(target.is_empty() || !strict::clean_target(target))
 }
 
 /// Parses a request head from `buf` and writes the upstream request head into `out`.
@@ -33,6 +56,7 @@ pub(super) fn parse_request(
     out: &mut Vec<u8>,
     client_ip: Option<&str>,
     tls: bool,
+    rules: Strictness,
 ) -> Parsed {
     // Uninitialised: httparse writes only the headers it finds (no 3 KiB memset per request).
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -40,15 +64,27 @@ pub(super) fn parse_request(
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refuse(Refusal::HeadTooLarge),
+        Err(httparse::Error::Token | httparse::Error::Version) => match bad_target(buf) {
+            None => return Parsed::Partial,
+            Some(true) => return Parsed::Refuse(Refusal::BadRequest("invalid request target")),
+            Some(false) => return Parsed::HandOver("malformed", None),
+        },
         // Pingora's parser answers malformed requests (400) and takes the rare ones.
-        Err(_) => return Parsed::HandOver("malformed"),
+        Err(_) => return Parsed::HandOver("malformed", None),
     };
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::HandOver("http/1.0");
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::HandOver("malformed", None);
     };
-    if !target.starts_with('/') || method == "CONNECT" {
-        return Parsed::HandOver("request-target");
-    }
+    // Why Pingora's proxy takes this request; the head is still read to the end, as the
+    // rules below hold for every request.
+    let mut hand_over = if version != 1 {
+        Some("http/1.0")
+    } else if !target.starts_with('/') || method == "CONNECT" {
+        Some("request-target")
+    } else {
+        None
+    };
     let target_start = target.as_ptr() as usize - buf.as_ptr() as usize;
 
     out.clear();
@@ -58,26 +94,34 @@ pub(super) fn parse_request(
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     let mut host: Option<&[u8]> = None;
-    let mut content_length: Option<usize> = None;
+    let mut content_length: Option<u64> = None;
     let mut forwarded_for: Option<&[u8]> = None;
+    let mut transfer_encoding: Vec<&[u8]> = Vec::new();
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
     let mut close = false;
     for h in req.headers.iter() {
         let name = h.name;
+        if rules.drops_header(name.as_bytes()) {
+            continue;
+        }
         let copy = match name.len() {
             4 if name.eq_ignore_ascii_case("host") => {
                 if host.replace(h.value).is_some() {
-                    return Parsed::HandOver("malformed");
+                    return Parsed::HandOver("malformed", None);
                 }
                 true
             }
             14 if name.eq_ignore_ascii_case("content-length") => {
-                let parsed = std::str::from_utf8(h.value)
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<usize>().ok());
-                match (parsed, content_length) {
-                    (Some(n), None) => content_length = Some(n),
-                    _ => return Parsed::HandOver("malformed"),
+                if content_length.is_some() || !h.value.iter().all(u8::is_ascii_digit) {
+                    return Parsed::HandOver("malformed", None);
+                }
+                match rules.content_length(h.value) {
+                    Ok(n) => content_length = Some(n),
+                    Err(Refusal::BadRequest(_)) if h.value.is_empty() => {
+                        return Parsed::HandOver("malformed", None)
+                    }
+                    Err(refusal) => return Parsed::Refuse(refusal),
                 }
                 true
             }
@@ -86,26 +130,37 @@ pub(super) fn parse_request(
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        connection_upgrade = true;
                     } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                        // Upgrade, or hop-by-hop headers named by the client.
-                        return Parsed::HandOver("connection-header");
+                        // Hop-by-hop headers named by the client.
+                        hand_over.get_or_insert("connection-header");
                     }
                 }
                 false
             }
             15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
                 if forwarded_for.replace(h.value).is_some() {
-                    return Parsed::HandOver("repeated-x-forwarded-for");
+                    hand_over.get_or_insert("repeated-x-forwarded-for");
                 }
                 false
             }
             16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
             17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
             17 if name.eq_ignore_ascii_case("transfer-encoding") => {
-                return Parsed::HandOver("chunked-body")
+                transfer_encoding.push(h.value);
+                false
             }
-            7 if name.eq_ignore_ascii_case("upgrade") => return Parsed::HandOver("upgrade"),
-            6 if name.eq_ignore_ascii_case("expect") => return Parsed::HandOver("expect"),
+            // Not forwarded on this path: only a real upgrade request (below) goes on, to
+            // Pingora's proxy, which keeps it.
+            7 if name.eq_ignore_ascii_case("upgrade") => {
+                upgrade = true;
+                false
+            }
+            6 if name.eq_ignore_ascii_case("expect") => {
+                hand_over.get_or_insert("expect");
+                true
+            }
             10 if name.eq_ignore_ascii_case("keep-alive") => false,
             16 if name.eq_ignore_ascii_case("proxy-connection") => false,
             2 if name.eq_ignore_ascii_case("te") => false,
@@ -119,8 +174,29 @@ pub(super) fn parse_request(
             out.extend_from_slice(b"\r\n");
         }
     }
+    // `Upgrade` without `Connection: upgrade` (or on anything but an HTTP/1.1 GET) is not an
+    // upgrade: the header is dropped and the request served as any other.
+    // A real upgrade: Pingora's proxy keeps the connection (a tunnel after a 101).
+    if upgrade && strict::is_upgrade(method, version == 1, connection_upgrade) {
+        return Parsed::HandOver(hand_over.unwrap_or("upgrade"), None);
+    }
+    if !transfer_encoding.is_empty() {
+        if version != 1 || !strict::transfer_encoding_ok(transfer_encoding) {
+            return Parsed::Refuse(Refusal::BadRequest("invalid Transfer-Encoding"));
+        }
+        let reason = hand_over.unwrap_or("chunked-body");
+        return Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
+    }
+    if let Some(reason) = hand_over {
+        let end = RequestEnd::Length(content_length.unwrap_or(0));
+        return Parsed::HandOver(reason, Some((head_len, end)));
+    }
+    let Ok(content_length) = content_length.map(usize::try_from).transpose() else {
+        return Parsed::Refuse(Refusal::BodyTooLarge);
+    };
     let Some(host_raw) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
-        return Parsed::HandOver("no-host");
+        let end = RequestEnd::Length(content_length.unwrap_or(0) as u64);
+        return Parsed::HandOver("no-host", Some((head_len, end)));
     };
     let host = answers::normalize_host(host_raw.trim());
 
@@ -310,15 +386,28 @@ mod tests {
     enum Req {
         Partial,
         HandOver(&'static str),
+        /// Refused by us with this status.
+        Refuse(u16),
         /// host, content length, idempotent, HEAD, close
         Lean(&'static str, usize, bool, bool, bool),
     }
 
+    /// What the tests run with: a small body limit, underscores dropped.
+    const RULES: Strictness = Strictness {
+        max_body_bytes: 1000,
+        underscores_in_headers: false,
+    };
+
     fn req(raw: &str) -> (Req, String) {
+        req_with(raw, RULES)
+    }
+
+    fn req_with(raw: &str, rules: Strictness) -> (Req, String) {
         let mut out = Vec::new();
-        let r = match parse_request(raw.as_bytes(), &mut out, Some("10.0.0.9"), false) {
+        let r = match parse_request(raw.as_bytes(), &mut out, Some("10.0.0.9"), false, rules) {
             Parsed::Partial => Req::Partial,
-            Parsed::HandOver(why) => Req::HandOver(why),
+            Parsed::HandOver(why, _) => Req::HandOver(why),
+            Parsed::Refuse(refusal) => Req::Refuse(refusal.status()),
             Parsed::Request(h) => {
                 assert_eq!(h.head_len, raw.find("\r\n\r\n").map_or(0, |i| i + 4));
                 let host: &'static str = Box::leak(h.host.into_boxed_str());
@@ -363,7 +452,51 @@ mod tests {
                 "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
                 HandOver("chunked-body"),
             ),
-            ("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", HandOver("upgrade")),
+            // An upgrade needs `Connection: upgrade` on an HTTP/1.1 GET; else `Upgrade` is
+            // dropped and the request served as any other.
+            ("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", Lean("a", 0, true, false, false)),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                HandOver("upgrade"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, upgrade\r\nUpgrade: h2c\r\n\r\n",
+                HandOver("upgrade"),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+                Lean("a", 0, false, false, false),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
+                Lean("a", 0, true, false, false),
+            ),
+            // Request targets with raw spaces, control bytes or NUL.
+            ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", Refuse(400)),
+            ("GET  /x HTTP/1.1\r\nHost: a\r\n\r\n", Refuse(400)),
+            ("GET /a\0b HTTP/1.1\r\nHost: a\r\n\r\n", Refuse(400)),
+            ("GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n", Refuse(400)),
+            ("GET /a\x7fb HTTP/1.0\r\nHost: a\r\n\r\n", Refuse(400)),
+            ("GET /a b", Partial),
+            // Bodies: overflow is a 400, over the limit a 413.
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n",
+                Refuse(400),
+            ),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n", Lean("a", 1000, false, false, false)),
+            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n", Refuse(413)),
+            ("POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 1001\r\n\r\n", Refuse(413)),
+            // Transfer-Encoding: `chunked` once and last, HTTP/1.1 only.
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                Refuse(400),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Refuse(400),
+            ),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Refuse(400)),
+            ("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Refuse(400)),
             (
                 "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
                 HandOver("expect"),
@@ -377,10 +510,39 @@ mod tests {
                 HandOver("repeated-x-forwarded-for"),
             ),
             ("GET / HTTP/1.1\r\nHost a\r\n\r\n", HandOver("malformed")),
+            ("NOT HTTP AT ALL\r\n\r\n", HandOver("malformed")),
         ];
         for (raw, want) in cases {
             assert_eq!(&req(raw).0, want, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn head_limits() {
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..MAX_HEADERS - 1 {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        assert_eq!(
+            req(&format!("{many}\r\n")).0,
+            Req::Lean("a", 0, true, false, false)
+        );
+        many.push_str("X-last: v\r\n");
+        assert_eq!(req(&format!("{many}\r\n")).0, Req::Refuse(431));
+    }
+
+    #[test]
+    fn header_names_with_underscores_are_dropped_unless_allowed() {
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 51\r\nX_Y: 1\r\nContent-Length: 0\r\n\r\n";
+        let (r, out) = req(raw);
+        assert_eq!(r, Req::Lean("a", 0, false, false, false));
+        assert!(!out.contains('_'), "{out}");
+        let allowed = Strictness {
+            underscores_in_headers: true,
+            ..RULES
+        };
+        let (_, out) = req_with(raw, allowed);
+        assert!(out.contains("Content_Length: 51\r\nX_Y: 1\r\n"), "{out}");
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! One client connection on the lean path: its stream, the bytes read but not yet consumed,
+//! the buffers reused from request to request, and the timed writes to the client.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_core::protocols::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::super::client_io::ClientIo;
+use super::super::deadline::IoDeadline;
+
+/// Closing with a request body unread: the rest is read and dropped for up to this long
+/// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
+/// kernel does not answer it with a reset that can destroy our answer in flight.
+const LINGER_BETWEEN_READS: Duration = Duration::from_secs(5);
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+
+/// One client connection: the stream and the bytes read from it but not yet consumed.
+pub(super) struct Client {
+    pub(super) stream: ClientIo,
+    pub(super) buf: Vec<u8>,
+    pub(super) filled: usize,
+    pub(super) tls: bool,
+    pub(super) client_ip: Option<String>,
+    /// Upstream request (or our own answer) being built.
+    pub(super) out: Vec<u8>,
+    /// Response head rewritten for the client, when it cannot pass through as it came.
+    pub(super) resp_head: Vec<u8>,
+    /// The request being answered is a HEAD: our own answers carry no body.
+    pub(super) head_request: bool,
+    /// Response bytes read from the backend.
+    pub(super) resp: Vec<u8>,
+    /// Times out backend reads and writes (upstream read timeout) and writes to the client
+    /// (client timeout) that wait too long.
+    pub(super) deadline: IoDeadline,
+    /// `[proxy] client_timeout_secs`.
+    pub(super) client_timeout: Duration,
+    /// The connection ends with a request body (maybe) unread: read it away before closing.
+    pub(super) linger: bool,
+}
+
+impl Client {
+    pub(super) fn new(stream: ClientIo, client_timeout: Duration) -> Self {
+        let tls = stream.is_tls();
+        let client_ip = stream.peer_ip();
+        Self {
+            stream,
+            buf: vec![0; 8 * 1024],
+            filled: 0,
+            tls,
+            client_ip,
+            out: Vec::with_capacity(2048),
+            resp_head: Vec::new(),
+            head_request: false,
+            resp: vec![0; 16 * 1024],
+            deadline: IoDeadline::default(),
+            client_timeout,
+            linger: false,
+        }
+    }
+
+    /// A connection back from Pingora's proxy, with the bytes it did not read.
+    pub(super) fn resume(stream: ClientIo, unread: &[u8], client_timeout: Duration) -> Self {
+        let mut client = Self::new(stream, client_timeout);
+        if unread.len() > client.buf.len() {
+            client.buf.resize(unread.len(), 0);
+        }
+        client.buf[..unread.len()].copy_from_slice(unread);
+        client.filled = unread.len();
+        client
+    }
+
+    pub(super) fn into_parts(self) -> (Stream, Bytes) {
+        let unread = Bytes::copy_from_slice(&self.buf[..self.filled]);
+        (self.stream.into_pingora(), unread)
+    }
+
+    /// Drops the first `n` buffered bytes (a request that has been handled).
+    pub(super) fn consume(&mut self, n: usize) {
+        let n = n.min(self.filled);
+        self.buf.copy_within(n..self.filled, 0);
+        self.filled -= n;
+    }
+
+    /// Reads more bytes; `Ok(0)` at end of stream. Grows the buffer up to `limit`.
+    pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        if self.filled == self.buf.len() {
+            let grown = (self.buf.len() * 2).min(limit.max(self.buf.len()));
+            if grown == self.buf.len() {
+                return Err(io::Error::other("buffer limit reached"));
+            }
+            self.buf.resize(grown, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// Reads and drops what the client still sends after our answer and FIN, until it closes
+    /// or the linger limits pass. Closing a socket with unread data makes the kernel send a
+    /// reset, and a reset can reach the client before it has read our answer (an early
+    /// 413 or 502 during an upload would then be lost).
+    pub(super) async fn drain_unread(&mut self) {
+        let per_read = self.client_timeout.min(LINGER_BETWEEN_READS);
+        // The connection's own buffers: lingering connections hold nothing more.
+        self.resp = Vec::new();
+        let mut scratch = std::mem::take(&mut self.buf);
+        scratch.resize(scratch.len().max(16 * 1024), 0);
+        let drain = async {
+            loop {
+                match tokio::time::timeout(per_read, self.stream.read(&mut scratch)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TOTAL, drain).await;
+    }
+
+    pub(super) async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_out(bytes, true).await
+    }
+
+    /// Writes to the client (and flushes, if asked), giving up when the client takes nothing
+    /// for the client timeout, as nginx's `send_timeout` (the timer restarts after every
+    /// write that makes progress, so a slow reader is not cut off): a client that stops
+    /// reading must not hold its connection, its task and a backend connection for good.
+    pub(super) async fn write_out(&mut self, bytes: &[u8], flush: bool) -> io::Result<()> {
+        let (stream, deadline, timeout) =
+            (&mut self.stream, &mut self.deadline, self.client_timeout);
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading");
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match deadline.run(timeout, stream.write(rest)).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => rest = &rest[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(stalled()),
+            }
+        }
+        if flush {
+            deadline
+                .run(timeout, stream.flush())
+                .await
+                .map_err(|_| stalled())??;
+        }
+        Ok(())
+    }
+}

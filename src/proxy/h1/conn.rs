@@ -1,0 +1,214 @@
+//! The connection loop: wait for a request head, decide with the shared request policy
+//! (`rules`), and answer it ourselves or forward it; keep the connection or end it.
+
+use std::sync::atomic::Ordering;
+
+use pingora_core::server::ShutdownWatch;
+
+use super::super::answers;
+use super::super::chunked::ChunkedTracker;
+use super::super::deadline::deadline_after;
+use super::super::replay::RequestEnd;
+use super::super::rules::{self, Decision};
+use super::super::strict::Refusal;
+use super::super::DataPlane;
+use super::client::Client;
+use super::parse::{parse_request, Parsed, RequestHead};
+use super::{End, Outcome, VhostApp, MAX_HEAD};
+
+/// Counts a request in flight on the node for as long as it lives.
+struct NodeInFlight<'a>(&'a DataPlane);
+
+impl<'a> NodeInFlight<'a> {
+    fn new(node: &'a DataPlane) -> Self {
+        node.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(node)
+    }
+}
+
+impl Drop for NodeInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl VhostApp {
+    pub(super) async fn serve(&self, client: &mut Client, shutdown: &ShutdownWatch) -> End {
+        // Registered once per connection, not once per request: both showed up in profiles.
+        let mut shutdown_rx = shutdown.clone();
+        let shutdown_signal = shutdown_rx.changed();
+        tokio::pin!(shutdown_signal);
+        let idle = tokio::time::sleep(self.client_timeout);
+        tokio::pin!(idle);
+        let mut served: u64 = 0;
+        let mut served_at_arm: u64 = 0;
+        loop {
+            // Wait for a complete request head.
+            let head = loop {
+                if client.filled > 0 {
+                    match parse_request(
+                        &client.buf[..client.filled],
+                        &mut client.out,
+                        client.client_ip.as_deref(),
+                        client.tls,
+                        self.strict,
+                    ) {
+                        Parsed::Request(head) => break head,
+                        Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked))) => {
+                            // What is here of a chunked body is checked before Pingora's proxy
+                            // sends the head upstream: a malformed one never reaches a backend.
+                            let body = &client.buf[head_len..client.filled];
+                            if ChunkedTracker::default().feed(body).is_err() {
+                                let refusal = Refusal::BadRequest("malformed chunked body");
+                                return self.refuse(client, refusal).await;
+                            }
+                            return End::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
+                        }
+                        Parsed::HandOver(reason, one) => return End::HandOver(reason, one),
+                        Parsed::Refuse(refusal) => return self.refuse(client, refusal).await,
+                        Parsed::Partial if client.filled >= MAX_HEAD => {
+                            return self.refuse(client, Refusal::HeadTooLarge).await
+                        }
+                        Parsed::Partial => {}
+                    }
+                } else if *shutdown.borrow() {
+                    return End::Close;
+                }
+                let read = tokio::select! {
+                    biased;
+                    r = client.read_more(MAX_HEAD) => r,
+                    // Shutdown closes idle connections; a request being read still finishes.
+                    _ = &mut shutdown_signal, if client.filled == 0 => return End::Close,
+                    _ = &mut idle => {
+                        // The timer is re-armed only when it fires: a connection is closed
+                        // after one to two client timeouts without a request.
+                        if served == served_at_arm {
+                            return End::Close;
+                        }
+                        served_at_arm = served;
+                        idle.as_mut().reset(deadline_after(self.client_timeout));
+                        continue;
+                    }
+                };
+                match read {
+                    Ok(n) if n > 0 => {}
+                    _ if client.filled >= MAX_HEAD => {
+                        return self.refuse(client, Refusal::HeadTooLarge).await
+                    }
+                    // End of stream or error.
+                    _ => return End::Close,
+                }
+            };
+            served += 1;
+            client.head_request = head.head_method;
+            let _in_flight = NodeInFlight::new(&self.data);
+            let (status, outcome) = self.handle(client, &head).await;
+            self.metrics.request_done(status);
+            match outcome {
+                Outcome::KeepAlive if !head.close && !*shutdown.borrow() => {}
+                Outcome::KeepAlive => return End::Close,
+                Outcome::Close => {
+                    // Ended early (our own answer, a failure, the backend's early answer):
+                    // its body may be partly unread.
+                    client.linger = head.content_length > 0;
+                    return End::Close;
+                }
+            }
+        }
+    }
+
+    /// Answers a request refused by the rules in `strict` and ends the connection (what the
+    /// client still sends is read away, so our answer is not lost to a reset).
+    async fn refuse(&self, client: &mut Client, refusal: Refusal) -> End {
+        client.head_request = false;
+        let (status, _) = self
+            .answer(
+                client,
+                refusal.status(),
+                &refusal.to_string(),
+                None,
+                Outcome::Close,
+            )
+            .await;
+        self.metrics.request_done(status);
+        client.linger = true;
+        End::Close
+    }
+
+    /// Answers one request; returns the status sent (0 when none) and what comes next.
+    async fn handle(&self, client: &mut Client, head: &RequestHead) -> (u16, Outcome) {
+        // Read the request target before the client buffer moves on.
+        let decision = {
+            let target = std::str::from_utf8(&client.buf[head.target.clone()]).unwrap_or("/");
+            let table = self.data.routes.load();
+            Decision::for_request(&table, &head.host, target, client.tls, self.https_port)
+        };
+        // An answer of ours leaves any request body unread: close unless there is none.
+        let own_answer_outcome = if head.content_length == 0 {
+            Outcome::KeepAlive
+        } else {
+            Outcome::Close
+        };
+        match decision {
+            Decision::AcmeChallenge(key_authorization) => {
+                client.consume(head.head_len);
+                self.answer(client, 200, &key_authorization, None, own_answer_outcome)
+                    .await
+            }
+            Decision::UnknownHost => {
+                client.consume(head.head_len);
+                let body = answers::no_virtual_host(&head.host);
+                self.answer(client, 404, &body, None, own_answer_outcome)
+                    .await
+            }
+            Decision::Redirect(location) => {
+                client.consume(head.head_len);
+                self.answer(client, 301, "", Some(&location), own_answer_outcome)
+                    .await
+            }
+            Decision::Proxy(route) => {
+                rules::await_peer_view(&self.data.live).await;
+                self.forward(client, head, &route).await
+            }
+        }
+    }
+
+    /// Sends an answer of ours (plain text, or an empty redirect).
+    pub(super) async fn answer(
+        &self,
+        client: &mut Client,
+        status: u16,
+        body: &str,
+        location: Option<&str>,
+        outcome: Outcome,
+    ) -> (u16, Outcome) {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut out = std::mem::take(&mut client.out);
+        out.clear();
+        out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        if let Some(location) = location {
+            out.extend_from_slice(format!("location: {location}\r\n").as_bytes());
+        } else {
+            out.extend_from_slice(
+                b"content-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n",
+            );
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if matches!(outcome, Outcome::Close) {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !client.head_request {
+            out.extend_from_slice(body.as_bytes());
+        }
+        let sent = client.send(&out).await;
+        client.out = out;
+        match sent {
+            Ok(()) => (status, outcome),
+            Err(_) => (status, Outcome::Close),
+        }
+    }
+}

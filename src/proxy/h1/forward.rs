@@ -1,0 +1,296 @@
+//! Forwarding to the backend: pick from the route's pool (retries and failure classification
+//! from the shared `outcome` rules), open or reuse a backend connection, send the request
+//! head and body.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::super::deadline::IoDeadline;
+use super::super::outcome::{self, AttemptFailure};
+use super::super::pool;
+use super::super::rules::MAX_ATTEMPTS;
+use super::super::table::Route;
+use super::client::Client;
+use super::parse::RequestHead;
+use super::{Outcome, VhostApp, MAX_HEAD};
+use crate::live::{BackendRuntime, InFlight};
+
+/// Request bodies up to this size are read before sending, so a failed attempt can be sent
+/// again (to a fresh connection or another backend). Larger bodies stream, without retry.
+const REPLAY_LIMIT: usize = 64 * 1024;
+const RELAY_CHUNK: usize = 64 * 1024;
+
+async fn write_upstream(
+    upstream: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    deadline: &mut IoDeadline,
+    timeout: Duration,
+    reused: bool,
+) -> Result<(), AttemptError> {
+    match deadline.run(timeout, upstream.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(AttemptError::Upstream {
+            fault: UpstreamFault::Write,
+            reused,
+        }),
+        Err(_) => Err(AttemptError::Timeout),
+    }
+}
+
+/// Why an attempt on one backend failed.
+pub(super) enum AttemptError {
+    /// The client went away or sent less than it announced: nothing to answer.
+    Client,
+    /// Could not open a connection to the backend.
+    Connect,
+    /// The backend's address did not resolve when the table was built: nothing to count
+    /// against the backend's health, but another backend may serve.
+    NoAddress,
+    /// The backend failed before answering.
+    Upstream {
+        fault: UpstreamFault,
+        reused: bool,
+    },
+    Timeout,
+}
+
+/// How a backend failed before answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpstreamFault {
+    /// It stopped taking the request (it may have answered early: see `attempt`).
+    Write,
+    Read,
+    Closed,
+    InvalidHead,
+}
+
+impl UpstreamFault {
+    /// Pingora's names for the same failures, for the 502 body.
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamFault::Write => "WriteError",
+            UpstreamFault::Read => "ReadError",
+            UpstreamFault::Closed => "ConnectionClosed",
+            UpstreamFault::InvalidHead => "InvalidHTTPHeader",
+        }
+    }
+}
+impl VhostApp {
+    /// Proxies the request to the route's pool: round-robin, the next backend when one
+    /// cannot be reached, and (for idempotent requests whose body is held) when one fails
+    /// before answering.
+    pub(super) async fn forward(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        route: &Route,
+    ) -> (u16, Outcome) {
+        let replayable = head.content_length <= REPLAY_LIMIT;
+        if replayable && head.content_length > 0 {
+            let end = head.head_len + head.content_length;
+            while client.filled < end {
+                let read = client.read_more(end.max(MAX_HEAD));
+                match tokio::time::timeout(self.client_timeout, read).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // Gone, or stalled for the client timeout in the middle of its body.
+                    _ => return (0, Outcome::Close),
+                }
+            }
+            let body = &client.buf[head.head_len..end];
+            client.out.extend_from_slice(body);
+        }
+        let retry_allowed = head.idempotent && replayable;
+        let mut tried = [0usize; MAX_ATTEMPTS];
+        let mut n_tried = 0;
+        let mut in_flight_backend = InFlight::<&BackendRuntime>::default();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let Some(pick) = route.pick(&tried[..n_tried]) else {
+                let body = outcome::nothing_to_pick(route, n_tried > 0);
+                client.consume(head.head_len);
+                return self
+                    .answer(client, body.0, &body.1, None, Outcome::Close)
+                    .await;
+            };
+            if pick.guard_rail {
+                self.metrics.guard_rail_used();
+            }
+            tried[n_tried] = pick.index;
+            n_tried += 1;
+            let upstream = pick.upstream;
+            in_flight_backend.set(&upstream.runtime);
+            let result = match upstream.addr() {
+                Some(addr) => {
+                    self.attempt(client, head, addr, &upstream.runtime, replayable)
+                        .await
+                }
+                None => Err(AttemptError::NoAddress),
+            };
+            let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
+            let failure = match result {
+                Ok(done) => return done,
+                Err(AttemptError::Client) => return (0, Outcome::Close),
+                Err(AttemptError::Upstream { reused: true, .. }) if retry_allowed && can_retry => {
+                    // A pooled connection the backend had closed: not the backend's fault.
+                    n_tried -= 1;
+                    continue;
+                }
+                Err(AttemptError::Connect) => AttemptFailure::Connect,
+                Err(AttemptError::NoAddress) => AttemptFailure::NoAddress,
+                Err(AttemptError::Timeout) => AttemptFailure::Timeout,
+                Err(AttemptError::Upstream { fault, .. }) => {
+                    AttemptFailure::Upstream(fault.label())
+                }
+            };
+            outcome::record_failure(failure, &upstream.runtime, &self.metrics);
+            if failure.retriable(retry_allowed) && can_retry && route.has_untried(&tried[..n_tried])
+            {
+                continue;
+            }
+            let (status, body) = failure.answer(&head.host);
+            return self
+                .answer(client, status, &body, None, Outcome::Close)
+                .await;
+        }
+    }
+
+    /// One attempt on one backend: send the request, relay the response.
+    async fn attempt(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        addr: SocketAddr,
+        runtime: &BackendRuntime,
+        replayable: bool,
+    ) -> Result<(u16, Outcome), AttemptError> {
+        let (mut upstream, reused) = match pool::take(addr) {
+            Some(conn) => (conn, true),
+            None => (self.connect(addr).await?, false),
+        };
+
+        let sent = self
+            .send_request(client, head, &mut upstream, reused, replayable)
+            .await;
+        // A backend may answer before it has read the whole request (a 413 for an upload
+        // that is too large, a 401), then close or stop reading: sending stops, and the
+        // answer is there to be read. Without one, the write error stands (and a stale
+        // pooled connection is retried as before).
+        let stopped_taking = match sent {
+            Ok(()) => None,
+            Err(
+                e @ AttemptError::Upstream {
+                    fault: UpstreamFault::Write,
+                    ..
+                },
+            ) => Some(e),
+            Err(e) => return Err(e),
+        };
+
+        // Response head (informational 1xx heads are passed on as they come).
+        let mut resp = std::mem::take(&mut client.resp);
+        let close_client = head.close || stopped_taking.is_some();
+        let result = self
+            .relay_response(
+                client,
+                head,
+                &mut upstream,
+                &mut resp,
+                (reused, replayable, close_client),
+            )
+            .await;
+        client.resp = resp;
+        let (status, upstream_reusable, outcome) = match (result, stopped_taking) {
+            (Ok(done), None) => done,
+            // The client's request was cut off: its connection ends after the answer.
+            (Ok((status, _, _)), Some(_)) => (status, false, Outcome::Close),
+            (Err(_), Some(write_error)) => return Err(write_error),
+            (Err(e), None) => return Err(e),
+        };
+        outcome::record_response(status, runtime);
+        if upstream_reusable {
+            pool::put(addr, upstream);
+        }
+        Ok((status, outcome))
+    }
+
+    /// Sends the request head and body to the backend. A backend that stops reading without
+    /// answering gets the read timeout, as one that stops answering does.
+    async fn send_request(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        upstream: &mut TcpStream,
+        reused: bool,
+        replayable: bool,
+    ) -> Result<(), AttemptError> {
+        let timeout = self.read_timeout;
+        write_upstream(upstream, &client.out, &mut client.deadline, timeout, reused).await?;
+        if replayable {
+            return Ok(());
+        }
+        // A large body streams. A backend that answers before taking all of it (a 413 for an
+        // upload that is too large) may keep its connection open without reading: stop
+        // sending as soon as its answer (or its close) is there, instead of waiting for the
+        // read timeout. Peeked, not read: readiness alone can be stale.
+        let (upstream_rd, mut upstream_wr) = upstream.split();
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            biased;
+            sent = self.stream_body(client, head, &mut upstream_wr, reused) => sent,
+            _ = upstream_rd.as_ref().peek(&mut probe) => Err(AttemptError::Upstream {
+                fault: UpstreamFault::Write,
+                reused,
+            }),
+        }
+    }
+
+    /// Sends the rest of a request body that is too large to hold: what is buffered, then
+    /// the rest as it comes from the client.
+    async fn stream_body(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        upstream: &mut (impl AsyncWrite + Unpin),
+        reused: bool,
+    ) -> Result<(), AttemptError> {
+        let timeout = self.read_timeout;
+        let buffered = (client.filled - head.head_len).min(head.content_length);
+        let start = head.head_len;
+        write_upstream(
+            upstream,
+            &client.buf[start..start + buffered],
+            &mut client.deadline,
+            timeout,
+            reused,
+        )
+        .await?;
+        client.consume(head.head_len + buffered);
+        let mut left = head.content_length - buffered;
+        let mut chunk = vec![0u8; RELAY_CHUNK];
+        while left > 0 {
+            let want = left.min(chunk.len());
+            let read = client.stream.read(&mut chunk[..want]);
+            let n = match tokio::time::timeout(self.client_timeout, read).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return Err(AttemptError::Client),
+            };
+            write_upstream(upstream, &chunk[..n], &mut client.deadline, timeout, reused).await?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.set_nodelay(true);
+                Ok(conn)
+            }
+            _ => Err(AttemptError::Connect),
+        }
+    }
+}
