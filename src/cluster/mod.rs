@@ -1,6 +1,7 @@
 //! Raft cluster: openraft types, the node wrapper that runs writes (forwarding them to the
 //! leader when needed), bootstrap and status.
 
+pub mod election;
 pub mod membership;
 pub mod network;
 pub mod rpc;
@@ -101,6 +102,8 @@ pub struct ClusterNode {
     /// Voters this node removed recently (as leader): a removal passes through "learner", and
     /// reconciliation must not promote them back meanwhile.
     recently_removed: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
+    /// In contact with a quorum (see [`Status::quorum`]); kept by `election::run`.
+    quorum: std::sync::atomic::AtomicBool,
 }
 
 /// How long a removed member is kept out of automatic re-adding.
@@ -114,6 +117,11 @@ pub struct Status {
     pub term: u64,
     pub state: NodeState,
     pub last_applied: u64,
+    /// On the leader: a majority of voters acknowledged it within the leader lease (800 ms).
+    /// On any other node: it heard from a leader within the leader lease. `false` on a leader
+    /// means it is cut off and refuses writes; a new leader is being (or has been) elected on
+    /// the other side.
+    pub quorum: bool,
     pub members: Vec<Member>,
 }
 
@@ -161,9 +169,12 @@ impl ClusterNode {
     ) -> anyhow::Result<Arc<Self>> {
         let raft_config = openraft::Config {
             cluster_name: cfg.cluster_id.clone(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            heartbeat_interval: election::HEARTBEAT_MS,
+            election_timeout_min: election::ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: election::LEADER_LEASE_MS,
+            // Elections are started by `election::run` after a pre-vote, never by openraft's
+            // timer: an isolated node must not raise its term and depose the leader on return.
+            enable_elect: false,
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
             // Keep some entries behind a snapshot so a briefly lagging follower needs no snapshot.
@@ -210,6 +221,7 @@ impl ClusterNode {
             net,
             started: Instant::now(),
             recently_removed: Default::default(),
+            quorum: Default::default(),
         }))
     }
 
@@ -343,6 +355,7 @@ impl ClusterNode {
             term: m.current_term,
             state: m.state.into(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            quorum: self.has_quorum(),
             members,
         }
     }
@@ -486,6 +499,16 @@ impl ClusterNode {
                 other => return other,
             }
         }
+    }
+
+    /// See [`Status::quorum`].
+    pub fn has_quorum(&self) -> bool {
+        self.quorum.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_quorum(&self, quorum: bool) {
+        self.quorum
+            .store(quorum, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn is_leader(&self) -> bool {

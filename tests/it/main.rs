@@ -15,6 +15,7 @@ mod health;
 mod http1;
 mod lifecycle;
 mod observability;
+mod partition;
 mod resolver;
 mod single_node;
 mod supervision;

@@ -1,0 +1,256 @@
+//! Elections with a Pre-Vote round (Raft thesis §9.6), run by this module instead of
+//! openraft's own timer (`enable_elect: false`).
+//!
+//! openraft 0.9 starts an election, with a new term, whenever a follower has not heard from a
+//! leader for a while. A node cut off from the others keeps doing so (term 2 -> 11 in ten
+//! seconds); when the network heals, its higher term answers the leader's next heartbeat and
+//! the healthy leader steps down. Here a node first asks the voters whether they would vote
+//! for it (`/cluster/pre-vote`, authenticated like every cluster RPC). A voter says yes only if
+//! it has not heard from a leader within the leader lease and the candidate's log is at least
+//! as up to date as its own. Only with a majority of yes does the node ask openraft to elect
+//! (`raft.trigger().elect()`), so an isolated node never raises its term, and a node that
+//! comes back finds the cluster's term unchanged.
+//!
+//! Timing (the defaults; see docs/cluster.md): the leader sends heartbeats every
+//! [`HEARTBEAT_MS`]; openraft's voters refuse a real vote for [`LEADER_LEASE_MS`] after they
+//! last heard from a leader; a follower runs a pre-vote after a random
+//! [`CAMPAIGN_AFTER_MS`] without a leader, so by then the other voters' leases have run out
+//! too and the real vote can win at once.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use openraft::{LogId, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterNode, NodeId};
+
+/// How often the leader sends heartbeats (openraft `heartbeat_interval`).
+pub const HEARTBEAT_MS: u64 = 100;
+/// openraft's `election_timeout_min`. With our own elections it only bounds how long a
+/// candidate waits for vote answers.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
+/// openraft's `election_timeout_max`, which openraft 0.9 also uses as the leader lease: a
+/// voter refuses to vote for anyone else for this long after it last heard from a leader, and
+/// a leader whose last quorum acknowledgement is older than this reports `quorum: false`.
+pub const LEADER_LEASE_MS: u64 = 800;
+/// A follower starts a pre-vote after a random time in this range without a leader
+/// (re-drawn after each attempt, so two followers rarely campaign at once).
+pub const CAMPAIGN_AFTER_MS: (u64, u64) = (LEADER_LEASE_MS + 200, LEADER_LEASE_MS + 600);
+/// How long a pre-vote waits for the voters' answers.
+const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How often the election loop looks at the node's state.
+const TICK: Duration = Duration::from_millis(50);
+
+/// "Would you vote for me?", asked before an election.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    pub last_log: Option<LogId<NodeId>>,
+}
+
+/// A voter's answer to a [`PreVoteRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+    /// Why not (for logs).
+    pub reason: Option<String>,
+}
+
+/// What a node knows about its leader, from openraft's state.
+struct LeaderView {
+    state: ServerState,
+    /// On a follower: time since a leader last reached it (heartbeat or entries), if the
+    /// vote it holds is a leader's (committed). On a candidate: time since it last voted or
+    /// campaigned.
+    vote_age: Option<Duration>,
+    vote_committed: bool,
+    /// On a leader: time since a majority last acknowledged it.
+    quorum_ack_age: Option<Duration>,
+    last_log: Option<LogId<NodeId>>,
+}
+
+async fn leader_view(node: &ClusterNode) -> Option<LeaderView> {
+    let (vote_age, vote_committed) = node
+        .raft
+        .with_raft_state(|st| {
+            (
+                st.vote_last_modified().map(|t| t.elapsed()),
+                st.vote_ref().is_committed(),
+            )
+        })
+        .await
+        .ok()?;
+    let m = node.raft.metrics().borrow().clone();
+    let last_log = node.raft.data_metrics().borrow().last_log;
+    Some(LeaderView {
+        state: m.state,
+        vote_age,
+        vote_committed,
+        quorum_ack_age: m.millis_since_quorum_ack.map(Duration::from_millis),
+        last_log,
+    })
+}
+
+fn lease() -> Duration {
+    Duration::from_millis(LEADER_LEASE_MS)
+}
+
+/// A voter's side of the pre-vote.
+pub async fn answer(node: &ClusterNode, req: &PreVoteRequest) -> PreVoteResponse {
+    let refuse = |reason: String| PreVoteResponse {
+        granted: false,
+        reason: Some(reason),
+    };
+    let Some(v) = leader_view(node).await else {
+        return refuse("raft has stopped on this node".into());
+    };
+    if v.state == ServerState::Leader {
+        if v.quorum_ack_age.is_some_and(|a| a <= lease()) {
+            return refuse(format!("node {} is the leader and has a quorum", node.node_id));
+        }
+    } else if v.vote_committed && v.vote_age.is_some_and(|a| a <= lease()) {
+        return refuse(format!(
+            "node {} heard from the leader {} ms ago",
+            node.node_id,
+            v.vote_age.map(|a| a.as_millis()).unwrap_or(0)
+        ));
+    }
+    if req.last_log < v.last_log {
+        return refuse(format!(
+            "node {}'s log ({:?}) is ahead of the candidate's ({:?})",
+            node.node_id, v.last_log, req.last_log
+        ));
+    }
+    PreVoteResponse {
+        granted: true,
+        reason: None,
+    }
+}
+
+/// Runs forever: starts a pre-vote, then an election, when this voter has been without a
+/// leader for [`CAMPAIGN_AFTER_MS`].
+pub async fn run(node: Arc<ClusterNode>) {
+    let mut campaign_after = random_campaign_delay();
+    let mut last_attempt: Option<Instant> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let m = node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<(NodeId, String)> = membership
+            .voter_ids()
+            .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
+            .collect();
+        let Some(view) = leader_view(&node).await else {
+            node.set_quorum(false);
+            continue;
+        };
+        node.set_quorum(in_contact(&view, voters.len()));
+        if m.state == ServerState::Leader || !voters.iter().any(|(id, _)| *id == node.node_id) {
+            continue;
+        }
+        if voters.len() == 1 {
+            // The only voter needs no one's opinion (openraft does the same).
+            if m.state != ServerState::Candidate {
+                let _ = node.raft.trigger().elect().await;
+            }
+            continue;
+        }
+        let quiet = view.vote_age.is_none_or(|a| a >= campaign_after)
+            && last_attempt.is_none_or(|t| t.elapsed() >= campaign_after);
+        if !quiet {
+            continue;
+        }
+        last_attempt = Some(Instant::now());
+        campaign_after = random_campaign_delay();
+        let (granted, refusals) = pre_vote(&node, &voters, view.last_log).await;
+        let majority = voters.len() / 2 + 1;
+        if granted >= majority {
+            tracing::info!(
+                granted,
+                voters = voters.len(),
+                term = m.current_term,
+                "pre-vote won: starting an election"
+            );
+            if let Err(e) = node.raft.trigger().elect().await {
+                tracing::warn!("cannot start an election: {e}");
+            }
+        } else {
+            tracing::debug!(granted, ?refusals, "pre-vote lost: no election");
+        }
+    }
+}
+
+/// See `Status::quorum`: a leader acknowledged by a majority within the lease, or a node that
+/// heard from a leader within the lease.
+fn in_contact(v: &LeaderView, voters: usize) -> bool {
+    match v.state {
+        ServerState::Leader => voters <= 1 || v.quorum_ack_age.is_some_and(|a| a <= lease()),
+        _ => v.vote_committed && v.vote_age.is_some_and(|a| a <= lease()),
+    }
+}
+
+/// Asks every other voter; returns (yes votes counting our own, refusal reasons).
+async fn pre_vote(
+    node: &ClusterNode,
+    voters: &[(NodeId, String)],
+    last_log: Option<LogId<NodeId>>,
+) -> (usize, Vec<String>) {
+    let req = PreVoteRequest {
+        candidate: node.node_id,
+        last_log,
+    };
+    let mut asks: FuturesUnordered<_> = voters
+        .iter()
+        .filter(|(id, _)| *id != node.node_id)
+        .map(|(id, addr)| {
+            let req = req.clone();
+            async move {
+                let answer = node
+                    .net
+                    .post::<_, PreVoteResponse>(addr, "/cluster/pre-vote", &req, PRE_VOTE_TIMEOUT)
+                    .await;
+                (*id, answer)
+            }
+        })
+        .collect();
+    let mut granted = 1;
+    let mut refusals = Vec::new();
+    while let Some((id, answer)) = asks.next().await {
+        match answer {
+            Ok(a) if a.granted => granted += 1,
+            Ok(a) => refusals.push(a.reason.unwrap_or_default()),
+            Err(e) => refusals.push(format!("node {id} unreachable: {e}")),
+        }
+    }
+    (granted, refusals)
+}
+
+fn random_campaign_delay() -> Duration {
+    let (lo, hi) = CAMPAIGN_AFTER_MS;
+    // A randomly seeded hasher is random enough for a jitter and needs no extra dependency.
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(lo + r % (hi - lo + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn campaign_delay_is_past_the_lease_and_jittered() {
+        let delays: std::collections::BTreeSet<Duration> =
+            (0..200).map(|_| random_campaign_delay()).collect();
+        assert!(delays.len() > 20, "no jitter: {delays:?}");
+        for d in &delays {
+            assert!(*d > lease() + Duration::from_millis(HEARTBEAT_MS));
+            assert!(*d <= Duration::from_millis(CAMPAIGN_AFTER_MS.1));
+        }
+    }
+}
