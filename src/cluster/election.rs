@@ -18,7 +18,8 @@
 //! too and the real vote can win at once.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -43,6 +44,29 @@ pub const CAMPAIGN_AFTER_MS: (u64, u64) = (LEADER_LEASE_MS + 200, LEADER_LEASE_M
 const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How often the election loop looks at the node's state.
 const TICK: Duration = Duration::from_millis(50);
+
+/// State shared by the election loop and the pre-vote answers of one node.
+#[derive(Default)]
+pub struct ElectionState {
+    /// In contact with a quorum (`Status::quorum`), refreshed every tick.
+    quorum: AtomicBool,
+    /// When this node last said yes to someone's pre-vote: it then holds back its own
+    /// campaign for a while, so two followers rarely split the vote.
+    granted_at: Mutex<Option<Instant>>,
+}
+
+impl ElectionState {
+    pub fn has_quorum(&self) -> bool {
+        self.quorum.load(Ordering::Relaxed)
+    }
+
+    fn granted_recently(&self, within: Duration) -> bool {
+        self.granted_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < within)
+    }
+}
 
 /// "Would you vote for me?", asked before an election.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +133,10 @@ pub async fn answer(node: &ClusterNode, req: &PreVoteRequest) -> PreVoteResponse
     };
     if v.state == ServerState::Leader {
         if v.quorum_ack_age.is_some_and(|a| a <= lease()) {
-            return refuse(format!("node {} is the leader and has a quorum", node.node_id));
+            return refuse(format!(
+                "node {} is the leader and has a quorum",
+                node.node_id
+            ));
         }
     } else if v.vote_committed && v.vote_age.is_some_and(|a| a <= lease()) {
         return refuse(format!(
@@ -124,6 +151,11 @@ pub async fn answer(node: &ClusterNode, req: &PreVoteRequest) -> PreVoteResponse
             node.node_id, v.last_log, req.last_log
         ));
     }
+    *node
+        .election
+        .granted_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     PreVoteResponse {
         granted: true,
         reason: None,
@@ -135,10 +167,10 @@ pub async fn answer(node: &ClusterNode, req: &PreVoteRequest) -> PreVoteResponse
 pub async fn run(node: Arc<ClusterNode>) {
     let mut campaign_after = random_campaign_delay();
     let mut last_attempt: Option<Instant> = None;
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_tick = TICK;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(next_tick).await;
+        next_tick = TICK;
         let m = node.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
         let voters: Vec<(NodeId, String)> = membership
@@ -146,10 +178,12 @@ pub async fn run(node: Arc<ClusterNode>) {
             .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
             .collect();
         let Some(view) = leader_view(&node).await else {
-            node.set_quorum(false);
+            node.election.quorum.store(false, Ordering::Relaxed);
             continue;
         };
-        node.set_quorum(in_contact(&view, voters.len()));
+        node.election
+            .quorum
+            .store(in_contact(&view, voters.len()), Ordering::Relaxed);
         if m.state == ServerState::Leader || !voters.iter().any(|(id, _)| *id == node.node_id) {
             continue;
         }
@@ -160,15 +194,23 @@ pub async fn run(node: Arc<ClusterNode>) {
             }
             continue;
         }
-        let quiet = view.vote_age.is_none_or(|a| a >= campaign_after)
-            && last_attempt.is_none_or(|t| t.elapsed() >= campaign_after);
-        if !quiet {
+        let since_leader = view.vote_age.unwrap_or(Duration::MAX);
+        let since_attempt = last_attempt.map_or(Duration::MAX, |t| t.elapsed());
+        let wait = campaign_after.saturating_sub(since_leader.min(since_attempt));
+        if !wait.is_zero() {
+            // Wake up right at the deadline: campaigns quantized to a coarse tick would
+            // collide (and split the vote) more often.
+            next_tick = wait.min(TICK);
+            continue;
+        }
+        if node.election.granted_recently(campaign_after) {
+            // Someone else is campaigning: give it its chance first.
             continue;
         }
         last_attempt = Some(Instant::now());
         campaign_after = random_campaign_delay();
-        let (granted, refusals) = pre_vote(&node, &voters, view.last_log).await;
         let majority = voters.len() / 2 + 1;
+        let (granted, refusals) = pre_vote(&node, &voters, view.last_log, majority).await;
         if granted >= majority {
             tracing::info!(
                 granted,
@@ -194,11 +236,13 @@ fn in_contact(v: &LeaderView, voters: usize) -> bool {
     }
 }
 
-/// Asks every other voter; returns (yes votes counting our own, refusal reasons).
+/// Asks the other voters until `majority` said yes (our own vote included) or all answered;
+/// returns (yes votes, refusal reasons). A cut-off voter does not hold up the decision.
 async fn pre_vote(
     node: &ClusterNode,
     voters: &[(NodeId, String)],
     last_log: Option<LogId<NodeId>>,
+    majority: usize,
 ) -> (usize, Vec<String>) {
     let req = PreVoteRequest {
         candidate: node.node_id,
@@ -220,7 +264,10 @@ async fn pre_vote(
         .collect();
     let mut granted = 1;
     let mut refusals = Vec::new();
-    while let Some((id, answer)) = asks.next().await {
+    while granted < majority {
+        let Some((id, answer)) = asks.next().await else {
+            break;
+        };
         match answer {
             Ok(a) if a.granted => granted += 1,
             Ok(a) => refusals.push(a.reason.unwrap_or_default()),

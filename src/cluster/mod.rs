@@ -102,8 +102,8 @@ pub struct ClusterNode {
     /// Voters this node removed recently (as leader): a removal passes through "learner", and
     /// reconciliation must not promote them back meanwhile.
     recently_removed: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
-    /// In contact with a quorum (see [`Status::quorum`]); kept by `election::run`.
-    quorum: std::sync::atomic::AtomicBool,
+    /// What the election loop and the pre-vote answers share.
+    election: election::ElectionState,
 }
 
 /// How long a removed member is kept out of automatic re-adding.
@@ -221,7 +221,7 @@ impl ClusterNode {
             net,
             started: Instant::now(),
             recently_removed: Default::default(),
-            quorum: Default::default(),
+            election: Default::default(),
         }))
     }
 
@@ -503,12 +503,7 @@ impl ClusterNode {
 
     /// See [`Status::quorum`].
     pub fn has_quorum(&self) -> bool {
-        self.quorum.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn set_quorum(&self, quorum: bool) {
-        self.quorum
-            .store(quorum, std::sync::atomic::Ordering::Relaxed);
+        self.election.has_quorum()
     }
 
     pub fn is_leader(&self) -> bool {

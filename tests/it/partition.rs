@@ -110,8 +110,7 @@ impl Attempt {
     /// An answer that says the write was not applied (not "outcome unknown", not no answer).
     fn refused(&self) -> bool {
         let unknown = self.status == Some(504)
-            || serde_json::from_str::<Value>(&self.body)
-                .is_ok_and(|v| v["outcome"] == "unknown");
+            || serde_json::from_str::<Value>(&self.body).is_ok_and(|v| v["outcome"] == "unknown");
         matches!(self.status, Some(s) if s != 201) && !unknown
     }
 }
@@ -218,13 +217,47 @@ fn longest_gap(attempts: &[Attempt], via: u64, from: Instant, to: Instant) -> Du
     acks.push(from);
     acks.push(to);
     acks.sort();
-    acks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    acks.windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+/// The attempts through `via` answered around the longest gap (for failure messages).
+fn around_gap(attempts: &[Attempt], via: u64, from: Instant, to: Instant) -> String {
+    let gap = longest_gap(attempts, via, from, to);
+    let mut acks: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.via == via && a.done >= from && a.done <= to)
+        .collect();
+    acks.sort_by_key(|a| a.done);
+    let end = acks
+        .windows(2)
+        .find(|w| w[0].acked() && w[1].done - w[0].done >= gap)
+        .map(|w| w[1].done)
+        .unwrap_or(to);
+    acks.iter()
+        .filter(|a| a.done + gap + Duration::from_millis(300) >= end && a.done <= end)
+        .map(|a| {
+            format!(
+                "  {} sent {:?} before the gap's end, took {:?}: {:?} {}\n",
+                a.domain,
+                end.saturating_duration_since(a.sent),
+                a.done - a.sent,
+                a.status,
+                &a.body[..a.body.len().min(200)]
+            )
+        })
+        .collect()
 }
 
 fn summary(attempts: &[Attempt]) -> String {
     let mut by: std::collections::BTreeMap<(u64, String), usize> = Default::default();
     for a in attempts {
-        let key = (a.via, a.status.map(|s| s.to_string()).unwrap_or("none".into()));
+        let key = (
+            a.via,
+            a.status.map(|s| s.to_string()).unwrap_or("none".into()),
+        );
         *by.entry(key).or_default() += 1;
     }
     format!("{by:?}")
@@ -346,10 +379,14 @@ impl Drop for Frozen {
 
 /// Polls `n`'s status until `quorum` is false; returns how long that took.
 async fn wait_quorum_lost(n: &Node, since: Instant, timeout: Duration) -> Duration {
-    wait_for(timeout, "the isolated leader to report quorum: false", || async {
-        let s = try_status(n).await?;
-        (s["quorum"] == false).then(|| since.elapsed())
-    })
+    wait_for(
+        timeout,
+        "the isolated leader to report quorum: false",
+        || async {
+            let s = try_status(n).await?;
+            (s["quorum"] == false).then(|| since.elapsed())
+        },
+    )
     .await
 }
 
@@ -384,7 +421,6 @@ async fn leader_fault(fault: LeaderFault) {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let fault_at = Instant::now();
     let mut frozen = None;
     match fault {
         LeaderFault::Kill => c.cluster.node_mut(leader).kill9(),
@@ -394,12 +430,13 @@ async fn leader_fault(fault: LeaderFault) {
         }
         LeaderFault::Isolate => c.net.isolate(leader),
     }
+    // From the moment the fault is complete (the rules are in, the process is gone).
+    let fault_at = Instant::now();
     let old = c.node(leader);
     let mut lost_quorum_after = None;
     let mut isolated_proxy = None;
     if let LeaderFault::Isolate = fault {
-        lost_quorum_after =
-            Some(wait_quorum_lost(old, fault_at, Duration::from_secs(5)).await);
+        lost_quorum_after = Some(wait_quorum_lost(old, fault_at, Duration::from_secs(5)).await);
         // Cut off from its peers, it still serves its last table.
         isolated_proxy = Some(old.proxy_get(HOST, "/").await);
     }
@@ -412,7 +449,8 @@ async fn leader_fault(fault: LeaderFault) {
     let new_leader = new_statuses[0]["leader_id"].as_u64();
     let new_term = new_statuses[0]["term"].as_u64().unwrap_or(0);
     assert!(
-        new_leader.is_some_and(|l| l != leader) && new_statuses[1]["leader_id"].as_u64() == new_leader,
+        new_leader.is_some_and(|l| l != leader)
+            && new_statuses[1]["leader_id"].as_u64() == new_leader,
         "the majority should agree on a new leader: {new_statuses:?}"
     );
 
@@ -455,14 +493,25 @@ async fn leader_fault(fault: LeaderFault) {
         );
     }
     if let Some(r) = isolated_proxy {
-        assert_eq!((r.status, r.body.as_str()), (200, BODY), "proxy via the isolated node");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, BODY),
+            "proxy via the isolated node"
+        );
     }
     // The old leader's return deposes no one: writes keep flowing through the majority.
-    for via in &majority {
-        let gap = longest_gap(&attempts, *via, healed_at, to);
+    let gaps: Vec<(u64, Duration)> = majority
+        .iter()
+        .map(|via| (*via, longest_gap(&attempts, *via, healed_at, to)))
+        .collect();
+    eprintln!("{fault:?}: longest write gaps after the old leader's return: {gaps:?}");
+    for (via, gap) in &gaps {
+        let (via, gap) = (via, *gap);
         assert!(
             gap < Duration::from_millis(500),
-            "writes through node {via} stalled {gap:?} after the old leader {leader} came back"
+            "writes through node {via} stalled {gap:?} after the old leader {leader} came \
+             back:\n{}",
+            around_gap(&attempts, *via, healed_at, to)
         );
     }
     c.cluster.wait_converged(Duration::from_secs(20)).await;
@@ -512,7 +561,11 @@ async fn isolated_follower_rejoins_without_disruption() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cut_status = status(c.node(cut)).await;
     let r = c.node(cut).proxy_get(HOST, "/").await;
-    assert_eq!((r.status, r.body.as_str()), (200, BODY), "proxy via the isolated node");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, BODY),
+        "proxy via the isolated node"
+    );
     tokio::time::sleep(Duration::from_secs(7)).await;
     let cut_status_late = status(c.node(cut)).await;
     c.net.heal(cut);
@@ -543,7 +596,9 @@ async fn isolated_follower_rejoins_without_disruption() {
     for (via, gap) in &gaps {
         assert!(
             *gap < Duration::from_millis(500),
-            "writes through node {via} stalled for {gap:?} (isolation and heal of node {cut})"
+            "writes through node {via} stalled for {gap:?} (isolation and heal of node \
+             {cut}):\n{}",
+            around_gap(&attempts, *via, from, to)
         );
     }
     assert!(
@@ -590,7 +645,10 @@ async fn follower_cut_off_mid_write_answers_agree_with_final_state() {
     // Retransmissions of anything still queued arrive within seconds of the heal.
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.cluster.wait_converged(Duration::from_secs(20)).await;
-    eprintln!("writes through the cut-off follower: {}", summary(&attempts));
+    eprintln!(
+        "writes through the cut-off follower: {}",
+        summary(&attempts)
+    );
     assert!(
         attempts.iter().any(|a| a.refused()),
         "the cut-off follower should have refused some writes: {}",

@@ -157,8 +157,18 @@ impl Netns {
         }
         // The test process's own leg on the bridge.
         ip(&[
-            "-n", &br, "link", "add", "host", "type", "veth", "peer", "name", &net.host_if,
-            "netns", "1",
+            "-n",
+            &br,
+            "link",
+            "add",
+            "host",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.host_if,
+            "netns",
+            "1",
         ]);
         ip(&["-n", &br, "link", "set", "host", "master", "br0", "up"]);
         let host_addr = format!("{}/24", net.host_ip());
@@ -200,13 +210,40 @@ impl Netns {
 
     /// Cuts node `i` off from every other node, both ways (real packet drops, so TCP
     /// connections hang and retransmit as in a real partition). Clients and backends on the
-    /// host leg still reach it, and it them.
+    /// host leg still reach it, and it them. All rules apply at once (`iptables-restore`).
     pub fn isolate(&self, i: u64) {
+        let mut rules = String::from("*filter\n");
         for peer in (1..=self.nodes as u64).filter(|p| *p != i) {
-            let peer = self.node_ip(peer).to_string();
-            self.exec(i, &["iptables", "-A", "INPUT", "-s", &peer, "-j", "DROP"]);
-            self.exec(i, &["iptables", "-A", "OUTPUT", "-d", &peer, "-j", "DROP"]);
+            let peer = self.node_ip(peer);
+            rules.push_str(&format!(
+                "-A INPUT -s {peer} -j DROP\n-A OUTPUT -d {peer} -j DROP\n"
+            ));
         }
+        rules.push_str("COMMIT\n");
+        let ns = self.node_ns(i);
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.as_str(),
+                "iptables-restore",
+                "--noflush",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run iptables-restore");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .expect("write iptables rules");
+        let status = child.wait().expect("wait for iptables-restore");
+        assert!(
+            status.success(),
+            "iptables-restore in {ns} failed: {status}"
+        );
     }
 
     /// Removes node `i`'s partition rules.
