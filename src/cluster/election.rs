@@ -28,18 +28,22 @@ use serde::{Deserialize, Serialize};
 
 use super::{ClusterNode, NodeId};
 
-/// How often the leader sends heartbeats (openraft `heartbeat_interval`).
-pub const HEARTBEAT_MS: u64 = 100;
+/// openraft's `heartbeat_interval`. openraft 0.9 also uses it as the timeout of every
+/// AppendEntries call and of the leader's quorum check (`ensure_linearizable`), and ticks
+/// every 1.5 x this, so heartbeats go out every 300 ms. At 100 ms a loaded machine (a follower
+/// fsyncing its log) answered late often enough that the leader never counted a quorum and
+/// refused every write: keep it well above a follower's worst append time.
+pub const HEARTBEAT_MS: u64 = 200;
 /// openraft's `election_timeout_min`. With our own elections it only bounds how long a
 /// candidate waits for vote answers.
 pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
 /// openraft's `election_timeout_max`, which openraft 0.9 also uses as the leader lease: a
 /// voter refuses to vote for anyone else for this long after it last heard from a leader, and
 /// a leader whose last quorum acknowledgement is older than this reports `quorum: false`.
-pub const LEADER_LEASE_MS: u64 = 800;
+pub const LEADER_LEASE_MS: u64 = 900;
 /// A follower starts a pre-vote after a random time in this range without a leader
 /// (re-drawn after each attempt, so two followers rarely campaign at once).
-pub const CAMPAIGN_AFTER_MS: (u64, u64) = (LEADER_LEASE_MS + 200, LEADER_LEASE_MS + 600);
+pub const CAMPAIGN_AFTER_MS: (u64, u64) = (LEADER_LEASE_MS + 150, LEADER_LEASE_MS + 450);
 /// How long a pre-vote waits for the voters' answers.
 const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How often the election loop looks at the node's state.
@@ -296,7 +300,7 @@ mod tests {
             (0..200).map(|_| random_campaign_delay()).collect();
         assert!(delays.len() > 20, "no jitter: {delays:?}");
         for d in &delays {
-            assert!(*d > lease() + Duration::from_millis(HEARTBEAT_MS));
+            assert!(*d > lease() + Duration::from_millis(100));
             assert!(*d <= Duration::from_millis(CAMPAIGN_AFTER_MS.1));
         }
     }

@@ -117,7 +117,7 @@ pub struct Status {
     pub term: u64,
     pub state: NodeState,
     pub last_applied: u64,
-    /// On the leader: a majority of voters acknowledged it within the leader lease (800 ms).
+    /// On the leader: a majority of voters acknowledged it within the leader lease (900 ms).
     /// On any other node: it heard from a leader within the leader lease. `false` on a leader
     /// means it is cut off and refuses writes; a new leader is being (or has been) elected on
     /// the other side.
