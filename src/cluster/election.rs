@@ -17,6 +17,7 @@
 //! [`CAMPAIGN_AFTER_MS`] without a leader, so by then the other voters' leases have run out
 //! too and the real vote can win at once.
 
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -213,11 +214,12 @@ pub async fn run(node: Arc<ClusterNode>) {
         }
         last_attempt = Some(Instant::now());
         campaign_after = random_campaign_delay();
-        let majority = voters.len() / 2 + 1;
-        let (granted, refusals) = pre_vote(&node, &voters, view.last_log, majority).await;
-        if granted >= majority {
+        // During a membership change the configuration is joint: a majority of each.
+        let configs = membership.get_joint_config().clone();
+        let (granted, refusals) = pre_vote(&node, &voters, view.last_log, &configs).await;
+        if quorum_of(&granted, &configs) {
             tracing::info!(
-                granted,
+                granted = ?granted,
                 voters = voters.len(),
                 term = m.current_term,
                 "pre-vote won: starting an election"
@@ -226,7 +228,7 @@ pub async fn run(node: Arc<ClusterNode>) {
                 tracing::warn!("cannot start an election: {e}");
             }
         } else {
-            tracing::debug!(granted, ?refusals, "pre-vote lost: no election");
+            tracing::debug!(?granted, ?refusals, "pre-vote lost: no election");
         }
     }
 }
@@ -240,14 +242,23 @@ fn in_contact(v: &LeaderView, voters: usize) -> bool {
     }
 }
 
-/// Asks the other voters until `majority` said yes (our own vote included) or all answered;
-/// returns (yes votes, refusal reasons). A cut-off voter does not hold up the decision.
+/// True when `granted` holds a majority of every configuration in `configs`.
+fn quorum_of(granted: &BTreeSet<NodeId>, configs: &[BTreeSet<NodeId>]) -> bool {
+    !configs.is_empty()
+        && configs
+            .iter()
+            .all(|c| c.intersection(granted).count() * 2 > c.len())
+}
+
+/// Asks the other voters until the yes votes (our own included) make a quorum of `configs`, or
+/// all answered; returns (who said yes, refusal reasons). A cut-off voter does not hold up the
+/// decision.
 async fn pre_vote(
     node: &ClusterNode,
     voters: &[(NodeId, String)],
     last_log: Option<LogId<NodeId>>,
-    majority: usize,
-) -> (usize, Vec<String>) {
+    configs: &[BTreeSet<NodeId>],
+) -> (BTreeSet<NodeId>, Vec<String>) {
     let req = PreVoteRequest {
         candidate: node.node_id,
         last_log,
@@ -266,14 +277,16 @@ async fn pre_vote(
             }
         })
         .collect();
-    let mut granted = 1;
+    let mut granted = BTreeSet::from([node.node_id]);
     let mut refusals = Vec::new();
-    while granted < majority {
+    while !quorum_of(&granted, configs) {
         let Some((id, answer)) = asks.next().await else {
             break;
         };
         match answer {
-            Ok(a) if a.granted => granted += 1,
+            Ok(a) if a.granted => {
+                granted.insert(id);
+            }
             Ok(a) => refusals.push(a.reason.unwrap_or_default()),
             Err(e) => refusals.push(format!("node {id} unreachable: {e}")),
         }
@@ -293,6 +306,19 @@ fn random_campaign_delay() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quorum_needs_a_majority_of_every_configuration() {
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<NodeId>>();
+        let three = set(&[1, 2, 3]);
+        assert!(!quorum_of(&set(&[1]), &[three.clone()]));
+        assert!(quorum_of(&set(&[1, 3]), &[three.clone()]));
+        // Joint {1,2,3} + {1,2,3,4}: 3 of 4 are needed in the second.
+        let joint = [three.clone(), set(&[1, 2, 3, 4])];
+        assert!(!quorum_of(&set(&[2, 3]), &joint));
+        assert!(quorum_of(&set(&[2, 3, 4]), &joint));
+        assert!(!quorum_of(&set(&[1, 2, 3]), &[]));
+    }
 
     #[test]
     fn campaign_delay_is_past_the_lease_and_jittered() {
