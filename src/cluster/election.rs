@@ -311,8 +311,8 @@ mod tests {
     fn a_quorum_needs_a_majority_of_every_configuration() {
         let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<NodeId>>();
         let three = set(&[1, 2, 3]);
-        assert!(!quorum_of(&set(&[1]), &[three.clone()]));
-        assert!(quorum_of(&set(&[1, 3]), &[three.clone()]));
+        assert!(!quorum_of(&set(&[1]), std::slice::from_ref(&three)));
+        assert!(quorum_of(&set(&[1, 3]), std::slice::from_ref(&three)));
         // Joint {1,2,3} + {1,2,3,4}: 3 of 4 are needed in the second.
         let joint = [three.clone(), set(&[1, 2, 3, 4])];
         assert!(!quorum_of(&set(&[2, 3]), &joint));
