@@ -7,8 +7,8 @@ bridge is 10.77.S.254, where the origin server listens too). Faults are real: ki
 and iptables DROP rules inside a node's namespace that cut it off from the two other nodes
 (clients and the origin still reach it).
 
-For each fault kind (kill, stop, isolate-leader, isolate-follower) it starts a fresh cluster,
-then --runs times: waits for a settled cluster, applies the fault to the leader (or to a
+For each fault kind (kill, stop, isolate-leader, isolate-follower), --runs times (on a fresh
+cluster every --runs-per-cluster runs, default 1): waits for a settled cluster, applies the fault to the leader (or to a
 follower), keeps it --fault-secs, heals it (restart after kill -9, SIGCONT, flush the rules),
 and watches --after-secs more. Meanwhile:
 
@@ -26,12 +26,14 @@ Printed per fault kind:
   follower, during the whole fault too);
 - term changes caused by the heal;
 - proxy errors per node (majority side; the isolated/frozen node listed apart);
+- write latency with nothing wrong (acknowledged writes sent 2 to 0.5 s before each fault),
+  p50 / p99: the noise floor of the gaps above;
 - consistency: acknowledged writes missing on some node, and writes answered with a "not
   applied" error (not 504 / "outcome": "unknown", not an answer-less timeout) present on some
   node.
 
 Usage (as root):
-  bench/partition_bench.py [--bin target/debug/pingora-vhost] [--runs 5]
+  bench/partition_bench.py [--bin target/debug/pingora-vhost] [--runs 5] [--runs-per-cluster 1]
                            [--faults kill,stop,isolate-leader,isolate-follower]
                            [--fault-secs 6] [--follower-fault-secs 10] [--after-secs 5]
                            [--write-via majority|all] [--max-seconds 1500] [--keep-tmp]
@@ -393,16 +395,28 @@ def pct(values, p):
 # ------------------------------------------------------------------------------------------
 
 def run_kind(kind, args, tmp_root, binary):
+    """All runs of one fault kind, on fresh clusters of --runs-per-cluster runs each (the
+    domain count grows with every run, and with it the cost of a write)."""
+    result = {"kind": kind, "recovery": [], "quorum_false": [], "gap_heal": [],
+              "gap_fault": [], "baseline": [], "term_changes": 0, "proxy_errors": {},
+              "faulty_proxy_errors": {}, "runs": 0, "writes": 0, "acked": 0, "refused": 0,
+              "missing": 0, "applied_refused": 0}
+    done, c = 0, 0
+    while done < args.runs:
+        runs = min(args.runs_per_cluster, args.runs - done)
+        run_cluster(kind, args, os.path.join(tmp_root, f"{kind}-{c}"), binary, runs, result, c)
+        done += runs
+        c += 1
+    return result
+
+
+def run_cluster(kind, args, tmp, binary, runs, result, index):
     tag = {"kill": "k", "stop": "s", "isolate-leader": "l", "isolate-follower": "f"}[kind]
-    net = Net(tag)
+    net = Net(f"{tag}{index}")
     origin = http.server.ThreadingHTTPServer((net.host_ip, 0), Origin)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
-    tmp = os.path.join(tmp_root, kind)
     nodes = [Node(net, tmp, i, binary, f"{net.host_ip}:{origin.server_address[1]}")
              for i in range(1, N + 1)]
-    result = {"kind": kind, "recovery": [], "quorum_false": [], "gap_heal": [],
-              "gap_fault": [], "term_changes": 0, "proxy_errors": {}, "faulty_proxy_errors": {},
-              "runs": 0}
     load = None
     try:
         for n in nodes:
@@ -411,7 +425,8 @@ def run_kind(kind, args, tmp_root, binary):
             n.wait_ready()
         wait_converged(nodes)
         load = Load(nodes, tag, args.write_via == "all")
-        for run in range(args.runs):
+        for _ in range(runs):
+            run = result["runs"]
             st = wait_converged(nodes)
             time.sleep(2)
             st = wait_converged(nodes)
@@ -450,6 +465,10 @@ def run_kind(kind, args, tmp_root, binary):
             with load.lock:
                 writes = list(load.writes)
                 reads = list(load.reads)
+            # Write latency with nothing wrong: writes sent in the settle before the fault (not
+            # in its last 0.5 s: those may meet the fault).
+            result["baseline"] += [w[3] - w[2] for w in writes
+                                   if acked(w) and t_fault - 2.0 <= w[2] < t_fault - 0.5]
             after = [w for w in writes if w[0] in majority and acked(w) and w[2] >= t_fault]
             rec = min((w[3] - t_fault for w in after), default=None)
             if kind != "isolate-follower":
@@ -490,12 +509,11 @@ def run_kind(kind, args, tmp_root, binary):
             missing |= {w[1] for w in writes if acked(w) and w[1] not in names}
             applied_refused |= {w[1] for w in writes if refused(w) and w[1] in names}
         missing, applied_refused = len(missing), len(applied_refused)
-        result["writes"] = len(writes)
-        result["acked"] = sum(1 for w in writes if acked(w))
-        result["refused"] = sum(1 for w in writes if refused(w))
-        result["missing"] = missing
-        result["applied_refused"] = applied_refused
-        return result
+        result["writes"] += len(writes)
+        result["acked"] += sum(1 for w in writes if acked(w))
+        result["refused"] += sum(1 for w in writes if refused(w))
+        result["missing"] += missing
+        result["applied_refused"] += applied_refused
     finally:
         if load and not load.stop.is_set():
             load.finish()
@@ -514,6 +532,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(REPO, "target", "debug", "pingora-vhost"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--faults", default="kill,stop,isolate-leader,isolate-follower")
+    ap.add_argument("--runs-per-cluster", type=int, default=1,
+                    help="runs on one cluster before a fresh one is started")
     ap.add_argument("--fault-secs", type=float, default=6.0)
     ap.add_argument("--follower-fault-secs", type=float, default=10.0)
     ap.add_argument("--after-secs", type=float, default=5.0)
@@ -548,13 +568,15 @@ def main():
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nbinary {args.bin}; writes via {args.write_via}; {args.runs} runs per fault kind; fault held "
+    print(f"\nbinary {args.bin}; writes via {args.write_via}; {args.runs} runs per fault kind, "
+          f"{args.runs_per_cluster} per cluster; fault held "
           f"{args.fault_secs:g} s (isolated follower {args.follower_fault_secs:g} s); "
           f"watched {args.after_secs:g} s after the heal; times in seconds\n")
     print("| fault | runs | writes again p50 | p99 (max) | isolated leader quorum:false p50 / max "
-          "| longest write gap after heal | longest gap during fault | unexpected term changes "
+          "| longest write gap after heal | longest gap during fault | write latency p50 / p99, no fault "
+          "| unexpected term changes "
           "| proxy errors, majority side | proxy errors, faulty node | consistency |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rec, qf = r["recovery"], r["quorum_false"]
         verdict = ("OK" if r["missing"] == 0 and r["applied_refused"] == 0 else "FAIL") + \
@@ -565,6 +587,7 @@ def main():
               f"| {(fmt(pct(qf, 50)) + ' / ' + fmt(max(qf))) if qf else '-'} "
               f"| {fmt(max(r['gap_heal']))} "
               f"| {fmt(max(r['gap_fault'])) if r['gap_fault'] else '-'} "
+              f"| {fmt(pct(r['baseline'], 50))} / {fmt(pct(r['baseline'], 99))} "
               f"| {r['term_changes']} | {r['proxy_errors'] or 0} | {r['faulty_proxy_errors'] or 0} "
               f"| {verdict} |")
     if any(r["recovery"] for r in results):
