@@ -485,10 +485,13 @@ def run_cluster(kind, args, tmp, binary, runs, result, index):
             if kind != "isolate-follower" and st2["term"] != st["term"] + 1:
                 # A failover should cost exactly one term.
                 result["term_changes"] += 1
-            for via, at, ok, _ in reads:
+            for via, at, ok, detail in reads:
                 if t_fault - 2 <= at <= t_end and not ok:
                     bucket = "faulty_proxy_errors" if via == target else "proxy_errors"
                     result[bucket][via] = result[bucket].get(via, 0) + 1
+                    if via != target:
+                        log(f"  proxy error via majority node {via} at "
+                            f"{at - t_fault:+.2f} s from the fault: {detail}")
             result["runs"] += 1
             log(f"{kind} run {run + 1}: target {target} (leader {leader}) "
                 f"recovery {rec if rec is None else round(rec, 3)} s, quorum-false {qf}, "

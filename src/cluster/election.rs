@@ -11,7 +11,7 @@
 //! (`raft.trigger().elect()`), so an isolated node never raises its term, and a node that
 //! comes back finds the cluster's term unchanged.
 //!
-//! Timing (the defaults; see docs/cluster.md): the leader sends heartbeats every
+//! Timing (fixed; see docs/cluster.md): the leader sends heartbeats every 1.5 x
 //! [`HEARTBEAT_MS`]; openraft's voters refuse a real vote for [`LEADER_LEASE_MS`] after they
 //! last heard from a leader; a follower runs a pre-vote after a random
 //! [`CAMPAIGN_AFTER_MS`] without a leader, so by then the other voters' leases have run out
