@@ -22,6 +22,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 const NS_PREFIX: &str = "pvh";
 
@@ -117,6 +118,17 @@ fn free_subnet() -> u8 {
     (1..=250u8)
         .find(|s| !used.contains(&format!(" 10.77.{s}.")))
         .expect("no free 10.77.S.0/24 subnet")
+}
+
+/// One namespaced cluster at a time in this test process: two at once (six debug-build nodes
+/// on a 2-core machine) slow each other's writes enough to blur the timings the tests check.
+/// Hold the guard for the whole test.
+pub async fn netns_turn() -> tokio::sync::OwnedMutexGuard<()> {
+    static TURN: OnceLock<Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
+    TURN.get_or_init(Default::default)
+        .clone()
+        .lock_owned()
+        .await
 }
 
 impl Netns {
