@@ -11,6 +11,10 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # metrics format chec
 command -v pebble >/dev/null 2>&1 || need+=(pebble)          # ACME test CA (+ pebble-challtestsrv)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)      # renders the dashboard in tests
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # DNS server for the resolver tests
+# Network namespaces and packet drops for the partition tests (tests/it/partition.rs) and
+# bench/partition_bench.py.
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

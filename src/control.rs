@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::acme;
 use crate::api::{self, ApiState};
 use crate::cluster::store::{self, LogStore, StateMachineStore};
-use crate::cluster::{membership, rpc, ClusterNode};
+use crate::cluster::{election, membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
 use crate::health;
@@ -135,6 +135,7 @@ impl ControlPlane {
             "membership",
             membership::run(node.clone(), cfg.cluster.bootstrap_expect),
         );
+        tasks.spawn("election", election::run(node.clone()));
         tasks.spawn(
             "health probes",
             health::active::run(self.data.live.clone(), sm.clone(), cfg.health_check.clone()),

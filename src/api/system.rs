@@ -67,6 +67,7 @@ fn refresh_gauges(state: &ApiState) {
     m.raft_last_applied.set(s.last_applied as i64);
     m.raft_is_leader
         .set(i64::from(s.leader_id == Some(s.node_id)));
+    m.raft_quorum.set(i64::from(s.quorum));
     m.routes.set(state.data.routes.load().len() as i64);
     m.requests_in_flight
         .set(state.data.requests_in_flight.load(Ordering::Relaxed).max(0));

@@ -1,6 +1,7 @@
 //! Raft cluster: openraft types, the node wrapper that runs writes (forwarding them to the
 //! leader when needed), bootstrap and status.
 
+pub mod election;
 pub mod membership;
 pub mod network;
 pub mod rpc;
@@ -142,6 +143,8 @@ pub struct ClusterNode {
     /// Voters this node removed recently (as leader): a removal passes through "learner", and
     /// reconciliation must not promote them back meanwhile.
     recently_removed: std::sync::Mutex<std::collections::HashMap<NodeId, Instant>>,
+    /// What the election loop and the pre-vote answers share.
+    election: election::ElectionState,
 }
 
 /// How long a removed member is kept out of automatic re-adding.
@@ -155,6 +158,11 @@ pub struct Status {
     pub term: u64,
     pub state: NodeState,
     pub last_applied: u64,
+    /// On the leader: a majority of voters acknowledged it within the leader lease (900 ms).
+    /// On any other node: it heard from a leader within the leader lease. `false` on a leader
+    /// means it is cut off and refuses writes; a new leader is being (or has been) elected on
+    /// the other side.
+    pub quorum: bool,
     pub members: Vec<Member>,
 }
 
@@ -202,9 +210,12 @@ impl ClusterNode {
     ) -> anyhow::Result<Arc<Self>> {
         let raft_config = openraft::Config {
             cluster_name: cfg.cluster_id.clone(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            heartbeat_interval: election::HEARTBEAT_MS,
+            election_timeout_min: election::ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: election::LEADER_LEASE_MS,
+            // Elections are started by `election::run` after a pre-vote, never by openraft's
+            // timer: an isolated node must not raise its term and depose the leader on return.
+            enable_elect: false,
             install_snapshot_timeout: 10_000,
             // A snapshot goes in chunks of this many bytes, each one RPC (see network.rs).
             snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
@@ -254,6 +265,7 @@ impl ClusterNode {
             ids: IdGen::new(cfg.node_id),
             started: Instant::now(),
             recently_removed: Default::default(),
+            election: Default::default(),
         }))
     }
 
@@ -532,6 +544,7 @@ impl ClusterNode {
             term: m.current_term,
             state: m.state.into(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            quorum: self.has_quorum(),
             members,
         }
     }
@@ -675,6 +688,11 @@ impl ClusterNode {
                 other => return other,
             }
         }
+    }
+
+    /// See [`Status::quorum`].
+    pub fn has_quorum(&self) -> bool {
+        self.election.has_quorum()
     }
 
     pub fn is_leader(&self) -> bool {

@@ -38,6 +38,7 @@ pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/cluster/write", post(forwarded_write))
+        .route("/cluster/pre-vote", post(pre_vote))
         .route("/cluster/hello", post(hello))
         .route("/cluster/applied", post(applied))
         .route("/cluster/remove-member", post(remove_member))
@@ -139,6 +140,14 @@ async fn forwarded_write(
         );
     }
     Json(outcome)
+}
+
+/// A would-be candidate asks whether we would vote for it (see `election.rs`).
+async fn pre_vote(
+    State(node): State<Arc<ClusterNode>>,
+    Json(req): Json<super::election::PreVoteRequest>,
+) -> Json<super::election::PreVoteResponse> {
+    Json(super::election::answer(&node, &req).await)
 }
 
 /// Lets a leader check, before adding us, that we share the cluster secret (the auth layer

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
     pub raft_is_leader: IntGauge,
+    pub raft_quorum: IntGauge,
     pub routes: IntGauge,
     pub requests_in_flight: IntGauge,
     /// (when, requests so far, 5xx so far), one per second for the last minute.
@@ -88,6 +89,11 @@ impl Metrics {
             "pingora_vhost_raft_is_leader",
             "1 when this node is the Raft leader",
         )?;
+        let raft_quorum = gauge(
+            "pingora_vhost_raft_quorum",
+            "1 when this node is in contact with a quorum (leader: acknowledged by a majority \
+             within the leader lease; others: heard from a leader within it)",
+        )?;
         let routes = gauge("pingora_vhost_routes", "Virtual hosts in the routing table")?;
         let requests_in_flight = gauge(
             "pingora_vhost_requests_in_flight",
@@ -103,6 +109,7 @@ impl Metrics {
             &raft_term,
             &raft_last_applied,
             &raft_is_leader,
+            &raft_quorum,
             &routes,
             &requests_in_flight,
         ] {
@@ -120,6 +127,7 @@ impl Metrics {
             raft_term,
             raft_last_applied,
             raft_is_leader,
+            raft_quorum,
             routes,
             requests_in_flight,
             samples: Default::default(),

@@ -18,6 +18,7 @@ mod health;
 mod http1;
 mod lifecycle;
 mod observability;
+mod partition;
 mod resolver;
 mod scale;
 mod single_node;

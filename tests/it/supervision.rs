@@ -9,7 +9,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn a_control_plane_task_that_panics_ends_the_process_with_a_clear_log_line() {
-    for task in ["health exchange", "membership", "resolver"] {
+    for task in ["health exchange", "membership", "election", "resolver"] {
         let node = Node::new_unstarted(NodeOptions::new());
         let mut child = Command::new(bin_path())
             .arg("--config")

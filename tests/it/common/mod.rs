@@ -12,18 +12,21 @@
 //! - `node`: one real node ([`Node`], [`NodeOptions`]), its API, its proxy, its metrics, and
 //!   `--check` ([`run_check`]).
 //! - `cluster`: several real nodes ([`Cluster`]).
+//! - `netns`: network namespaces for partition tests ([`Netns`]).
 //! - `certs`: self-signed test certificates ([`TestCert`]).
 //! - `websocket`: a websocket client for proxied upgrades ([`ws_connect`]).
 
 mod backend;
 mod certs;
 mod cluster;
+mod netns;
 mod node;
 mod websocket;
 
 pub use backend::*;
 pub use certs::*;
 pub use cluster::*;
+pub use netns::*;
 pub use node::*;
 pub use websocket::*;
 

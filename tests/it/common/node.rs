@@ -34,6 +34,9 @@ pub struct NodeOptions {
     pub secret: Option<String>,
     /// Lines added inside `[cluster]` (e.g. `snapshot_logs = 10`).
     pub cluster_extra: String,
+    /// Run inside this network namespace, listening on this address (fixed ports: the
+    /// namespace has its own port space). See `netns.rs`.
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl NodeOptions {
@@ -78,6 +81,11 @@ impl NodeOptions {
     pub fn cluster(mut self, lines: &str) -> Self {
         self.cluster_extra.push_str(lines);
         self.cluster_extra.push('\n');
+        self
+    }
+    /// Runs the node as node `id` of `net`, in its namespace, on its address.
+    pub fn in_netns(mut self, net: &super::Netns, id: u64) -> Self {
+        self.netns = Some((net.node_ns(id), net.node_ip(id)));
         self
     }
     pub fn secret(mut self, secret: &str) -> Self {
@@ -238,14 +246,20 @@ impl Node {
         let config_path = dir.path().join("node.toml");
         let stdout_path = dir.path().join("stdout.log");
         let stderr_path = dir.path().join("stderr.log");
-        let http_addr = free_addr();
+        // In its own namespace a node has the whole port space: fixed ports.
+        let addr = |port: u16| match &options.netns {
+            Some((_, ip)) => SocketAddr::from((*ip, port)),
+            None => free_addr(),
+        };
+        let (https_addr, http_addr, api_addr, rpc_addr, gossip_addr) =
+            (addr(8443), addr(8080), addr(9090), addr(7101), addr(7946));
         let node = Node {
             config_path,
-            https_addr: free_addr(),
+            https_addr,
             http_addr,
-            api_addr: free_addr(),
-            rpc_addr: free_addr(),
-            gossip_addr: free_addr(),
+            api_addr,
+            rpc_addr,
+            gossip_addr,
             options,
             child: None,
             api_client: base_client_builder().build().expect("api client"),
@@ -383,8 +397,16 @@ timeout_secs = 1
             .expect("open stderr log");
         let _ = out.write_all(banner.as_bytes());
         let _ = err.write_all(banner.as_bytes());
-        Command::new(bin_path())
-            .arg("--config")
+        let mut cmd = match &self.options.netns {
+            // `ip netns exec` execs the binary: the child's pid is the node's.
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), bin_path()]);
+                c
+            }
+            None => Command::new(bin_path()),
+        };
+        cmd.arg("--config")
             .arg(&self.config_path)
             .args(extra_args)
             .current_dir(self.dir.path())
