@@ -1,4 +1,5 @@
-//! Management API (axum): routes per resource, bearer-token auth, JSON errors.
+//! Management API (axum): routes per resource, bearer-token auth, JSON errors; every body it
+//! answers is a typed view (`views`).
 
 mod backends;
 mod body;
