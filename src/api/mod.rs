@@ -207,6 +207,13 @@ impl ApiError {
         self.extra = Some(extra);
         self
     }
+    /// The JSON body this error answers with.
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: &self.message,
+            extra: self.extra.as_ref(),
+        }
+    }
 }
 
 impl From<ApplyError> for ApiError {
@@ -259,11 +266,7 @@ impl From<WriteError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: &self.message,
-            extra: self.extra.as_ref(),
-        };
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 

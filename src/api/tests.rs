@@ -643,11 +643,7 @@ fn write_errors_carry_their_outcome() {
     use crate::cluster::WriteError;
     let body = |e: WriteError| {
         let err = super::ApiError::from(e);
-        let v = serde_json::to_value(super::views::ErrorBody {
-            error: &err.message,
-            extra: err.extra.as_ref(),
-        })
-        .expect("serializes");
+        let v = serde_json::to_value(err.body()).expect("serializes");
         (err.status, v)
     };
     let (status, v) = body(WriteError::NotApplied("no leader".into()));
