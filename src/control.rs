@@ -185,16 +185,14 @@ impl ControlPlane {
                 rpc::router(node.clone(), self.metrics.clone()),
             ),
         );
-        let api_state = ApiState {
-            node: node.clone(),
-            data: self.data.clone(),
-            metrics: self.metrics.clone(),
-            token: cfg.api.token.clone().filter(|t| !t.is_empty()),
-            health_check: cfg.health_check.clone(),
-            started: Instant::now(),
-            http: health::active::client(),
-            logs: self.logs.clone(),
-        };
+        let api_state = ApiState::new(
+            node.clone(),
+            self.data.clone(),
+            self.metrics.clone(),
+            self.logs.clone(),
+            cfg.api.token.clone(),
+            cfg.health_check.clone(),
+        );
         if let (true, Some(addr)) = (cfg.metrics.enabled, cfg.metrics.listen_addr) {
             let listener = bind(addr, "metrics").await?;
             let metrics = self.metrics.clone();

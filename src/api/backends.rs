@@ -1,5 +1,6 @@
 //! /api/v1/backends: the backend registry, drain and on-demand health probes.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
@@ -7,10 +8,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 
 use super::body::Body;
 use super::domains::unexpected;
+use super::views::{BackendLive, BackendView, ProbeView, Verdict};
 use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
@@ -32,51 +33,42 @@ impl PeerVerdicts {
     }
 }
 
-pub fn backend_json(b: &Backend, state: &ApiState) -> Value {
-    backend_json_with(b, state, &PeerVerdicts::read(state))
+pub fn backend_view(b: &Backend, state: &ApiState) -> BackendView {
+    backend_view_with(b, state, &PeerVerdicts::read(state))
 }
 
 /// A backend as the API shows it. `peers` comes from [`PeerVerdicts::read`], so a list reads
 /// gossip once, not once per backend.
-pub fn backend_json_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) -> Value {
+pub fn backend_view_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) -> BackendView {
+    // Read paths never create registry entries: a backend no table has compiled yet shows
+    // nothing counted, health unknown.
     let rt = state
         .data
         .live
         .backends
         .get(&b.id)
         .unwrap_or_else(|| std::sync::Arc::new(BackendRuntime::detached(&b.id)));
-    let health = rt.health.report();
-    let resolution = state.data.live.addrs.resolution(&b.address);
     // Per node: this node's own verdict plus what every live peer publishes in gossip. Peers
     // publish only "down" verdicts, so for a peer "up" means "not reported down".
-    let mut nodes = serde_json::Map::new();
-    let own = if rt.health.local_verdict_down() {
-        "down"
-    } else {
-        "up"
-    };
-    nodes.insert(state.node.node_id.to_string(), json!(own));
+    let verdict = |down: bool| if down { Verdict::Down } else { Verdict::Up };
+    let mut nodes = BTreeMap::new();
+    nodes.insert(state.node.node_id, verdict(rt.health.local_verdict_down()));
     let key = crate::gossip::backend_key(&b.id);
     for (peer, down) in &peers.0 {
-        let verdict = if down.contains(&key) { "down" } else { "up" };
-        nodes.insert(peer.to_string(), json!(verdict));
+        nodes.insert(*peer, verdict(down.contains(&key)));
     }
-    json!({
-        "id": b.id,
-        "address": b.address,
-        "resolved_addrs": resolution.as_ref().map(|r| r.addrs.clone()).unwrap_or_default(),
-        "resolved_unix_ms": resolution.as_ref().and_then(|r| r.resolved_unix_ms),
-        "resolve_error": resolution.and_then(|r| r.error),
-        "tags": b.tags,
-        "health_check_path": b.health_check_path,
-        "healthy": rt.health.merged_usable(now_ms()),
-        "draining": b.draining,
-        "in_flight": rt.in_flight.load(Ordering::Relaxed).max(0),
-        "requests": rt.requests.load(Ordering::Relaxed),
-        "connect_failures": rt.failures.load(Ordering::Relaxed),
-        "health": health,
-        "nodes": nodes,
-    })
+    BackendView::new(
+        b,
+        BackendLive {
+            resolution: state.data.live.addrs.resolution(&b.address),
+            healthy: rt.health.merged_usable(now_ms()),
+            in_flight: rt.in_flight.load(Ordering::Relaxed),
+            requests: rt.requests.load(Ordering::Relaxed),
+            connect_failures: rt.failures.load(Ordering::Relaxed),
+            health: rt.health.report(),
+            nodes,
+        },
+    )
 }
 
 fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
@@ -109,22 +101,21 @@ fn ignore_status_fields(body: &mut Body) {
     }
 }
 
-pub async fn list(State(state): State<ApiState>) -> Json<Value> {
+pub async fn list(State(state): State<ApiState>) -> Json<Vec<BackendView>> {
     let peers = PeerVerdicts::read(&state);
-    let list: Vec<Value> = state.node.sm.with_state(|s| {
+    Json(state.node.sm.with_state(|s| {
         s.backends
             .values()
-            .map(|b| backend_json_with(b, &state, &peers))
+            .map(|b| backend_view_with(b, &state, &peers))
             .collect()
-    });
-    Json(Value::Array(list))
+    }))
 }
 
 pub async fn get_one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(backend_json(&lookup(&state, &id)?, &state)))
+) -> Result<Json<BackendView>, ApiError> {
+    Ok(Json(backend_view(&lookup(&state, &id)?, &state)))
 }
 
 pub async fn create(
@@ -153,7 +144,7 @@ pub async fn created(state: &ApiState, applied: Applied) -> Result<Response, Api
     match applied {
         Applied::Backend(b) => {
             await_first_resolution(state, &b.address).await;
-            Ok((StatusCode::CREATED, Json(backend_json(&b, state))).into_response())
+            Ok((StatusCode::CREATED, Json(backend_view(&b, state))).into_response())
         }
         other => Err(unexpected(other)),
     }
@@ -198,7 +189,7 @@ pub async fn updated(state: &ApiState, applied: Applied) -> Result<Response, Api
     match applied {
         Applied::Backend(b) => {
             await_first_resolution(state, &b.address).await;
-            Ok(Json(backend_json(&b, state)).into_response())
+            Ok(Json(backend_view(&b, state)).into_response())
         }
         other => Err(unexpected(other)),
     }
@@ -241,7 +232,7 @@ async fn set_draining(state: ApiState, id: String, draining: bool) -> Result<Res
 /// The answer to a drain or undrain (also to a retry with its idempotency key).
 pub fn drained(state: &ApiState, applied: Applied) -> Result<Response, ApiError> {
     match applied {
-        Applied::Backend(b) => Ok(Json(backend_json(&b, state)).into_response()),
+        Applied::Backend(b) => Ok(Json(backend_view(&b, state)).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -265,7 +256,7 @@ pub async fn undrain(
 pub async fn probe(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProbeView>, ApiError> {
     let b = lookup(&state, &id)?;
     let result = active::check_backend(
         &state.data.live,
@@ -283,11 +274,11 @@ pub async fn probe(
         .get(&b.id)
         .map(|rt| rt.health.active())
         .unwrap_or(ActiveState::Unknown);
-    Ok(Json(json!({
-        "id": b.id,
-        "healthy": result.healthy,
-        "detail": result.detail,
-        "latency_ms": result.latency_ms,
-        "state": active,
-    })))
+    Ok(Json(ProbeView {
+        id: b.id.to_string(),
+        healthy: result.healthy,
+        detail: result.detail,
+        latency_ms: result.latency_ms,
+        state: active,
+    }))
 }

@@ -5,28 +5,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 
-use super::backends::{backend_json_with, PeerVerdicts};
+use super::backends::{backend_view_with, PeerVerdicts};
 use super::body::Body;
-use super::{rfc3339, ApiError, ApiState};
+use super::views::{BackendView, DomainView, ErrorExtra, SwitchedView};
+use super::{ApiError, ApiState};
 use crate::live::now_ms;
 use crate::proxy::tls;
 use crate::schema::{DomainName, FieldRule, Tag};
 use crate::state::{Applied, CertPair, Command, Domain, DomainPatch, TlsMode};
-
-pub fn domain_json(d: &Domain) -> Value {
-    json!({
-        "domain": d.domain,
-        "enabled_backends_tag": d.enabled_backends_tag,
-        "http_to_https": d.http_to_https,
-        "tls": d.tls,
-        "certificate": d.cert.as_ref().map(|c| json!({
-            "not_after": rfc3339(c.not_after),
-            "names": c.names,
-        })),
-    })
-}
 
 /// Reads `cert_pem` + `key_pem` (both or neither) and validates them as a matching pair.
 async fn parse_cert(body: &mut Body) -> Result<Option<CertPair>, ApiError> {
@@ -72,19 +59,20 @@ fn lookup(state: &ApiState, name: &str) -> Result<Domain, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("domain {name:?} not found")))
 }
 
-pub async fn list(State(state): State<ApiState>) -> Json<Value> {
-    let list: Vec<Value> = state
-        .node
-        .sm
-        .with_state(|s| s.domains.values().map(domain_json).collect());
-    Json(Value::Array(list))
+pub async fn list(State(state): State<ApiState>) -> Json<Vec<DomainView>> {
+    Json(
+        state
+            .node
+            .sm
+            .with_state(|s| s.domains.values().map(DomainView::from).collect()),
+    )
 }
 
 pub async fn get_one(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(domain_json(&lookup(&state, &name)?)))
+) -> Result<Json<DomainView>, ApiError> {
+    Ok(Json(DomainView::from(&lookup(&state, &name)?)))
 }
 
 pub async fn create(
@@ -124,7 +112,7 @@ pub async fn create(
 /// The answer to a created domain (also to a retry with its idempotency key).
 pub fn created(applied: Applied) -> Result<Response, ApiError> {
     match applied {
-        Applied::Domain(d) => Ok((StatusCode::CREATED, Json(domain_json(&d))).into_response()),
+        Applied::Domain(d) => Ok((StatusCode::CREATED, Json(DomainView::from(&d))).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -177,7 +165,7 @@ pub async fn update(
 /// The answer to an updated domain (also to a retry with its idempotency key).
 pub fn updated(applied: Applied) -> Result<Response, ApiError> {
     match applied {
-        Applied::Domain(d) => Ok(Json(domain_json(&d)).into_response()),
+        Applied::Domain(d) => Ok(Json(DomainView::from(&d)).into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -255,15 +243,16 @@ pub async fn switch(
             } else {
                 format!("unhealthy or draining: {}", unusable.join(", "))
             };
-            let mut err = ApiError::new(
+            return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!(
                     "refusing to switch {} to tag {target:?}: no healthy backend ({detail}); pass \"force\": true to switch anyway",
                     current.domain
                 ),
-            );
-            err.extra = Some(json!({ "unhealthy_backends": unusable }));
-            return Err(err);
+            )
+            .with(ErrorExtra::UnhealthyBackends {
+                unhealthy_backends: unusable,
+            }));
         }
     }
     switched(
@@ -282,11 +271,11 @@ pub fn switched(applied: Applied) -> Result<Response, ApiError> {
         Applied::DomainSwitched {
             domain,
             previous_tag,
-        } => {
-            let mut v = domain_json(&domain);
-            v["previous_tag"] = json!(previous_tag);
-            Ok(Json(v).into_response())
-        }
+        } => Ok(Json(SwitchedView {
+            domain: DomainView::from(&domain),
+            previous_tag: previous_tag.to_string(),
+        })
+        .into_response()),
         other => Err(unexpected(other)),
     }
 }
@@ -294,15 +283,14 @@ pub fn switched(applied: Applied) -> Result<Response, ApiError> {
 pub async fn backends(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<BackendView>>, ApiError> {
     let current = lookup(&state, &name)?;
     let peers = PeerVerdicts::read(&state);
-    let list: Vec<Value> = state.node.sm.with_state(|s| {
+    Ok(Json(state.node.sm.with_state(|s| {
         s.backends_with_tag(&current.enabled_backends_tag)
-            .map(|b| backend_json_with(b, &state, &peers))
+            .map(|b| backend_view_with(b, &state, &peers))
             .collect()
-    });
-    Ok(Json(Value::Array(list)))
+    })))
 }
 
 pub fn unexpected(a: Applied) -> ApiError {

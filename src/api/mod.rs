@@ -1,4 +1,5 @@
-//! Management API (axum): routes per resource, bearer-token auth, JSON errors.
+//! Management API (axum): routes per resource, bearer-token auth, JSON errors; every body it
+//! answers is a typed view (`views`).
 
 mod backends;
 mod body;
@@ -9,6 +10,9 @@ mod idempotency;
 mod logs;
 pub mod server;
 mod system;
+#[cfg(test)]
+mod tests;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,13 +23,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 
 use crate::cluster::{ClusterNode, WriteError};
 use crate::config::HealthCheckConfig;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
 use crate::state::{Applied, ApplyError, Command};
+use views::{ErrorBody, ErrorExtra, WriteOutcome};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -40,6 +44,27 @@ pub struct ApiState {
 }
 
 impl ApiState {
+    /// The API's state for a running node; `token` `None` or empty means no auth (loopback).
+    pub fn new(
+        node: Arc<ClusterNode>,
+        data: Arc<DataPlane>,
+        metrics: Arc<Metrics>,
+        logs: Arc<crate::observability::log_stream::LogStream>,
+        token: Option<String>,
+        health_check: HealthCheckConfig,
+    ) -> Self {
+        Self {
+            node,
+            data,
+            metrics,
+            token: token.filter(|t| !t.is_empty()),
+            health_check,
+            started: Instant::now(),
+            http: crate::health::active::client(),
+            logs,
+        }
+    }
+
     /// Runs a command through Raft and maps its outcome to an API result. A request with an
     /// `Idempotency-Key` writes under that key (one write per request: a second write in the
     /// same request would get the first one's result).
@@ -156,12 +181,12 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
     next.run(req).await
 }
 
-/// An error answer: `{"error": message}` with `status`.
+/// An error answer: `{"error": message}` (plus `extra`'s fields) with `status`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    pub extra: Option<serde_json::Value>,
+    pub extra: Option<ErrorExtra>,
 }
 
 impl ApiError {
@@ -177,6 +202,17 @@ impl ApiError {
     }
     pub fn field(name: &str, problem: impl std::fmt::Display) -> Self {
         Self::bad_request(format!("field `{name}`: {problem}"))
+    }
+    pub fn with(mut self, extra: ErrorExtra) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+    /// The JSON body this error answers with.
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: &self.message,
+            extra: self.extra.as_ref(),
+        }
     }
 }
 
@@ -200,12 +236,12 @@ impl From<WriteError> for ApiError {
         let (status, outcome, message) = match &e {
             WriteError::NotApplied(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "not_applied",
+                WriteOutcome::NotApplied,
                 format!("cannot write: {reason}"),
             ),
             WriteError::OutcomeUnknown(reason) => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "unknown",
+                WriteOutcome::Unknown,
                 format!(
                     "write outcome unknown: {reason}. It is applied at most once; retry with \
                      the same Idempotency-Key to learn the outcome"
@@ -213,7 +249,7 @@ impl From<WriteError> for ApiError {
             ),
             WriteError::NotYetVisible { .. } => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "applied",
+                WriteOutcome::Applied,
                 format!("{e}; read it again shortly"),
             ),
             WriteError::TooLarge { .. } => (
@@ -223,27 +259,19 @@ impl From<WriteError> for ApiError {
             ),
             WriteError::KeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "not_applied",
+                WriteOutcome::NotApplied,
                 "header `Idempotency-Key`: this key was first used for a different request \
                  (method, path or body); use a new key for a new request"
                     .to_string(),
             ),
         };
-        let mut err = ApiError::new(status, message);
-        err.extra = Some(json!({ "outcome": outcome }));
-        err
+        ApiError::new(status, message).with(ErrorExtra::Outcome { outcome })
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.message });
-        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
-            (self.extra, body.as_object_mut())
-        {
-            obj.extend(extra);
-        }
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 
@@ -267,14 +295,4 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(1_924_991_999), "2030-12-31T23:59:59Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 }

@@ -6,27 +6,21 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::{json, Value};
 
 use axum::extract::Path;
 use axum::http::StatusCode;
 
+use super::views::{ClusterStatusView, HealthView, StatsView};
 use super::{ApiError, ApiState};
 use crate::cluster::membership::RemoveRefused;
 use crate::cluster::RemoveError;
 
-pub async fn health(State(state): State<ApiState>) -> Json<Value> {
-    let s = state.node.status();
-    Json(json!({
-        "status": "ok",
-        "node_id": s.node_id,
-        "leader_id": s.leader_id,
-        "last_applied": s.last_applied,
-    }))
+pub async fn health(State(state): State<ApiState>) -> Json<HealthView> {
+    Json(HealthView::from(&state.node.status()))
 }
 
-pub async fn cluster_status(State(state): State<ApiState>) -> Json<Value> {
-    Json(json!(state.node.status()))
+pub async fn cluster_status(State(state): State<ApiState>) -> Json<ClusterStatusView> {
+    Json(state.node.status().into())
 }
 
 pub async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
@@ -40,7 +34,7 @@ pub async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-pub async fn stats(State(state): State<ApiState>) -> Json<Value> {
+pub async fn stats(State(state): State<ApiState>) -> Json<StatsView> {
     refresh_gauges(&state);
     let by_code = state.metrics.requests_by_code();
     let total: u64 = by_code.iter().map(|(_, n)| n).sum();
@@ -49,15 +43,15 @@ pub async fn stats(State(state): State<ApiState>) -> Json<Value> {
         .filter(|(c, _)| c.starts_with('5'))
         .map(|(_, n)| n)
         .sum();
-    Json(json!({
-        "uptime_secs": state.started.elapsed().as_secs(),
-        "rates": state.metrics.rates(std::time::Duration::from_secs(10)),
-        "requests_total": total,
-        "responses_5xx": errors,
-        "requests_by_code": by_code.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-        "requests_in_flight": state.data.requests_in_flight.load(Ordering::Relaxed).max(0),
-        "routes": state.data.routes.load().len(),
-    }))
+    Json(StatsView {
+        uptime_secs: state.started.elapsed().as_secs(),
+        rates: state.metrics.rates(std::time::Duration::from_secs(10)),
+        requests_total: total,
+        responses_5xx: errors,
+        requests_by_code: by_code.into_iter().collect(),
+        requests_in_flight: state.data.requests_in_flight.load(Ordering::Relaxed).max(0),
+        routes: state.data.routes.load().len(),
+    })
 }
 
 fn refresh_gauges(state: &ApiState) {
