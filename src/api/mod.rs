@@ -254,7 +254,7 @@ impl From<WriteError> for ApiError {
             ),
             WriteError::TooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "not_applied",
+                WriteOutcome::NotApplied,
                 format!("{e}: split it into smaller changes"),
             ),
             WriteError::KeyReused => (
