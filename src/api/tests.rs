@@ -600,11 +600,13 @@ async fn node_health_status_and_stats_shapes() {
             "leader_id",
             "members",
             "node_id",
+            "quorum",
             "state",
             "term"
         ]
     );
     assert_eq!(s["state"], "Leader");
+    assert!(s["quorum"].is_boolean());
     assert_eq!(s["leader_id"], 1);
     assert!(s["term"].is_u64());
     let member = &s["members"][0];

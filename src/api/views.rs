@@ -72,6 +72,9 @@ pub struct ClusterStatusView {
     /// `"Leader"`, `"Follower"`, `"Candidate"`, `"Learner"` or `"Shutdown"`.
     pub state: NodeState,
     pub last_applied: u64,
+    /// On a leader: a majority acknowledged it within the leader lease; elsewhere: it heard
+    /// from a leader within that lease.
+    pub quorum: bool,
     pub members: Vec<MemberView>,
 }
 
@@ -91,6 +94,7 @@ impl From<Status> for ClusterStatusView {
             term: s.term,
             state: s.state,
             last_applied: s.last_applied,
+            quorum: s.quorum,
             members: s
                 .members
                 .into_iter()
