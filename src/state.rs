@@ -1,9 +1,10 @@
 //! The replicated model: domains and backends, the `Command`s that change them, and the pure,
 //! deterministic `apply` every node runs on every committed Raft entry.
 //!
-//! Input validation (field formats) happens before a command is proposed (`api::validate`);
-//! `apply` only checks what depends on the current state (existence, duplicates), so every node
-//! reaches the same result from the same log.
+//! Field formats are the `schema` newtypes: a `Command` cannot hold an invalid id, tag, domain
+//! or address, on whichever node it is read. `apply` only checks what depends on the current
+//! state (existence, duplicates, the cluster's maxima), so every node reaches the same result
+//! from the same log.
 
 use std::collections::BTreeMap;
 
