@@ -122,7 +122,7 @@ pub struct ClusterConfig {
     #[serde(deserialize_with = "non_empty")]
     pub secret: Option<String>,
     /// default "default"
-    #[serde(deserialize_with = "required_non_empty")]
+    #[serde(deserialize_with = "cluster_id")]
     pub cluster_id: String,
     /// Take a Raft snapshot (and compact the log) every this many entries. default 5000
     #[serde(deserialize_with = "int::<_, _, 10, 100_000_000>")]
@@ -437,21 +437,43 @@ where
     d.deserialize_str(Check(f))
 }
 
-/// An empty or blank string reads like "set" while it means nothing: refused.
+/// Longest free-form string in the file (paths, token, secret, URLs).
+const MAX_STRING_LEN: usize = 4096;
+/// Longest `cluster_id`: it travels in every gossip packet.
+const MAX_CLUSTER_ID_LEN: usize = 64;
+
+/// An empty or blank string reads like "set" while it means nothing: refused. So are control
+/// characters and strings over [`MAX_STRING_LEN`].
 fn non_empty_string(s: String) -> Result<String, String> {
     if s.trim().is_empty() {
         Err("must not be empty".into())
+    } else if s.len() > MAX_STRING_LEN {
+        Err(format!(
+            "{} bytes long; at most {MAX_STRING_LEN} are allowed",
+            s.len()
+        ))
+    } else if s.chars().any(char::is_control) {
+        Err("must not contain control characters".into())
     } else {
         Ok(s)
     }
 }
 
-fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked(d, non_empty_string).map(Some)
+fn cluster_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    checked(d, |s| {
+        let s = non_empty_string(s)?;
+        if s.len() > MAX_CLUSTER_ID_LEN {
+            return Err(format!(
+                "{} bytes long; at most {MAX_CLUSTER_ID_LEN} are allowed (it is sent in every gossip packet)",
+                s.len()
+            ));
+        }
+        Ok(s)
+    })
 }
 
-fn required_non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    checked(d, non_empty_string)
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, non_empty_string).map(Some)
 }
 
 fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {

@@ -1010,3 +1010,20 @@ fn request_strictness_keys() {
     assert!(c.proxy.underscores_in_headers);
     assert_eq!(c.proxy.max_body_bytes, 5);
 }
+
+#[test]
+fn free_form_strings_are_bounded() {
+    assert_err(
+        &format!("[cluster]\ncluster_id = \"{}\"\n", "c".repeat(65)),
+        2,
+        "cluster.cluster_id",
+        "at most 64",
+    );
+    assert_err(
+        &format!("[api]\ntoken = \"{}\"\n", "t".repeat(4097)),
+        2,
+        "api.token",
+        "at most 4096",
+    );
+    assert_err("[api]\ntoken = \"a\\u0007b\"\n", 2, "api.token", "control");
+}
