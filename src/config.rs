@@ -114,6 +114,10 @@ pub struct ClusterConfig {
     /// default None. Required (non-empty) when bootstrap_expect > 1 or seeds non-empty.
     #[serde(deserialize_with = "non_empty")]
     pub secret: Option<String>,
+    /// default None. Also accepted on receipt (RPC MACs, join proofs, sealed gossip), never
+    /// used to send: for rolling the secret over (docs/cluster.md "Security").
+    #[serde(deserialize_with = "non_empty")]
+    pub secondary_secret: Option<String>,
     /// default "default"
     #[serde(deserialize_with = "required_non_empty")]
     pub cluster_id: String,
@@ -307,6 +311,7 @@ impl Default for ClusterConfig {
             seeds: Vec::new(),
             bootstrap_expect: 1,
             secret: None,
+            secondary_secret: None,
             cluster_id: "default".to_string(),
             snapshot_logs: 5000,
         }
@@ -743,6 +748,13 @@ impl Checker<'_> {
                 at,
                 "cluster.secret",
                 format!("required because {why}: it authenticates cluster RPC between nodes"),
+            ));
+        }
+        if cluster.secret.is_none() && cluster.secondary_secret.is_some() {
+            return Err(self.error(
+                "cluster.secondary_secret",
+                "cluster.secret",
+                "required when secondary_secret is set (the primary secret is the one used to send)",
             ));
         }
         let mut lets_encrypt = file.lets_encrypt;

@@ -19,6 +19,7 @@ use crate::cluster::{membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
 use crate::health;
+use crate::keyring::Keyring;
 use crate::observability::log_stream::LogStream;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
@@ -127,8 +128,14 @@ impl ControlPlane {
         }
         let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
         let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
-        let gossip = Arc::new(Gossip::start(&cfg.cluster).await?);
-        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip)
+        let keys = Arc::new(Keyring::new(
+            cfg.cluster.secret.as_deref(),
+            cfg.cluster.secondary_secret.as_deref(),
+            &cfg.cluster.cluster_id,
+        ));
+        let gossip =
+            Arc::new(Gossip::start(&cfg.cluster, keys.clone(), self.metrics.clone()).await?);
+        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip, keys)
             .await
             .context("starting Raft")?;
         tasks.spawn(

@@ -835,6 +835,20 @@ fn secret_required_for_multi_node() {
             .bootstrap_expect,
         3
     );
+    assert_err(
+        "[cluster]\nsecondary_secret = \"old\"\n",
+        2,
+        "cluster.secret",
+        "required when secondary_secret",
+    );
+    assert_err(
+        "[cluster]\nsecret = \"s\"\nsecondary_secret = \"\"\n",
+        3,
+        "cluster.secondary_secret",
+        "must not be empty",
+    );
+    let c = ok("[cluster]\nsecret = \"new\"\nsecondary_secret = \"old\"\n");
+    assert_eq!(c.cluster.secondary_secret.as_deref(), Some("old"));
 }
 
 #[test]

@@ -93,7 +93,12 @@ async fn every_error_answer_is_json_and_the_scheme_is_case_insensitive() {
     assert_json_error("100 KiB of headers", 431, &got);
 
     // Refused by the HTTP layer itself (hyper), in the same format.
-    let got = raw(&node, b"GET /api/v1/backends/\xff\xfe HTTP/1.1\r\nHost: api\r\n\r\n", b"").await;
+    let got = raw(
+        &node,
+        b"GET /api/v1/backends/\xff\xfe HTTP/1.1\r\nHost: api\r\n\r\n",
+        b"",
+    )
+    .await;
     assert_json_error("non-UTF-8 request target", 400, &got);
     let huge = format!("X-Huge: {}\r\n", "v".repeat(300 * 1024));
     let got = raw(&node, &request("GET", "/api/v1/backends", &huge, 0), b"").await;
