@@ -19,6 +19,7 @@ mod http1;
 mod lifecycle;
 mod observability;
 mod resolver;
+mod security;
 mod single_node;
 mod supervision;
 mod writes;
