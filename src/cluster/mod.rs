@@ -392,7 +392,7 @@ impl ClusterNode {
                     Err(e) if e.is_connect() => ForwardedWrite::Unavailable(format!(
                         "leader {leader} at {addr} unreachable: {e}"
                     )),
-                    // Refused before the handler (secret, body): not proposed.
+                    // Refused before the handler (MAC, clock, replay, body): not proposed.
                     Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
                         ForwardedWrite::Unavailable(format!(
                             "leader {leader} at {addr} refused the forwarded write: {e}"
