@@ -333,3 +333,93 @@ impl SealedSocket {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+
+    fn syn(cluster_id: String) -> ChitchatEnvelope {
+        ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: ChitchatMessage::Syn {
+                cluster_id,
+                digest: Default::default(),
+            },
+        }
+    }
+
+    async fn socket(secret: &str, node_id: u64, metrics: &Arc<Metrics>) -> Box<dyn Socket> {
+        let t = SealedTransport {
+            keys: Arc::new(Keyring::new(Some(secret), None, "c")),
+            node_id,
+            metrics: metrics.clone(),
+        };
+        t.open(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap()
+    }
+
+    fn count(metrics: &Metrics, reason: &str) -> String {
+        let needle = format!("pingora_vhost_gossip_dropped_total{{reason=\"{reason}\"}} ");
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "0".into())
+    }
+
+    #[tokio::test]
+    async fn sealed_gossip_round_trips_in_fragments_and_drops_what_it_must() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let mut a = socket("s", 1, &metrics).await;
+        let mut b = socket("s", 2, &metrics).await;
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let wire = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+        // Near chitchat's largest datagram: does not fit with the seal, goes as two fragments.
+        let big = "x".repeat(MAX_DATAGRAM - 20);
+        let sent = a.send(b_addr, syn(big.clone())).await.unwrap();
+        assert!(sent.num_bytes_sent > MAX_DATAGRAM, "{sent:?}");
+        let got = tokio::time::timeout(Duration::from_secs(2), b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.from_addr, a_addr);
+        assert_eq!(got.envelope, syn(big));
+
+        // What crosses the wire: sealed, and the plaintext nowhere in it.
+        a.send(wire.local_addr().unwrap(), syn("visible-cluster-id".into()))
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 70_000];
+        let (n, _) = wire.recv_from(&mut buf).await.unwrap();
+        let datagram = buf[..n].to_vec();
+        assert!(datagram.starts_with(MAGIC));
+        assert!(!datagram
+            .windows(b"visible-cluster-id".len())
+            .any(|w| w == b"visible-cluster-id"));
+
+        // Delivered once, replayed once, forged, unsealed, and sealed under another secret.
+        wire.send_to(&datagram, b_addr).await.unwrap();
+        wire.send_to(&datagram, b_addr).await.unwrap();
+        let mut forged = datagram.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        wire.send_to(&forged, b_addr).await.unwrap();
+        wire.send_to(b"plain chitchat", b_addr).await.unwrap();
+        let mut other = socket("other", 3, &metrics).await;
+        other.send(b_addr, syn("x".into())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.envelope, syn("visible-cluster-id".into()));
+        // Nothing else comes through.
+        assert!(tokio::time::timeout(Duration::from_millis(500), b.recv())
+            .await
+            .is_err());
+        assert_eq!(count(&metrics, "replay"), "1");
+        assert_eq!(count(&metrics, "forged"), "2");
+        assert_eq!(count(&metrics, "unsealed"), "1");
+    }
+}
