@@ -343,3 +343,61 @@ async fn captured_rpc_traffic_never_carries_the_secret() {
         );
     }
 }
+
+/// `[api] tls_cert_path`/`tls_key_path`: the management API answers over HTTPS with that
+/// certificate (the bearer token never crosses in clear), and a plain HTTP request to it gets
+/// no HTTP answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_api_is_served_over_tls_with_the_configured_certificate() {
+    let cert = self_signed(&["api.test"]);
+    let files = tempfile::tempdir().unwrap();
+    let (c, k) = cert.write_files(files.path(), "api");
+    let mut node = Node::new_unstarted(NodeOptions::new().api(&format!(
+        "tls_cert_path = '{}'\ntls_key_path = '{}'",
+        c.display(),
+        k.display()
+    )));
+    node.spawn();
+    let api = node.api_addr;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert_pem.as_bytes()).unwrap())
+        .resolve("api.test", api)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("https://api.test:{}{path}", api.port());
+    wait_for(
+        Duration::from_secs(20),
+        "GET /api/v1/health over TLS",
+        || async {
+            let r = client.get(url("/api/v1/health")).send().await.ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    let r = client
+        .get(url("/api/v1/domains"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = client.get(url("/api/v1/domains")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    let plain = reqwest::Client::new()
+        .get(format!("http://{api}/api/v1/domains"))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+    // A client that does not trust the certificate does not get through either.
+    let untrusting = reqwest::Client::builder()
+        .resolve("api.test", api)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(untrusting.get(url("/api/v1/health")).send().await.is_err());
+    drop(node);
+}

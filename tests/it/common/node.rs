@@ -32,6 +32,8 @@ pub struct NodeOptions {
     pub secret: Option<String>,
     /// Lines added inside `[cluster]` (e.g. `snapshot_logs = 10`).
     pub cluster_extra: String,
+    /// Lines added inside `[api]` (after the token).
+    pub api_extra: String,
 }
 
 impl NodeOptions {
@@ -69,6 +71,12 @@ impl NodeOptions {
         self.seeds = seeds.to_vec();
         self
     }
+    pub fn api(mut self, lines: &str) -> Self {
+        self.api_extra.push_str(lines);
+        self.api_extra.push('\n');
+        self
+    }
+
     pub fn cluster(mut self, lines: &str) -> Self {
         self.cluster_extra.push_str(lines);
         self.cluster_extra.push('\n');
@@ -280,7 +288,7 @@ threads = 1
 {proxy_extra}
 [api]
 token = "{TOKEN}"
-
+{api_extra}
 [cluster]
 node_id = {node_id}
 data_dir = '{data_dir}'
@@ -298,6 +306,7 @@ timeout_secs = 1
 {extra}
 "#,
             https = self.https_addr,
+            api_extra = o.api_extra,
             http = self.http_addr,
             api = self.api_addr,
             proxy_extra = o.proxy_extra,
