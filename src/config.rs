@@ -94,6 +94,14 @@ pub struct ApiConfig {
     /// Bearer token; None = no auth (only allowed when management_api_addr is loopback).
     #[serde(deserialize_with = "non_empty")]
     pub token: Option<String>,
+    /// TLS certificate chain and key (PEM) for the management API. Both or neither. Required
+    /// when management_api_addr is not loopback, unless allow_plaintext.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub tls_cert_path: Option<PathBuf>,
+    #[serde(deserialize_with = "non_empty_path")]
+    pub tls_key_path: Option<PathBuf>,
+    /// default false: serve the API in plaintext beyond loopback anyway (logged loudly).
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +129,10 @@ pub struct ClusterConfig {
     /// default None. Required (non-empty) when bootstrap_expect > 1 or seeds non-empty.
     #[serde(deserialize_with = "non_empty")]
     pub secret: Option<String>,
+    /// default None. Also accepted on receipt (RPC MACs, join proofs, sealed gossip), never
+    /// used to send: for rolling the secret over (docs/cluster.md "Security").
+    #[serde(deserialize_with = "non_empty")]
+    pub secondary_secret: Option<String>,
     /// default "default"
     #[serde(deserialize_with = "cluster_id")]
     pub cluster_id: String,
@@ -316,6 +328,7 @@ impl Default for ClusterConfig {
             seeds: Vec::new(),
             bootstrap_expect: 1,
             secret: None,
+            secondary_secret: None,
             cluster_id: "default".to_string(),
             snapshot_logs: 5000,
         }
@@ -759,6 +772,39 @@ impl Checker<'_> {
                 format!("refusing to expose the management API on {addr} without [api] token"),
             ));
         }
+        let mut api = file.api;
+        match (&api.tls_cert_path, &api.tls_key_path) {
+            (Some(_), None) => {
+                return Err(self.error(
+                    "api.tls_cert_path",
+                    "api.tls_key_path",
+                    "required when tls_cert_path is set (both or neither)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.error(
+                    "api.tls_key_path",
+                    "api.tls_cert_path",
+                    "required when tls_key_path is set (both or neither)",
+                ))
+            }
+            (Some(c), Some(k)) => {
+                api.tls_cert_path = Some(self.pem_file(c, "api.tls_cert_path")?);
+                api.tls_key_path = Some(self.pem_file(k, "api.tls_key_path")?);
+            }
+            (None, None) if !addr.ip().is_loopback() && !api.allow_plaintext => {
+                return Err(self.error(
+                    "proxy.management_api_addr",
+                    "api.tls_cert_path",
+                    format!(
+                        "refusing to serve the management API on {addr} in plaintext (the bearer \
+                         token would cross the network in clear): set [api] tls_cert_path and \
+                         tls_key_path, or allow_plaintext = true"
+                    ),
+                ));
+            }
+            (None, None) => {}
+        }
         let mut cluster = file.cluster;
         cluster.data_dir = cluster
             .data_dir_written
@@ -774,6 +820,13 @@ impl Checker<'_> {
                 at,
                 "cluster.secret",
                 format!("required because {why}: it authenticates cluster RPC between nodes"),
+            ));
+        }
+        if cluster.secret.is_none() && cluster.secondary_secret.is_some() {
+            return Err(self.error(
+                "cluster.secondary_secret",
+                "cluster.secret",
+                "required when secondary_secret is set (the primary secret is the one used to send)",
             ));
         }
         let mut lets_encrypt = file.lets_encrypt;
@@ -813,7 +866,7 @@ impl Checker<'_> {
         Ok(Config {
             source_path: self.doc.path.to_path_buf(),
             proxy,
-            api: file.api,
+            api,
             cluster,
             lets_encrypt,
             logging,

@@ -19,6 +19,7 @@ use crate::cluster::{election, membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
 use crate::health;
+use crate::keyring::Keyring;
 use crate::observability::log_stream::LogStream;
 use crate::observability::Metrics;
 use crate::proxy::DataPlane;
@@ -125,10 +126,24 @@ impl ControlPlane {
                 upgrade::serve(listener, sm.clone(), self.data.clone()),
             );
         }
+        let api_tls = api_tls(&cfg.api)?;
+        if api_tls.is_none() && !cfg.proxy.management_api_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %cfg.proxy.management_api_addr,
+                "[api] allow_plaintext = true: the management API is served WITHOUT TLS beyond \
+                 loopback; its bearer token crosses the network in clear"
+            );
+        }
         let api_listener = bind(cfg.proxy.management_api_addr, "management API").await?;
         let rpc_listener = bind(cfg.cluster.rpc_addr, "cluster RPC").await?;
-        let gossip = Arc::new(Gossip::start(&cfg.cluster).await?);
-        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip)
+        let keys = Arc::new(Keyring::new(
+            cfg.cluster.secret.as_deref(),
+            cfg.cluster.secondary_secret.as_deref(),
+            &cfg.cluster.cluster_id,
+        ));
+        let gossip =
+            Arc::new(Gossip::start(&cfg.cluster, keys.clone(), self.metrics.clone()).await?);
+        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip, keys)
             .await
             .context("starting Raft")?;
         tasks.spawn(
@@ -227,7 +242,7 @@ impl ControlPlane {
         }
         tasks.spawn_fallible(
             "management API",
-            serve(api_listener, api::router(api_state)),
+            api::server::serve_maybe_tls(api_listener, api::router(api_state), api_tls),
         );
 
         tokio::select! {
@@ -306,6 +321,33 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The management API's TLS acceptor, when `[api] tls_cert_path` / `tls_key_path` are set.
+fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&api.tls_cert_path, &api.tls_key_path) else {
+        return Ok(None);
+    };
+    let read =
+        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("[api] tls_cert_path {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .with_context(|| format!("[api] tls_key_path {}", key.display()))?
+        .with_context(|| format!("[api] tls_key_path {}: no private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions for the management API")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("[api] tls_cert_path / tls_key_path: certificate and key do not form a pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        config,
+    ))))
 }
 
 async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {

@@ -1,20 +1,25 @@
 //! Gossip (chitchat over UDP): who is alive, where their Raft RPC listens, whether they already
 //! belong to a Raft cluster. Each node writes only its own keys.
 //!
-//! chitchat has no authentication: bind `gossip_addr` to a private network. Nothing learnt
-//! from gossip is trusted for writes; joining a node still needs the cluster secret on RPC.
+//! Every datagram is sealed with a key derived from the cluster secret (`sealed`): a host
+//! without the secret can neither read nor forge nor replay gossip. Nothing learnt from gossip
+//! is trusted for writes all the same; joining a node still needs its proof on RPC.
+
+mod sealed;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use chitchat::transport::UdpTransport;
 use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
 };
 use tokio::sync::watch;
 
 use crate::config::ClusterConfig;
+use crate::keyring::Keyring;
+use crate::observability::Metrics;
+pub use sealed::SEAL_OVERHEAD;
 
 pub const KEY_RPC_ADDR: &str = "rpc_addr";
 pub const KEY_RAFT_INITIALIZED: &str = "raft_initialized";
@@ -46,7 +51,11 @@ pub struct Gossip {
 }
 
 impl Gossip {
-    pub async fn start(cfg: &ClusterConfig) -> anyhow::Result<Self> {
+    pub async fn start(
+        cfg: &ClusterConfig,
+        keys: std::sync::Arc<Keyring>,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         // A new generation per process start, so peers drop our previous incarnation's state.
         let generation = crate::clock::unix_ms();
         let config = ChitchatConfig {
@@ -71,7 +80,12 @@ impl Gossip {
             (KEY_RPC_ADDR.to_string(), cfg.rpc_addr.to_string()),
             (KEY_RAFT_INITIALIZED.to_string(), "false".to_string()),
         ];
-        let handle = spawn_chitchat(config, initial, &UdpTransport)
+        let transport = sealed::SealedTransport {
+            keys,
+            node_id: cfg.node_id,
+            metrics,
+        };
+        let handle = spawn_chitchat(config, initial, &transport)
             .await
             .with_context(|| format!("starting gossip on udp {}", cfg.gossip_addr))?;
         let live = handle.chitchat().lock().await.live_nodes_watcher();

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod gossip;
 pub mod health;
+pub mod keyring;
 pub mod live;
 pub mod observability;
 pub mod proxy;

@@ -20,6 +20,18 @@ const HYPER_MAX_BUF: usize = 256 * 1024;
 const HYPER_MAX_HEADERS: usize = 1000;
 
 pub async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {
+    serve_maybe_tls(listener, app, None).await
+}
+
+/// How long a client gets to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`serve`], over TLS when `tls` is given (each connection's handshake runs in its own task).
+pub async fn serve_maybe_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), String> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -37,11 +49,23 @@ pub async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), Strin
         };
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            // A client that goes away mid-request is not worth a log line.
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(JsonParseErrors::new(stream)), service)
-                .await;
+            // A client that goes away mid-request (or mid-handshake) is not worth a log line.
+            match tls {
+                None => {
+                    let io = TokioIo::new(JsonParseErrors::new(stream));
+                    let _ = builder.serve_connection_with_upgrades(io, service).await;
+                }
+                Some(acceptor) => {
+                    let accepted =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    if let Ok(Ok(stream)) = accepted {
+                        let io = TokioIo::new(JsonParseErrors::new(stream));
+                        let _ = builder.serve_connection_with_upgrades(io, service).await;
+                    }
+                }
+            }
         });
     }
 }

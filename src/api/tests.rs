@@ -50,8 +50,18 @@ async fn start(token: Option<&str>) -> TestNode {
         Arc::new(move |state| data.publish(state))
     };
     let (log, sm) = store::open(&cluster.data_dir, publisher).expect("open store");
-    let gossip = Arc::new(Gossip::start(&cluster).await.expect("gossip"));
-    let node = ClusterNode::start(&cluster, log, sm, gossip)
+    let keys = Arc::new(crate::keyring::Keyring::new(
+        None,
+        None,
+        &cluster.cluster_id,
+    ));
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let gossip = Arc::new(
+        Gossip::start(&cluster, keys.clone(), metrics.clone())
+            .await
+            .expect("gossip"),
+    );
+    let node = ClusterNode::start(&cluster, log, sm, gossip, keys)
         .await
         .expect("raft");
     assert_eq!(
@@ -62,7 +72,7 @@ async fn start(token: Option<&str>) -> TestNode {
     let state = ApiState::new(
         node,
         data,
-        Arc::new(Metrics::new().expect("metrics")),
+        metrics,
         Arc::new(LogStream::default()),
         token.map(str::to_string),
         HealthCheckConfig::default(),

@@ -2,8 +2,9 @@
 //!
 //! - Bootstrap (like Consul's `bootstrap_expect`): when N uninitialized nodes see each other
 //!   and none of them belongs to a cluster yet, the lowest id initializes the N-member cluster.
-//! - The leader adds fresh nodes it sees in gossip as learners (after checking they hold the
-//!   cluster secret) and promotes them to voters once they have caught up.
+//! - The leader adds fresh nodes it sees in gossip as learners (after they prove, by answering
+//!   a challenge, that they know the cluster secret) and promotes them to voters once they have
+//!   caught up.
 //! - Removing a member is an explicit API call; a removed node is not re-added while it keeps
 //!   its data dir (it reports itself as initialized).
 
@@ -91,11 +92,12 @@ async fn reconcile(node: &ClusterNode) -> anyhow::Result<()> {
         if known.contains(&peer.node_id) || peer.initialized {
             continue;
         }
-        if !node.verify_peer(&peer.rpc_addr).await {
+        if !node.verify_peer(peer.node_id, &peer.rpc_addr).await {
             tracing::warn!(
                 node_id = peer.node_id,
                 rpc_addr = %peer.rpc_addr,
-                "not adding node seen in gossip: it does not accept our cluster secret"
+                "not adding node seen in gossip: it does not accept our cluster secret \
+                 (no valid join proof)"
             );
             continue;
         }

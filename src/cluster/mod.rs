@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock;
 use crate::config::ClusterConfig;
 use crate::gossip::Gossip;
+use crate::keyring::{hex, unhex, Keyring};
 use crate::state::{ApplyResult, Command};
 use network::HttpNetwork;
 use store::{LogStore, StateMachineStore};
@@ -78,6 +79,22 @@ pub enum ForwardedWrite {
     Indeterminate(String),
 }
 
+/// A leader's challenge to a node it saw in gossip (body of `POST /cluster/join-challenge`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinChallenge {
+    /// 32 random bytes in hex, fresh for each check.
+    pub nonce: String,
+    /// The node id and RPC address gossip advertised: the proof must be for exactly these.
+    pub node_id: NodeId,
+    pub rpc_addr: String,
+}
+
+/// `HMAC(join key, "join" | nonce | node_id | rpc_addr)` in hex (`keyring::Keyring::join_proof`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinProof {
+    pub proof: String,
+}
+
 /// Answer of the leader to a forwarded member removal.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RemoveOutcome {
@@ -134,7 +151,6 @@ pub struct ClusterNode {
     pub rpc_addr: String,
     pub raft: Raft,
     pub sm: StateMachineStore,
-    pub secret: Option<String>,
     pub cluster_id: String,
     pub gossip: Arc<Gossip>,
     net: HttpNetwork,
@@ -207,6 +223,7 @@ impl ClusterNode {
         log: LogStore,
         sm: StateMachineStore,
         gossip: Arc<Gossip>,
+        keys: Arc<Keyring>,
     ) -> anyhow::Result<Arc<Self>> {
         let raft_config = openraft::Config {
             cluster_name: cfg.cluster_id.clone(),
@@ -225,10 +242,7 @@ impl ClusterNode {
             ..Default::default()
         }
         .validate()?;
-        let net = HttpNetwork::new(
-            cfg.secret.clone().unwrap_or_default(),
-            cfg.cluster_id.clone(),
-        );
+        let net = HttpNetwork::new(keys);
         let raft = Raft::new(
             cfg.node_id,
             Arc::new(raft_config),
@@ -258,7 +272,6 @@ impl ClusterNode {
             rpc_addr,
             raft,
             sm,
-            secret: cfg.secret.clone().filter(|s| !s.is_empty()),
             cluster_id: cfg.cluster_id.clone(),
             gossip,
             net,
@@ -404,7 +417,7 @@ impl ClusterNode {
                     Err(e) if e.is_connect() => ForwardedWrite::Unavailable(format!(
                         "leader {leader} at {addr} unreachable: {e}"
                     )),
-                    // Refused before the handler (secret, body): not proposed.
+                    // Refused before the handler (MAC, clock, replay, body): not proposed.
                     Err(e) if e.status().is_some_and(|s| s.is_client_error()) => {
                         ForwardedWrite::Unavailable(format!(
                             "leader {leader} at {addr} refused the forwarded write: {e}"
@@ -635,17 +648,38 @@ impl ClusterNode {
         self.started.elapsed() >= Duration::from_secs(2)
     }
 
-    /// Checks that a node accepts our cluster secret before we add it.
-    pub async fn verify_peer(&self, rpc_addr: &str) -> bool {
-        self.net
-            .post::<_, String>(
+    /// The keys derived from the cluster secret (RPC MACs, join proofs).
+    pub fn keys(&self) -> &Keyring {
+        &self.net.keys
+    }
+
+    /// Checks, before adding a node seen in gossip, that it knows the cluster secret: it must
+    /// answer a fresh nonce with a proof for the node id and RPC address gossip advertised.
+    /// Nothing secret is sent (the challenge is signed like every RPC; a MAC reveals no key).
+    pub async fn verify_peer(&self, node_id: NodeId, rpc_addr: &str) -> bool {
+        let nonce = self.net.keys.random::<32>();
+        let challenge = JoinChallenge {
+            nonce: hex(&nonce),
+            node_id,
+            rpc_addr: rpc_addr.to_string(),
+        };
+        let answer = self
+            .net
+            .post::<_, JoinProof>(
                 rpc_addr,
-                "/cluster/hello",
-                &self.node_id,
+                "/cluster/join-challenge",
+                &challenge,
                 Duration::from_secs(2),
             )
-            .await
-            .is_ok()
+            .await;
+        answer
+            .ok()
+            .and_then(|a| unhex(&a.proof))
+            .is_some_and(|proof| {
+                self.net
+                    .keys
+                    .verify_join_proof(&nonce, node_id, rpc_addr, &proof)
+            })
     }
 
     /// The leader's id and RPC address, if one is known.

@@ -1,5 +1,7 @@
 //! Cluster RPC server on `rpc_addr`: Raft messages and writes forwarded by followers.
-//! Every call must carry the cluster secret and id; others are refused (403) and logged.
+//! Every call must carry a valid proof (`network::auth_header`: a MAC under a key derived from
+//! the cluster secret and id, a timestamp within the clock window, a nonce not seen before);
+//! others are refused (403), logged and counted. This is the one place that verifies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,17 +14,25 @@ use axum::routing::post;
 use axum::{Json, Router};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
-use super::network::{CLUSTER_ID_HEADER, SECRET_HEADER};
-use super::{ClusterNode, ForwardRequest, ForwardedWrite, TypeConfig};
+use super::network::AUTH_HEADER;
+use super::{ClusterNode, ForwardRequest, ForwardedWrite, JoinChallenge, JoinProof, TypeConfig};
 use super::{FORWARD_WINDOW, MAX_CLOCK_SKEW};
 use crate::clock;
+use crate::keyring::{rpc_message, unhex, ReplayGuard, Stale, CLOCK_WINDOW};
 use crate::observability::Metrics;
+
+/// Nonces remembered for the replay check: within the ±30 s window, about 1,600 requests a
+/// second before the oldest are forgotten (and older timestamps refused); ~5 MB at most.
+const MAX_NONCES: usize = 100_000;
 
 /// What the RPC handlers share: the node, and the metrics that count refused calls.
 #[derive(Clone)]
 pub struct Rpc {
     node: Arc<ClusterNode>,
     metrics: Arc<Metrics>,
+    /// Nonces of the requests accepted within the clock window (one sender key: requests are
+    /// not attributed to nodes, any key holder may send).
+    seen: Arc<std::sync::Mutex<ReplayGuard<()>>>,
 }
 
 impl FromRef<Rpc> for Arc<ClusterNode> {
@@ -32,14 +42,18 @@ impl FromRef<Rpc> for Arc<ClusterNode> {
 }
 
 pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
-    let rpc = Rpc { node, metrics };
+    let rpc = Rpc {
+        node,
+        metrics,
+        seen: Arc::new(std::sync::Mutex::new(ReplayGuard::new(1, MAX_NONCES))),
+    };
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/cluster/write", post(forwarded_write))
         .route("/cluster/pre-vote", post(pre_vote))
-        .route("/cluster/hello", post(hello))
+        .route("/cluster/join-challenge", post(join_challenge))
         .route("/cluster/applied", post(applied))
         .route("/cluster/remove-member", post(remove_member))
         .layer(middleware::from_fn_with_state(rpc.clone(), authenticate))
@@ -49,41 +63,138 @@ pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
         .with_state(rpc)
 }
 
-async fn authenticate(State(rpc): State<Rpc>, req: Request, next: Next) -> Response {
-    if !authorized(&rpc.node, req.headers()) {
-        rpc.metrics.cluster_rpc_refused("secret");
-        tracing::warn!(
-            path = %req.uri().path(),
-            "refused cluster RPC: wrong or missing cluster secret / cluster id"
-        );
-        return (
-            StatusCode::FORBIDDEN,
-            "cluster secret or cluster id mismatch",
-        )
-            .into_response();
-    }
-    next.run(req).await
+/// Largest RPC body read (and hashed) before the MAC is checked: the RPC's body limit
+/// (appends and snapshot chunks are bounded under it, see `network.rs`).
+pub use super::network::MAX_RPC_BODY;
+/// Bodies larger than this are hashed on the blocking pool, so a flood of large unsigned
+/// bodies costs the runtime (Raft heartbeats, gossip) nothing.
+const INLINE_HASH_MAX: usize = 64 * 1024;
+
+/// Why a cluster RPC call was refused before its handler (the `reason` label of
+/// `pingora_vhost_cluster_rpc_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Refusal {
+    /// Missing or malformed proof, or a MAC that no accepted key made.
+    #[error("missing or wrong request MAC (different secret or cluster_id?)")]
+    Auth,
+    /// Authentic, but its timestamp is outside the window: clocks apart, or an old capture.
+    #[error("request timestamp outside the {}s clock window", CLOCK_WINDOW.as_secs())]
+    Clock,
+    /// Authentic, and this exact request was received before.
+    #[error("request already received (replay)")]
+    Replay,
+    #[error("request body over {MAX_RPC_BODY} bytes")]
+    Body,
 }
 
-fn authorized(node: &ClusterNode, headers: &axum::http::HeaderMap) -> bool {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    match &node.secret {
-        Some(secret) => {
-            constant_time_eq(header(SECRET_HEADER).as_bytes(), secret.as_bytes())
-                && header(CLUSTER_ID_HEADER) == node.cluster_id
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::Auth => "auth",
+            Refusal::Clock => "clock",
+            Refusal::Replay => "replay",
+            Refusal::Body => "body",
         }
-        // Without a secret this node never accepts cluster RPC.
-        None => false,
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The verifying side of `network::auth_header`: MAC (constant time, any accepted key), then
+/// the clock window, then the nonce memory. The body is read (bounded) to hash it, and handed
+/// on to the handler.
+async fn authenticate(State(rpc): State<Rpc>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let checked = match axum::body::to_bytes(body, MAX_RPC_BODY).await {
+        Err(_) => Err(Refusal::Body),
+        Ok(bytes) if bytes.len() <= INLINE_HASH_MAX => verify(&rpc, &parts, &bytes).map(|()| bytes),
+        Ok(bytes) => {
+            let rpc2 = rpc.clone();
+            let method = parts.method.clone();
+            let path2 = parts.uri.path().to_string();
+            let header = parts.headers.get(AUTH_HEADER).cloned();
+            tokio::task::spawn_blocking(move || {
+                verify_fields(&rpc2, method.as_str(), &path2, header.as_ref(), &bytes)
+                    .map(|()| bytes)
+            })
+            .await
+            .unwrap_or(Err(Refusal::Auth))
+        }
+    };
+    match checked {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(refusal) => {
+            rpc.metrics.cluster_rpc_refused(refusal.reason());
+            tracing::warn!(path = %path, "refused cluster RPC: {refusal}");
+            let status = match refusal {
+                Refusal::Body => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::FORBIDDEN,
+            };
+            (status, refusal.to_string()).into_response()
+        }
+    }
+}
+
+fn verify(rpc: &Rpc, parts: &axum::http::request::Parts, body: &[u8]) -> Result<(), Refusal> {
+    verify_fields(
+        rpc,
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.headers.get(AUTH_HEADER),
+        body,
+    )
+}
+
+fn verify_fields(
+    rpc: &Rpc,
+    method: &str,
+    path: &str,
+    header: Option<&axum::http::HeaderValue>,
+    body: &[u8],
+) -> Result<(), Refusal> {
+    let header = header.and_then(|v| v.to_str().ok()).ok_or(Refusal::Auth)?;
+    let proof = Proof::parse(header).ok_or(Refusal::Auth)?;
+    let message = rpc_message(method, path, proof.unix_ms, proof.nonce, body);
+    rpc.node
+        .keys()
+        .verify_rpc(&message, &proof.mac)
+        .ok_or(Refusal::Auth)?;
+    let nonce = unhex(proof.nonce)
+        .and_then(|n| <[u8; 16]>::try_from(n).ok())
+        .map(u128::from_be_bytes)
+        .ok_or(Refusal::Auth)?;
+    let mut seen = rpc.seen.lock().unwrap_or_else(|p| p.into_inner());
+    seen.check(&(), proof.unix_ms, nonce, clock::unix_ms())
+        .map_err(|e| match e {
+            Stale::Clock => Refusal::Clock,
+            Stale::Replay => Refusal::Replay,
+        })
+}
+
+/// The parts of an `x-pingora-vhost-auth` header: `v1 t=<ms> n=<32 hex> m=<64 hex>`.
+struct Proof<'a> {
+    unix_ms: u64,
+    nonce: &'a str,
+    mac: Vec<u8>,
+}
+
+impl<'a> Proof<'a> {
+    fn parse(header: &'a str) -> Option<Self> {
+        let mut fields = header.split(' ');
+        if fields.next()? != "v1" {
+            return None;
+        }
+        let unix_ms = fields.next()?.strip_prefix("t=")?.parse().ok()?;
+        let nonce = fields.next()?.strip_prefix("n=")?;
+        let mac = unhex(fields.next()?.strip_prefix("m=")?)?;
+        (fields.next().is_none() && nonce.len() == 32 && mac.len() == 32).then_some(Self {
+            unix_ms,
+            nonce,
+            mac,
+        })
+    }
 }
 
 async fn append(
@@ -150,10 +261,27 @@ async fn pre_vote(
     Json(super::election::answer(&node, &req).await)
 }
 
-/// Lets a leader check, before adding us, that we share the cluster secret (the auth layer
-/// already did the check; reaching here means yes).
-async fn hello(State(node): State<Arc<ClusterNode>>, Json(_from): Json<u64>) -> Json<String> {
-    Json(format!("node {}", node.node_id))
+/// A leader checks, before adding us, that we know the secret: we answer its fresh nonce with
+/// a proof bound to our node id and RPC address. We answer only for ourselves, so a proof can
+/// never vouch for another address (an impostor relaying the challenge to us gets nothing it
+/// can use).
+async fn join_challenge(
+    State(node): State<Arc<ClusterNode>>,
+    Json(c): Json<JoinChallenge>,
+) -> Result<Json<JoinProof>, StatusCode> {
+    let nonce = unhex(&c.nonce).ok_or(StatusCode::BAD_REQUEST)?;
+    if c.node_id != node.node_id || c.rpc_addr != node.rpc_addr {
+        tracing::warn!(
+            asked_for = c.node_id,
+            asked_addr = %c.rpc_addr,
+            "join challenge for another node or address: not answered"
+        );
+        return Err(StatusCode::CONFLICT);
+    }
+    let proof = node.keys().join_proof(&nonce, node.node_id, &node.rpc_addr);
+    Ok(Json(JoinProof {
+        proof: crate::keyring::hex(&proof),
+    }))
 }
 
 /// This node's last applied log index (a leader waits on it before ACME `set_ready`).

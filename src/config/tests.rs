@@ -838,6 +838,20 @@ fn secret_required_for_multi_node() {
             .bootstrap_expect,
         3
     );
+    assert_err(
+        "[cluster]\nsecondary_secret = \"old\"\n",
+        2,
+        "cluster.secret",
+        "required when secondary_secret",
+    );
+    assert_err(
+        "[cluster]\nsecret = \"s\"\nsecondary_secret = \"\"\n",
+        3,
+        "cluster.secondary_secret",
+        "must not be empty",
+    );
+    let c = ok("[cluster]\nsecret = \"new\"\nsecondary_secret = \"old\"\n");
+    assert_eq!(c.cluster.secondary_secret.as_deref(), Some("old"));
 }
 
 #[test]
@@ -854,13 +868,45 @@ fn public_management_api_needs_token() {
         "api.token",
         "must not be empty",
     );
-    let c = ok("[proxy]\nmanagement_api_addr = \"0.0.0.0:9080\"\n[api]\ntoken = \"t\"\n");
+    let c = ok(
+        "[proxy]\nmanagement_api_addr = \"0.0.0.0:9080\"\n[api]\ntoken = \"t\"\nallow_plaintext = true\n",
+    );
     assert_eq!(c.api.token.as_deref(), Some("t"));
     // Loopback without a token is allowed (no auth).
     assert!(ok("[proxy]\nmanagement_api_addr = \"[::1]:9080\"\n")
         .api
         .token
         .is_none());
+}
+
+#[test]
+fn public_management_api_needs_tls_or_an_explicit_plaintext() {
+    assert_err(
+        "[proxy]\nmanagement_api_addr = \"0.0.0.0:9080\"\n[api]\ntoken = \"t\"\n",
+        2,
+        "api.tls_cert_path",
+        "refusing to serve the management API on 0.0.0.0:9080 in plaintext",
+    );
+    assert_err(
+        "[api]\ntls_cert_path = \"c.pem\"\n",
+        2,
+        "api.tls_key_path",
+        "both or neither",
+    );
+    assert_err(
+        "[api]\ntls_key_path = \"k.pem\"\n",
+        2,
+        "api.tls_cert_path",
+        "both or neither",
+    );
+    assert_err(
+        "[api]\ntls_cert_path = \"/nonexistent/c.pem\"\ntls_key_path = \"/nonexistent/k.pem\"\n",
+        2,
+        "api.tls_cert_path",
+        "file not found",
+    );
+    // Loopback needs neither.
+    assert!(ok("[api]\ntoken = \"t\"\n").api.tls_cert_path.is_none());
 }
 
 #[test]

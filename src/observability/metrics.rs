@@ -17,6 +17,7 @@ pub struct Metrics {
     handovers: IntCounterVec,
     acme_orders: IntCounterVec,
     cluster_rpc_refused: IntCounterVec,
+    gossip_dropped: IntCounterVec,
     cert_expiry: prometheus::IntGaugeVec,
     pub raft_term: IntGauge,
     pub raft_last_applied: IntGauge,
@@ -68,7 +69,14 @@ impl Metrics {
         let cluster_rpc_refused = IntCounterVec::new(
             Opts::new(
                 "pingora_vhost_cluster_rpc_refused_total",
-                "Cluster RPC calls this node refused, by reason (secret: wrong cluster secret or id; expired: a forwarded write that arrived after its deadline)",
+                "Cluster RPC calls this node refused, by reason (auth: missing or wrong request MAC, i.e. another secret or cluster id; clock: timestamp outside the 30 s window; replay: a request received before; body: over the size limit; expired: a forwarded write that arrived after its deadline)",
+            ),
+            &["reason"],
+        )?;
+        let gossip_dropped = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_gossip_dropped_total",
+                "Gossip datagrams this node dropped, by reason (unsealed: not sealed at all; forged: no accepted key opens it, i.e. forged, altered, or another secret or cluster id; clock: timestamp outside the 30 s window; replay: received before)",
             ),
             &["reason"],
         )?;
@@ -104,6 +112,7 @@ impl Metrics {
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(cluster_rpc_refused.clone()))?;
+        registry.register(Box::new(gossip_dropped.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         for g in [
             &raft_term,
@@ -123,6 +132,7 @@ impl Metrics {
             handovers,
             acme_orders,
             cluster_rpc_refused,
+            gossip_dropped,
             cert_expiry,
             raft_term,
             raft_last_applied,
@@ -154,9 +164,14 @@ impl Metrics {
             .inc();
     }
 
-    /// A cluster RPC call refused (`reason`: secret, expired).
+    /// A cluster RPC call refused (`reason`: auth, clock, replay, body, expired).
     pub fn cluster_rpc_refused(&self, reason: &str) {
         self.cluster_rpc_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// A gossip datagram dropped (`reason`: unsealed, forged, clock, replay).
+    pub fn gossip_dropped(&self, reason: &str) {
+        self.gossip_dropped.with_label_values(&[reason]).inc();
     }
 
     /// Replaces the per-domain certificate expiry gauges.

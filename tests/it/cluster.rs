@@ -43,7 +43,7 @@ pub(crate) async fn try_status(n: &Node) -> Option<Value> {
 }
 
 /// `(node_id, voter)` of every member listed in a status, sorted by id.
-fn members_of(status: &Value) -> Vec<(u64, bool)> {
+pub(crate) fn members_of(status: &Value) -> Vec<(u64, bool)> {
     let mut m: Vec<(u64, bool)> = status["members"]
         .as_array()
         .map(|a| {
@@ -602,13 +602,15 @@ async fn node_joins_as_voter_and_members_are_removed_alive_or_dead() {
     }
 }
 
-/// A node started with the wrong cluster secret never becomes a member and cannot write; a
-/// cluster RPC with the wrong secret is refused with 403.
+/// A node started with the wrong cluster secret never becomes a member and cannot write, and
+/// the real secret never reaches it (a packet capture of its RPC port); a cluster RPC without
+/// a valid MAC is refused with 403, even one carrying the real secret in clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_cannot_join_or_write() {
     let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let (leader, _) = cluster.leader_and_followers().await;
     cluster.join(4, NodeOptions::new().secret("wrong")).await;
+    let capture = Capture::tcp_on_loopback(&[cluster.node(4).rpc_addr.port()]);
 
     let real: Vec<&Node> = (1..=3).map(|id| cluster.node(id)).collect();
     let intruder = cluster.node(4);
@@ -648,15 +650,19 @@ async fn wrong_secret_cannot_join_or_write() {
         "503 without a reason: {body}"
     );
     eprintln!("wrong-secret node's write answered 503 after {took:?}: {body}");
+    // Its gossip, sealed under another key, is dropped unread: the leader never even learns
+    // its RPC address.
     let leader_node = cluster.node(leader);
     wait_for(
         Duration::from_secs(5),
-        "the leader logs that it refuses node 4",
+        "the leader drops node 4's gossip as forged",
         || async {
-            leader_node
-                .logs()
-                .contains("does not accept our cluster secret")
-                .then_some(())
+            let text = leader_node.metrics_text().await;
+            metric_value(
+                &text,
+                "pingora_vhost_gossip_dropped_total{reason=\"forged\"}",
+            )
+            .filter(|n| *n > 0.0)
         },
     )
     .await;
@@ -677,7 +683,7 @@ async fn wrong_secret_cannot_join_or_write() {
     let cmd = json!({"CreateDomain": {"domain": "rpc-intruder.test", "enabled_backends_tag": "a",
         "http_to_https": false, "tls": "none", "cert": null}});
     let target = cluster.node(leader);
-    for secret in [Some("wrong"), None] {
+    for secret in [Some("wrong"), None, Some("test-cluster-secret")] {
         let mut req = poll_client()
             .post(format!("http://{}/cluster/write", target.rpc_addr))
             .header("x-pingora-vhost-cluster", "default")
@@ -700,6 +706,15 @@ async fn wrong_secret_cannot_join_or_write() {
         || async { target.logs().contains("refused cluster RPC").then_some(()) },
     )
     .await;
+    let (flows, _) = capture.finish();
+    let received: usize = flows.values().map(Vec::len).sum();
+    eprintln!("node 4's RPC port saw {received} bytes");
+    for (flow, bytes) in &flows {
+        assert!(
+            !contains(bytes, b"test-cluster-secret"),
+            "the real secret reached the intruder in flow {flow:?}"
+        );
+    }
 }
 
 /// SIGSTOP of a follower does not stop the others; after SIGCONT it catches up.

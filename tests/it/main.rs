@@ -21,6 +21,7 @@ mod observability;
 mod partition;
 mod resolver;
 mod scale;
+mod security;
 mod single_node;
 mod supervision;
 mod writes;

@@ -126,10 +126,10 @@ async fn open_log_stream(node: &Node, query: &str) -> reqwest::Response {
         .expect("GET /api/v1/logs/stream")
 }
 
-/// A request to the cluster RPC without the secret: refused and logged as a warning.
+/// A request to the cluster RPC without a proof: refused and logged as a warning.
 async fn provoke_refused_rpc_warning(node: &Node) {
     let status = reqwest::Client::new()
-        .post(format!("http://{}/cluster/hello", node.rpc_addr))
+        .post(format!("http://{}/cluster/join-challenge", node.rpc_addr))
         .json(&json!(99))
         .send()
         .await

@@ -1,6 +1,6 @@
 //! The write path of a 3-node cluster on loopback, with real processes and signals: a write
 //! applies at most once whatever is retried (write ids, `Idempotency-Key`), forwarded writes
-//! past their deadline or with a wrong secret are refused and counted, and a follower stops
+//! past their deadline, without a valid proof, replayed or stale are refused and counted, and a follower stops
 //! waiting on a leader that was replaced.
 
 use std::time::{Duration, Instant};
@@ -58,13 +58,29 @@ async fn wait_tag(n: &Node, domain: &str, tag: &str) {
     .await;
 }
 
-/// `POST /cluster/write` straight to a node, as a follower would forward: (status, body).
+/// `POST /cluster/write` straight to a node, signed with a key derived from `secret` as a
+/// follower would forward it: (status, body).
 async fn forward_raw(n: &Node, secret: &str, body: &Value) -> (u16, Value) {
+    let (auth, bytes) = sign_forward(secret, body);
+    forward_signed(n, &auth, bytes).await
+}
+
+/// The proof header and body of a forwarded write signed with a key derived from `secret`.
+fn sign_forward(secret: &str, body: &Value) -> (String, Vec<u8>) {
+    use pingora_vhost::cluster::network::auth_header;
+    use pingora_vhost::keyring::Keyring;
+    let bytes = serde_json::to_vec(body).unwrap();
+    let keys = Keyring::new(Some(secret), None, "default");
+    (auth_header(&keys, "POST", "/cluster/write", &bytes), bytes)
+}
+
+/// Sends a forwarded write with the given proof header, as captured or built.
+async fn forward_signed(n: &Node, auth: &str, bytes: Vec<u8>) -> (u16, Value) {
     let r = poll_client()
         .post(format!("http://{}/cluster/write", n.rpc_addr))
-        .header("x-pingora-vhost-secret", secret)
-        .header("x-pingora-vhost-cluster", "default")
-        .json(body)
+        .header(pingora_vhost::cluster::network::AUTH_HEADER, auth)
+        .header("content-type", "application/json")
+        .body(bytes)
         .send()
         .await
         .expect("POST /cluster/write");
@@ -333,22 +349,55 @@ async fn forwarded_writes_past_their_deadline_or_with_a_wrong_secret_are_refused
         1.0
     );
     assert_eq!(
-        n.metric("pingora_vhost_cluster_rpc_refused_total{reason=\"secret\"}")
+        n.metric("pingora_vhost_cluster_rpc_refused_total{reason=\"auth\"}")
             .await,
         1.0
     );
     // In time and with the secret, the same request applies.
-    let (_, body) = forward_raw(
-        n,
+    let (auth, bytes) = sign_forward(
         "test-cluster-secret",
         &switch_request(3, "late.test", "b", unix_ms() + 3000),
-    )
-    .await;
+    );
+    let (_, body) = forward_signed(n, &auth, bytes.clone()).await;
     assert!(
         body["Done"]["outcome"]["Applied"]["Ok"].is_object(),
         "{body}"
     );
     assert_eq!(tag_of(n, "late.test").await, "b");
+    // The very same signed request again (a captured one, replayed): refused, counted.
+    let (s, body) = forward_signed(n, &auth, bytes.clone()).await;
+    assert_eq!(s, 403, "a replayed request: {body}");
+    assert_eq!(
+        n.metric("pingora_vhost_cluster_rpc_refused_total{reason=\"replay\"}")
+            .await,
+        1.0
+    );
+    // Its proof on another body: the MAC does not match.
+    let other = serde_json::to_vec(&switch_request(4, "late.test", "a", unix_ms() + 3000)).unwrap();
+    let (s, _) = forward_signed(n, &auth, other).await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        n.metric("pingora_vhost_cluster_rpc_refused_total{reason=\"auth\"}")
+            .await,
+        2.0
+    );
+    // A proof made 31 s ago (a capture kept, or a clock that far behind).
+    let stale = {
+        use pingora_vhost::keyring::{hex, rpc_message, Keyring};
+        let keys = Keyring::new(Some("test-cluster-secret"), None, "default");
+        let t = unix_ms() - 31_000;
+        let nonce = hex(&keys.random::<16>());
+        let mac = keys.sign_rpc(&rpc_message("POST", "/cluster/write", t, &nonce, &bytes));
+        format!("v1 t={t} n={nonce} m={}", hex(&mac))
+    };
+    let (s, _) = forward_signed(n, &stale, bytes).await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        n.metric("pingora_vhost_cluster_rpc_refused_total{reason=\"clock\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(tag_of(n, "late.test").await, "b", "nothing applied twice");
 }
 
 /// A write through a follower while the leader is frozen is answered once a new leader is

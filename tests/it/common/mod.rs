@@ -15,8 +15,10 @@
 //! - `netns`: network namespaces for partition tests ([`Netns`]).
 //! - `certs`: self-signed test certificates ([`TestCert`]).
 //! - `websocket`: a websocket client for proxied upgrades ([`ws_connect`]).
+//! - `capture`: a packet capture on `lo` ([`Capture`]), to see what crosses the wire.
 
 mod backend;
+mod capture;
 mod certs;
 mod cluster;
 mod netns;
@@ -24,6 +26,7 @@ mod node;
 mod websocket;
 
 pub use backend::*;
+pub use capture::*;
 pub use certs::*;
 pub use cluster::*;
 pub use netns::*;

@@ -37,6 +37,8 @@ pub struct NodeOptions {
     /// Run inside this network namespace, listening on this address (fixed ports: the
     /// namespace has its own port space). See `netns.rs`.
     pub netns: Option<(String, std::net::Ipv4Addr)>,
+    /// Lines added inside `[api]` (after the token).
+    pub api_extra: String,
 }
 
 impl NodeOptions {
@@ -78,6 +80,12 @@ impl NodeOptions {
         self.seeds = seeds.to_vec();
         self
     }
+    pub fn api(mut self, lines: &str) -> Self {
+        self.api_extra.push_str(lines);
+        self.api_extra.push('\n');
+        self
+    }
+
     pub fn cluster(mut self, lines: &str) -> Self {
         self.cluster_extra.push_str(lines);
         self.cluster_extra.push('\n');
@@ -300,7 +308,7 @@ threads = 1
 {proxy_extra}
 [api]
 token = "{TOKEN}"
-
+{api_extra}
 [cluster]
 node_id = {node_id}
 data_dir = '{data_dir}'
@@ -318,6 +326,7 @@ timeout_secs = 1
 {extra}
 "#,
             https = self.https_addr,
+            api_extra = o.api_extra,
             http = self.http_addr,
             api = self.api_addr,
             proxy_extra = o.proxy_extra,
