@@ -548,11 +548,12 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
     }
 }
 
+/// Domains and backends for unit tests of the modules that apply or compile the state.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn domain(name: &str, tag: &str) -> Domain {
+    pub fn domain(name: &str, tag: &str) -> Domain {
         Domain {
             domain: name.into(),
             enabled_backends_tag: tag.into(),
@@ -562,7 +563,7 @@ mod tests {
         }
     }
 
-    fn backend(id: &str, tags: &[&str]) -> Backend {
+    pub fn backend(id: &str, tags: &[&str]) -> Backend {
         Backend {
             id: id.into(),
             address: "127.0.0.1:1".into(),
@@ -571,6 +572,12 @@ mod tests {
             draining: false,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{backend, domain};
+    use super::*;
 
     #[test]
     fn seed_applies_once() {

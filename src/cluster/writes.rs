@@ -232,17 +232,8 @@ fn without_key_material(result: &ApplyResult) -> ApplyResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ApplyError, CertPair, Domain, TlsMode};
-
-    fn domain(name: &str, tag: &str) -> Domain {
-        Domain {
-            domain: name.into(),
-            enabled_backends_tag: tag.into(),
-            http_to_https: false,
-            tls: TlsMode::None,
-            cert: None,
-        }
-    }
+    use crate::state::fixtures::domain;
+    use crate::state::{ApplyError, CertPair, TlsMode};
 
     fn id(n: u64) -> WriteId {
         WriteId::Node {
