@@ -1096,8 +1096,10 @@ impl Checker<'_> {
 struct Doc<'a> {
     path: &'a Path,
     text: &'a str,
-    /// None when the text does not parse (then toml's own error is reported).
-    doc: Option<ImDocument<&'a str>>,
+    /// The spanned document, parsed only when a line must be found (an error or a warning):
+    /// a valid file without warnings is parsed once, by serde. None when the text does not
+    /// parse (then toml's own error is reported).
+    doc: std::cell::OnceCell<Option<ImDocument<&'a str>>>,
     /// Byte offset where each line starts: spans become line numbers in O(log n), so a
     /// 100,000-entry file loads in linear time.
     line_starts: Vec<usize>,
@@ -1201,14 +1203,20 @@ impl<'a> Doc<'a> {
         Doc {
             path,
             text,
-            doc: ImDocument::parse(text).ok(),
+            doc: std::cell::OnceCell::new(),
             line_starts: line_starts(text),
         }
     }
 
+    fn tree(&self) -> Option<&ImDocument<&'a str>> {
+        self.doc
+            .get_or_init(|| ImDocument::parse(self.text).ok())
+            .as_ref()
+    }
+
     /// Span of the value at `path` (or of the deepest written part of it).
     fn span(&self, path: &str) -> Option<Range<usize>> {
-        let mut node = Node::Table(self.doc.as_ref()?.as_table());
+        let mut node = Node::Table(self.tree()?.as_table());
         let mut span = None;
         for seg in path.split('.') {
             match node.child(seg) {
@@ -1238,7 +1246,7 @@ impl<'a> Doc<'a> {
 
     /// The deepest field whose key or value holds `span`.
     fn path_at(&self, span: &Range<usize>, unknown: Option<&str>) -> Option<String> {
-        let mut node = Node::Table(self.doc.as_ref()?.as_table());
+        let mut node = Node::Table(self.tree()?.as_table());
         let inside = |outer: Option<Range<usize>>| {
             outer.is_some_and(|o| o.start <= span.start && span.end <= o.end)
         };
