@@ -208,6 +208,7 @@ threads = 1
 
 [api]
 token = "{TOKEN}"
+allow_plaintext = true  # the API listens on the namespace's private address
 
 [cluster]
 node_id = {i}

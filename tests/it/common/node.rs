@@ -94,6 +94,9 @@ impl NodeOptions {
     /// Runs the node as node `id` of `net`, in its namespace, on its address.
     pub fn in_netns(mut self, net: &super::Netns, id: u64) -> Self {
         self.netns = Some((net.node_ns(id), net.node_ip(id)));
+        // The API listens on the namespace's address, beyond loopback: plaintext must be
+        // allowed explicitly (the test's private bridge carries it).
+        self.api_extra.push_str("allow_plaintext = true\n");
         self
     }
     pub fn secret(mut self, secret: &str) -> Self {
