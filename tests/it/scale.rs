@@ -106,9 +106,13 @@ async fn a_seed_larger_than_an_rpc_is_replicated_in_parts_and_a_joiner_catches_u
     );
     // The snapshot, then the entries after it: everything, the 20 later writes included.
     let node4 = cluster.node(4);
-    wait_for(Duration::from_secs(30), "the 4th node holds every backend", || async {
-        let (_, backends) = node4.api_get("/api/v1/backends").await;
-        (backends.as_array().map(Vec::len) == Some(N + 20)).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the 4th node holds every backend",
+        || async {
+            let (_, backends) = node4.api_get("/api/v1/backends").await;
+            (backends.as_array().map(Vec::len) == Some(N + 20)).then_some(())
+        },
+    )
     .await;
 }
