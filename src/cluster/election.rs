@@ -171,6 +171,7 @@ pub async fn answer(node: &ClusterNode, req: &PreVoteRequest) -> PreVoteResponse
 /// leader for [`CAMPAIGN_AFTER_MS`].
 pub async fn run(node: Arc<ClusterNode>) {
     let mut campaign_after = random_campaign_delay();
+    let mut retry_after = random_delay(RETRY_AFTER_MS);
     let mut last_attempt: Option<Instant> = None;
     let mut next_tick = TICK;
     loop {
@@ -201,7 +202,14 @@ pub async fn run(node: Arc<ClusterNode>) {
         }
         let since_leader = view.vote_age.unwrap_or(Duration::MAX);
         let since_attempt = last_attempt.map_or(Duration::MAX, |t| t.elapsed());
-        let wait = campaign_after.saturating_sub(since_leader.min(since_attempt));
+        // No leader since our last attempt (a split vote, or a pre-vote we lost): try again
+        // after a short jitter rather than a whole lease, so a split vote costs ~0.5 s, not
+        // another 1-1.4 s (the pre-vote still keeps a node with a live leader from disrupting).
+        let wait = if since_attempt < since_leader {
+            retry_after.saturating_sub(since_attempt)
+        } else {
+            campaign_after.saturating_sub(since_leader)
+        };
         if !wait.is_zero() {
             // Wake up right at the deadline: campaigns quantized to a coarse tick would
             // collide (and split the vote) more often.
@@ -214,6 +222,7 @@ pub async fn run(node: Arc<ClusterNode>) {
         }
         last_attempt = Some(Instant::now());
         campaign_after = random_campaign_delay();
+        retry_after = random_delay(RETRY_AFTER_MS);
         // During a membership change the configuration is joint: a majority of each.
         let configs = membership.get_joint_config().clone();
         let (granted, refusals) = pre_vote(&node, &voters, view.last_log, &configs).await;
@@ -295,7 +304,13 @@ async fn pre_vote(
 }
 
 fn random_campaign_delay() -> Duration {
-    let (lo, hi) = CAMPAIGN_AFTER_MS;
+    random_delay(CAMPAIGN_AFTER_MS)
+}
+
+/// After an attempt that brought no leader, the next one comes this long (jittered) after it.
+const RETRY_AFTER_MS: (u64, u64) = (250, 650);
+
+fn random_delay((lo, hi): (u64, u64)) -> Duration {
     // A randomly seeded hasher is random enough for a jitter and needs no extra dependency.
     let r = std::collections::hash_map::RandomState::new()
         .build_hasher()
