@@ -377,6 +377,8 @@ mod tests {
             enabled_backends_tag: "a".into(),
             http_to_https: false,
             tls: TlsMode::Acme,
+            access_log: true,
+            access_log_query: true,
             cert: not_after.map(|n| CertPair {
                 chain_pem: String::new(),
                 key_pem: String::new(),

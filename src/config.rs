@@ -36,6 +36,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub lets_encrypt: LetsEncryptConfig,
     pub logging: LoggingConfig,
+    pub access_log: AccessLogConfig,
     pub metrics: MetricsConfig,
     pub health_check: HealthCheckConfig,
     pub resolver: ResolverConfig,
@@ -80,6 +81,9 @@ pub struct ProxyConfig {
     /// Pass header names containing `_` on to backends (nginx's `underscores_in_headers`).
     /// default false: they are dropped.
     pub underscores_in_headers: bool,
+    /// Keep a valid incoming `X-Request-Id` or make one, send it to the backend and back to
+    /// the client (docs/logging.md). default true
+    pub request_id: bool,
     /// Optional default certificate (served when the client sends no SNI or an unknown name).
     /// Both or neither. Files must exist and be readable. When absent a self-signed one is made.
     #[serde(deserialize_with = "non_empty_path")]
@@ -195,6 +199,42 @@ pub struct LoggingConfig {
     pub file_path: Option<PathBuf>,
 }
 
+/// `[access_log]`: one line per request (docs/logging.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// default false
+    pub enabled: bool,
+    /// default "stdout"
+    pub output: AccessLogOutput,
+    /// required when output = "file"; reopened on SIGUSR1 (logrotate)
+    #[serde(deserialize_with = "non_empty_path")]
+    pub file_path: Option<PathBuf>,
+    /// default "json"
+    pub format: AccessLogFormat,
+    /// Lines waiting for the writer thread; when full, lines are dropped and counted.
+    /// default 65536, 1..=4194304
+    #[serde(deserialize_with = "int::<_, _, 1, 4_194_304>")]
+    pub queue_size: usize,
+    /// How often the writer thread writes what is queued. default 100, 1..=10000
+    #[serde(deserialize_with = "int::<_, _, 1, 10_000>")]
+    pub flush_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AccessLogOutput {
+    Stdout,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AccessLogFormat {
+    Json,
+    Combined,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -250,6 +290,10 @@ pub struct VirtualHostConfig {
     pub http_to_https: bool,
     /// default None (plain HTTP only; HTTPS requests get the default cert)
     pub tls: TlsMode,
+    /// default true: this domain's requests are written to the access log
+    pub access_log: bool,
+    /// default true; false: query strings are left out of this domain's access log lines
+    pub access_log_query: bool,
     /// with tls = "manual": both required, files must exist and be readable PEM
     pub cert_path: Option<PathBuf>,
     pub key_path: Option<PathBuf>,
@@ -311,6 +355,7 @@ impl Default for ProxyConfig {
             shutdown_grace_secs: 30,
             max_body_bytes: 1 << 30,
             underscores_in_headers: false,
+            request_id: true,
             default_cert_path: None,
             default_key_path: None,
         }
@@ -356,6 +401,19 @@ impl Default for LoggingConfig {
             format: LogFormat::Text,
             output: LogOutput::Console,
             file_path: None,
+        }
+    }
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            output: AccessLogOutput::Stdout,
+            file_path: None,
+            format: AccessLogFormat::Json,
+            queue_size: 65_536,
+            flush_interval_ms: 100,
         }
     }
 }
@@ -489,6 +547,11 @@ fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
     checked(d, non_empty_string).map(Some)
 }
 
+/// serde default for switches that are on unless written off.
+fn yes() -> bool {
+    true
+}
+
 fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     checked(d, non_empty_string).map(|s| Some(PathBuf::from(s)))
 }
@@ -529,6 +592,28 @@ impl TryFrom<String> for LogFormat {
             "json" => Ok(LogFormat::Json),
             "text" => Ok(LogFormat::Text),
             other => Err(format!("{other:?} is not one of json|text")),
+        }
+    }
+}
+
+impl TryFrom<String> for AccessLogOutput {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "stdout" => Ok(AccessLogOutput::Stdout),
+            "file" => Ok(AccessLogOutput::File),
+            other => Err(format!("{other:?} is not one of stdout|file")),
+        }
+    }
+}
+
+impl TryFrom<String> for AccessLogFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "json" => Ok(AccessLogFormat::Json),
+            "combined" => Ok(AccessLogFormat::Combined),
+            other => Err(format!("{other:?} is not one of json|combined")),
         }
     }
 }
@@ -609,6 +694,7 @@ struct FileConfig {
     cluster: ClusterConfig,
     lets_encrypt: LetsEncryptConfig,
     logging: LoggingConfig,
+    access_log: AccessLogConfig,
     metrics: MetricsConfig,
     health_check: HealthCheckConfig,
     resolver: ResolverConfig,
@@ -625,6 +711,10 @@ struct FileVirtualHost {
     http_to_https: bool,
     #[serde(default, deserialize_with = "opt_rule")]
     tls: Option<TlsMode>,
+    #[serde(default = "yes")]
+    access_log: bool,
+    #[serde(default = "yes")]
+    access_log_query: bool,
     #[serde(default, deserialize_with = "non_empty_path")]
     cert_path: Option<PathBuf>,
     #[serde(default, deserialize_with = "non_empty_path")]
@@ -848,6 +938,21 @@ impl Checker<'_> {
             ),
             _ => {}
         }
+        let access_log = file.access_log;
+        match (access_log.output, &access_log.file_path) {
+            (AccessLogOutput::File, None) => {
+                return Err(self.error(
+                    "access_log.output",
+                    "access_log.file_path",
+                    "required when output = \"file\"",
+                ))
+            }
+            (AccessLogOutput::Stdout, Some(_)) => self.warn(
+                "access_log.file_path",
+                "ignored because output is not \"file\"",
+            ),
+            _ => {}
+        }
         let resolver = file.resolver;
         if resolver.max_ttl_secs < resolver.min_ttl_secs {
             return Err(self.error(
@@ -870,6 +975,7 @@ impl Checker<'_> {
             cluster,
             lets_encrypt,
             logging,
+            access_log,
             metrics,
             health_check: file.health_check,
             resolver,
@@ -1080,6 +1186,8 @@ impl Checker<'_> {
                 enabled_backends_tag: tag,
                 http_to_https: v.http_to_https,
                 tls,
+                access_log: v.access_log,
+                access_log_query: v.access_log_query,
                 cert_path,
                 key_path,
             });

@@ -262,6 +262,8 @@ impl ControlPlane {
         {
             tracing::warn!("Raft did not shut down within 5 s; exiting anyway");
         }
+        // The last requests' lines are written before the process ends.
+        self.data.access_log.flush(Duration::from_secs(2)).await;
         tracing::info!("shut down cleanly");
         std::process::exit(0);
     }
@@ -425,6 +427,8 @@ async fn seed_or_compare(node: Arc<ClusterNode>, seed: Command, file: String) {
                         x.enabled_backends_tag == d.enabled_backends_tag
                             && x.http_to_https == d.http_to_https
                             && x.tls == d.tls
+                            && x.access_log == d.access_log
+                            && x.access_log_query == d.access_log_query
                     })
                 });
             let same_backends = backends.len() == s.backends.len()

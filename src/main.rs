@@ -15,6 +15,7 @@ use pingora_core::services::listening::Service;
 use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};
 use pingora_vhost::control::{ControlPlane, ControlPlaneService};
+use pingora_vhost::observability::access_log::{self, AccessLog};
 use pingora_vhost::observability::{logging, Metrics};
 use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
@@ -98,6 +99,8 @@ fn seed_command(cfg: &Config) -> anyhow::Result<Command> {
             http_to_https: vh.http_to_https,
             tls: vh.tls,
             cert,
+            access_log: vh.access_log,
+            access_log_query: vh.access_log_query,
         });
     }
     let backends = cfg
@@ -183,7 +186,12 @@ fn run(
     create_private_dir(&data_dir)?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
+    // Before anything else can receive it: SIGUSR1 would otherwise end the process.
+    access_log::install_reopen_signal()?;
+    let access_log = AccessLog::start(&cfg.access_log, cfg.cluster.node_id, &metrics)?;
+    let data = Arc::new(
+        DataPlane::new(CertStore::new(default_certificate(&cfg)?)).with_access_log(access_log),
+    );
     let publisher: store::Publisher = {
         let data = data.clone();
         Arc::new(move |state| data.publish(state))
@@ -264,12 +272,15 @@ fn run(
             max_body_bytes: cfg.proxy.max_body_bytes,
             underscores_in_headers: cfg.proxy.underscores_in_headers,
         },
+        request_ids: cfg.proxy.request_id,
     };
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
     let app = VhostApp::new(proxy, &server.configuration);
     let mut proxy_service = Service::new("proxy".to_string(), app);
     proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
-    let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;
+    // The callback keeps each connection's SNI name for the access log.
+    let mut tls_settings =
+        TlsSettings::with_callbacks(Box::new(tls::RecordSni)).context("TLS settings")?;
     tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));
     tls_settings.enable_h2();
     proxy_service.add_tls_with_settings(&cfg.proxy.listen_addr.to_string(), None, tls_settings);

@@ -32,6 +32,17 @@ pub struct Domain {
     pub http_to_https: bool,
     pub tls: TlsMode,
     pub cert: Option<CertPair>,
+    /// Requests to this domain are written to the access log (`[access_log]`). Absent in
+    /// data written before the field existed: on.
+    #[serde(default = "on")]
+    pub access_log: bool,
+    /// Query strings are written to the access log; false drops them (tokens in URLs).
+    #[serde(default = "on")]
+    pub access_log_query: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +78,10 @@ pub struct DomainPatch {
     pub enabled_backends_tag: Option<Tag>,
     pub http_to_https: Option<bool>,
     pub tls: Option<TlsMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log_query: Option<bool>,
     /// `Some(None)` removes the certificate.
     #[serde(
         default,
@@ -407,6 +422,12 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             if let Some(tls) = patch.tls {
                 d.tls = tls;
             }
+            if let Some(v) = patch.access_log {
+                d.access_log = v;
+            }
+            if let Some(v) = patch.access_log_query {
+                d.access_log_query = v;
+            }
             if let Some(cert) = &patch.cert {
                 d.cert = cert.clone();
             }
@@ -559,6 +580,8 @@ pub(crate) mod fixtures {
             enabled_backends_tag: tag.into(),
             http_to_https: false,
             tls: TlsMode::None,
+            access_log: true,
+            access_log_query: true,
             cert: None,
         }
     }

@@ -83,6 +83,8 @@ pub async fn create(
     let domain: DomainName = body.req("domain")?;
     let tag: Tag = body.req("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?.unwrap_or(false);
+    let access_log = body.opt_bool("access_log")?.unwrap_or(true);
+    let access_log_query = body.opt_bool("access_log_query")?.unwrap_or(true);
     let tls_mode = body.opt::<TlsMode>("tls")?;
     let cert = parse_cert(&mut body).await?;
     body.ignore("certificate");
@@ -105,6 +107,8 @@ pub async fn create(
         http_to_https,
         tls: tls_mode,
         cert,
+        access_log,
+        access_log_query,
     };
     created(state.write(Command::CreateDomain(d)).await?)
 }
@@ -134,6 +138,8 @@ pub async fn update(
     }
     let tag = body.opt::<Tag>("enabled_backends_tag")?;
     let http_to_https = body.opt_bool("http_to_https")?;
+    let access_log = body.opt_bool("access_log")?;
+    let access_log_query = body.opt_bool("access_log_query")?;
     let tls_mode = body.opt::<TlsMode>("tls")?;
     let cert = parse_cert(&mut body).await?;
     body.ignore("certificate");
@@ -151,6 +157,8 @@ pub async fn update(
         http_to_https,
         tls: tls_mode,
         cert: cert.map(Some),
+        access_log,
+        access_log_query,
     };
     updated(
         state

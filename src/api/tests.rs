@@ -159,7 +159,9 @@ const BACKEND_KEYS: [&str; 14] = [
     "tags",
 ];
 
-const DOMAIN_KEYS: [&str; 5] = [
+const DOMAIN_KEYS: [&str; 7] = [
+    "access_log",
+    "access_log_query",
     "certificate",
     "domain",
     "enabled_backends_tag",
@@ -303,7 +305,8 @@ async fn domain_create_list_get_update_delete() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{d}");
     let expected = json!({"domain": "example.com", "enabled_backends_tag": "a",
-        "http_to_https": false, "tls": "none", "certificate": null});
+        "http_to_https": false, "tls": "none", "certificate": null,
+        "access_log": true, "access_log_query": true});
     assert_eq!(d, expected);
     assert_eq!(keys(&d), DOMAIN_KEYS);
 

@@ -130,6 +130,8 @@ pub struct DomainView {
     pub http_to_https: bool,
     pub tls: TlsMode,
     pub certificate: Option<DomainCertView>,
+    pub access_log: bool,
+    pub access_log_query: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,6 +151,8 @@ impl From<&Domain> for DomainView {
                 not_after: rfc3339(c.not_after),
                 names: c.names.clone(),
             }),
+            access_log: d.access_log,
+            access_log_query: d.access_log_query,
         }
     }
 }

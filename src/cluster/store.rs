@@ -571,6 +571,8 @@ mod tests {
             enabled_backends_tag: "a".into(),
             http_to_https: false,
             tls: TlsMode::None,
+            access_log: true,
+            access_log_query: true,
             cert: None,
         }
     }

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub raft_quorum: IntGauge,
     pub routes: IntGauge,
     pub requests_in_flight: IntGauge,
+    /// Access log lines written, and lines lost by reason (queue_full: the writer thread
+    /// was behind and the request went on without waiting; write_error: the output failed).
+    pub access_log_lines: prometheus::IntCounter,
+    pub access_log_dropped: IntCounterVec,
     /// (when, requests so far, 5xx so far), one per second for the last minute.
     samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64, u64)>>,
 }
@@ -107,6 +111,23 @@ impl Metrics {
             "pingora_vhost_requests_in_flight",
             "Client requests being served",
         )?;
+        let access_log_lines = prometheus::IntCounter::new(
+            "pingora_vhost_access_log_lines_total",
+            "Access log lines written",
+        )?;
+        let access_log_dropped = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_access_log_dropped_total",
+                "Access log lines lost, by reason (queue_full: the writer thread was behind; the request did not wait. write_error: writing to the output failed)",
+            ),
+            &["reason"],
+        )?;
+        // Both reasons exist from the start, at 0: an alert on them needs no absent series.
+        for reason in ["queue_full", "write_error"] {
+            access_log_dropped.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(access_log_lines.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
@@ -140,6 +161,8 @@ impl Metrics {
             raft_quorum,
             routes,
             requests_in_flight,
+            access_log_lines,
+            access_log_dropped,
             samples: Default::default(),
         })
     }

@@ -87,6 +87,25 @@ impl ClientIo {
         }
     }
 
+    /// The client's port (for the access log).
+    pub fn peer_port(&self) -> u16 {
+        match self {
+            Self::Tcp(tcp) => tcp.peer_addr().map_or(0, |a| a.port()),
+            Self::Pingora(stream) => stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.port()))
+                .unwrap_or(0),
+        }
+    }
+
+    /// The TLS facts of the connection (version, SNI name), for the access log.
+    pub fn ssl_digest(&self) -> Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>> {
+        match self {
+            Self::Tcp(_) => None,
+            Self::Pingora(stream) => stream.get_ssl_digest(),
+        }
+    }
+
     /// Ends the connection after the last answer (FIN after everything written).
     pub async fn close(&mut self) {
         match self {

@@ -12,6 +12,7 @@ pub mod h1;
 pub mod outcome;
 mod pool;
 mod replay;
+pub mod request_id;
 pub mod rules;
 pub mod service;
 pub mod strict;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::live::Live;
+use crate::observability::access_log::AccessLog;
 use crate::state::State;
 use table::RoutingTable;
 use tls::CertStore;
@@ -36,6 +38,8 @@ pub struct DataPlane {
     pub live: Arc<Live>,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
+    /// Where both request paths leave their access log records (off unless configured).
+    pub access_log: AccessLog,
 }
 
 impl DataPlane {
@@ -45,7 +49,13 @@ impl DataPlane {
             certs: Arc::new(certs),
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
+            access_log: AccessLog::off(),
         }
+    }
+
+    pub fn with_access_log(mut self, access_log: AccessLog) -> Self {
+        self.access_log = access_log;
+        self
     }
 
     /// Compiles and swaps in new snapshots for `state`.

@@ -76,6 +76,8 @@ mod tests {
                     enabled_backends_tag: "a".into(),
                     http_to_https: redirect,
                     tls: TlsMode::None,
+                    access_log: true,
+                    access_log_query: true,
                     cert: None,
                 },
             );

@@ -1,9 +1,10 @@
 //! The Pingora `ProxyHttp` implementation: host routing, redirects, backend choice with
 //! retry on failed connects, forwarding headers and the plain-text error answers.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,11 +15,14 @@ use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
 use super::outcome::{self, AttemptFailure};
+use super::request_id::RequestId;
 use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::strict::{self, Refusal, Strictness};
 use super::table::{Route, Upstream};
 use super::DataPlane;
+use crate::clock;
 use crate::live::{BackendRuntime, InFlight};
+use crate::observability::access_log::{Protocol, Record, Text};
 use crate::observability::Metrics;
 
 pub struct VhostProxy {
@@ -33,6 +37,8 @@ pub struct VhostProxy {
     pub client_timeout: Duration,
     /// What a request must look like, as on the lean path (`strict`).
     pub strict: Strictness,
+    /// `[proxy] request_id`: keep or make `X-Request-Id` (`request_id`).
+    pub request_ids: bool,
 }
 
 #[derive(Default)]
@@ -49,6 +55,19 @@ pub struct Ctx {
     counted: bool,
     /// Request body bytes received so far (a chunked body has no length to check up front).
     body_bytes: u64,
+    request_id: RequestId,
+    /// For the access log (set only when it is on): when the request and the current
+    /// attempt started, and what the attempt took.
+    log: Option<LogTimes>,
+}
+
+struct LogTimes {
+    started: Instant,
+    unix_ms: u64,
+    attempt_started: Option<Instant>,
+    backend_addr: Option<SocketAddr>,
+    connect_us: Option<u64>,
+    upstream_us: Option<u64>,
 }
 
 impl Ctx {
@@ -150,9 +169,17 @@ fn check_request(rules: Strictness, req: &mut RequestHeader) -> Result<(), Refus
     Ok(())
 }
 
-async fn respond_plain(session: &mut Session, status: u16, body: String) -> Result<()> {
+async fn respond_plain(
+    session: &mut Session,
+    status: u16,
+    body: String,
+    id: &RequestId,
+) -> Result<()> {
     let body = Bytes::from(body);
-    let mut resp = ResponseHeader::build(status, Some(3))?;
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    if !id.is_none() {
+        resp.insert_header("x-request-id", id.as_str())?;
+    }
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
@@ -187,10 +214,31 @@ impl ProxyHttp for VhostProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
+        if self.data.access_log.is_on() {
+            ctx.log = Some(LogTimes {
+                started: Instant::now(),
+                unix_ms: clock::coarse_unix_ms(),
+                attempt_started: None,
+                backend_addr: None,
+                connect_us: None,
+                upstream_us: None,
+            });
+        }
+        if self.request_ids {
+            // The first one counts, as on the lean path; it replaces the others upstream.
+            let client_id = session.req_header().headers.get("x-request-id");
+            ctx.request_id = RequestId::keep_or_generate(client_id.map(|v| v.as_bytes()));
+        }
         self.apply_client_timeout(session);
         if let Err(refusal) = check_request(self.strict, session.req_header_mut()) {
             session.set_keepalive(None);
-            respond_plain(session, refusal.status(), refusal.to_string()).await?;
+            respond_plain(
+                session,
+                refusal.status(),
+                refusal.to_string(),
+                &ctx.request_id,
+            )
+            .await?;
             return Ok(true);
         }
         ctx.tls = session
@@ -210,16 +258,20 @@ impl ProxyHttp for VhostProxy {
         };
         match decision {
             Decision::AcmeChallenge(key_authorization) => {
-                respond_plain(session, 200, key_authorization).await?;
+                respond_plain(session, 200, key_authorization, &ctx.request_id).await?;
                 Ok(true)
             }
             Decision::UnknownHost => {
-                respond_plain(session, 404, answers::no_virtual_host(&ctx.host)).await?;
+                let body = answers::no_virtual_host(&ctx.host);
+                respond_plain(session, 404, body, &ctx.request_id).await?;
                 Ok(true)
             }
             Decision::Redirect(location) => {
                 let mut resp = ResponseHeader::build(301, Some(3))?;
                 resp.insert_header("location", &location)?;
+                if !ctx.request_id.is_none() {
+                    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+                }
                 resp.insert_header("content-length", "0")?;
                 session.write_response_header(Box::new(resp), true).await?;
                 Ok(true)
@@ -262,6 +314,12 @@ impl ProxyHttp for VhostProxy {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        if let Some(log) = &mut ctx.log {
+            log.attempt_started = Some(Instant::now());
+            log.backend_addr = Some(addr);
+            log.connect_us = None;
+            log.upstream_us = None;
+        }
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
@@ -389,11 +447,58 @@ impl ProxyHttp for VhostProxy {
         upstream_request
             .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        if !ctx.request_id.is_none() {
+            upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
         // h2 clients send :authority only; HTTP/1.1 backends need Host.
         if upstream_request.headers.get(http::header::HOST).is_none() && !ctx.host.is_empty() {
             upstream_request.insert_header(http::header::HOST, ctx.host.as_str())?;
         }
         Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(log) = &mut ctx.log {
+            log.connect_us = match (reused, log.attempt_started) {
+                (false, Some(t)) => Some(t.elapsed().as_micros() as u64),
+                _ => Some(0),
+            };
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The backend's own X-Request-Id (often the one it was sent) is kept.
+        if !ctx.request_id.is_none() && response.headers.get("x-request-id").is_none() {
+            response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let (true, Some(log)) = (end_of_stream, &mut ctx.log) {
+            log.upstream_us = log.attempt_started.map(|t| t.elapsed().as_micros() as u64);
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -414,7 +519,7 @@ impl ProxyHttp for VhostProxy {
         // Once a response head has gone out, an error answer would be read as part of its
         // body: the connection is only cut.
         if code > 0 && session.response_written().is_none() {
-            if let Err(err) = respond_plain(session, code, body).await {
+            if let Err(err) = respond_plain(session, code, body, &ctx.request_id).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
         }
@@ -425,6 +530,9 @@ impl ProxyHttp for VhostProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(log) = ctx.log.take() {
+            self.log_request(session, ctx, log);
+        }
         ctx.release_current();
         if ctx.counted {
             self.data.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -434,6 +542,88 @@ impl ProxyHttp for VhostProxy {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         self.metrics.request_done(status);
+    }
+}
+
+impl VhostProxy {
+    /// The access log record of a request on this path (none when its domain's log is off).
+    fn log_request(&self, session: &Session, ctx: &Ctx, log: LogTimes) {
+        let table;
+        let route = match &ctx.route {
+            Some(route) => Some(route),
+            // Our answers for a known domain (the https redirect) follow its switches too.
+            None if !ctx.host.is_empty() => {
+                table = self.data.routes.load();
+                table.lookup(&ctx.host)
+            }
+            None => None,
+        };
+        if route.is_some_and(|r| !r.access_log) {
+            return;
+        }
+        let req = session.req_header();
+        let header = |name: http::header::HeaderName| {
+            req.headers.get(name).map_or(&b""[..], |v| v.as_bytes())
+        };
+        let client = session.client_addr().and_then(|a| a.as_inet());
+        let client_ip = client.map(|a| a.ip().to_string()).unwrap_or_default();
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
+        let (tls_version, sni) = super::tls::digest_facts(ssl);
+        let keep_query = route.is_none_or(|r| r.access_log_query);
+        let text = Text {
+            client_ip: client_ip.as_bytes(),
+            method: req.method.as_str().as_bytes(),
+            host: ctx.host.as_bytes(),
+            path: req.uri.path().as_bytes(),
+            query: match req.uri.query() {
+                Some(q) if keep_query => q.as_bytes(),
+                _ => b"",
+            },
+            request_id: ctx.request_id.as_bytes(),
+            user_agent: header(http::header::USER_AGENT),
+            referer: header(http::header::REFERER),
+            sni: sni.unwrap_or("").as_bytes(),
+            tag: route.map_or(&b""[..], |r| r.tag.as_bytes()),
+        };
+        let protocol = match req.version {
+            http::Version::HTTP_10 | http::Version::HTTP_09 => Protocol::Http10,
+            http::Version::HTTP_2 => Protocol::Http2,
+            _ => Protocol::Http11,
+        };
+        let mut record = Record::new(&text, protocol);
+        if let Some(u) = &ctx.current {
+            record.set_backend(u.id.as_bytes(), log.backend_addr);
+        }
+        let response = session.response_written();
+        record.unix_ms = log.unix_ms;
+        record.status = response.map_or(0, |r| r.status.as_u16());
+        record.tls_version = tls_version;
+        record.client_port = client.map_or(0, |a| a.port());
+        record.attempts = ctx.tried.len() as u16;
+        // Heads as HTTP/1.1 would write them (HTTP/2 compresses its own).
+        let head_len = |headers: &http::HeaderMap| {
+            headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+                + 2
+        };
+        record.bytes_in = (req.method.as_str().len()
+            + req.raw_path().len()
+            + " HTTP/1.1\r\n".len()
+            + head_len(&req.headers)) as u64
+            + ctx.body_bytes;
+        record.bytes_out = response.map_or(0, |r| {
+            (session.as_downstream().body_bytes_sent()
+                + "HTTP/1.1 200 OK\r\n".len()
+                + head_len(&r.headers)) as u64
+        });
+        record.duration_us = log.started.elapsed().as_micros() as u64;
+        record.upstream_connect_us = log.connect_us;
+        record.upstream_duration_us = log
+            .upstream_us
+            .or_else(|| log.attempt_started.map(|t| t.elapsed().as_micros() as u64));
+        self.data.access_log.log(record);
     }
 }
 

@@ -58,6 +58,10 @@ pub struct Route {
     pub domain: String,
     pub tag: String,
     pub http_to_https: bool,
+    /// This domain's requests go to the access log.
+    pub access_log: bool,
+    /// ... with their query strings.
+    pub access_log_query: bool,
     /// The pool of the domain's active tag, shared by every domain on that tag: 100,000
     /// domains on one pool of 100,000 backends is one list, not 10^10 pointers.
     pub upstreams: Arc<[Arc<Upstream>]>,
@@ -171,6 +175,8 @@ pub fn compile(state: &State, live: &Live) -> RoutingTable {
             domain: d.domain.to_string(),
             tag: d.enabled_backends_tag.to_string(),
             http_to_https: d.http_to_https,
+            access_log: d.access_log,
+            access_log_query: d.access_log_query,
             upstreams: pools
                 .get(d.enabled_backends_tag.as_str())
                 .unwrap_or(&no_pool)
@@ -222,6 +228,8 @@ mod tests {
                     enabled_backends_tag: tag.into(),
                     http_to_https: false,
                     tls: TlsMode::None,
+                    access_log: true,
+                    access_log_query: true,
                     cert: None,
                 },
             );
@@ -348,6 +356,8 @@ mod guard_rail_tests {
                 enabled_backends_tag: "a".into(),
                 http_to_https: false,
                 tls: TlsMode::None,
+                access_log: true,
+                access_log_query: true,
                 cert: None,
             },
         );

@@ -177,6 +177,43 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// The SNI name a client sent, kept with the connection's TLS digest (for the access log;
+/// rustls knows it, Pingora's digest does not carry it).
+#[derive(Debug)]
+pub struct ClientSni(pub String);
+
+/// Records the SNI name once per TLS handshake (`TlsSettings::with_callbacks`).
+pub struct RecordSni;
+
+#[async_trait::async_trait]
+impl pingora_core::listeners::TlsAccept for RecordSni {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora_core::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let name = tls.server_name()?;
+        Some(Arc::new(ClientSni(name.to_string())))
+    }
+}
+
+/// The TLS version and SNI name of a connection, from its digest.
+pub fn digest_facts(
+    digest: Option<&pingora_core::protocols::tls::SslDigest>,
+) -> (Option<&'static str>, Option<&str>) {
+    let Some(d) = digest else {
+        return (None, None);
+    };
+    // Pingora's rustls digest names versions as rustls does ("TLSv1_3"); nginx's names.
+    let version = match d.version.as_ref() {
+        "TLSv1_3" | "TLSv1.3" => "TLSv1.3",
+        "TLSv1_2" | "TLSv1.2" => "TLSv1.2",
+        "" => "",
+        _ => "other",
+    };
+    let sni = d.extension.get::<ClientSni>().map(|s| s.0.as_str());
+    (Some(version).filter(|v| !v.is_empty()), sni)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::super::client_io::ClientIo;
 use super::super::deadline::IoDeadline;
+use super::super::request_id::RequestId;
 
 /// Closing with a request body unread: the rest is read and dropped for up to this long
 /// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
@@ -39,12 +40,35 @@ pub(super) struct Client {
     pub(super) client_timeout: Duration,
     /// The connection ends with a request body (maybe) unread: read it away before closing.
     pub(super) linger: bool,
+    /// For the access log: the client's port, the TLS facts, bytes sent so far.
+    pub(super) client_port: u16,
+    pub(super) ssl: Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>>,
+    pub(super) sent: u64,
+    /// The request being answered: its id (none when ids are off), and what its forwarding
+    /// did (for the access log).
+    pub(super) request_id: RequestId,
+    pub(super) trace: Trace,
+}
+
+/// What forwarding one request did, for its access log line. Times are taken only when
+/// `timing` is set (the request is logged).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Trace {
+    pub(super) timing: bool,
+    pub(super) attempts: u16,
+    /// Index in the route's pool of the last backend tried, and the address used.
+    pub(super) backend: Option<usize>,
+    pub(super) backend_addr: Option<std::net::SocketAddr>,
+    pub(super) connect_us: Option<u64>,
+    pub(super) upstream_us: Option<u64>,
 }
 
 impl Client {
     pub(super) fn new(stream: ClientIo, client_timeout: Duration) -> Self {
         let tls = stream.is_tls();
         let client_ip = stream.peer_ip();
+        let client_port = stream.peer_port();
+        let ssl = stream.ssl_digest();
         Self {
             stream,
             buf: vec![0; 8 * 1024],
@@ -58,6 +82,11 @@ impl Client {
             deadline: IoDeadline::default(),
             client_timeout,
             linger: false,
+            client_port,
+            ssl,
+            sent: 0,
+            request_id: RequestId::NONE,
+            trace: Trace::default(),
         }
     }
 
@@ -135,7 +164,10 @@ impl Client {
         while !rest.is_empty() {
             match deadline.run(timeout, stream.write(rest)).await {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => rest = &rest[n..],
+                Ok(Ok(n)) => {
+                    self.sent += n as u64;
+                    rest = &rest[n..];
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(stalled()),
             }

@@ -2,6 +2,8 @@
 //! (`rules`), and answer it ourselves or forward it; keep the connection or end it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use pingora_core::server::ShutdownWatch;
 
@@ -9,12 +11,17 @@ use super::super::answers;
 use super::super::chunked::ChunkedTracker;
 use super::super::deadline::deadline_after;
 use super::super::replay::RequestEnd;
+use super::super::request_id::RequestId;
 use super::super::rules::{self, Decision};
 use super::super::strict::Refusal;
+use super::super::table::{Route, RoutingTable};
+use super::super::tls;
 use super::super::DataPlane;
-use super::client::Client;
+use super::client::{Client, Trace};
 use super::parse::{parse_request, Parsed, RequestHead};
 use super::{End, Outcome, VhostApp, MAX_HEAD};
+use crate::clock;
+use crate::observability::access_log::{Protocol, Record, Text};
 
 /// Counts a request in flight on the node for as long as it lives.
 struct NodeInFlight<'a>(&'a DataPlane);
@@ -52,6 +59,7 @@ impl VhostApp {
                         client.client_ip.as_deref(),
                         client.tls,
                         self.strict,
+                        self.request_ids,
                     ) {
                         Parsed::Request(head) => break head,
                         Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked))) => {
@@ -101,6 +109,7 @@ impl VhostApp {
             };
             served += 1;
             client.head_request = head.head_method;
+            client.request_id = head.request_id;
             let _in_flight = NodeInFlight::new(&self.data);
             let (status, outcome) = self.handle(client, &head).await;
             self.metrics.request_done(status);
@@ -121,6 +130,9 @@ impl VhostApp {
     /// client still sends is read away, so our answer is not lost to a reset).
     async fn refuse(&self, client: &mut Client, refusal: Refusal) -> End {
         client.head_request = false;
+        client.request_id = RequestId::NONE;
+        let started = self.data.access_log.is_on().then(Instant::now);
+        let sent_before = client.sent;
         let (status, _) = self
             .answer(
                 client,
@@ -131,25 +143,67 @@ impl VhostApp {
             )
             .await;
         self.metrics.request_done(status);
+        if let Some(started) = started {
+            // What is known of a request refused before it was understood: who, and what
+            // it got.
+            let mut record = Record::new(&connection_text(client), Protocol::Http11);
+            record.unix_ms = clock::coarse_unix_ms();
+            record.bytes_in = client.filled as u64;
+            finish_record(record, client, status, sent_before, started, &self.data);
+        }
         client.linger = true;
         End::Close
     }
 
     /// Answers one request; returns the status sent (0 when none) and what comes next.
     async fn handle(&self, client: &mut Client, head: &RequestHead) -> (u16, Outcome) {
-        // Read the request target before the client buffer moves on.
-        let decision = {
+        let started = self.data.access_log.is_on().then(Instant::now);
+        // Read the request target (and, when the request is logged, its text) before the
+        // client buffer moves on.
+        let (decision, record) = {
             let target = std::str::from_utf8(&client.buf[head.target.clone()]).unwrap_or("/");
             let table = self.data.routes.load();
-            Decision::for_request(&table, &head.host, target, client.tls, self.https_port)
+            let decision =
+                Decision::for_request(&table, &head.host, target, client.tls, self.https_port);
+            let record = started.and_then(|_| start_record(client, head, &table, &decision));
+            (decision, record)
         };
+        client.trace = Trace {
+            timing: record.is_some(),
+            ..Trace::default()
+        };
+        let sent_before = client.sent;
+        let (status, outcome, route) = self.answer_decision(client, head, decision).await;
+        if let (Some(mut record), Some(started)) = (record, started) {
+            let trace = client.trace;
+            if let (Some(route), Some(i)) = (route, trace.backend) {
+                if let Some(u) = route.upstreams.get(i) {
+                    record.set_backend(u.id.as_bytes(), trace.backend_addr);
+                }
+            }
+            record.attempts = trace.attempts;
+            record.upstream_connect_us = trace.connect_us;
+            record.upstream_duration_us = trace.upstream_us;
+            record.bytes_in = (head.head_len + head.content_length) as u64;
+            finish_record(record, client, status, sent_before, started, &self.data);
+        }
+        (status, outcome)
+    }
+
+    /// Turns the decision into an answer; the route comes back for the access log.
+    async fn answer_decision(
+        &self,
+        client: &mut Client,
+        head: &RequestHead,
+        decision: Decision,
+    ) -> (u16, Outcome, Option<Arc<Route>>) {
         // An answer of ours leaves any request body unread: close unless there is none.
         let own_answer_outcome = if head.content_length == 0 {
             Outcome::KeepAlive
         } else {
             Outcome::Close
         };
-        match decision {
+        let (status, outcome) = match decision {
             Decision::AcmeChallenge(key_authorization) => {
                 client.consume(head.head_len);
                 self.answer(client, 200, &key_authorization, None, own_answer_outcome)
@@ -168,9 +222,11 @@ impl VhostApp {
             }
             Decision::Proxy(route) => {
                 rules::await_peer_view(&self.data.live).await;
-                self.forward(client, head, &route).await
+                let (status, outcome) = self.forward(client, head, &route).await;
+                return (status, outcome, Some(route));
             }
-        }
+        };
+        (status, outcome, None)
     }
 
     /// Sends an answer of ours (plain text, or an empty redirect).
@@ -197,6 +253,11 @@ impl VhostApp {
             );
         }
         out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if !client.request_id.is_none() {
+            out.extend_from_slice(b"x-request-id: ");
+            out.extend_from_slice(client.request_id.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         if matches!(outcome, Outcome::Close) {
             out.extend_from_slice(b"connection: close\r\n");
         }
@@ -211,4 +272,70 @@ impl VhostApp {
             Err(_) => (status, Outcome::Close),
         }
     }
+}
+
+/// The access log text every record of this connection has: the client and the TLS facts.
+fn connection_text(client: &Client) -> Text<'_> {
+    let (_, sni) = tls::digest_facts(client.ssl.as_deref());
+    Text {
+        client_ip: client.client_ip.as_deref().unwrap_or("").as_bytes(),
+        sni: sni.unwrap_or("").as_bytes(),
+        ..Text::default()
+    }
+}
+
+/// The access log record of a request, with its text copied out of the client buffer; `None`
+/// when its domain's log is off.
+fn start_record(
+    client: &Client,
+    head: &RequestHead,
+    table: &RoutingTable,
+    decision: &Decision,
+) -> Option<Record> {
+    let route = match decision {
+        Decision::Proxy(route) => Some(route),
+        // Our answers for a known domain (the https redirect) follow its switches too.
+        Decision::Redirect(_) => table.lookup(&head.host),
+        Decision::AcmeChallenge(_) | Decision::UnknownHost => None,
+    };
+    if route.is_some_and(|r| !r.access_log) {
+        return None;
+    }
+    let target = &client.buf[head.target.clone()];
+    let (path, query) = match target.iter().position(|b| *b == b'?') {
+        Some(q) => (&target[..q], &target[q + 1..]),
+        None => (target, &[][..]),
+    };
+    let keep_query = route.is_none_or(|r| r.access_log_query);
+    let text = Text {
+        method: &client.buf[head.method.clone()],
+        host: head.host.as_bytes(),
+        path,
+        query: if keep_query { query } else { b"" },
+        request_id: head.request_id.as_bytes(),
+        user_agent: &client.buf[head.user_agent.clone()],
+        referer: &client.buf[head.referer.clone()],
+        tag: route.map_or(&b""[..], |r| r.tag.as_bytes()),
+        ..connection_text(client)
+    };
+    let mut record = Record::new(&text, Protocol::Http11);
+    record.unix_ms = clock::coarse_unix_ms();
+    Some(record)
+}
+
+/// Fills in what the answer did and queues the record.
+fn finish_record(
+    mut record: Record,
+    client: &Client,
+    status: u16,
+    sent_before: u64,
+    started: Instant,
+    data: &DataPlane,
+) {
+    record.status = status;
+    record.client_port = client.client_port;
+    record.tls_version = tls::digest_facts(client.ssl.as_deref()).0;
+    record.bytes_out = client.sent - sent_before;
+    record.duration_us = started.elapsed().as_micros() as u64;
+    data.access_log.log(record);
 }

@@ -3,7 +3,7 @@
 //! head and body.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -123,13 +123,20 @@ impl VhostApp {
             n_tried += 1;
             let upstream = pick.upstream;
             in_flight_backend.set(&upstream.runtime);
-            let result = match upstream.addr() {
+            let addr = upstream.addr();
+            client.trace.attempts = attempts as u16;
+            client.trace.backend = Some(pick.index);
+            client.trace.backend_addr = addr;
+            client.trace.connect_us = None;
+            let attempt_started = client.trace.timing.then(Instant::now);
+            let result = match addr {
                 Some(addr) => {
                     self.attempt(client, head, addr, &upstream.runtime, replayable)
                         .await
                 }
                 None => Err(AttemptError::NoAddress),
             };
+            client.trace.upstream_us = attempt_started.map(|t| t.elapsed().as_micros() as u64);
             let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
             let failure = match result {
                 Ok(done) => return done,
@@ -168,8 +175,16 @@ impl VhostApp {
         replayable: bool,
     ) -> Result<(u16, Outcome), AttemptError> {
         let (mut upstream, reused) = match pool::take(addr) {
-            Some(conn) => (conn, true),
-            None => (self.connect(addr).await?, false),
+            Some(conn) => {
+                client.trace.connect_us = client.trace.timing.then_some(0);
+                (conn, true)
+            }
+            None => {
+                let started = client.trace.timing.then(Instant::now);
+                let conn = self.connect(addr).await?;
+                client.trace.connect_us = started.map(|t| t.elapsed().as_micros() as u64);
+                (conn, false)
+            }
         };
 
         let sent = self

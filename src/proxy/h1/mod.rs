@@ -57,18 +57,21 @@ pub struct VhostApp {
     https_port: u16,
     /// What a request must look like (`[proxy] max_body_bytes`, `underscores_in_headers`).
     strict: Strictness,
+    /// `[proxy] request_id`: keep or make `X-Request-Id`.
+    request_ids: bool,
 }
 
 impl VhostApp {
     pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
-        let (connect_timeout, read_timeout, https_port, client_timeout, strict) = (
+        let (connect_timeout, read_timeout, https_port, client_timeout, strict, request_ids) = (
             proxy.connect_timeout,
             proxy.read_timeout,
             proxy.https_port,
             proxy.client_timeout,
             proxy.strict,
+            proxy.request_ids,
         );
         let mut fallback = HttpProxy::new(proxy, conf.clone());
         fallback.handle_init_modules();
@@ -85,6 +88,7 @@ impl VhostApp {
             client_timeout,
             https_port,
             strict,
+            request_ids,
         }
     }
 }

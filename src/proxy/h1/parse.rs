@@ -4,6 +4,7 @@
 
 use super::super::answers;
 use super::super::replay::RequestEnd;
+use super::super::request_id::RequestId;
 use super::super::strict::{self, Refusal, Strictness, MAX_HEADERS};
 
 /// What the head of a request says, once parsed.
@@ -17,6 +18,12 @@ pub(super) struct RequestHead {
     pub(super) head_method: bool,
     /// The client asked to close after this request.
     pub(super) close: bool,
+    /// For the access log: where these are in the client buffer (empty when absent).
+    pub(super) method: std::ops::Range<usize>,
+    pub(super) user_agent: std::ops::Range<usize>,
+    pub(super) referer: std::ops::Range<usize>,
+    /// The id sent upstream (`X-Request-Id`); none when request ids are off.
+    pub(super) request_id: RequestId,
 }
 
 pub(super) enum Parsed {
@@ -57,6 +64,7 @@ pub(super) fn parse_request(
     client_ip: Option<&str>,
     tls: bool,
     rules: Strictness,
+    request_ids: bool,
 ) -> Parsed {
     // Uninitialised: httparse writes only the headers it finds (no 3 KiB memset per request).
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -85,7 +93,9 @@ pub(super) fn parse_request(
     } else {
         None
     };
-    let target_start = target.as_ptr() as usize - buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
+    let range = |s: &[u8]| offset(s)..offset(s) + s.len();
+    let target_start = offset(target.as_bytes());
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -97,6 +107,9 @@ pub(super) fn parse_request(
     let mut content_length: Option<u64> = None;
     let mut forwarded_for: Option<&[u8]> = None;
     let mut transfer_encoding: Vec<&[u8]> = Vec::new();
+    let mut client_request_id: Option<&[u8]> = None;
+    let mut user_agent = 0..0;
+    let mut referer = 0..0;
     let mut upgrade = false;
     let mut connection_upgrade = false;
     let mut close = false;
@@ -146,6 +159,19 @@ pub(super) fn parse_request(
                 false
             }
             16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
+            // Replaced by the id checked (or made) below; the first one counts.
+            12 if request_ids && name.eq_ignore_ascii_case("x-request-id") => {
+                client_request_id.get_or_insert(h.value);
+                false
+            }
+            10 if name.eq_ignore_ascii_case("user-agent") => {
+                user_agent = range(h.value);
+                true
+            }
+            7 if name.eq_ignore_ascii_case("referer") => {
+                referer = range(h.value);
+                true
+            }
             17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
             17 if name.eq_ignore_ascii_case("transfer-encoding") => {
                 transfer_encoding.push(h.value);
@@ -220,7 +246,17 @@ pub(super) fn parse_request(
     });
     out.extend_from_slice(b"X-Forwarded-Host: ");
     out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    let request_id = if request_ids {
+        let id = RequestId::keep_or_generate(client_request_id);
+        out.extend_from_slice(b"X-Request-Id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        id
+    } else {
+        RequestId::NONE
+    };
+    out.extend_from_slice(b"\r\n");
 
     Parsed::Request(RequestHead {
         head_len,
@@ -233,6 +269,10 @@ pub(super) fn parse_request(
         ),
         head_method: method == "HEAD",
         close,
+        method: range(method.as_bytes()),
+        user_agent,
+        referer,
+        request_id,
     })
 }
 
@@ -274,6 +314,7 @@ pub(super) fn parse_response(
     buf: &[u8],
     head_method: bool,
     close_client: bool,
+    request_id: &[u8],
     out: &mut Vec<u8>,
 ) -> ParsedResponse {
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -295,7 +336,12 @@ pub(super) fn parse_response(
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut other_coding = false;
+    // The backend's own X-Request-Id (often the one it was sent) is kept; else ours is added.
+    let mut add_request_id = !request_id.is_empty();
     for h in resp.headers.iter() {
+        if add_request_id && h.name.len() == 12 && h.name.eq_ignore_ascii_case("x-request-id") {
+            add_request_id = false;
+        }
         if h.name.eq_ignore_ascii_case("content-length") {
             let parsed = std::str::from_utf8(h.value)
                 .ok()
@@ -346,7 +392,8 @@ pub(super) fn parse_response(
     let close_client = close_client || framing == Framing::UntilClose;
     // Transfer-Encoding overrides Content-Length; the client must not see both (RFC 9112 6.3).
     let drop_length = (chunked || other_coding) && length.is_some();
-    let pass_through = version == 1 && !hop_by_hop && !close_client && !drop_length;
+    let pass_through =
+        version == 1 && !hop_by_hop && !close_client && !drop_length && !add_request_id;
     if !pass_through {
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -365,6 +412,11 @@ pub(super) fn parse_response(
         }
         if close_client {
             out.extend_from_slice(b"Connection: close\r\n");
+        }
+        if add_request_id {
+            out.extend_from_slice(b"X-Request-Id: ");
+            out.extend_from_slice(request_id);
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -404,7 +456,14 @@ mod tests {
 
     fn req_with(raw: &str, rules: Strictness) -> (Req, String) {
         let mut out = Vec::new();
-        let r = match parse_request(raw.as_bytes(), &mut out, Some("10.0.0.9"), false, rules) {
+        let r = match parse_request(
+            raw.as_bytes(),
+            &mut out,
+            Some("10.0.0.9"),
+            false,
+            rules,
+            false,
+        ) {
             Parsed::Partial => Req::Partial,
             Parsed::HandOver(why, _) => Req::HandOver(why),
             Parsed::Refuse(refusal) => Req::Refuse(refusal.status()),
@@ -564,7 +623,7 @@ mod tests {
     /// rewritten head when it is not passed through.
     fn resp(raw: &str, head: bool, close: bool) -> Option<(u16, Framing, bool, bool, String)> {
         let mut out = Vec::new();
-        match parse_response(raw.as_bytes(), head, close, &mut out) {
+        match parse_response(raw.as_bytes(), head, close, b"", &mut out) {
             ParsedResponse::Response(r) => Some((
                 r.status,
                 r.framing,

@@ -29,6 +29,7 @@ impl VhostApp {
                     &resp[..filled],
                     head.head_method,
                     close_client,
+                    client.request_id.as_bytes(),
                     &mut client.resp_head,
                 ) {
                     ParsedResponse::Partial => {}
