@@ -506,7 +506,8 @@ async fn switch_answers_the_domain_with_previous_tag() {
     assert_eq!(
         body,
         json!({"domain": "ab.test", "enabled_backends_tag": "b", "http_to_https": false,
-            "tls": "none", "certificate": null, "previous_tag": "a"})
+            "tls": "none", "certificate": null, "previous_tag": "a",
+            "access_log": true, "access_log_query": true})
     );
     let (_, active) = n
         .call("GET", "/api/v1/domains/ab.test/backends", None)

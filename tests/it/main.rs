@@ -7,6 +7,7 @@
 
 mod common;
 
+mod access_log;
 mod acme;
 mod api_errors;
 mod cluster;
