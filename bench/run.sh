@@ -7,6 +7,11 @@
 #   --only LIST       run only the listed proxies (comma-separated); ratios need all three
 #   --skip-build      do not run `cargo build --release`; use the existing binary
 #
+#   Access-log variants (not in the default list): nginx-log (nginx with
+#   `access_log ... combined buffer=64k`) and pingora-vhost-log (`[access_log]` on, to a
+#   file). BENCH_ACCESS_LOG=1 adds both to the run, with their ratios to each other and to
+#   pingora-vhost without a log; or name them in --only.
+#
 # See bench/README.md for what is measured and how. Run as root on Debian (it installs
 # missing packages with apt-get). Everything it starts is killed on exit and its temp
 # dir removed.
@@ -23,6 +28,8 @@
 #   BENCH_PV_BIN=path      pingora-vhost binary (default <target dir>/release/pingora-vhost)
 #   BENCH_RESULTS=path     markdown output (default bench/results/latest.md)
 #   BENCH_KEEP_TMP=1       keep the temp dir (configs, logs, raw wrk output) for debugging
+#   BENCH_ACCESS_LOG=1     also run nginx-log and pingora-vhost-log (see above)
+#   BENCH_PV_LOG_FORMAT=json  format of pingora-vhost-log's access log (json | combined)
 
 set -euo pipefail
 
@@ -38,6 +45,8 @@ RESULTS_MD="${BENCH_RESULTS:-$SCRIPT_DIR/results/latest.md}"
 HOST_HEADER="bench.local"
 
 PROXIES=(nginx haproxy pingora-vhost)
+[ "${BENCH_ACCESS_LOG:-0}" = 1 ] && PROXIES+=(nginx-log pingora-vhost-log)
+PV_LOG_FORMAT="${BENCH_PV_LOG_FORMAT:-json}"
 SKIP_BUILD=0
 
 usage() {
@@ -51,8 +60,8 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || { echo "run.sh: --only needs a list" >&2; exit 2; }
             IFS=, read -r -a PROXIES <<< "$2"; shift
             for p in "${PROXIES[@]}"; do
-                case "$p" in nginx|haproxy|pingora-vhost) ;;
-                    *) echo "run.sh: --only: unknown proxy '$p' (nginx, haproxy, pingora-vhost)" >&2; exit 2 ;;
+                case "$p" in nginx|haproxy|pingora-vhost|nginx-log|pingora-vhost-log) ;;
+                    *) echo "run.sh: --only: unknown proxy '$p' (nginx, haproxy, pingora-vhost, nginx-log, pingora-vhost-log)" >&2; exit 2 ;;
                 esac
             done ;;
         --skip-build) SKIP_BUILD=1 ;;
@@ -68,7 +77,7 @@ for v in DURATION WARMUP RUNS CONNECTIONS PORT_BASE; do
     esac
 done
 has_proxy() { local p; for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
-RUN_PV=0; has_proxy pingora-vhost && RUN_PV=1
+RUN_PV=0; { has_proxy pingora-vhost || has_proxy pingora-vhost-log; } && RUN_PV=1
 ALL3=0; has_proxy nginx && has_proxy haproxy && [ "$RUN_PV" -eq 1 ] && ALL3=1
 BASE2=0; has_proxy nginx && has_proxy haproxy && BASE2=1
 
@@ -300,6 +309,8 @@ take_port ORIGIN_PORT
 take_port NGINX_HTTP;  take_port NGINX_HTTPS
 take_port HAPROXY_HTTP; take_port HAPROXY_HTTPS
 take_port PV_HTTP; take_port PV_HTTPS; take_port PV_API; take_port PV_RPC; take_port PV_GOSSIP
+take_port NGINXL_HTTP;  take_port NGINXL_HTTPS
+take_port PVL_HTTP; take_port PVL_HTTPS; take_port PVL_API; take_port PVL_RPC; take_port PVL_GOSSIP
 
 wait_port() {
     # wait_port PORT PID NAME [TIMEOUT_S]
@@ -407,13 +418,25 @@ EOF
 # Proxies. Each start_* sets PROXY_PID, PROXY_HTTP, PROXY_HTTPS.
 # ---------------------------------------------------------------------------------------
 start_nginx() {
-    local d="$TMP/nginx"; mkdir -p "$d"
+    nginx_variant nginx "$NGINX_HTTP" "$NGINX_HTTPS" "access_log off;"
+}
+
+# The same nginx with its access log on, buffered as production setups do.
+start_nginx_log() {
+    nginx_variant nginx-log "$NGINXL_HTTP" "$NGINXL_HTTPS" \
+        "access_log $TMP/nginx-log/access.log combined buffer=64k;"
+}
+
+# nginx_variant NAME HTTP_PORT HTTPS_PORT ACCESS_LOG_DIRECTIVE
+nginx_variant() {
+    local name="$1" http="$2" https="$3" access_log="$4"
+    local d="$TMP/$name"; mkdir -p "$d"
     {
         nginx_common "$d"
         echo "http {"
         nginx_temp_paths "$d"
         cat <<EOF
-    access_log off;
+    $access_log
     keepalive_requests 100000000;
     keepalive_timeout 300s;
     upstream origin {
@@ -423,8 +446,8 @@ start_nginx() {
         keepalive_timeout 300s;
     }
     server {
-        listen 127.0.0.1:$NGINX_HTTP backlog=4096;
-        listen 127.0.0.1:$NGINX_HTTPS ssl backlog=4096;
+        listen 127.0.0.1:$http backlog=4096;
+        listen 127.0.0.1:$https ssl backlog=4096;
         server_name $HOST_HEADER;
         ssl_certificate $CERT;
         ssl_certificate_key $KEY;
@@ -441,12 +464,12 @@ start_nginx() {
 }
 EOF
     } > "$d/nginx.conf"
-    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/nginx.log" 2>&1 || { show_log nginx; die "nginx config invalid"; }
-    "${PIN_PROXY[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/nginx.log" 2>&1 &
+    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/$name.log" 2>&1 || { show_log "$name"; die "$name config invalid"; }
+    "${PIN_PROXY[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/$name.log" 2>&1 &
     PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
-    PROXY_HTTP="$NGINX_HTTP"; PROXY_HTTPS="$NGINX_HTTPS"
-    wait_port "$NGINX_HTTP" "$PROXY_PID" nginx
-    wait_port "$NGINX_HTTPS" "$PROXY_PID" nginx
+    PROXY_HTTP="$http"; PROXY_HTTPS="$https"
+    wait_port "$http" "$PROXY_PID" "$name"
+    wait_port "$https" "$PROXY_PID" "$name"
 }
 
 start_haproxy() {
@@ -488,13 +511,26 @@ EOF
 }
 
 start_pingora_vhost() {
-    local d="$TMP/pingora-vhost"; mkdir -p "$d/data"
+    pv_variant pingora-vhost "$PV_HTTP" "$PV_HTTPS" "$PV_API" "$PV_RPC" "$PV_GOSSIP" ""
+}
+
+# The same with the access log on (to a file, as nginx-log).
+start_pingora_vhost_log() {
+    pv_variant pingora-vhost-log "$PVL_HTTP" "$PVL_HTTPS" "$PVL_API" "$PVL_RPC" "$PVL_GOSSIP" \
+        "$(printf '[access_log]\nenabled = true\noutput = "file"\nfile_path = "%s"\nformat = "%s"\n' \
+            "$TMP/pingora-vhost-log/access.log" "$PV_LOG_FORMAT")"
+}
+
+# pv_variant NAME HTTP HTTPS API RPC GOSSIP EXTRA_CONFIG
+pv_variant() {
+    local name="$1" http="$2" https="$3" api="$4" rpc="$5" gossip="$6" extra="$7"
+    local d="$TMP/$name"; mkdir -p "$d/data"
     PV_TOKEN="bench-$(openssl rand -hex 16)"
     cat > "$d/config.toml" <<EOF
 [proxy]
-listen_addr = "127.0.0.1:$PV_HTTPS"
-listen_addr_http = "127.0.0.1:$PV_HTTP"
-management_api_addr = "127.0.0.1:$PV_API"
+listen_addr = "127.0.0.1:$https"
+listen_addr_http = "127.0.0.1:$http"
+management_api_addr = "127.0.0.1:$api"
 threads = 1
 shutdown_grace_secs = 1
 # wrk sends the URL host (127.0.0.1) as SNI, so the default certificate is the one it
@@ -508,13 +544,15 @@ token = "$PV_TOKEN"
 [cluster]
 node_id = 1
 data_dir = "$d/data"
-rpc_addr = "127.0.0.1:$PV_RPC"
-gossip_addr = "127.0.0.1:$PV_GOSSIP"
+rpc_addr = "127.0.0.1:$rpc"
+gossip_addr = "127.0.0.1:$gossip"
 seeds = []
 bootstrap_expect = 1
 
 [logging]
 level = "warn"
+
+$extra
 
 [health_check]
 interval_secs = 2
@@ -536,14 +574,14 @@ id = "origin"
 address = "127.0.0.1:$ORIGIN_PORT"
 tags = ["a"]
 EOF
-    (cd "$d" && exec "$PV_BIN" --config "$d/config.toml" --check) >"$TMP/pingora-vhost.log" 2>&1 \
-        || { show_log pingora-vhost; die "pingora-vhost --check rejected $d/config.toml"; }
-    (cd "$d" && exec "${PIN_PROXY[@]}" "$PV_BIN" --config "$d/config.toml") >>"$TMP/pingora-vhost.log" 2>&1 &
+    (cd "$d" && exec "$PV_BIN" --config "$d/config.toml" --check) >"$TMP/$name.log" 2>&1 \
+        || { show_log "$name"; die "$name --check rejected $d/config.toml"; }
+    (cd "$d" && exec "${PIN_PROXY[@]}" "$PV_BIN" --config "$d/config.toml") >>"$TMP/$name.log" 2>&1 &
     PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
-    PROXY_HTTP="$PV_HTTP"; PROXY_HTTPS="$PV_HTTPS"
-    wait_port "$PV_HTTP" "$PROXY_PID" pingora-vhost 60
-    wait_port "$PV_HTTPS" "$PROXY_PID" pingora-vhost 60
-    wait_http pingora-vhost "$PROXY_PID" 60 "" "http://127.0.0.1:$PV_API/api/v1/health"
+    PROXY_HTTP="$http"; PROXY_HTTPS="$https"
+    wait_port "$http" "$PROXY_PID" "$name" 60
+    wait_port "$https" "$PROXY_PID" "$name" 60
+    wait_http "$name" "$PROXY_PID" 60 "" "http://127.0.0.1:$api/api/v1/health"
 }
 
 # Waits until PROXY serves the origin's "ok" for Host: bench.local over HTTP and HTTPS.
@@ -824,6 +862,39 @@ md_ratios() {
     echo "Per round (same round, same minutes): CPU/req pingora-vhost / nginx: ${lists%|*}; req/s pingora-vhost / best: ${lists#*|}."
 }
 
+# paired_median A B PROTO -> median over rounds of CPU/req A / CPU/req B (same round), and
+# the per-round list.
+paired_median() {
+    awk -v a="${ALL_CPU[$1/$3]}" -v b="${ALL_CPU[$2/$3]}" '
+        BEGIN {
+            n = split(a, A, " "); split(b, B, " ")
+            for (i = 1; i <= n; i++) { c[i] = A[i] / B[i]; l = l sprintf("%s%.2f", (i > 1) ? " " : "", c[i]) }
+            for (i = 2; i <= n; i++)
+                for (j = i; j > 1 && c[j - 1] > c[j]; j--) { t = c[j]; c[j] = c[j - 1]; c[j - 1] = t }
+            printf "%.2f %s\n", (n % 2) ? c[(n + 1) / 2] : (c[n / 2] + c[n / 2 + 1]) / 2, l
+        }'
+}
+
+# md_access_log_ratios PROTO: issue #14's access-log targets (CPU/req with logs on <= nginx's
+# with its log on; <= 1.10 x ours with logs off), medians of per-round ratios.
+md_access_log_ratios() {
+    local proto="$1" med list ok
+    has_proxy pingora-vhost-log || return 0
+    echo "| access log ($proto) | median of per-round ratios | target | verdict | per round |"
+    echo "|---|---:|---|---|---|"
+    if has_proxy nginx-log; then
+        read -r med list <<< "$(paired_median pingora-vhost-log nginx-log "$proto")"
+        ok="$(awk -v v="$med" 'BEGIN { print ((v <= 1.0) ? 1 : 0) }')"
+        echo "| CPU/req pingora-vhost-log / nginx-log | $med | <= 1.00 | $(verdict "$ok") | $list |"
+    fi
+    if has_proxy pingora-vhost; then
+        read -r med list <<< "$(paired_median pingora-vhost-log pingora-vhost "$proto")"
+        ok="$(awk -v v="$med" 'BEGIN { print ((v <= 1.10) ? 1 : 0) }')"
+        echo "| CPU/req pingora-vhost-log / pingora-vhost | $med | <= 1.10 | $(verdict "$ok") | $list |"
+    fi
+    echo
+}
+
 report() {
     echo "# pingora-vhost benchmark results"
     echo
@@ -847,6 +918,7 @@ report() {
         echo
         md_ratios "$proto"
         echo
+        md_access_log_ratios "$proto"
     done
     echo "<details><summary>raw wrk output</summary>"
     echo
@@ -896,6 +968,9 @@ text_report() {
             "$rps_med" "$(verdict "$(awk -v v="$rps_med" 'BEGIN { print ((v >= 1.0) ? 1 : 0) }')")" \
             "$cpu_med" "$(verdict "$(awk -v v="$cpu_med" 'BEGIN { print ((v <= 0.9) ? 1 : 0) }')")"
         printf '  per round: CPU/req vs nginx %s; req/s vs best %s\n' "${lists%|*}" "${lists#*|}"
+    done
+    for proto in http https; do
+        md_access_log_ratios "$proto"
     done
 }
 
