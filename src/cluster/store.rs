@@ -628,6 +628,9 @@ mod tests {
         let old = r#"{"domains":{"a.test":{"domain":"a.test","enabled_backends_tag":"a","http_to_https":false,"tls":"none","cert":null}},"backends":{},"seeded":true}"#;
         let data: SnapshotData = serde_json::from_str(old).unwrap();
         assert!(data.state.domains.contains_key("a.test"));
+        // Fields added since read as their defaults: access logs on, with query strings.
+        let d = &data.state.domains["a.test"];
+        assert!(d.access_log && d.access_log_query);
         assert!(data.writes.is_empty());
         // And an older binary (which reads a bare State) reads a new snapshot.
         let mut writes = Sessions::default();

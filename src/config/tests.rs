@@ -751,6 +751,65 @@ fn logging_values() {
 }
 
 #[test]
+fn access_log_values() {
+    let c = ok("");
+    assert!(!c.access_log.enabled);
+    assert_eq!(c.access_log.output, AccessLogOutput::Stdout);
+    assert_eq!(c.access_log.format, AccessLogFormat::Json);
+    assert_eq!(c.access_log.queue_size, 65_536);
+    assert_eq!(c.access_log.flush_interval_ms, 100);
+    assert!(c.proxy.request_id);
+    let cases = [
+        ("format = \"xml\"\n", "access_log.format", "json|combined"),
+        ("output = \"syslog\"\n", "access_log.output", "stdout|file"),
+        (
+            "output = \"file\"\n",
+            "access_log.file_path",
+            "required when output = \"file\"",
+        ),
+        ("queue_size = 0\n", "access_log.queue_size", ""),
+        ("queue_size = 4194305\n", "access_log.queue_size", ""),
+        (
+            "flush_interval_ms = 0\n",
+            "access_log.flush_interval_ms",
+            "",
+        ),
+        (
+            "flush_interval_ms = 10001\n",
+            "access_log.flush_interval_ms",
+            "",
+        ),
+        ("enabled = \"yes\"\n", "access_log.enabled", ""),
+        ("file_path = \"\"\n", "access_log.file_path", ""),
+        ("buffer = 1\n", "access_log.buffer", "unknown field"),
+    ];
+    for (line, field, needle) in cases {
+        assert_err(&format!("[access_log]\n{line}"), 2, field, needle);
+    }
+    let c = ok(
+        "[access_log]\nenabled = true\noutput = \"file\"\nfile_path = \"a.log\"\n\
+                format = \"combined\"\nqueue_size = 1\nflush_interval_ms = 10000\n\
+                [proxy]\nrequest_id = false\n",
+    );
+    assert!(c.access_log.enabled);
+    assert_eq!(c.access_log.file_path, Some(PathBuf::from("a.log")));
+    assert_eq!(c.access_log.format, AccessLogFormat::Combined);
+    assert_eq!(c.access_log.queue_size, 1);
+    assert!(!c.proxy.request_id);
+    let (_, warnings) = parse("[access_log]\nfile_path = \"a.log\"\n").unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+
+    // Per domain: on unless written off.
+    let c = ok(&vhost("a.test"));
+    assert!(c.virtual_hosts[0].access_log && c.virtual_hosts[0].access_log_query);
+    let c = ok(&format!(
+        "{}access_log = false\naccess_log_query = false\n",
+        vhost("a.test")
+    ));
+    assert!(!c.virtual_hosts[0].access_log && !c.virtual_hosts[0].access_log_query);
+}
+
+#[test]
 fn numeric_minimums() {
     for (section, key) in [
         ("proxy", "threads"),

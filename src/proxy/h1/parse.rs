@@ -392,9 +392,17 @@ pub(super) fn parse_response(
     let close_client = close_client || framing == Framing::UntilClose;
     // Transfer-Encoding overrides Content-Length; the client must not see both (RFC 9112 6.3).
     let drop_length = (chunked || other_coding) && length.is_some();
-    let pass_through =
-        version == 1 && !hop_by_hop && !close_client && !drop_length && !add_request_id;
-    if !pass_through {
+    let unchanged = version == 1 && !hop_by_hop && !close_client && !drop_length;
+    let pass_through = unchanged && !add_request_id;
+    if unchanged && add_request_id && buf[..head_len].ends_with(b"\r\n\r\n") {
+        // Only the id to add: the head as it came, the id line before its blank line (a copy,
+        // cheaper than writing the fields one by one).
+        out.clear();
+        out.extend_from_slice(&buf[..head_len - 2]);
+        out.extend_from_slice(b"X-Request-Id: ");
+        out.extend_from_slice(request_id);
+        out.extend_from_slice(b"\r\n\r\n");
+    } else if !pass_through {
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.to_string().as_bytes());
@@ -752,5 +760,108 @@ mod tests {
             head,
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
+    }
+
+    /// The upstream head's `X-Request-Id` (and the head's id) for a request.
+    fn request_id_of(raw: &str) -> (String, Vec<String>) {
+        let mut out = Vec::new();
+        let Parsed::Request(h) = parse_request(raw.as_bytes(), &mut out, None, false, RULES, true)
+        else {
+            panic!("not a lean request: {raw}");
+        };
+        let upstream = String::from_utf8(out).unwrap();
+        let sent: Vec<String> = upstream
+            .lines()
+            .filter_map(|l| l.strip_prefix("X-Request-Id: "))
+            .map(str::to_string)
+            .collect();
+        (h.request_id.as_str().to_string(), sent)
+    }
+
+    #[test]
+    fn request_ids_upstream() {
+        let cases = [
+            // (request, kept: Some(id) or None = generated)
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-1\r\n\r\n",
+                Some("abc-1"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nx-request-id: A/b+c=\r\n\r\n",
+                Some("A/b+c="),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: a b\r\n\r\n",
+                None,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: \r\n\r\n", None),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: \"x\"\r\n\r\n",
+                None,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: one\r\nX-Request-Id: two\r\n\r\n",
+                Some("one"),
+            ),
+        ];
+        for (raw, kept) in cases {
+            let (id, sent) = request_id_of(raw);
+            assert_eq!(sent, vec![id.clone()], "exactly one id upstream: {raw:?}");
+            match kept {
+                Some(k) => assert_eq!(id, k, "{raw:?}"),
+                None => assert!(
+                    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "generated: {id} for {raw:?}"
+                ),
+            }
+        }
+        // Off: the header passes as any other, none is added.
+        let mut out = Vec::new();
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: a b\r\n\r\n";
+        assert!(matches!(
+            parse_request(raw.as_bytes(), &mut out, None, false, RULES, false),
+            Parsed::Request(_)
+        ));
+        let upstream = String::from_utf8(out).unwrap();
+        assert_eq!(upstream.matches("X-Request-Id").count(), 1, "{upstream}");
+        assert!(upstream.contains("X-Request-Id: a b\r\n"), "{upstream}");
+    }
+
+    #[test]
+    fn request_ids_in_responses() {
+        let head = |raw: &str| {
+            let mut out = Vec::new();
+            match parse_response(raw.as_bytes(), false, false, b"id-1", &mut out) {
+                ParsedResponse::Response(r) => (
+                    r.pass_through,
+                    String::from_utf8(if r.pass_through { Vec::new() } else { out }).unwrap(),
+                ),
+                _ => panic!("{raw}"),
+            }
+        };
+        // Added before the blank line; the rest as it came.
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok"),
+            (
+                false,
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\nX-Request-Id: id-1\r\n\r\n"
+                    .to_string()
+            )
+        );
+        // The backend's own is kept (nothing added).
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-request-id: theirs\r\n\r\n"),
+            (true, String::new())
+        );
+        // A head rewritten anyway gets it too, once.
+        let (pass, out) = head("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: x\r\n\r\n");
+        assert!(!pass);
+        assert_eq!(out.matches("X-Request-Id: id-1\r\n").count(), 1, "{out}");
+        assert!(!out.contains("Connection: x"), "{out}");
+        // Bare LF line ends: rewritten field by field.
+        let (pass, out) = head("HTTP/1.1 200 OK\nContent-Length: 0\n\n");
+        assert!(!pass);
+        assert!(out.ends_with("X-Request-Id: id-1\r\n\r\n"), "{out}");
     }
 }
