@@ -76,25 +76,13 @@ impl ClientIo {
         }
     }
 
-    pub fn peer_ip(&self) -> Option<String> {
+    /// The client's address (one `getpeername` for a plain socket, read once per connection).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
-            Self::Tcp(tcp) => tcp.peer_addr().ok().map(|a| a.ip().to_string()),
-            Self::Pingora(stream) => stream.get_socket_digest().and_then(|d| {
-                d.peer_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip().to_string())
-            }),
-        }
-    }
-
-    /// The client's port (for the access log).
-    pub fn peer_port(&self) -> u16 {
-        match self {
-            Self::Tcp(tcp) => tcp.peer_addr().map_or(0, |a| a.port()),
+            Self::Tcp(tcp) => tcp.peer_addr().ok(),
             Self::Pingora(stream) => stream
                 .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.port()))
-                .unwrap_or(0),
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
         }
     }
 

@@ -66,8 +66,9 @@ pub(super) struct Trace {
 impl Client {
     pub(super) fn new(stream: ClientIo, client_timeout: Duration) -> Self {
         let tls = stream.is_tls();
-        let client_ip = stream.peer_ip();
-        let client_port = stream.peer_port();
+        let peer = stream.peer_addr();
+        let client_ip = peer.map(|a| a.ip().to_string());
+        let client_port = peer.map_or(0, |a| a.port());
         let ssl = stream.ssl_digest();
         Self {
             stream,
