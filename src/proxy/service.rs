@@ -14,6 +14,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
+use super::backend_conn::BackendConnector;
 use super::outcome::{self, AttemptFailure};
 use super::request_id::RequestId;
 use super::rules::{self, Decision, MAX_ATTEMPTS};
@@ -320,6 +321,10 @@ impl ProxyHttp for VhostProxy {
             log.connect_us = None;
             log.upstream_us = None;
         }
+        // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`).
+        peer.options.custom_l4 = Some(Arc::new(BackendConnector {
+            connect_timeout: self.connect_timeout,
+        }));
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
