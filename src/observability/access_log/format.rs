@@ -27,7 +27,6 @@ struct Utc {
     hour: u32,
     minute: u32,
     second: u32,
-    milli: u32,
 }
 
 impl Utc {
@@ -42,19 +41,64 @@ impl Utc {
             hour: sod / 3600,
             minute: sod / 60 % 60,
             second: sod % 60,
-            milli: (unix_ms % 1000) as u32,
         }
     }
 }
 
+/// Decimal digits of `n` (the writer formats several numbers per line: `write!` costs more).
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// `n` as exactly `width` digits (zero-padded; `n` must fit).
+fn push_padded(out: &mut Vec<u8>, n: u32, width: usize) {
+    let mut digits = [b'0'; 4];
+    let mut n = n;
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits[..width]);
+}
+
+std::thread_local! {
+    /// The writer thread's last formatted second (`2026-12-06T02:04:22`): lines come in
+    /// thousands per second, the date changes once.
+    static SECOND: std::cell::RefCell<(u64, Vec<u8>)> = const {
+        std::cell::RefCell::new((u64::MAX, Vec::new()))
+    };
+}
+
 /// `2026-12-06T02:04:22.123Z`
 pub fn rfc3339_ms(out: &mut Vec<u8>, unix_ms: u64) {
-    let t = Utc::of(unix_ms);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year, t.month, t.day, t.hour, t.minute, t.second, t.milli
-    );
+    let sec = unix_ms / 1000;
+    SECOND.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != sec {
+            let t = Utc::of(unix_ms);
+            cache.1.clear();
+            let _ = write!(
+                cache.1,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year, t.month, t.day, t.hour, t.minute, t.second
+            );
+            cache.0 = sec;
+        }
+        out.extend_from_slice(&cache.1);
+    });
+    out.push(b'.');
+    push_padded(out, (unix_ms % 1000) as u32, 3);
+    out.push(b'Z');
 }
 
 /// `06/Dec/2026:02:04:22 +0000` (nginx's `$time_local`, in UTC).
@@ -137,7 +181,9 @@ fn json_opt(out: &mut Vec<u8>, s: &[u8]) {
 
 /// Microseconds as milliseconds with three decimals.
 fn ms(out: &mut Vec<u8>, us: u64) {
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    push_u64(out, us / 1000);
+    out.push(b'.');
+    push_padded(out, (us % 1000) as u32, 3);
 }
 
 fn ms_opt(out: &mut Vec<u8>, us: Option<u64>) {
@@ -151,11 +197,15 @@ fn ms_opt(out: &mut Vec<u8>, us: Option<u64>) {
 pub fn json_line(out: &mut Vec<u8>, r: &Record, node_id: u64) {
     out.extend_from_slice(b"{\"time\":\"");
     rfc3339_ms(out, r.unix_ms);
-    let _ = write!(out, "\",\"node_id\":{node_id},\"request_id\":");
+    out.extend_from_slice(b"\",\"node_id\":");
+    push_u64(out, node_id);
+    out.extend_from_slice(b",\"request_id\":");
     json_opt(out, r.get(Field::RequestId));
     out.extend_from_slice(b",\"client_ip\":");
     json_opt(out, r.get(Field::ClientIp));
-    let _ = write!(out, ",\"client_port\":{},\"method\":", r.client_port);
+    out.extend_from_slice(b",\"client_port\":");
+    push_u64(out, u64::from(r.client_port));
+    out.extend_from_slice(b",\"method\":");
     json_opt(out, r.get(Field::Method));
     out.extend_from_slice(b",\"host\":");
     json_opt(out, r.get(Field::Host));
@@ -163,14 +213,15 @@ pub fn json_line(out: &mut Vec<u8>, r: &Record, node_id: u64) {
     json_opt(out, r.get(Field::Path));
     out.extend_from_slice(b",\"query\":");
     json_opt(out, r.get(Field::Query));
-    let _ = write!(
-        out,
-        ",\"protocol\":\"{}\",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
-        r.protocol.as_str(),
-        r.status,
-        r.bytes_in,
-        r.bytes_out
-    );
+    out.extend_from_slice(b",\"protocol\":\"");
+    out.extend_from_slice(r.protocol.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"status\":");
+    push_u64(out, u64::from(r.status));
+    out.extend_from_slice(b",\"bytes_in\":");
+    push_u64(out, r.bytes_in);
+    out.extend_from_slice(b",\"bytes_out\":");
+    push_u64(out, r.bytes_out);
+    out.extend_from_slice(b",\"duration_ms\":");
     ms(out, r.duration_us);
     out.extend_from_slice(b",\"upstream_connect_ms\":");
     ms_opt(out, r.upstream_connect_us);
@@ -187,7 +238,9 @@ pub fn json_line(out: &mut Vec<u8>, r: &Record, node_id: u64) {
     }
     out.extend_from_slice(b",\"tag\":");
     json_opt(out, r.get(Field::Tag));
-    let _ = write!(out, ",\"attempts\":{},\"tls_version\":", r.attempts);
+    out.extend_from_slice(b",\"attempts\":");
+    push_u64(out, u64::from(r.attempts));
+    out.extend_from_slice(b",\"tls_version\":");
     json_opt(out, r.tls_version.unwrap_or("").as_bytes());
     out.extend_from_slice(b",\"sni\":");
     json_opt(out, r.get(Field::Sni));
@@ -238,7 +291,11 @@ pub fn combined_line(out: &mut Vec<u8>, r: &Record) {
     }
     out.push(b' ');
     out.extend_from_slice(r.protocol.as_str().as_bytes());
-    let _ = write!(out, "\" {} {} \"", r.status, r.bytes_out);
+    out.extend_from_slice(b"\" ");
+    push_u64(out, u64::from(r.status));
+    out.push(b' ');
+    push_u64(out, r.bytes_out);
+    out.extend_from_slice(b" \"");
     clf_opt(out, r.get(Field::Referer));
     out.extend_from_slice(b"\" \"");
     clf_opt(out, r.get(Field::UserAgent));
@@ -276,6 +333,32 @@ mod tests {
     }
 
     #[test]
+    fn numbers() {
+        for (n, want) in [
+            (0u64, "0"),
+            (7, "7"),
+            (10, "10"),
+            (65535, "65535"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+        for (us, want) in [
+            (0u64, "0.000"),
+            (7, "0.007"),
+            (1_000, "1.000"),
+            (12_345, "12.345"),
+            (1_000_999, "1000.999"),
+        ] {
+            let mut out = Vec::new();
+            ms(&mut out, us);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
+    #[test]
     fn times() {
         let cases = [
             (
@@ -299,6 +382,16 @@ mod tests {
                 "28/Feb/2100:23:59:59 +0000",
             ),
         ];
+        // The same second again (from the cache), then the next one.
+        let mut out = Vec::new();
+        for ms in [1_796_523_862_000u64, 1_796_523_862_001, 1_796_523_863_000] {
+            rfc3339_ms(&mut out, ms);
+            out.push(b' ');
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-12-06T02:24:22.000Z 2026-12-06T02:24:22.001Z 2026-12-06T02:24:23.000Z "
+        );
         for (ms, iso, clf) in cases {
             let mut out = Vec::new();
             rfc3339_ms(&mut out, ms);
