@@ -79,6 +79,12 @@ std::thread_local! {
     };
 }
 
+std::thread_local! {
+    static LAST_ADDR: std::cell::RefCell<(Option<std::net::SocketAddr>, Vec<u8>)> = const {
+        std::cell::RefCell::new((None, Vec::new()))
+    };
+}
+
 /// `2026-12-06T02:04:22.123Z`
 pub fn rfc3339_ms(out: &mut Vec<u8>, unix_ms: u64) {
     let sec = unix_ms / 1000;
@@ -232,7 +238,16 @@ pub fn json_line(out: &mut Vec<u8>, r: &Record, node_id: u64) {
     out.extend_from_slice(b",\"backend_addr\":");
     match r.backend_addr {
         Some(a) => {
-            let _ = write!(out, "\"{a}\"");
+            // Consecutive lines mostly name the same few backends.
+            LAST_ADDR.with(|cache| {
+                let mut cache = cache.borrow_mut();
+                if cache.0 != Some(a) {
+                    cache.1.clear();
+                    let _ = write!(cache.1, "\"{a}\"");
+                    cache.0 = Some(a);
+                }
+                out.extend_from_slice(&cache.1);
+            });
         }
         None => out.extend_from_slice(b"null"),
     }
@@ -446,6 +461,16 @@ mod tests {
             "referer": null,
         });
         assert_eq!(v, want);
+        // Another backend on the next line, then the first again (the address cache).
+        for addr in ["[::1]:8080", "127.0.0.1:9000"] {
+            let mut r = hostile();
+            r.set_backend(b"b2", Some(addr.parse().unwrap()));
+            let mut out = Vec::new();
+            json_line(&mut out, &r, 3);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["backend_addr"], addr);
+            assert_eq!(v["backend_id"], "b2");
+        }
     }
 
     #[test]
