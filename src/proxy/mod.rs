@@ -18,10 +18,13 @@ pub mod rules;
 pub mod service;
 pub mod strict;
 pub mod table;
+pub mod tickets;
 pub mod tls;
+pub mod tls_accept;
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -29,7 +32,11 @@ use crate::live::Live;
 use crate::observability::access_log::AccessLog;
 use crate::state::State;
 use table::RoutingTable;
+use tickets::Tickets;
 use tls::CertStore;
+
+/// `[proxy] tls_ticket_rotation_secs` by default.
+const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(43_200);
 
 pub struct DataPlane {
     pub routes: ArcSwap<RoutingTable>,
@@ -41,6 +48,8 @@ pub struct DataPlane {
     pub requests_in_flight: AtomicI64,
     /// Where both request paths leave their access log records (off unless configured).
     pub access_log: AccessLog,
+    /// TLS session tickets, sealed with the cluster's shared keys.
+    pub tickets: Arc<Tickets>,
 }
 
 impl DataPlane {
@@ -51,6 +60,7 @@ impl DataPlane {
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
             access_log: AccessLog::off(),
+            tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
         }
     }
 
@@ -59,10 +69,17 @@ impl DataPlane {
         self
     }
 
+    /// Tickets whose lifetime (told to clients) is the rotation period of their keys.
+    pub fn with_ticket_rotation(mut self, rotation: Duration) -> Self {
+        self.tickets = Arc::new(Tickets::new(rotation));
+        self
+    }
+
     /// Compiles and swaps in new snapshots for `state`.
     pub fn publish(&self, state: &State) {
         self.publish_routes(state);
         self.certs.publish(state);
+        self.tickets.publish(state);
     }
 
     /// Recompiles the routing table only (backend addresses changed, certificates did not).

@@ -573,7 +573,8 @@ impl VhostProxy {
         let client = session.client_addr().and_then(|a| a.as_inet());
         let client_ip = client.map(|a| a.ip().to_string()).unwrap_or_default();
         let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
-        let (tls_version, sni) = super::tls::digest_facts(ssl);
+        let tls_version = super::tls::tls_version(ssl);
+        let sni = super::tls::sni_of(ssl);
         let keep_query = route.is_none_or(|r| r.access_log_query);
         let text = Text {
             client_ip: client_ip.as_bytes(),
@@ -587,7 +588,7 @@ impl VhostProxy {
             request_id: ctx.request_id.as_bytes(),
             user_agent: header(http::header::USER_AGENT),
             referer: header(http::header::REFERER),
-            sni: sni.unwrap_or("").as_bytes(),
+            sni: sni.as_deref().unwrap_or("").as_bytes(),
             tag: route.map_or(&b""[..], |r| r.tag.as_bytes()),
         };
         let protocol = match req.version {

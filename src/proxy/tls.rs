@@ -177,41 +177,55 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The SNI name a client sent, kept with the connection's TLS digest (for the access log;
-/// rustls knows it, Pingora's digest does not carry it).
-#[derive(Debug)]
-pub struct ClientSni(pub String);
-
-/// Records the SNI name once per TLS handshake (`TlsSettings::with_callbacks`).
-pub struct RecordSni;
-
-#[async_trait::async_trait]
-impl pingora_core::listeners::TlsAccept for RecordSni {
-    async fn handshake_complete_callback(
-        &self,
-        tls: &pingora_core::protocols::tls::TlsRef,
-    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        let name = tls.server_name()?;
-        Some(Arc::new(ClientSni(name.to_string())))
+/// The TLS version of a connection, from its digest, as nginx names it.
+pub fn tls_version(
+    digest: Option<&pingora_core::protocols::tls::SslDigest>,
+) -> Option<&'static str> {
+    // Pingora's rustls digest names versions as rustls does ("TLSv1_3").
+    match digest?.version.as_ref() {
+        "TLSv1_3" | "TLSv1.3" => Some("TLSv1.3"),
+        "TLSv1_2" | "TLSv1.2" => Some("TLSv1.2"),
+        "" => None,
+        _ => Some("other"),
     }
 }
 
-/// The TLS version and SNI name of a connection, from its digest.
-pub fn digest_facts(
-    digest: Option<&pingora_core::protocols::tls::SslDigest>,
-) -> (Option<&'static str>, Option<&str>) {
-    let Some(d) = digest else {
-        return (None, None);
-    };
-    // Pingora's rustls digest names versions as rustls does ("TLSv1_3"); nginx's names.
-    let version = match d.version.as_ref() {
-        "TLSv1_3" | "TLSv1.3" => "TLSv1.3",
-        "TLSv1_2" | "TLSv1.2" => "TLSv1.2",
-        "" => "",
-        _ => "other",
-    };
-    let sni = d.extension.get::<ClientSni>().map(|s| s.0.as_str());
-    (Some(version).filter(|v| !v.is_empty()), sni)
+// The SNI name of each TLS connection being served on this worker thread, by its digest's
+// address, for the access log. Pingora's digest does not carry the name, and its HTTP/2
+// sessions give the proxy nothing else of the connection; a connection's requests are all
+// served on the thread that accepted it (no work stealing), so a per-thread map is enough
+// and needs no lock.
+std::thread_local! {
+    static SNI_BY_DIGEST: std::cell::RefCell<HashMap<usize, Arc<str>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// Keeps a connection's SNI name findable (`sni_of`) until dropped.
+pub struct SniRegistration(usize);
+
+impl Drop for SniRegistration {
+    fn drop(&mut self) {
+        SNI_BY_DIGEST.with(|m| m.borrow_mut().remove(&self.0));
+    }
+}
+
+fn digest_key(digest: &pingora_core::protocols::tls::SslDigest) -> usize {
+    digest as *const _ as usize
+}
+
+/// Registers the SNI name of a TLS connection (`stream`), if it sent one.
+pub fn register_sni(stream: &pingora_core::protocols::Stream) -> Option<SniRegistration> {
+    let digest = stream.get_ssl_digest()?;
+    let name: Arc<str> = Arc::from(stream.get_ssl()?.server_name()?);
+    let key = digest_key(&digest);
+    SNI_BY_DIGEST.with(|m| m.borrow_mut().insert(key, name));
+    Some(SniRegistration(key))
+}
+
+/// The SNI name registered for the connection with this digest.
+pub fn sni_of(digest: Option<&pingora_core::protocols::tls::SslDigest>) -> Option<Arc<str>> {
+    let key = digest_key(digest?);
+    SNI_BY_DIGEST.with(|m| m.borrow().get(&key).cloned())
 }
 
 #[cfg(test)]

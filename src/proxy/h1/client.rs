@@ -42,6 +42,7 @@ pub(super) struct Client {
     /// For the access log: the client's port, the TLS facts, bytes sent so far.
     pub(super) client_port: u16,
     pub(super) ssl: Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>>,
+    pub(super) sni: Option<std::sync::Arc<str>>,
     pub(super) sent: u64,
     /// The request being answered: its id (none when ids are off), and what its forwarding
     /// did (for the access log).
@@ -69,6 +70,7 @@ impl Client {
         let client_ip = peer.map(|a| a.ip().to_string());
         let client_port = peer.map_or(0, |a| a.port());
         let ssl = stream.ssl_digest();
+        let sni = super::super::tls::sni_of(ssl.as_deref());
         Self {
             stream,
             buf: buffers::take(buffers::REQUEST_BUF),
@@ -83,6 +85,7 @@ impl Client {
             linger: false,
             client_port,
             ssl,
+            sni,
             sent: 0,
             request_id: RequestId::NONE,
             trace: Trace::default(),

@@ -308,10 +308,9 @@ impl VhostApp {
 
 /// The access log text every record of this connection has: the client and the TLS facts.
 fn connection_text(client: &Client) -> Text<'_> {
-    let (_, sni) = tls::digest_facts(client.ssl.as_deref());
     Text {
         client_ip: client.client_ip.as_deref().unwrap_or("").as_bytes(),
-        sni: sni.unwrap_or("").as_bytes(),
+        sni: client.sni.as_deref().unwrap_or("").as_bytes(),
         ..Text::default()
     }
 }
@@ -366,7 +365,7 @@ fn finish_record(
 ) {
     record.status = status;
     record.client_port = client.client_port;
-    record.tls_version = tls::digest_facts(client.ssl.as_deref()).0;
+    record.tls_version = tls::tls_version(client.ssl.as_deref());
     record.bytes_out = client.sent - sent_before;
     record.duration_us = started.elapsed().as_micros() as u64;
     data.access_log.log(record);

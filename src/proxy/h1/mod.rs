@@ -39,6 +39,7 @@ use super::client_io::ClientIo;
 use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
+use super::tls_accept::TlsListener;
 use super::DataPlane;
 use crate::observability::Metrics;
 use client::Client;
@@ -60,6 +61,8 @@ pub struct VhostApp {
     strict: Strictness,
     /// `[proxy] request_id`: keep or make `X-Request-Id`.
     request_ids: bool,
+    /// The HTTPS listener's handshake (`tls_accept`), when it has one.
+    tls: Option<TlsListener>,
 }
 
 impl VhostApp {
@@ -90,7 +93,14 @@ impl VhostApp {
             https_port,
             strict,
             request_ids,
+            tls: None,
         }
+    }
+
+    /// Connections on `tls`'s port are TLS: handshaken here before anything else.
+    pub fn with_tls(mut self, tls: TlsListener) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -101,6 +111,16 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = match &self.tls {
+            Some(tls) if tls.is_mine(&stream) => tls.handshake(stream).await?,
+            _ => stream,
+        };
+        // For the access log, on both paths, for as long as the connection is served.
+        let _sni = self
+            .data
+            .access_log
+            .is_on()
+            .then(|| super::tls::register_sni(&stream));
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;
