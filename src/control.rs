@@ -372,12 +372,31 @@ fn rpc_listen(tls: &Arc<ClusterTls>, metrics: &Arc<Metrics>) -> Option<api::serv
         crate::config::RpcTls::Required => Plaintext::Refuse,
     };
     let (tls, metrics) = (tls.clone(), metrics.clone());
+    // One warning per 10 s at most: a misconfigured peer retries several times a second.
+    let last_warned = std::sync::atomic::AtomicU64::new(0);
+    let warn = move |what: &str| {
+        let now = crate::clock::unix_ms();
+        let last = last_warned.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && last_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!("refused cluster RPC connection: {what} (counted in pingora_vhost_cluster_rpc_refused_total)");
+        }
+    };
     Some(api::server::TlsListen {
         config: Arc::new(move || tls.current().server.clone()),
         plaintext,
         on_event: Arc::new(move |event| match event {
-            ConnEvent::HandshakeFailed => metrics.cluster_rpc_refused("tls"),
-            ConnEvent::PlaintextRefused => metrics.cluster_rpc_refused("plaintext"),
+            ConnEvent::HandshakeFailed => {
+                metrics.cluster_rpc_refused("tls");
+                warn("TLS handshake failed (no certificate of the cluster CA, or not TLS)");
+            }
+            ConnEvent::PlaintextRefused => {
+                metrics.cluster_rpc_refused("plaintext");
+                warn("plaintext while [cluster] rpc_tls = \"required\" (a peer with rpc_tls = \"off\"?)");
+            }
             ConnEvent::PlaintextServed => metrics.cluster_rpc_plaintext(),
         }),
     })
