@@ -429,10 +429,12 @@ fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<api::server:
                     .add(c.with_context(|| format!("[api] client_ca_path {}", ca.display()))?)
                     .with_context(|| format!("[api] client_ca_path {}", ca.display()))?;
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .with_context(|| format!("[api] client_ca_path {}", ca.display()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .with_context(|| format!("[api] client_ca_path {}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

@@ -171,7 +171,10 @@ impl HttpNetwork {
         if self.plaintext_remembered(addr) {
             match self.send(Wire::Plain, peer, addr, path, body, end).await {
                 // An answer from the handler, or its refusal: the peer still serves plaintext.
-                Err(e) if e.status().is_some_and(|s| s != reqwest::StatusCode::UPGRADE_REQUIRED) => {
+                Err(e)
+                    if e.status()
+                        .is_some_and(|s| s != reqwest::StatusCode::UPGRADE_REQUIRED) =>
+                {
                     return Err(e)
                 }
                 Ok(r) => return Ok(r),
@@ -187,7 +190,10 @@ impl HttpNetwork {
             Err(tls_error) if tls_error.is_connect() => {
                 let plain = self.send(Wire::Plain, peer, addr, path, body, end).await;
                 match &plain {
-                    Err(e) if e.is_connect() || e.status() == Some(reqwest::StatusCode::UPGRADE_REQUIRED) => {
+                    Err(e)
+                        if e.is_connect()
+                            || e.status() == Some(reqwest::StatusCode::UPGRADE_REQUIRED) =>
+                    {
                         // Down, or it requires TLS and refused ours: the TLS error says why.
                         return Err(tls_error);
                     }
@@ -200,12 +206,20 @@ impl HttpNetwork {
     }
 
     fn plaintext_remembered(&self, addr: &str) -> bool {
-        let peers = self.plaintext_peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(addr).is_some_and(|at| at.elapsed() < PLAINTEXT_MEMORY)
+        let peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        peers
+            .get(addr)
+            .is_some_and(|at| at.elapsed() < PLAINTEXT_MEMORY)
     }
 
     fn remember_plaintext(&self, peer: NodeId, addr: &str) {
-        let mut peers = self.plaintext_peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, at| at.elapsed() < PLAINTEXT_MEMORY);
         if peers.insert(addr.to_string(), Instant::now()).is_none() {
             tracing::info!(
@@ -217,7 +231,10 @@ impl HttpNetwork {
     }
 
     fn forget_plaintext(&self, addr: &str) {
-        let mut peers = self.plaintext_peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         peers.remove(addr);
     }
 

@@ -90,7 +90,16 @@ impl Issuer {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "pingora-vhost");
-        dn.push(DnType::CommonName, "pingora-vhost cluster CA");
+        // The key's fingerprint in the name: during a secret rollover two derived CAs are
+        // trusted, and a certificate's issuer name then points at exactly one of them.
+        let id = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+        dn.push(
+            DnType::CommonName,
+            format!(
+                "pingora-vhost cluster CA {}",
+                crate::keyring::hex(&id.as_ref()[..8])
+            ),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

@@ -1079,7 +1079,11 @@ fn cluster_tls_files_and_modes() {
     let dir = tempfile::tempdir().unwrap();
     let pem = |name: &str| {
         let p = dir.path().join(name);
-        std::fs::write(&p, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(
+            &p,
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         p.display().to_string()
     };
     let (ca, key, cert, nkey) = (pem("ca.crt"), pem("ca.key"), pem("n.crt"), pem("n.key"));
@@ -1089,7 +1093,10 @@ fn cluster_tls_files_and_modes() {
     let c = ok(&format!(
         "[cluster.tls]\nca_cert_path = '{ca}'\nca_key_path = '{key}'\n"
     ));
-    assert_eq!(c.cluster.tls.ca_key_path.unwrap().display().to_string(), key);
+    assert_eq!(
+        c.cluster.tls.ca_key_path.unwrap().display().to_string(),
+        key
+    );
     let c = ok(&format!(
         "[cluster.tls]\nca_cert_path = '{ca}'\ncert_path = '{cert}'\nkey_path = '{nkey}'\n"
     ));
@@ -1146,7 +1153,11 @@ fn cluster_tls_files_and_modes() {
 fn api_client_ca_needs_tls() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("clients.crt");
-    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     assert_err(
         &format!("[api]\nclient_ca_path = '{}'\n", ca.display()),
         2,

@@ -440,15 +440,25 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
         .json(&append)
         .send()
         .await;
-    assert!(foreign.is_err(), "an append with another CA's certificate: {foreign:?}");
-    assert!(refused(n1).await > before, "node 1 did not count the refused handshake");
+    assert!(
+        foreign.is_err(),
+        "an append with another CA's certificate: {foreign:?}"
+    );
+    assert!(
+        refused(n1).await > before,
+        "node 1 did not count the refused handshake"
+    );
     let member = RpcClient::with(n1, &ca.issuer(), &ca.issuer(), 2)
         .post("/raft/append")
         .json(&append)
         .send()
         .await
         .expect("an append with the cluster CA's certificate gets an answer");
-    assert_eq!(member.status().as_u16(), 403, "no request proof: refused by the MAC check");
+    assert_eq!(
+        member.status().as_u16(),
+        403,
+        "no request proof: refused by the MAC check"
+    );
 
     // A member restarted with another CA's certificate is cut off.
     let (leader, followers) = cluster.leader_and_followers().await;
@@ -578,7 +588,10 @@ async fn management_api_requires_a_client_certificate_of_the_client_ca() {
     .await;
     for (who, c) in [
         ("no certificate", client(None)),
-        ("another CA's certificate", client(Some(&other.issue(&["admin"])))),
+        (
+            "another CA's certificate",
+            client(Some(&other.issue(&["admin"]))),
+        ),
     ] {
         let r = c.get(&url).bearer_auth(TOKEN).send().await;
         assert!(r.is_err(), "a client with {who} got an answer: {r:?}");
@@ -717,7 +730,10 @@ async fn rolling_migration_from_plaintext_rpc_to_mutual_tls_fails_no_request() {
                     .metric("pingora_vhost_cluster_rpc_plaintext_connections_total")
                     .await;
             }
-            assert!(plaintext > 0.0, "no plaintext connection was accepted in mixed mode");
+            assert!(
+                plaintext > 0.0,
+                "no plaintext connection was accepted in mixed mode"
+            );
         }
     }
     let (ok, failures) = traffic.finish().await;
@@ -735,6 +751,10 @@ async fn rolling_migration_from_plaintext_rpc_to_mutual_tls_fails_no_request() {
     );
     // Plaintext after: refused before the request check.
     for n in &cluster.nodes {
-        assert_eq!(plain(n).await, Some(426), "plaintext RPC after the migration");
+        assert_eq!(
+            plain(n).await,
+            Some(426),
+            "plaintext RPC after the migration"
+        );
     }
 }
