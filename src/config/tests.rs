@@ -1170,3 +1170,21 @@ fn api_client_ca_needs_tls() {
     ));
     assert_eq!(c.api.client_ca_path, Some(ca));
 }
+
+#[test]
+fn session_ticket_keys() {
+    let c = ok("");
+    assert!(c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 43_200);
+    let c = ok("[proxy]\ntls_session_tickets = false\ntls_ticket_rotation_secs = 60\n");
+    assert!(!c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 60);
+    for bad in ["59", "604801", "-1"] {
+        assert_err(
+            &format!("[proxy]\ntls_ticket_rotation_secs = {bad}\n"),
+            2,
+            "proxy.tls_ticket_rotation_secs",
+            "",
+        );
+    }
+}
