@@ -126,8 +126,8 @@ impl ClusterTls {
         if !(force || due || changed) {
             return Ok(None);
         }
-        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let next = build(&self.source, self.node_id, generation)?;
+        let mut next = build(&self.source, self.node_id, 0)?;
+        next.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let not_after = next.not_after;
         self.current.store(Arc::new(next));
         Ok(Some(not_after))
@@ -589,7 +589,17 @@ mod tests {
             cert: write("node.crt", cert_pem),
             key: write("node.key", key_pem),
         };
-        assert!(ClusterTls::load(RpcTls::Required, 5, source.clone()).is_ok());
+        let tls = ClusterTls::load(RpcTls::Required, 5, source.clone()).unwrap();
+        // A key file that does not match (half-written files, a mistake): the current
+        // identity stays; once the pair matches again it is taken.
+        let other = issuer.issue(5, time::OffsetDateTime::now_utc()).unwrap();
+        let key_path = dir.path().join("node.key");
+        std::fs::write(&key_path, pem_of("PRIVATE KEY", other.key.secret_der())).unwrap();
+        assert!(tls.refresh(false).is_err());
+        assert_eq!(tls.current().generation, 1);
+        std::fs::write(&key_path, pem_of("PRIVATE KEY", node.key.secret_der())).unwrap();
+        assert!(tls.refresh(true).unwrap().is_some());
+        assert_eq!(tls.current().generation, 2);
         assert!(matches!(
             ClusterTls::load(RpcTls::Required, 3, source),
             Err(TlsError::NotThisNode { .. })
