@@ -16,6 +16,7 @@ use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};
 use pingora_vhost::control::{ControlPlane, ControlPlaneService};
 use pingora_vhost::observability::{logging, Metrics};
+use pingora_vhost::proxy::edge::{Edge, PreTls};
 use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
@@ -109,6 +110,7 @@ fn seed_command(cfg: &Config) -> anyhow::Result<Command> {
             tags: b.tags.clone(),
             health_check_path: b.health_check_path.clone(),
             draining: false,
+            send_proxy_protocol: b.send_proxy_protocol,
         })
         .collect();
     Ok(Command::Seed { domains, backends })
@@ -253,13 +255,16 @@ fn run(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let edge = Arc::new(Edge::new(&cfg.proxy, metrics.clone()));
+    let client_timeout = std::time::Duration::from_secs(cfg.proxy.client_timeout_secs);
     let proxy = VhostProxy {
+        edge: edge.clone(),
         data: data.clone(),
         metrics: metrics.clone(),
         connect_timeout: std::time::Duration::from_millis(cfg.proxy.upstream_connect_timeout_ms),
         read_timeout: std::time::Duration::from_secs(cfg.proxy.upstream_read_timeout_secs),
         https_port: cfg.proxy.listen_addr.port(),
-        client_timeout: std::time::Duration::from_secs(cfg.proxy.client_timeout_secs),
+        client_timeout,
         strict: pingora_vhost::proxy::strict::Strictness {
             max_body_bytes: cfg.proxy.max_body_bytes,
             underscores_in_headers: cfg.proxy.underscores_in_headers,
@@ -273,6 +278,17 @@ fn run(
     tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));
     tls_settings.enable_h2();
     proxy_service.add_tls_with_settings(&cfg.proxy.listen_addr.to_string(), None, tls_settings);
+    // The PROXY protocol header comes before the TLS handshake (the plain listener reads it
+    // on the lean path). Not installed when no source is trusted: nothing is looked for.
+    if edge.expect(None).is_some() {
+        let pre_tls = PreTls {
+            edge,
+            idle_timeout: client_timeout,
+        };
+        proxy_service
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(pre_tls));
+    }
 
     let mut control = background_service(
         "control plane",

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::schema::TlsMode;
+pub use crate::schema::{SendProxyProtocol, TlsMode};
 use crate::schema::{BackendId, DomainName, HealthPath, HostPort, Tag, MAX_BACKENDS, MAX_DOMAINS};
 
 /// A certificate chain and its private key, both PEM, plus facts read from the leaf when the
@@ -42,6 +42,10 @@ pub struct Backend {
     pub health_check_path: Option<HealthPath>,
     /// Drained backends get no new requests (replicated so every node honours it).
     pub draining: bool,
+    /// A PROXY protocol header on every connection to the backend. Absent in states
+    /// written before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<SendProxyProtocol>,
 }
 
 impl Backend {
@@ -88,6 +92,13 @@ pub struct BackendPatch {
         deserialize_with = "double_option"
     )]
     pub health_check_path: Option<Option<HealthPath>>,
+    /// `Some(None)` stops sending the PROXY protocol header.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
+    pub send_proxy_protocol: Option<Option<SendProxyProtocol>>,
 }
 
 /// Every change to the replicated state. One API call is one command, so a rejected call
@@ -455,6 +466,9 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             if let Some(p) = &patch.health_check_path {
                 b.health_check_path = p.clone();
             }
+            if let Some(v) = patch.send_proxy_protocol {
+                b.send_proxy_protocol = v;
+            }
             Ok(Applied::Backend(b.clone()))
         }
         Command::DeleteBackend(id) => match state.backends.remove(id.as_str()) {
@@ -570,6 +584,7 @@ pub(crate) mod fixtures {
             tags: tags.iter().map(|t| (*t).into()).collect(),
             health_check_path: None,
             draining: false,
+            send_proxy_protocol: None,
         }
     }
 }

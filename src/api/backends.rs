@@ -16,7 +16,7 @@ use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
 use crate::live::{now_ms, BackendRuntime};
-use crate::schema::{self, BackendId, HealthPath, HostPort, Tag};
+use crate::schema::{self, BackendId, HealthPath, HostPort, SendProxyProtocol, Tag};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 
 /// The backends each live peer reports down in gossip, read once per API answer.
@@ -127,6 +127,9 @@ pub async fn create(
     let address: HostPort = body.req("address")?;
     let tags = parse_tags(&mut body)?.unwrap_or_default();
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?.flatten();
+    let send_proxy_protocol = body
+        .nullable::<SendProxyProtocol>("send_proxy_protocol")?
+        .flatten();
     ignore_status_fields(&mut body);
     body.finish()?;
     let b = Backend {
@@ -135,6 +138,7 @@ pub async fn create(
         tags,
         health_check_path,
         draining: false,
+        send_proxy_protocol,
     };
     created(&state, state.write(Command::CreateBackend(b)).await?).await
 }
@@ -168,12 +172,14 @@ pub async fn update(
     let address = body.opt::<HostPort>("address")?;
     let tags = parse_tags(&mut body)?;
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?;
+    let send_proxy_protocol = body.nullable::<SendProxyProtocol>("send_proxy_protocol")?;
     ignore_status_fields(&mut body);
     body.finish()?;
     let patch = BackendPatch {
         address,
         tags,
         health_check_path,
+        send_proxy_protocol,
     };
     let applied = state
         .write(Command::UpdateBackend {
@@ -265,6 +271,7 @@ pub async fn probe(
         &b.id,
         &b.address,
         b.health_check_path.as_deref(),
+        b.send_proxy_protocol,
     )
     .await;
     let active = state

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cluster::store::StateMachineStore;
 use crate::config::HealthCheckConfig;
 use crate::live::health::{ActiveState, Thresholds};
 use crate::live::Live;
+use crate::proxy_protocol::{self, Version};
+use crate::schema::SendProxyProtocol;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeResult {
@@ -19,16 +22,34 @@ pub struct ProbeResult {
 }
 
 /// Probes one backend once, at `addr` (what its `address` resolved to; `address` is the
-/// `Host` of an HTTP probe).
+/// `Host` of an HTTP probe). A backend that wants the PROXY protocol gets a `LOCAL` /
+/// `UNKNOWN` header first (a probe relays no client).
 pub async fn probe(
     client: &reqwest::Client,
     address: &str,
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
+    send_proxy: Option<SendProxyProtocol>,
 ) -> ProbeResult {
     let started = Instant::now();
-    let (healthy, detail) = if path.is_empty() {
+    let (healthy, detail) = if let Some(version) = send_proxy {
+        let header = proxy_protocol::local(match version {
+            SendProxyProtocol::V1 => Version::V1,
+            SendProxyProtocol::V2 => Version::V2,
+        });
+        match tokio::time::timeout(timeout, probe_raw(address, addr, path, header)).await {
+            Ok(r) => r,
+            Err(_) if path.is_empty() => (
+                false,
+                format!("TCP connect timed out after {}ms", timeout.as_millis()),
+            ),
+            Err(_) => (
+                false,
+                format!("GET {path} timed out after {}ms", timeout.as_millis()),
+            ),
+        }
+    } else if path.is_empty() {
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
             Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
@@ -66,6 +87,47 @@ pub async fn probe(
     }
 }
 
+/// A probe that starts with a PROXY protocol header: reqwest cannot send one, so the GET is
+/// written by hand (HTTP/1.1, `Connection: close`) and only the status line is read.
+async fn probe_raw(address: &str, addr: SocketAddr, path: &str, header: &[u8]) -> (bool, String) {
+    let mut conn = match tokio::net::TcpStream::connect(addr).await {
+        Ok(c) => c,
+        Err(e) if path.is_empty() => return (false, format!("TCP connect failed: {e}")),
+        Err(_) => return (false, format!("GET {path}: connection failed")),
+    };
+    let mut request = header.to_vec();
+    if !path.is_empty() {
+        request.extend_from_slice(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Err(e) = conn.write_all(&request).await {
+        return (false, format!("sending the PROXY protocol header failed: {e}"));
+    }
+    if path.is_empty() {
+        return (true, "TCP connect succeeded".to_string());
+    }
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let status = head
+        .strip_prefix(b"HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| std::str::from_utf8(code).ok())
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(code) if (200..400).contains(&code) => (true, format!("GET {path} answered {code}")),
+        Some(code) => (false, format!("GET {path} answered {code}")),
+        None => (false, format!("GET {path} failed: no HTTP answer")),
+    }
+}
+
 /// The probe client: no redirects followed, no connection reuse surprises.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -84,6 +146,7 @@ pub async fn check_backend(
     id: &str,
     address: &str,
     path_override: Option<&str>,
+    send_proxy: Option<SendProxyProtocol>,
 ) -> ProbeResult {
     let path = path_override.unwrap_or(&cfg.path);
     // A name with several addresses is probed at its first: health is kept per backend.
@@ -95,6 +158,7 @@ pub async fn check_backend(
                 *addr,
                 path,
                 Duration::from_secs(cfg.timeout_secs),
+                send_proxy,
             )
             .await
         }
@@ -137,7 +201,8 @@ pub async fn run(live: Arc<Live>, sm: StateMachineStore, cfg: HealthCheckConfig)
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let backends: Vec<(String, String, Option<String>)> = sm.with_state(|s| {
+        type Probed = (String, String, Option<String>, Option<SendProxyProtocol>);
+        let backends: Vec<Probed> = sm.with_state(|s| {
             s.backends
                 .values()
                 .map(|b| {
@@ -145,15 +210,17 @@ pub async fn run(live: Arc<Live>, sm: StateMachineStore, cfg: HealthCheckConfig)
                         b.id.to_string(),
                         b.address.to_string(),
                         b.health_check_path.as_ref().map(|p| p.to_string()),
+                        b.send_proxy_protocol,
                     )
                 })
                 .collect()
         });
         futures::stream::iter(backends)
-            .for_each_concurrent(64, |(id, address, path)| {
+            .for_each_concurrent(64, |(id, address, path, send_proxy)| {
                 let (live, client, cfg) = (&live, &client, &cfg);
                 async move {
-                    check_backend(live, client, cfg, &id, &address, path.as_deref()).await;
+                    let path = path.as_deref();
+                    check_backend(live, client, cfg, &id, &address, path, send_proxy).await;
                 }
             })
             .await;

@@ -13,6 +13,8 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
+use super::edge::Edge;
+use super::send_proxy::{self, ProxyHeader};
 use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::strict::{self, Refusal, Strictness};
@@ -33,6 +35,8 @@ pub struct VhostProxy {
     pub client_timeout: Duration,
     /// What a request must look like, as on the lean path (`strict`).
     pub strict: Strictness,
+    /// PROXY protocol and forwarded-header trust (`edge`).
+    pub edge: Arc<Edge>,
 }
 
 #[derive(Default)]
@@ -232,7 +236,7 @@ impl ProxyHttp for VhostProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.release_current();
         let Some(route) = ctx.route.clone() else {
             return Err(Error::new(ErrorType::InternalError));
@@ -262,6 +266,19 @@ impl ProxyHttp for VhostProxy {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        if let Some(version) = upstream.send_proxy {
+            let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
+                a.and_then(|a| a.as_inet()).copied()
+            };
+            let client = inet(session.client_addr());
+            let header = ProxyHeader::new(version, client, inet(session.server_addr()));
+            peer.options.custom_l4 = Some(Arc::new(send_proxy::Connector {
+                header,
+                connect_timeout: self.connect_timeout,
+            }));
+            // A connection that carries one client's header serves only that client.
+            peer.group_key = send_proxy::group_key(client);
+        }
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
@@ -374,21 +391,35 @@ impl ProxyHttp for VhostProxy {
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+            .map(|a| a.ip());
+        // From anyone but a trusted forwarder, what the client claims is replaced.
+        let trusted = self.edge.trusts_forwarder(client_ip);
+        if !trusted {
+            for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+                upstream_request.remove_header(name);
+            }
+        }
         if let Some(ip) = client_ip {
-            let xff = match upstream_request
+            let prev: Vec<&str> = upstream_request
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .collect();
+            let xff = match prev.is_empty() {
+                true => ip.to_string(),
+                false => format!("{}, {ip}", prev.join(", ")),
             };
             upstream_request.insert_header("x-forwarded-for", xff)?;
         }
-        upstream_request
-            .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-        upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        if !upstream_request.headers.contains_key("x-forwarded-proto") {
+            upstream_request
+                .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
+        }
+        if !upstream_request.headers.contains_key("x-forwarded-host") {
+            upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        }
         // h2 clients send :authority only; HTTP/1.1 backends need Host.
         if upstream_request.headers.get(http::header::HOST).is_none() && !ctx.host.is_empty() {
             upstream_request.insert_header(http::header::HOST, ctx.host.as_str())?;

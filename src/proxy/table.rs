@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::live::{now_ms, BackendRuntime, Live};
+use crate::proxy_protocol::Version;
+use crate::schema::SendProxyProtocol;
 use crate::state::State;
 
 /// One backend as the proxy sees it.
@@ -21,6 +23,8 @@ pub struct Upstream {
     next_addr: AtomicUsize,
     pub draining: bool,
     pub runtime: Arc<BackendRuntime>,
+    /// PROXY protocol header to send on each new connection (`send_proxy_protocol`).
+    pub send_proxy: Option<Version>,
 }
 
 impl Upstream {
@@ -147,6 +151,10 @@ pub fn compile(state: &State, live: &Live) -> RoutingTable {
                 next_addr: AtomicUsize::new(0),
                 draining: b.draining,
                 runtime: live.backends.ensure(&b.id),
+                send_proxy: b.send_proxy_protocol.map(|v| match v {
+                    SendProxyProtocol::V1 => Version::V1,
+                    SendProxyProtocol::V2 => Version::V2,
+                }),
             };
             (b.id.as_str(), Arc::new(u))
         })

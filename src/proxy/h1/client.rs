@@ -2,6 +2,7 @@
 //! the buffers reused from request to request, and the timed writes to the client.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +24,12 @@ pub(super) struct Client {
     pub(super) buf: Vec<u8>,
     pub(super) filled: usize,
     pub(super) tls: bool,
+    /// The client's address, after a PROXY protocol header: known once per connection.
+    pub(super) client_addr: Option<SocketAddr>,
     pub(super) client_ip: Option<String>,
+    /// The client is a trusted forwarder (`[proxy] trusted_forwarders`): its
+    /// `X-Forwarded-*` headers are kept.
+    pub(super) trusted_forwarder: bool,
     /// Upstream request (or our own answer) being built.
     pub(super) out: Vec<u8>,
     /// Response head rewritten for the client, when it cannot pass through as it came.
@@ -39,18 +45,24 @@ pub(super) struct Client {
     pub(super) client_timeout: Duration,
     /// The connection ends with a request body (maybe) unread: read it away before closing.
     pub(super) linger: bool,
+    /// A backend connection that started with this client's PROXY protocol header
+    /// (`send_proxy_protocol`): kept for this client's next request, never pooled.
+    pub(super) private_upstream: Option<(SocketAddr, tokio::net::TcpStream)>,
 }
 
 impl Client {
     pub(super) fn new(stream: ClientIo, client_timeout: Duration) -> Self {
         let tls = stream.is_tls();
-        let client_ip = stream.peer_ip();
+        let client_addr = stream.client_addr();
+        let client_ip = client_addr.map(|a| a.ip().to_string());
         Self {
             stream,
             buf: vec![0; 8 * 1024],
             filled: 0,
             tls,
+            client_addr,
             client_ip,
+            trusted_forwarder: false,
             out: Vec::with_capacity(2048),
             resp_head: Vec::new(),
             head_request: false,
@@ -58,6 +70,7 @@ impl Client {
             deadline: IoDeadline::default(),
             client_timeout,
             linger: false,
+            private_upstream: None,
         }
     }
 
@@ -75,6 +88,17 @@ impl Client {
     pub(super) fn into_parts(self) -> (Stream, Bytes) {
         let unread = Bytes::copy_from_slice(&self.buf[..self.filled]);
         (self.stream.into_pingora(), unread)
+    }
+
+    pub(super) fn ip(&self) -> Option<std::net::IpAddr> {
+        self.client_addr.map(|a| a.ip())
+    }
+
+    /// The client is at `addr`, as a PROXY protocol header said.
+    pub(super) fn set_client_addr(&mut self, addr: SocketAddr) {
+        self.stream.set_client_addr(addr);
+        self.client_addr = Some(addr);
+        self.client_ip = Some(addr.ip().to_string());
     }
 
     /// Drops the first `n` buffered bytes (a request that has been handled).

@@ -51,6 +51,7 @@ impl VhostApp {
                         &mut client.out,
                         client.client_ip.as_deref(),
                         client.tls,
+                        client.trusted_forwarder,
                         self.strict,
                     ) {
                         Parsed::Request(head) => break head,

@@ -12,11 +12,13 @@ use super::super::deadline::IoDeadline;
 use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
+use super::super::send_proxy::ProxyHeader;
 use super::super::table::Route;
 use super::client::Client;
 use super::parse::RequestHead;
 use super::{Outcome, VhostApp, MAX_HEAD};
 use crate::live::{BackendRuntime, InFlight};
+use crate::proxy_protocol::Version;
 
 /// Request bodies up to this size are read before sending, so a failed attempt can be sent
 /// again (to a fresh connection or another backend). Larger bodies stream, without retry.
@@ -125,7 +127,8 @@ impl VhostApp {
             in_flight_backend.set(&upstream.runtime);
             let result = match upstream.addr() {
                 Some(addr) => {
-                    self.attempt(client, head, addr, &upstream.runtime, replayable)
+                    let to = (addr, upstream.send_proxy);
+                    self.attempt(client, head, to, &upstream.runtime, replayable)
                         .await
                 }
                 None => Err(AttemptError::NoAddress),
@@ -158,18 +161,22 @@ impl VhostApp {
         }
     }
 
-    /// One attempt on one backend: send the request, relay the response.
+    /// One attempt on one backend (its address, and the PROXY protocol header it wants):
+    /// send the request, relay the response.
     async fn attempt(
         &self,
         client: &mut Client,
         head: &RequestHead,
-        addr: SocketAddr,
+        (addr, send_proxy): (SocketAddr, Option<Version>),
         runtime: &BackendRuntime,
         replayable: bool,
     ) -> Result<(u16, Outcome), AttemptError> {
-        let (mut upstream, reused) = match pool::take(addr) {
-            Some(conn) => (conn, true),
-            None => (self.connect(addr).await?, false),
+        let (mut upstream, reused) = match send_proxy {
+            None => match pool::take(addr) {
+                Some(conn) => (conn, true),
+                None => (self.connect(addr).await?, false),
+            },
+            Some(version) => self.connect_proxied(client, addr, version).await?,
         };
 
         let sent = self
@@ -212,7 +219,10 @@ impl VhostApp {
         };
         outcome::record_response(status, runtime);
         if upstream_reusable {
-            pool::put(addr, upstream);
+            match send_proxy {
+                None => pool::put(addr, upstream),
+                Some(_) => client.private_upstream = Some((addr, upstream)),
+            }
         }
         Ok((status, outcome))
     }
@@ -282,6 +292,26 @@ impl VhostApp {
             left -= n;
         }
         Ok(())
+    }
+
+    /// A connection to a backend that wants the PROXY protocol header: this client's own
+    /// from its last request, or a new one that starts with the header.
+    async fn connect_proxied(
+        &self,
+        client: &mut Client,
+        addr: SocketAddr,
+        version: Version,
+    ) -> Result<(TcpStream, bool), AttemptError> {
+        if let Some((kept, conn)) = client.private_upstream.take() {
+            if kept == addr && pool::still_open(&conn) {
+                return Ok((conn, true));
+            }
+        }
+        let mut conn = self.connect(addr).await?;
+        let header = ProxyHeader::new(version, client.client_addr, client.stream.local_addr());
+        let timeout = self.read_timeout;
+        write_upstream(&mut conn, header.as_bytes(), &mut client.deadline, timeout, false).await?;
+        Ok((conn, false))
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {

@@ -35,6 +35,7 @@ mod parse;
 mod relay;
 
 use super::client_io::ClientIo;
+use super::edge::Edge;
 use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
@@ -57,12 +58,15 @@ pub struct VhostApp {
     https_port: u16,
     /// What a request must look like (`[proxy] max_body_bytes`, `underscores_in_headers`).
     strict: Strictness,
+    /// PROXY protocol and forwarded-header trust.
+    edge: Arc<Edge>,
 }
 
 impl VhostApp {
     pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
+        let edge = proxy.edge.clone();
         let (connect_timeout, read_timeout, https_port, client_timeout, strict) = (
             proxy.connect_timeout,
             proxy.read_timeout,
@@ -85,6 +89,7 @@ impl VhostApp {
             client_timeout,
             https_port,
             strict,
+            edge,
         }
     }
 }
@@ -102,6 +107,11 @@ impl ServerApp for VhostApp {
         }
         let io = ClientIo::from_accepted(stream)?;
         let mut client = Client::new(io, self.client_timeout);
+        // TLS connections had their PROXY protocol header read before the handshake.
+        if !client.tls {
+            self.proxy_protocol(&mut client).await?;
+        }
+        client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
         while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
@@ -116,6 +126,7 @@ impl ServerApp for VhostApp {
             let (stream, unread) = self.serve_one_by_pingora(replayed, true, shutdown).await?;
             // Back to the lean loop for the next request (pipelined or not).
             client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
+            client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
         }
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
@@ -132,6 +143,27 @@ impl ServerApp for VhostApp {
 }
 
 impl VhostApp {
+    /// A plain connection's PROXY protocol header (`edge`): `None` closes the connection.
+    async fn proxy_protocol(&self, client: &mut Client) -> Option<()> {
+        let expect = self.edge.expect(client.ip())?;
+        let Client {
+            stream,
+            buf,
+            filled,
+            ..
+        } = client;
+        match self
+            .edge
+            .start(expect, stream, buf, filled, self.client_timeout)
+            .await
+        {
+            Ok(Some(addr)) => client.set_client_addr(addr),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        Some(())
+    }
+
     /// Pingora's proxy serves the one request `replayed` lets it read; the connection comes
     /// back (with what was read past that request) when it may be reused.
     async fn serve_one_by_pingora(
