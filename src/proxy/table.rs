@@ -219,6 +219,7 @@ mod tests {
                     tags: tags.into_iter().map(Into::into).collect(),
                     health_check_path: None,
                     draining: false,
+                    send_proxy_protocol: None,
                 },
             );
         }
@@ -346,6 +347,7 @@ mod guard_rail_tests {
                     tags: vec!["a".into()],
                     health_check_path: None,
                     draining: false,
+                    send_proxy_protocol: None,
                 },
             );
         }
