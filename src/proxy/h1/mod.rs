@@ -145,7 +145,10 @@ impl ServerApp for VhostApp {
 impl VhostApp {
     /// A plain connection's PROXY protocol header (`edge`): `None` closes the connection.
     async fn proxy_protocol(&self, client: &mut Client) -> Option<()> {
-        let expect = self.edge.expect(client.ip())?;
+        let Some(expect) = self.edge.expect(client.ip()) else {
+            // Off: nothing is looked for.
+            return Some(());
+        };
         let Client {
             stream,
             buf,
