@@ -142,7 +142,7 @@ fn error_message(v: &Value) -> &str {
     v["error"].as_str().expect("error is a string")
 }
 
-const BACKEND_KEYS: [&str; 14] = [
+const BACKEND_KEYS: [&str; 15] = [
     "address",
     "connect_failures",
     "draining",
@@ -156,6 +156,7 @@ const BACKEND_KEYS: [&str; 14] = [
     "resolve_error",
     "resolved_addrs",
     "resolved_unix_ms",
+    "send_proxy_protocol",
     "tags",
 ];
 
