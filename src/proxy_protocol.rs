@@ -142,7 +142,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
                 dst: SocketAddr::new(ip(dst)?, v1_port(dport)?),
             }
         }
-        _ => return Err(ParseError::Malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN")),
+        _ => {
+            return Err(ParseError::Malformed(
+                "v1 protocol is not TCP4, TCP6 or UNKNOWN",
+            ))
+        }
     };
     let header = Header {
         version: Version::V1,
@@ -195,7 +199,9 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ParseError> {
         _ => return Err(ParseError::Malformed("v2 address family")),
     };
     if body.len() < addr_len {
-        return Err(ParseError::Malformed("v2 length shorter than its addresses"));
+        return Err(ParseError::Malformed(
+            "v2 length shorter than its addresses",
+        ));
     }
     check_tlvs(&body[addr_len..])?;
     let header = |source| {
@@ -258,7 +264,12 @@ fn check_tlvs(mut tlvs: &[u8]) -> Result<(), ParseError> {
 
 /// Writes a header for a connection from `src` to `dst` into `out`; returns its length. Mixed
 /// families are written as IPv6 (IPv4-mapped), as HAProxy does.
-pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr, out: &mut [u8; ENCODED_MAX]) -> usize {
+pub fn encode(
+    version: Version,
+    src: SocketAddr,
+    dst: SocketAddr,
+    out: &mut [u8; ENCODED_MAX],
+) -> usize {
     let (src_ip, dst_ip) = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
         (s, d) => (IpAddr::V6(to_v6(s)), IpAddr::V6(to_v6(d))),
@@ -388,48 +399,227 @@ mod tests {
         let v1_max = "PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n";
         let malformed = |why| Err(ParseError::Malformed(why));
         let cases: Vec<(&str, Vec<u8>, Want)> = vec![
-            ("v1 tcp4", v1_tcp4.into(), Ok(Some((Version::V1, proxied("192.0.2.7:51000", "10.0.0.1:443"), v1_tcp4.len())))),
-            ("v1 tcp6 then request", v1_tcp6.into(), Ok(Some((Version::V1, proxied("[2001:db8::7]:51000", "[2001:db8::1]:80"), v1_tcp6.len() - 5)))),
-            ("v1 longest", v1_max.into(), Ok(Some((Version::V1, proxied("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"), v1_max.len())))),
-            ("v1 unknown", b"PROXY UNKNOWN\r\n".to_vec(), Ok(Some((Version::V1, Source::Local, 15)))),
-            ("v1 unknown with addresses", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(), Ok(Some((Version::V1, Source::Local, 35)))),
-            ("v1 truncated", b"PROXY TCP4 192.0.2.7 10.0".to_vec(), Ok(None)),
+            (
+                "v1 tcp4",
+                v1_tcp4.into(),
+                Ok(Some((
+                    Version::V1,
+                    proxied("192.0.2.7:51000", "10.0.0.1:443"),
+                    v1_tcp4.len(),
+                ))),
+            ),
+            (
+                "v1 tcp6 then request",
+                v1_tcp6.into(),
+                Ok(Some((
+                    Version::V1,
+                    proxied("[2001:db8::7]:51000", "[2001:db8::1]:80"),
+                    v1_tcp6.len() - 5,
+                ))),
+            ),
+            (
+                "v1 longest",
+                v1_max.into(),
+                Ok(Some((
+                    Version::V1,
+                    proxied(
+                        "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                        "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                    ),
+                    v1_max.len(),
+                ))),
+            ),
+            (
+                "v1 unknown",
+                b"PROXY UNKNOWN\r\n".to_vec(),
+                Ok(Some((Version::V1, Source::Local, 15))),
+            ),
+            (
+                "v1 unknown with addresses",
+                b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(),
+                Ok(Some((Version::V1, Source::Local, 35))),
+            ),
+            (
+                "v1 truncated",
+                b"PROXY TCP4 192.0.2.7 10.0".to_vec(),
+                Ok(None),
+            ),
             ("v1 prefix only", b"PRO".to_vec(), Ok(None)),
             ("v1 too long", long_v1.into(), Err(ParseError::TooLong)),
-            ("v1 bare LF", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n".to_vec(), malformed("v1 line does not end in CRLF")),
-            ("v1 family v6 address v4", b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(), malformed("v1 address")),
-            ("v1 family v4 address v6", b"PROXY TCP4 ::1 ::1 1 2\r\n".to_vec(), malformed("v1 address")),
-            ("v1 port too big", b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n".to_vec(), malformed("v1 port")),
-            ("v1 port leading zero", b"PROXY TCP4 1.2.3.4 5.6.7.8 080 2\r\n".to_vec(), malformed("v1 port")),
-            ("v1 port sign", b"PROXY TCP4 1.2.3.4 5.6.7.8 +80 2\r\n".to_vec(), malformed("v1 port")),
-            ("v1 missing field", b"PROXY TCP4 1.2.3.4 5.6.7.8 80\r\n".to_vec(), malformed("v1 line needs 4 address fields")),
-            ("v1 extra field", b"PROXY TCP4 1.2.3.4 5.6.7.8 80 81 x\r\n".to_vec(), malformed("v1 line needs 4 address fields")),
-            ("v1 double space", b"PROXY TCP4  1.2.3.4 5.6.7.8 80 81\r\n".to_vec(), malformed("v1 line needs 4 address fields")),
-            ("v1 udp", b"PROXY UDP4 1.2.3.4 5.6.7.8 80 81\r\n".to_vec(), malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN")),
-            ("v1 lower case", b"proxy TCP4 1.2.3.4 5.6.7.8 80 81\r\n".to_vec(), Err(ParseError::Missing)),
-            ("v1 not utf8", b"PROXY TCP4 \xff\r\n".to_vec(), malformed("v1 line is not ASCII")),
-            ("v2 tcp4", v2(0x21, 0x11, &v4_body()), Ok(Some((Version::V2, proxied("192.0.2.7:51000", "10.0.0.1:443"), 28)))),
-            ("v2 tcp6", v2(0x21, 0x21, &v6_body()), Ok(Some((Version::V2, proxied("[2001:db8::7]:51000", "[2001:db8::1]:80"), 52)))),
-            ("v2 tcp4 with TLVs", v2(0x21, 0x11, &tlvs), Ok(Some((Version::V2, proxied("192.0.2.7:51000", "10.0.0.1:443"), 16 + tlvs.len())))),
-            ("v2 then request", with_request, Ok(Some((Version::V2, proxied("192.0.2.7:51000", "10.0.0.1:443"), 28)))),
-            ("v2 local", v2(0x20, 0x00, &[]), Ok(Some((Version::V2, Source::Local, 16)))),
-            ("v2 local with addresses", v2(0x20, 0x11, &v4_body()), Ok(Some((Version::V2, Source::Local, 28)))),
-            ("v2 unspec family", v2(0x21, 0x00, &[]), Ok(Some((Version::V2, Source::Local, 16)))),
-            ("v2 unix family", v2(0x21, 0x31, &[0; 216]), Ok(Some((Version::V2, Source::Local, 232)))),
+            (
+                "v1 bare LF",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n".to_vec(),
+                malformed("v1 line does not end in CRLF"),
+            ),
+            (
+                "v1 family v6 address v4",
+                b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(),
+                malformed("v1 address"),
+            ),
+            (
+                "v1 family v4 address v6",
+                b"PROXY TCP4 ::1 ::1 1 2\r\n".to_vec(),
+                malformed("v1 address"),
+            ),
+            (
+                "v1 port too big",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n".to_vec(),
+                malformed("v1 port"),
+            ),
+            (
+                "v1 port leading zero",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 080 2\r\n".to_vec(),
+                malformed("v1 port"),
+            ),
+            (
+                "v1 port sign",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 +80 2\r\n".to_vec(),
+                malformed("v1 port"),
+            ),
+            (
+                "v1 missing field",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 80\r\n".to_vec(),
+                malformed("v1 line needs 4 address fields"),
+            ),
+            (
+                "v1 extra field",
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 80 81 x\r\n".to_vec(),
+                malformed("v1 line needs 4 address fields"),
+            ),
+            (
+                "v1 double space",
+                b"PROXY TCP4  1.2.3.4 5.6.7.8 80 81\r\n".to_vec(),
+                malformed("v1 line needs 4 address fields"),
+            ),
+            (
+                "v1 udp",
+                b"PROXY UDP4 1.2.3.4 5.6.7.8 80 81\r\n".to_vec(),
+                malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN"),
+            ),
+            (
+                "v1 lower case",
+                b"proxy TCP4 1.2.3.4 5.6.7.8 80 81\r\n".to_vec(),
+                Err(ParseError::Missing),
+            ),
+            (
+                "v1 not utf8",
+                b"PROXY TCP4 \xff\r\n".to_vec(),
+                malformed("v1 line is not ASCII"),
+            ),
+            (
+                "v2 tcp4",
+                v2(0x21, 0x11, &v4_body()),
+                Ok(Some((
+                    Version::V2,
+                    proxied("192.0.2.7:51000", "10.0.0.1:443"),
+                    28,
+                ))),
+            ),
+            (
+                "v2 tcp6",
+                v2(0x21, 0x21, &v6_body()),
+                Ok(Some((
+                    Version::V2,
+                    proxied("[2001:db8::7]:51000", "[2001:db8::1]:80"),
+                    52,
+                ))),
+            ),
+            (
+                "v2 tcp4 with TLVs",
+                v2(0x21, 0x11, &tlvs),
+                Ok(Some((
+                    Version::V2,
+                    proxied("192.0.2.7:51000", "10.0.0.1:443"),
+                    16 + tlvs.len(),
+                ))),
+            ),
+            (
+                "v2 then request",
+                with_request,
+                Ok(Some((
+                    Version::V2,
+                    proxied("192.0.2.7:51000", "10.0.0.1:443"),
+                    28,
+                ))),
+            ),
+            (
+                "v2 local",
+                v2(0x20, 0x00, &[]),
+                Ok(Some((Version::V2, Source::Local, 16))),
+            ),
+            (
+                "v2 local with addresses",
+                v2(0x20, 0x11, &v4_body()),
+                Ok(Some((Version::V2, Source::Local, 28))),
+            ),
+            (
+                "v2 unspec family",
+                v2(0x21, 0x00, &[]),
+                Ok(Some((Version::V2, Source::Local, 16))),
+            ),
+            (
+                "v2 unix family",
+                v2(0x21, 0x31, &[0; 216]),
+                Ok(Some((Version::V2, Source::Local, 232))),
+            ),
             ("v2 signature only", V2_SIGNATURE.to_vec(), Ok(None)),
             ("v2 signature part", V2_SIGNATURE[..5].to_vec(), Ok(None)),
-            ("v2 addresses truncated", v2(0x21, 0x11, &v4_body())[..20].to_vec(), Ok(None)),
-            ("v2 version 1", v2(0x11, 0x11, &v4_body()), malformed("v2 version is not 2")),
-            ("v2 command 2", v2(0x22, 0x11, &v4_body()), malformed("v2 command is not LOCAL or PROXY")),
-            ("v2 family 4", v2(0x21, 0x41, &v4_body()), malformed("v2 address family")),
-            ("v2 udp", v2(0x21, 0x12, &v4_body()), malformed("v2 transport is not a stream")),
-            ("v2 length too short for v6", v2(0x21, 0x21, &v4_body()), malformed("v2 length shorter than its addresses")),
-            ("v2 TLV overrun", v2(0x21, 0x11, &tlv_overrun), malformed("v2 TLV longer than the header")),
-            ("v2 TLV cut", v2(0x21, 0x11, &tlv_cut), malformed("v2 TLV cut short")),
+            (
+                "v2 addresses truncated",
+                v2(0x21, 0x11, &v4_body())[..20].to_vec(),
+                Ok(None),
+            ),
+            (
+                "v2 version 1",
+                v2(0x11, 0x11, &v4_body()),
+                malformed("v2 version is not 2"),
+            ),
+            (
+                "v2 command 2",
+                v2(0x22, 0x11, &v4_body()),
+                malformed("v2 command is not LOCAL or PROXY"),
+            ),
+            (
+                "v2 family 4",
+                v2(0x21, 0x41, &v4_body()),
+                malformed("v2 address family"),
+            ),
+            (
+                "v2 udp",
+                v2(0x21, 0x12, &v4_body()),
+                malformed("v2 transport is not a stream"),
+            ),
+            (
+                "v2 length too short for v6",
+                v2(0x21, 0x21, &v4_body()),
+                malformed("v2 length shorter than its addresses"),
+            ),
+            (
+                "v2 TLV overrun",
+                v2(0x21, 0x11, &tlv_overrun),
+                malformed("v2 TLV longer than the header"),
+            ),
+            (
+                "v2 TLV cut",
+                v2(0x21, 0x11, &tlv_cut),
+                malformed("v2 TLV cut short"),
+            ),
             ("v2 oversized", huge, Err(ParseError::TooLong)),
-            ("http request", b"GET / HTTP/1.1\r\n".to_vec(), Err(ParseError::Missing)),
-            ("tls hello", vec![0x16, 3, 1, 0, 0xc8], Err(ParseError::Missing)),
-            ("garbage", b"\r\n\r\nQUIT".to_vec(), Err(ParseError::Missing)),
+            (
+                "http request",
+                b"GET / HTTP/1.1\r\n".to_vec(),
+                Err(ParseError::Missing),
+            ),
+            (
+                "tls hello",
+                vec![0x16, 3, 1, 0, 0xc8],
+                Err(ParseError::Missing),
+            ),
+            (
+                "garbage",
+                b"\r\n\r\nQUIT".to_vec(),
+                Err(ParseError::Missing),
+            ),
             ("empty", Vec::new(), Ok(None)),
         ];
         for (name, bytes, want) in cases {
@@ -442,7 +632,10 @@ mod tests {
     fn local_headers_parse_back() {
         for version in [Version::V1, Version::V2] {
             let h = local(version);
-            let want = Header { version, source: Source::Local };
+            let want = Header {
+                version,
+                source: Source::Local,
+            };
             assert_eq!(parse(h), Ok(Some((want, h.len()))));
         }
     }
@@ -471,11 +664,15 @@ mod tests {
             ("192.0.2.7:51000", "10.0.0.1:443"),
             ("[2001:db8::7]:1", "[2001:db8::1]:65535"),
             ("192.0.2.7:51000", "[2001:db8::1]:80"),
-            ("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+            ),
         ];
         for version in [Version::V1, Version::V2] {
             for (src, dst) in pairs {
-                let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+                let (src, dst): (SocketAddr, SocketAddr) =
+                    (src.parse().unwrap(), dst.parse().unwrap());
                 let mut out = [0u8; ENCODED_MAX];
                 let n = encode(version, src, dst, &mut out);
                 let (h, len) = parse(&out[..n]).unwrap().unwrap();
@@ -489,7 +686,12 @@ mod tests {
             }
         }
         let mut out = [0u8; ENCODED_MAX];
-        let n = encode(Version::V1, "192.0.2.7:51000".parse().unwrap(), "10.0.0.1:443".parse().unwrap(), &mut out);
+        let n = encode(
+            Version::V1,
+            "192.0.2.7:51000".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap(),
+            &mut out,
+        );
         assert_eq!(&out[..n], b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n");
     }
 }

@@ -225,11 +225,15 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.net, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(ip) & mask == u32::from(net)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(ip) & mask == u128::from(net)
             }
             _ => false,
@@ -245,7 +249,9 @@ impl FieldRule for Cidr {
             ))
         };
         let (ip, prefix) = match raw.split_once('/') {
-            Some((ip, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 => {
+            Some((ip, p))
+                if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 =>
+            {
                 (ip, Some(p.parse::<u8>().map_err(|_| bad())?))
             }
             Some(_) => return Err(bad()),
@@ -638,8 +644,16 @@ mod tests {
             assert!(!c.contains(ip(outside)), "{net} does not hold {outside}");
         }
         for bad in [
-            "10.0.0.1/8", "10.0.0.0/33", "::/129", "10.0.0.0/", "10.0.0.0/+8", "10.0.0.0/08x",
-            "example.com", "", "10.0.0.0/8/8", "::ffff:10.0.0.0/104",
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/08x",
+            "example.com",
+            "",
+            "10.0.0.0/8/8",
+            "::ffff:10.0.0.0/104",
         ] {
             assert!(Cidr::parse(bad).is_err(), "{bad:?} refused");
         }

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::schema::{SendProxyProtocol, TlsMode};
 use crate::schema::{BackendId, DomainName, HealthPath, HostPort, Tag, MAX_BACKENDS, MAX_DOMAINS};
+pub use crate::schema::{SendProxyProtocol, TlsMode};
 
 /// A certificate chain and its private key, both PEM, plus facts read from the leaf when the
 /// command was built (so `apply` never parses certificates).

@@ -1076,13 +1076,18 @@ fn free_form_strings_are_bounded() {
 
 #[test]
 fn proxy_protocol_and_forwarders() {
-    let c = ok("[proxy]\ntrusted_forwarders = [\"192.0.2.0/24\", \"2001:db8::1\"]\n\
+    let c = ok(
+        "[proxy]\ntrusted_forwarders = [\"192.0.2.0/24\", \"2001:db8::1\"]\n\
                 [proxy.proxy_protocol]\ntrusted = [\"10.0.0.0/8\"]\nheader_timeout_ms = 250\n\
-                [[backends]]\nid = \"x\"\naddress = \"x:1\"\nsend_proxy_protocol = \"v2\"\n");
+                [[backends]]\nid = \"x\"\naddress = \"x:1\"\nsend_proxy_protocol = \"v2\"\n",
+    );
     assert_eq!(c.proxy.trusted_forwarders.len(), 2);
     assert_eq!(c.proxy.proxy_protocol.trusted[0].to_string(), "10.0.0.0/8");
     assert_eq!(c.proxy.proxy_protocol.header_timeout_ms, 250);
-    assert_eq!(c.backends[0].send_proxy_protocol, Some(SendProxyProtocol::V2));
+    assert_eq!(
+        c.backends[0].send_proxy_protocol,
+        Some(SendProxyProtocol::V2)
+    );
     let d = ok("");
     assert!(d.proxy.proxy_protocol.trusted.is_empty() && d.proxy.trusted_forwarders.is_empty());
     assert_eq!(d.proxy.proxy_protocol.header_timeout_ms, 5000);

@@ -103,7 +103,10 @@ async fn probe_raw(address: &str, addr: SocketAddr, path: &str, header: &[u8]) -
         );
     }
     if let Err(e) = conn.write_all(&request).await {
-        return (false, format!("sending the PROXY protocol header failed: {e}"));
+        return (
+            false,
+            format!("sending the PROXY protocol header failed: {e}"),
+        );
     }
     if path.is_empty() {
         return (true, "TCP connect succeeded".to_string());

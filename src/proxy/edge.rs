@@ -284,7 +284,10 @@ mod tests {
         assert_eq!(off.expect(ip("10.0.0.1")), None);
         let on = edge(&["10.0.0.0/8"], &["192.0.2.0/24"]);
         assert!(matches!(on.expect(ip("10.0.0.1")), Some(Expect::Header(_))));
-        assert!(matches!(on.expect(ip("::ffff:10.0.0.1")), Some(Expect::Header(_))));
+        assert!(matches!(
+            on.expect(ip("::ffff:10.0.0.1")),
+            Some(Expect::Header(_))
+        ));
         assert_eq!(on.expect(ip("11.0.0.1")), Some(Expect::NoHeader));
         assert_eq!(on.expect(None), Some(Expect::NoHeader));
         assert!(on.trusts_forwarder(ip("192.0.2.9")));
@@ -298,18 +301,89 @@ mod tests {
         let header = Expect::Header(Duration::from_secs(1));
         let long = Duration::from_secs(1);
         let v1 = b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n".to_vec();
-        type Case = (&'static str, Expect, Vec<Vec<u8>>, Result<Option<&'static str>, Rejected>, &'static [u8]);
+        type Case = (
+            &'static str,
+            Expect,
+            Vec<Vec<u8>>,
+            Result<Option<&'static str>, Rejected>,
+            &'static [u8],
+        );
         let cases: Vec<Case> = vec![
-            ("header then request", header, vec![[v1.clone(), b"GET /".to_vec()].concat()], Ok(Some("192.0.2.7:51000")), b"GET /"),
-            ("header in pieces", header, vec![v1[..3].to_vec(), v1[3..20].to_vec(), v1[20..].to_vec(), b"GET".to_vec()], Ok(Some("192.0.2.7:51000")), b""),
-            ("local", header, vec![b"PROXY UNKNOWN\r\nGET".to_vec()], Ok(None), b"GET"),
-            ("missing", header, vec![b"GET / HTTP/1.1\r\n".to_vec()], Err(Rejected::Missing), b"GET / HTTP/1.1\r\n"),
-            ("closed at once", header, vec![], Err(Rejected::Missing), b""),
-            ("truncated", header, vec![v1[..20].to_vec()], Err(Rejected::Truncated), b"PROXY TCP4 192.0.2.7"),
-            ("malformed", header, vec![b"PROXY TCP4 1.2.3.4\r\n".to_vec()], Err(Rejected::Malformed("v1 line needs 4 address fields")), b"PROXY TCP4 1.2.3.4\r\n"),
-            ("untrusted header", Expect::NoHeader, vec![b"PRO".to_vec(), b"XY TCP4".to_vec()], Err(Rejected::Untrusted), b"PROXY TCP4"),
-            ("untrusted v2", Expect::NoHeader, vec![proxy_protocol::V2_SIGNATURE.to_vec()], Err(Rejected::Untrusted), proxy_protocol::V2_SIGNATURE),
-            ("untrusted request", Expect::NoHeader, vec![b"P".to_vec(), b"OST /".to_vec()], Ok(None), b"POST /"),
+            (
+                "header then request",
+                header,
+                vec![[v1.clone(), b"GET /".to_vec()].concat()],
+                Ok(Some("192.0.2.7:51000")),
+                b"GET /",
+            ),
+            (
+                "header in pieces",
+                header,
+                vec![
+                    v1[..3].to_vec(),
+                    v1[3..20].to_vec(),
+                    v1[20..].to_vec(),
+                    b"GET".to_vec(),
+                ],
+                Ok(Some("192.0.2.7:51000")),
+                b"",
+            ),
+            (
+                "local",
+                header,
+                vec![b"PROXY UNKNOWN\r\nGET".to_vec()],
+                Ok(None),
+                b"GET",
+            ),
+            (
+                "missing",
+                header,
+                vec![b"GET / HTTP/1.1\r\n".to_vec()],
+                Err(Rejected::Missing),
+                b"GET / HTTP/1.1\r\n",
+            ),
+            (
+                "closed at once",
+                header,
+                vec![],
+                Err(Rejected::Missing),
+                b"",
+            ),
+            (
+                "truncated",
+                header,
+                vec![v1[..20].to_vec()],
+                Err(Rejected::Truncated),
+                b"PROXY TCP4 192.0.2.7",
+            ),
+            (
+                "malformed",
+                header,
+                vec![b"PROXY TCP4 1.2.3.4\r\n".to_vec()],
+                Err(Rejected::Malformed("v1 line needs 4 address fields")),
+                b"PROXY TCP4 1.2.3.4\r\n",
+            ),
+            (
+                "untrusted header",
+                Expect::NoHeader,
+                vec![b"PRO".to_vec(), b"XY TCP4".to_vec()],
+                Err(Rejected::Untrusted),
+                b"PROXY TCP4",
+            ),
+            (
+                "untrusted v2",
+                Expect::NoHeader,
+                vec![proxy_protocol::V2_SIGNATURE.to_vec()],
+                Err(Rejected::Untrusted),
+                proxy_protocol::V2_SIGNATURE,
+            ),
+            (
+                "untrusted request",
+                Expect::NoHeader,
+                vec![b"P".to_vec(), b"OST /".to_vec()],
+                Ok(None),
+                b"POST /",
+            ),
             ("untrusted closed", Expect::NoHeader, vec![], Ok(None), b""),
         ];
         for (name, expect, chunks, want, rest) in cases {
@@ -323,10 +397,14 @@ mod tests {
         }
         // A header that never completes: the deadline closes the connection.
         let (mut client, mut server) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"PROXY TCP4").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"PROXY TCP4")
+            .await
+            .unwrap();
         let (mut buf, mut filled) = (vec![0u8; 4096], 0);
         let quick = Expect::Header(Duration::from_millis(50));
-        let got = e.start(quick, &mut server, &mut buf, &mut filled, long).await;
+        let got = e
+            .start(quick, &mut server, &mut buf, &mut filled, long)
+            .await;
         assert_eq!(got, Err(Rejected::Timeout));
     }
 }

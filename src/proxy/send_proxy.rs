@@ -77,14 +77,17 @@ impl L4Connect for Connector {
         let Some(inet) = addr.as_inet().copied() else {
             return Error::e_explain(ErrorType::ConnectError, "not an IP backend");
         };
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(inet)).await
-        {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(inet)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 return Err(e).or_err(ErrorType::ConnectRefused, "connecting to the backend")
             }
-            Ok(Err(e)) => return Err(e).or_err(ErrorType::ConnectError, "connecting to the backend"),
-            Err(_) => return Error::e_explain(ErrorType::ConnectTimedout, "connecting to the backend"),
+            Ok(Err(e)) => {
+                return Err(e).or_err(ErrorType::ConnectError, "connecting to the backend")
+            }
+            Err(_) => {
+                return Error::e_explain(ErrorType::ConnectTimedout, "connecting to the backend")
+            }
         };
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
@@ -110,7 +113,10 @@ mod tests {
             ProxyHeader::new(Version::V1, src, dst).as_bytes(),
             b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 80\r\n"
         );
-        assert_eq!(ProxyHeader::new(Version::V1, None, dst).as_bytes(), b"PROXY UNKNOWN\r\n");
+        assert_eq!(
+            ProxyHeader::new(Version::V1, None, dst).as_bytes(),
+            b"PROXY UNKNOWN\r\n"
+        );
         assert_eq!(ProxyHeader::new(Version::V2, src, dst).as_bytes().len(), 28);
         assert_ne!(group_key(src), group_key(None));
         assert_ne!(group_key(None), 0);

@@ -14,9 +14,9 @@ use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
 use super::edge::Edge;
-use super::send_proxy::{self, ProxyHeader};
 use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
+use super::send_proxy::{self, ProxyHeader};
 use super::strict::{self, Refusal, Strictness};
 use super::table::{Route, Upstream};
 use super::DataPlane;

@@ -52,9 +52,11 @@ fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Daemon {
 }
 
 async fn wait_listening(addr: SocketAddr) {
-    wait_for(Duration::from_secs(10), &format!("{addr} listening"), || async move {
-        TcpStream::connect(addr).await.ok().map(|_| ())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{addr} listening"),
+        || async move { TcpStream::connect(addr).await.ok().map(|_| ()) },
+    )
     .await;
 }
 
@@ -83,7 +85,10 @@ async fn exchange(from: &str, to: SocketAddr, bytes: &[u8], shut_write: bool) ->
 /// The JSON body of a raw HTTP answer (the common backend's `/headers`).
 fn json_body(raw: &[u8]) -> Value {
     let text = String::from_utf8_lossy(raw);
-    assert!(text.starts_with("HTTP/1.") && text[8..].starts_with(" 200"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.") && text[8..].starts_with(" 200"),
+        "{text}"
+    );
     let (_, body) = text.split_once("\r\n\r\n").unwrap();
     let body = body.trim();
     // Chunked answers (Pingora's path may chunk): the JSON object is the one line that is one.
@@ -175,7 +180,11 @@ async fn haproxy_in_front_with_send_proxy_v1_and_v2_on_both_listeners() {
                 );
                 assert_eq!(header(&v, "x-forwarded-proto"), "https", "{name}");
                 if !http1_only {
-                    assert_eq!(version, reqwest::Version::HTTP_2, "{name}: h2 goes to Pingora's proxy");
+                    assert_eq!(
+                        version,
+                        reqwest::Version::HTTP_2,
+                        "{name}: h2 goes to Pingora's proxy"
+                    );
                 }
             }
         } else {
@@ -196,11 +205,23 @@ async fn haproxy_in_front_with_send_proxy_v1_and_v2_on_both_listeners() {
             )
             .await;
             let v = json_body(&raw);
-            assert_eq!(header(&v, "x-forwarded-for"), "127.0.0.4", "{name}: HTTP/1.0 (Pingora's path)");
+            assert_eq!(
+                header(&v, "x-forwarded-for"),
+                "127.0.0.4",
+                "{name}: HTTP/1.0 (Pingora's path)"
+            );
         }
     }
-    assert!(node.metric("pingora_vhost_proxy_protocol_headers_total{version=\"v1\"}").await >= 3.0);
-    assert!(node.metric("pingora_vhost_proxy_protocol_headers_total{version=\"v2\"}").await >= 3.0);
+    assert!(
+        node.metric("pingora_vhost_proxy_protocol_headers_total{version=\"v1\"}")
+            .await
+            >= 3.0
+    );
+    assert!(
+        node.metric("pingora_vhost_proxy_protocol_headers_total{version=\"v2\"}")
+            .await
+            >= 3.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,17 +235,51 @@ async fn bad_proxy_protocol_headers_close_the_connection_and_are_counted() {
     let served_before = backend.requests();
     let cases: Vec<(&str, &str, Vec<u8>, bool)> = vec![
         ("missing", BALANCER, request.to_vec(), false),
-        ("malformed", BALANCER, with(b"PROXY TCP4 192.0.2.7\r\n"), false),
-        ("malformed", BALANCER, with(b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x00"), false),
-        ("truncated", BALANCER, b"PROXY TCP4 192.0.2.7 10.0".to_vec(), true),
-        ("timeout", BALANCER, b"PROXY TCP4 192.0.2.7 10.0".to_vec(), false),
-        ("too_long", BALANCER, with(format!("PROXY UNKNOWN {}\r\n", "x".repeat(200)).as_bytes()), false),
-        ("untrusted", "127.0.0.1", with(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 80\r\n"), false),
+        (
+            "malformed",
+            BALANCER,
+            with(b"PROXY TCP4 192.0.2.7\r\n"),
+            false,
+        ),
+        (
+            "malformed",
+            BALANCER,
+            with(b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x00"),
+            false,
+        ),
+        (
+            "truncated",
+            BALANCER,
+            b"PROXY TCP4 192.0.2.7 10.0".to_vec(),
+            true,
+        ),
+        (
+            "timeout",
+            BALANCER,
+            b"PROXY TCP4 192.0.2.7 10.0".to_vec(),
+            false,
+        ),
+        (
+            "too_long",
+            BALANCER,
+            with(format!("PROXY UNKNOWN {}\r\n", "x".repeat(200)).as_bytes()),
+            false,
+        ),
+        (
+            "untrusted",
+            "127.0.0.1",
+            with(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 80\r\n"),
+            false,
+        ),
         ("untrusted", "127.0.0.1", with(&v2), false),
     ];
     for (reason, from, bytes, shut) in &cases {
         let got = exchange(from, http, bytes, *shut).await;
-        assert!(got.is_empty(), "{reason}: nothing is answered: {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.is_empty(),
+            "{reason}: nothing is answered: {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
     // TLS listener: the header comes before the ClientHello.
     let https = node.https_addr;
@@ -232,8 +287,17 @@ async fn bad_proxy_protocol_headers_close_the_connection_and_are_counted() {
         .get(format!("https://pp.test:{}/headers", https.port()))
         .send()
         .await;
-    assert!(no_header.is_err(), "a trusted source without a header gets no TLS");
-    let got = exchange("127.0.0.1", https, b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n\x16\x03\x01", false).await;
+    assert!(
+        no_header.is_err(),
+        "a trusted source without a header gets no TLS"
+    );
+    let got = exchange(
+        "127.0.0.1",
+        https,
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n\x16\x03\x01",
+        false,
+    )
+    .await;
     assert!(got.is_empty(), "TLS untrusted: {got:?}");
     assert_eq!(backend.requests(), served_before, "nothing was forwarded");
 
@@ -257,7 +321,11 @@ async fn bad_proxy_protocol_headers_close_the_connection_and_are_counted() {
     let v = json_body(&exchange("127.0.0.1", http, request, false).await);
     assert_eq!(header(&v, "x-forwarded-for"), "127.0.0.1");
     let v = json_body(&exchange(BALANCER, http, &with(&v2), false).await);
-    assert_eq!(header(&v, "x-forwarded-for"), "192.0.2.7", "v2 from the balancer");
+    assert_eq!(
+        header(&v, "x-forwarded-for"),
+        "192.0.2.7",
+        "v2 from the balancer"
+    );
 }
 
 /// An nginx that requires the PROXY protocol and answers what it got.
@@ -313,11 +381,15 @@ async fn send_proxy_protocol_to_an_nginx_backend_that_requires_it() {
     assert_eq!(b["send_proxy_protocol"], "v1");
     node.add_domain("pp.test", "t").await;
     // Health probes send a LOCAL header: nginx answers them.
-    node.wait_backend_health("pp", true, Duration::from_secs(10)).await;
+    node.wait_backend_health("pp", true, Duration::from_secs(10))
+        .await;
 
     for version in ["v1", "v2"] {
         let (status, b) = node
-            .api_put("/api/v1/backends/pp", json!({"send_proxy_protocol": version}))
+            .api_put(
+                "/api/v1/backends/pp",
+                json!({"send_proxy_protocol": version}),
+            )
             .await;
         assert_eq!(status, 200, "{b}");
         assert_eq!(b["send_proxy_protocol"], version);
@@ -333,17 +405,41 @@ async fn send_proxy_protocol_to_an_nginx_backend_that_requires_it() {
         .await;
         conn.write_all(get11).await.unwrap();
         let second = read_answer(&mut conn).await;
-        assert!(second.contains("pp=127.0.0.3:") && second.contains("xff=127.0.0.3"), "{version}: {second}");
+        assert!(
+            second.contains("pp=127.0.0.3:") && second.contains("xff=127.0.0.3"),
+            "{version}: {second}"
+        );
         let mut other = connect_from("127.0.0.4", http).await;
         other.write_all(get11).await.unwrap();
         let answer = read_answer(&mut other).await;
-        assert!(answer.contains("pp=127.0.0.4:"), "{version}: another client, not a shared connection: {answer}");
+        assert!(
+            answer.contains("pp=127.0.0.4:"),
+            "{version}: another client, not a shared connection: {answer}"
+        );
         // Pingora's path (HTTP/1.0 is handed over).
-        let raw = exchange("127.0.0.5", http, b"GET / HTTP/1.0\r\nHost: pp.test\r\n\r\n", false).await;
+        let raw = exchange(
+            "127.0.0.5",
+            http,
+            b"GET / HTTP/1.0\r\nHost: pp.test\r\n\r\n",
+            false,
+        )
+        .await;
         let text = String::from_utf8_lossy(&raw);
-        assert!(text.contains(" 200 ") && text.contains("pp=127.0.0.5:"), "{version}: {text}");
-        let raw = exchange("127.0.0.6", http, b"GET / HTTP/1.0\r\nHost: pp.test\r\n\r\n", false).await;
-        assert!(String::from_utf8_lossy(&raw).contains("pp=127.0.0.6:"), "{version}: Pingora's pool is per client");
+        assert!(
+            text.contains(" 200 ") && text.contains("pp=127.0.0.5:"),
+            "{version}: {text}"
+        );
+        let raw = exchange(
+            "127.0.0.6",
+            http,
+            b"GET / HTTP/1.0\r\nHost: pp.test\r\n\r\n",
+            false,
+        )
+        .await;
+        assert!(
+            String::from_utf8_lossy(&raw).contains("pp=127.0.0.6:"),
+            "{version}: Pingora's pool is per client"
+        );
     }
     // Cleared: the backend gets no header, and nginx refuses the request.
     let (status, b) = node
@@ -351,8 +447,18 @@ async fn send_proxy_protocol_to_an_nginx_backend_that_requires_it() {
         .await;
     assert_eq!(status, 200, "{b}");
     assert!(b["send_proxy_protocol"].is_null());
-    let raw = exchange("127.0.0.3", node.http_addr, b"GET / HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n", false).await;
-    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 502"), "{}", String::from_utf8_lossy(&raw));
+    let raw = exchange(
+        "127.0.0.3",
+        node.http_addr,
+        b"GET / HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 }
 
 /// One answer with a `Content-Length` body (nginx's `return`).
@@ -362,9 +468,11 @@ async fn read_answer(conn: &mut TcpStream) -> String {
     loop {
         let text = String::from_utf8_lossy(&got).to_string();
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+            let len = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
             if len.is_some_and(|n| body.len() >= n) {
                 return text;
             }
@@ -386,11 +494,19 @@ async fn forwarded_headers_are_kept_only_from_trusted_forwarders() {
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: public.example\r\nConnection: close\r\n\r\n"
         );
         let v = json_body(&exchange("127.0.0.1", http, request.as_bytes(), false).await);
-        assert_eq!(header(&v, "x-forwarded-for"), "127.0.0.1", "{path}: replaced");
+        assert_eq!(
+            header(&v, "x-forwarded-for"),
+            "127.0.0.1",
+            "{path}: replaced"
+        );
         assert_eq!(header(&v, "x-forwarded-proto"), "http", "{path}");
         assert_eq!(header(&v, "x-forwarded-host"), "pp.test", "{path}");
         let v = json_body(&exchange(BALANCER, http, request.as_bytes(), false).await);
-        assert_eq!(header(&v, "x-forwarded-for"), "192.0.2.1, 127.0.0.2", "{path}: kept, appended");
+        assert_eq!(
+            header(&v, "x-forwarded-for"),
+            "192.0.2.1, 127.0.0.2",
+            "{path}: kept, appended"
+        );
         assert_eq!(header(&v, "x-forwarded-proto"), "https", "{path}");
         assert_eq!(header(&v, "x-forwarded-host"), "public.example", "{path}");
         // A trusted forwarder that sends none gets ours.

@@ -310,7 +310,14 @@ impl VhostApp {
         let mut conn = self.connect(addr).await?;
         let header = ProxyHeader::new(version, client.client_addr, client.stream.local_addr());
         let timeout = self.read_timeout;
-        write_upstream(&mut conn, header.as_bytes(), &mut client.deadline, timeout, false).await?;
+        write_upstream(
+            &mut conn,
+            header.as_bytes(),
+            &mut client.deadline,
+            timeout,
+            false,
+        )
+        .await?;
         Ok((conn, false))
     }
 
