@@ -5,6 +5,7 @@
 //! only ever `load()`s the current snapshots.
 
 pub mod answers;
+mod backend_conn;
 mod chunked;
 mod client_io;
 mod deadline;

@@ -4,21 +4,11 @@
 //! A backend connection that carried one client's header must not carry another client's
 //! requests, so these connections are not shared: the lean path keeps one per client
 //! connection (`h1::client::Client::private_upstream`), Pingora's proxy keys its pool by the
-//! client address (`HttpPeer::group_key`), as HAProxy makes such connections private.
+//! client address (`HttpPeer::group_key`), as HAProxy makes such connections private. There
+//! the header is written by our backend connector (`backend_conn`).
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::time::Duration;
-
-use async_trait::async_trait;
-use pingora_core::connectors::L4Connect;
-use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
-use pingora_core::{Error, ErrorType, OrErr};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::proxy_protocol::{self, Version, ENCODED_MAX};
 
@@ -62,43 +52,6 @@ pub fn group_key(client: Option<SocketAddr>) -> u64 {
     client.hash(&mut h);
     // Never 0: Pingora's key of connections without a header.
     h.finish() | 1
-}
-
-/// Pingora's connector for a backend that wants the header: connects, sends the header.
-#[derive(Debug)]
-pub struct Connector {
-    pub header: ProxyHeader,
-    pub connect_timeout: Duration,
-}
-
-#[async_trait]
-impl L4Connect for Connector {
-    async fn connect(&self, addr: &PingoraAddr) -> pingora_core::Result<L4Stream> {
-        let Some(inet) = addr.as_inet().copied() else {
-            return Error::e_explain(ErrorType::ConnectError, "not an IP backend");
-        };
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(inet)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(e).or_err(ErrorType::ConnectRefused, "connecting to the backend")
-            }
-            Ok(Err(e)) => {
-                return Err(e).or_err(ErrorType::ConnectError, "connecting to the backend")
-            }
-            Err(_) => {
-                return Error::e_explain(ErrorType::ConnectTimedout, "connecting to the backend")
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let mut tcp = tcp;
-        tcp.write_all(self.header.as_bytes())
-            .await
-            .or_err(ErrorType::ConnectError, "sending the PROXY protocol header")?;
-        let fd = tcp.as_raw_fd();
-        let mut stream = L4Stream::from(tcp);
-        stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-        Ok(stream)
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
+use super::backend_conn::BackendConnector;
 use super::edge::Edge;
 use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
@@ -266,19 +267,26 @@ impl ProxyHttp for VhostProxy {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        let mut proxy_header = None;
         if let Some(version) = upstream.send_proxy {
             let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
                 a.and_then(|a| a.as_inet()).copied()
             };
             let client = inet(session.client_addr());
-            let header = ProxyHeader::new(version, client, inet(session.server_addr()));
-            peer.options.custom_l4 = Some(Arc::new(send_proxy::Connector {
-                header,
-                connect_timeout: self.connect_timeout,
-            }));
+            proxy_header = Some(ProxyHeader::new(
+                version,
+                client,
+                inet(session.server_addr()),
+            ));
             // A connection that carries one client's header serves only that client.
             peer.group_key = send_proxy::group_key(client);
         }
+        // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`); a
+        // backend that wants the PROXY protocol gets its header first.
+        peer.options.custom_l4 = Some(Arc::new(BackendConnector {
+            connect_timeout: self.connect_timeout,
+            proxy_header,
+        }));
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
