@@ -1127,3 +1127,21 @@ fn proxy_protocol_and_forwarders() {
         "not one of v1|v2",
     );
 }
+
+#[test]
+fn session_ticket_keys() {
+    let c = ok("");
+    assert!(c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 43_200);
+    let c = ok("[proxy]\ntls_session_tickets = false\ntls_ticket_rotation_secs = 60\n");
+    assert!(!c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 60);
+    for bad in ["59", "604801", "-1"] {
+        assert_err(
+            &format!("[proxy]\ntls_ticket_rotation_secs = {bad}\n"),
+            2,
+            "proxy.tls_ticket_rotation_secs",
+            "",
+        );
+    }
+}
