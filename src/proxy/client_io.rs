@@ -74,7 +74,7 @@ impl ClientIo {
     }
 
     /// The client is at `addr` (from a PROXY protocol header), not at the socket's peer.
-    /// Plain TCP only: a TLS stream got its address before the handshake (`edge::PreTls`).
+    /// Plain TCP only: a TLS stream got its address before the handshake (`Edge::before_tls`).
     pub fn set_client_addr(&mut self, addr: std::net::SocketAddr) {
         if let Self::Tcp(_, client) = self {
             *client = Some(addr);

@@ -4,8 +4,8 @@
 //!   source (an L4 balancer) must start with a header, whose source becomes the client
 //!   address; a header from anyone else, or a bad one, closes the connection. Read once per
 //!   connection: on the plain listener when the lean path starts (`h1`), on the TLS listener
-//!   before the handshake (Pingora's pre-TLS hook, [`PreTls`]), as the header comes before the
-//!   ClientHello. With no trusted source configured nothing is looked for.
+//!   before our handshake ([`Edge::before_tls`]), as the header comes before the ClientHello.
+//!   With no trusted source configured nothing is looked for.
 //! - Trust in forwarded headers (`[proxy] trusted_forwarders`): whether a peer's
 //!   `X-Forwarded-*` headers are kept; the two request paths ask [`Edge::trusts_forwarder`]
 //!   once per connection.
@@ -15,11 +15,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora_core::listeners::PreTlsProcess;
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::ProxyConfig;
@@ -201,42 +199,31 @@ async fn refuse_header<R: AsyncRead + Unpin>(
     }
 }
 
-/// Pingora's hook before the TLS handshake: the PROXY protocol header comes before the
-/// ClientHello. What was read past the header is put back for the handshake; the client
-/// address goes into the socket digest, where both request paths read it.
-pub struct PreTls {
-    pub edge: Arc<Edge>,
-    /// How long an untrusted client may wait before its first byte (the client timeout).
-    pub idle_timeout: Duration,
-}
-
-#[async_trait]
-impl PreTlsProcess for PreTls {
-    async fn process(&self, stream: &mut L4Stream) -> pingora_core::Result<()> {
+impl Edge {
+    /// The TLS listener's raw stream, before the handshake: its PROXY protocol header (the
+    /// header comes before the ClientHello). What was read past the header is put back for
+    /// the handshake; the client address goes into the socket digest, where both request
+    /// paths read it. `None` closes the connection. Off (no trusted source): untouched.
+    pub async fn before_tls(&self, stream: Stream, idle_timeout: Duration) -> Option<Stream> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let Some(expect) = self.edge.expect(peer) else {
-            return Ok(());
+        let Some(expect) = self.expect(peer) else {
+            return Some(stream);
         };
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
         let mut filled = 0;
         let started = self
-            .edge
-            .start(expect, stream, &mut buf, &mut filled, self.idle_timeout)
+            .start(expect, l4.as_mut(), &mut buf, &mut filled, idle_timeout)
             .await;
-        stream.rewind(&buf[..filled]);
+        l4.rewind(&buf[..filled]);
         match started {
-            Ok(Some(client)) => {
-                set_client_addr(stream, client);
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(e) => Err(pingora_core::Error::explain(
-                pingora_core::ErrorType::HandshakeError,
-                e.to_string(),
-            )),
+            Ok(Some(client)) => set_client_addr(&mut l4, client),
+            Ok(None) => {}
+            Err(_) => return None,
         }
+        Some(l4)
     }
 }
 

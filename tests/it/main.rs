@@ -25,4 +25,5 @@ mod scale;
 mod security;
 mod single_node;
 mod supervision;
+mod tls_sessions;
 mod writes;

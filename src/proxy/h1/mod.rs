@@ -40,6 +40,7 @@ use super::edge::Edge;
 use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
+use super::tls_accept::TlsListener;
 use super::DataPlane;
 use crate::observability::Metrics;
 use client::Client;
@@ -61,6 +62,8 @@ pub struct VhostApp {
     strict: Strictness,
     /// PROXY protocol and forwarded-header trust.
     edge: Arc<Edge>,
+    /// The HTTPS listener's handshake (`tls_accept`), when it has one.
+    tls: Option<TlsListener>,
 }
 
 impl VhostApp {
@@ -91,7 +94,14 @@ impl VhostApp {
             https_port,
             strict,
             edge,
+            tls: None,
         }
+    }
+
+    /// Connections on `tls`'s port are TLS: handshaken here before anything else.
+    pub fn with_tls(mut self, tls: TlsListener) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -102,6 +112,14 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = match &self.tls {
+            Some(tls) if tls.is_mine(&stream) => {
+                // A PROXY protocol header comes before the ClientHello.
+                let stream = self.edge.before_tls(stream, self.client_timeout).await?;
+                tls.handshake(stream).await?
+            }
+            _ => stream,
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;
