@@ -325,6 +325,73 @@ impl State {
     }
 }
 
+/// What a batch of commands may have changed, for the routing table and certificate map: they
+/// rebuild what is named here and reuse everything else, so a write costs what it touches,
+/// not the size of the state. Derived from the commands alone (a command that failed names
+/// what it would have changed: rebuilding an unchanged entry is harmless).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Everything (a seed, a snapshot, the first publish): compile from scratch.
+    pub all: bool,
+    pub domains: std::collections::BTreeSet<String>,
+    pub backends: std::collections::BTreeSet<String>,
+    /// The ACME challenge answers.
+    pub challenges: bool,
+}
+
+impl Changes {
+    pub fn everything() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.challenges && self.domains.is_empty() && self.backends.is_empty()
+    }
+
+    /// Adds what `cmd` may change.
+    pub fn add(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Seed { .. } => self.all = true,
+            // Staged parts change nothing visible; the last one applies the whole seed.
+            Command::SeedPart { part, parts, .. } => {
+                if part.saturating_add(1) >= *parts {
+                    self.all = true;
+                }
+            }
+            Command::CreateDomain(d) => {
+                self.domains.insert(d.domain.to_string());
+            }
+            Command::UpdateDomain { domain, .. }
+            | Command::DeleteDomain(domain)
+            | Command::SwitchTag { domain, .. } => {
+                self.domains.insert(domain.to_string());
+            }
+            Command::CreateBackend(b) => {
+                self.backends.insert(b.id.to_string());
+            }
+            Command::UpdateBackend { id, .. }
+            | Command::DeleteBackend(id)
+            | Command::SetDraining { id, .. } => {
+                self.backends.insert(id.to_string());
+            }
+            Command::PutChallenge { .. } | Command::RemoveChallenge { .. } => {
+                self.challenges = true;
+            }
+            // A certificate lands on its domain.
+            Command::AcmeOrderFinished { domain, .. } => {
+                self.domains.insert(domain.clone());
+            }
+            Command::SetAcmeAccount { .. }
+            | Command::AcmeOrderStarted { .. }
+            | Command::RequestAcmeRenewal { .. }
+            | Command::AcmeOrderAbandoned { .. } => {}
+        }
+    }
+}
+
 /// Applies one command. Pure and deterministic: the same state and command give the same
 /// result on every node.
 pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
@@ -940,6 +1007,76 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.domains["m.test"].cert, Some(cert(5)));
+    }
+
+    #[test]
+    fn changes_name_what_a_command_touches() {
+        let parts = seed_parts(1, vec![domain("a.test", "a")], vec![], 0);
+        let cases: Vec<(Command, Changes)> = vec![
+            (
+                Command::CreateDomain(domain("a.test", "a")),
+                Changes {
+                    domains: ["a.test".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::SetDraining {
+                    id: "x".into(),
+                    draining: true,
+                },
+                Changes {
+                    backends: ["x".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::RemoveChallenge { token: "t".into() },
+                Changes {
+                    challenges: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::AcmeOrderFinished {
+                    domain: "a.test".into(),
+                    at_unix_ms: 1,
+                    outcome: Err("x".into()),
+                },
+                Changes {
+                    domains: ["a.test".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::RequestAcmeRenewal {
+                    domain: "a.test".into(),
+                },
+                Changes::default(),
+            ),
+            (
+                Command::Seed {
+                    domains: vec![],
+                    backends: vec![],
+                },
+                Changes::everything(),
+            ),
+            (parts[0].clone(), Changes::everything()),
+        ];
+        for (cmd, want) in cases {
+            let mut got = Changes::default();
+            got.add(&cmd);
+            assert_eq!(got, want, "{cmd:?}");
+        }
+        // A staged seed part changes nothing visible; the last one changes everything.
+        let big: Vec<Backend> = (0..50).map(|i| backend(&format!("b{i}"), &["a"])).collect();
+        let parts = seed_parts(2, vec![], big, 512);
+        assert!(parts.len() > 2);
+        for (i, p) in parts.iter().enumerate() {
+            let mut got = Changes::default();
+            got.add(p);
+            assert_eq!(got.all, i + 1 == parts.len(), "part {i}");
+        }
     }
 
     #[test]

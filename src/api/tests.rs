@@ -47,7 +47,7 @@ async fn start(token: Option<&str>) -> TestNode {
     let data = Arc::new(DataPlane::new(certs));
     let publisher: store::Publisher = {
         let data = data.clone();
-        Arc::new(move |state| data.publish(state))
+        Arc::new(move |state, changes| data.publish(state, changes))
     };
     let (log, sm) = store::open(&cluster.data_dir, publisher).expect("open store");
     let keys = Arc::new(crate::keyring::Keyring::new(

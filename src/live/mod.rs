@@ -107,6 +107,14 @@ impl BackendRegistry {
         }
     }
 
+    /// Drops the runtime of a removed backend.
+    pub fn remove(&self, id: &str) {
+        let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if map.remove(id).is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.runtimes
             .lock()

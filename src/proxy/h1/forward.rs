@@ -12,7 +12,7 @@ use super::super::deadline::IoDeadline;
 use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
-use super::super::table::Route;
+use super::super::table::Target;
 use super::client::Client;
 use super::parse::RequestHead;
 use super::{Outcome, VhostApp, MAX_HEAD};
@@ -86,7 +86,7 @@ impl VhostApp {
         &self,
         client: &mut Client,
         head: &RequestHead,
-        route: &Route,
+        route: &Target,
     ) -> (u16, Outcome) {
         let replayable = head.content_length <= REPLAY_LIMIT;
         if replayable && head.content_length > 0 {
