@@ -212,11 +212,15 @@ pub enum ApplyError {
 /// The response type stored in Raft: the outcome of `apply` for one entry.
 pub type ApplyResult = Result<Applied, ApplyError>;
 
-/// The replicated state. BTreeMaps keep iteration (and so snapshots and listings) ordered.
+/// The replicated state. Ordered maps keep iteration (and so snapshots and listings) ordered,
+/// and a key is a cursor for paging. They are persistent (`imbl::OrdMap`, the same JSON as a
+/// `BTreeMap`): cloning the state is O(1) and a write copies only the path to what it
+/// changes, so API reads and snapshots take a copy and let go of the state machine at once
+/// instead of holding it (and every write behind them) for a pass over 100,000 entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub domains: BTreeMap<String, Domain>,
-    pub backends: BTreeMap<String, Backend>,
+    pub domains: imbl::OrdMap<String, Domain>,
+    pub backends: imbl::OrdMap<String, Backend>,
     /// True once the config file's seed (or any write) has been applied.
     pub seeded: bool,
     #[serde(default)]
@@ -302,7 +306,8 @@ pub struct AcmeState {
     pub account: Option<String>,
     /// token -> key authorization
     pub challenges: BTreeMap<String, String>,
-    pub status: BTreeMap<String, AcmeStatus>,
+    /// One per ACME domain (up to every domain): persistent like the state's other maps.
+    pub status: imbl::OrdMap<String, AcmeStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

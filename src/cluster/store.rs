@@ -425,13 +425,22 @@ impl StateMachineStore {
     }
 
     fn snapshot_of(&self) -> StorageResult<StoredSnapshot> {
-        let sm = self.lock();
+        // Copy (O(1) for the state's persistent maps) and let go of the lock: serializing
+        // 100,000 domains takes long enough to hold up the writes applied meanwhile.
+        let (state, writes, last, last_membership) = {
+            let sm = self.lock();
+            (
+                sm.state.clone(),
+                sm.writes.clone(),
+                sm.last_applied,
+                sm.last_membership.clone(),
+            )
+        };
         let data = serde_json::to_vec(&SnapshotDataRef {
-            state: &sm.state,
-            writes: &sm.writes,
+            state: &state,
+            writes: &writes,
         })
         .map_err(read_err)?;
-        let last = sm.last_applied;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
             None => format!("0-{}", data.len()),
@@ -439,7 +448,7 @@ impl StateMachineStore {
         Ok(StoredSnapshot {
             meta: SnapshotMeta {
                 last_log_id: last,
-                last_membership: sm.last_membership.clone(),
+                last_membership,
                 snapshot_id,
             },
             data,
