@@ -166,6 +166,14 @@ impl RoutingTable {
         self.pools.get(tag).unwrap_or(&self.no_pool)
     }
 
+    /// True when the pool of `tag` has a backend the proxy may pick by the cluster's view
+    /// (not draining, an address known, not down): false means a domain on `tag` is
+    /// answered 503 (or served only through this node's guard rail).
+    pub fn serving(&self, tag: &str) -> bool {
+        let now = now_ms();
+        self.pool(tag).iter().any(|u| u.usable(now, true))
+    }
+
     pub fn len(&self) -> usize {
         self.exact.len() + self.wildcard.len()
     }
