@@ -1,6 +1,6 @@
 //! /api/v1/backends: the backend registry, drain and on-demand health probes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -79,9 +79,16 @@ fn runtime(state: &ApiState, id: &str) -> Arc<BackendRuntime> {
         .unwrap_or_else(|| Arc::new(BackendRuntime::detached(id)))
 }
 
-/// The view's `healthy` (and the lists' `healthy` filter): usable by the cluster's view.
-pub fn healthy_now(state: &ApiState, id: &str, now: u64) -> bool {
-    runtime(state, id).health.merged_usable(now)
+/// The backends whose view says `healthy: false` (not usable by the cluster's view), for the
+/// lists' `healthy` filter. A backend no table has compiled yet has no runtime: it shows
+/// `healthy: true`, and is not in this set.
+pub fn down_backends(state: &ApiState) -> HashSet<String> {
+    let now = now_ms();
+    state
+        .data
+        .live
+        .backends
+        .ids_where(|rt| !rt.health.merged_usable(now))
 }
 
 fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
@@ -123,11 +130,12 @@ pub async fn list(
     // A copy of the state is O(1): the walk holds up no write, and runs off the async runtime.
     let s = state.node.sm.state();
     let page = off_runtime(move || {
-        let now = now_ms();
+        let down = q.healthy.map(|_| down_backends(&state));
         let keep = |b: &Backend| {
             q.tag.as_ref().is_none_or(|t| b.has_tag(t))
-                && q.healthy
-                    .is_none_or(|want| healthy_now(&state, &b.id, now) == want)
+                && q.healthy.is_none_or(|want| {
+                    down.as_ref().is_some_and(|d| d.contains(b.id.as_str())) != want
+                })
         };
         paging::page(&s.backends, List::Backends, &q, false, keep, |b| {
             backend_view_with(b, &state, &peers)

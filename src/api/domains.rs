@@ -1,14 +1,12 @@
 //! /api/v1/domains: virtual hosts, their certificates and a/b switching.
 
 use axum::body::Bytes;
-use std::collections::HashMap;
-
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::backends::{backend_view_with, healthy_now, PeerVerdicts};
+use super::backends::{backend_view_with, down_backends, PeerVerdicts};
 use super::body::{off_runtime, Body};
 use super::paging::{self, List, ListQuery};
 use super::views::{BackendView, DomainView, ErrorExtra, Page, SwitchedView};
@@ -72,20 +70,15 @@ pub async fn list(
     let s = state.node.sm.state();
     let table = state.data.routes.load_full();
     let page = off_runtime(move || {
-        // A domain is healthy when its active tag's pool has a backend to pick; computed once
-        // per tag, not once per domain.
-        let mut serving: HashMap<String, bool> = HashMap::new();
+        // A domain is healthy when its active tag's pool has a backend to pick.
+        let serving = q.healthy.map(|_| table.serving_tags());
         let keep = |d: &Domain| {
             q.tag.as_ref().is_none_or(|t| d.enabled_backends_tag == *t)
                 && q.healthy.is_none_or(|want| {
-                    let tag = d.enabled_backends_tag.as_str();
-                    let up = match serving.get(tag) {
-                        Some(up) => *up,
-                        None => *serving
-                            .entry(tag.to_string())
-                            .or_insert_with(|| table.serving(tag)),
-                    };
-                    up == want
+                    serving
+                        .as_ref()
+                        .is_some_and(|s| s.contains(d.enabled_backends_tag.as_str()))
+                        == want
                 })
         };
         paging::page(&s.domains, List::Domains, &q, false, keep, |d| {
@@ -318,12 +311,13 @@ pub async fn backends(
     let peers = PeerVerdicts::read(&state);
     let s = state.node.sm.state();
     let page = off_runtime(move || {
-        let now = now_ms();
         let tag = current.enabled_backends_tag;
+        let down = q.healthy.map(|_| down_backends(&state));
         let keep = |b: &crate::state::Backend| {
             b.has_tag(&tag)
-                && q.healthy
-                    .is_none_or(|want| healthy_now(&state, &b.id, now) == want)
+                && q.healthy.is_none_or(|want| {
+                    down.as_ref().is_some_and(|d| d.contains(b.id.as_str())) != want
+                })
         };
         paging::page(&s.backends, List::DomainBackends, &q, true, keep, |b| {
             backend_view_with(b, &state, &peers)

@@ -166,12 +166,16 @@ impl RoutingTable {
         self.pools.get(tag).unwrap_or(&self.no_pool)
     }
 
-    /// True when the pool of `tag` has a backend the proxy may pick by the cluster's view
-    /// (not draining, an address known, not down): false means a domain on `tag` is
-    /// answered 503 (or served only through this node's guard rail).
-    pub fn serving(&self, tag: &str) -> bool {
+    /// The tags whose pool has a backend the proxy may pick by the cluster's view (not
+    /// draining, an address known, not down). A domain on any other tag is answered 503 (or
+    /// served only through this node's guard rail). One pass over the pools.
+    pub fn serving_tags(&self) -> HashSet<&str> {
         let now = now_ms();
-        self.pool(tag).iter().any(|u| u.usable(now, true))
+        self.pools
+            .iter()
+            .filter(|(_, pool)| pool.iter().any(|u| u.usable(now, true)))
+            .map(|(tag, _)| tag.as_str())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
