@@ -587,9 +587,11 @@ timeout_secs = 1
             if status != 200 {
                 return (status, page);
             }
-            items.extend(page["items"].as_array().cloned().unwrap_or_else(|| {
-                panic!("GET {url}: a page must have an items array: {page}")
-            }));
+            items.extend(
+                page["items"].as_array().cloned().unwrap_or_else(|| {
+                    panic!("GET {url}: a page must have an items array: {page}")
+                }),
+            );
             match page["next_cursor"].as_str() {
                 Some(c) => url = format!("{first}&cursor={c}"),
                 None => return (200, Value::Array(items)),
