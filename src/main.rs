@@ -10,6 +10,8 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
@@ -268,11 +270,20 @@ fn run(
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
     let app = VhostApp::new(proxy, &server.configuration);
     let mut proxy_service = Service::new("proxy".to_string(), app);
-    proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
+    // No read buffer under the connections (Pingora's default is 64 KiB each): the lean
+    // path reads plain sockets itself, and rustls reads TLS records into its own buffer.
+    let unbuffered_reads = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+    proxy_service.add_listener(
+        ListenerConfig::tcp(cfg.proxy.listen_addr_http.to_string()).l4_buffer(unbuffered_reads),
+    );
     let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;
     tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));
     tls_settings.enable_h2();
-    proxy_service.add_tls_with_settings(&cfg.proxy.listen_addr.to_string(), None, tls_settings);
+    proxy_service.add_listener(
+        ListenerConfig::tcp(cfg.proxy.listen_addr.to_string())
+            .tls(tls_settings)
+            .l4_buffer(unbuffered_reads),
+    );
 
     let mut control = background_service(
         "control plane",

@@ -5,6 +5,7 @@
 //! only ever `load()`s the current snapshots.
 
 pub mod answers;
+mod backend_conn;
 mod chunked;
 mod client_io;
 mod deadline;
@@ -16,17 +17,23 @@ pub mod rules;
 pub mod service;
 pub mod strict;
 pub mod table;
+pub mod tickets;
 pub mod tls;
 
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::live::Live;
 use crate::state::{Changes, State};
 use table::RoutingTable;
+use tickets::Tickets;
 use tls::CertStore;
+
+/// `[proxy] tls_ticket_rotation_secs` by default.
+const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(43_200);
 
 pub struct DataPlane {
     pub routes: ArcSwap<RoutingTable>,
@@ -36,6 +43,8 @@ pub struct DataPlane {
     pub live: Arc<Live>,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
+    /// TLS session tickets, sealed with the cluster's shared keys.
+    pub tickets: Arc<Tickets>,
     /// Keeps what the last compile built (callers already serialise publishes under the
     /// state machine's lock; this lock only makes that explicit).
     compiler: Mutex<table::Compiler>,
@@ -48,13 +57,22 @@ impl DataPlane {
             certs: Arc::new(certs),
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
+            tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
             compiler: Mutex::new(table::Compiler::default()),
         }
+    }
+
+    /// Tickets whose lifetime (told to clients) is the rotation period of their keys.
+    pub fn with_ticket_rotation(mut self, rotation: Duration) -> Self {
+        self.tickets = Arc::new(Tickets::new(rotation));
+        self
     }
 
     /// Swaps in new snapshots for `state`, which differs from the last published one by at
     /// most `changes`: only what they name is rebuilt.
     pub fn publish(&self, state: &State, changes: &Changes) {
+        // Two keys at most: cheap to take every time.
+        self.tickets.publish(state);
         if changes.is_empty() {
             return;
         }

@@ -28,6 +28,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
+mod buffers;
 mod client;
 mod conn;
 mod forward;
