@@ -19,6 +19,7 @@ pub mod strict;
 pub mod table;
 pub mod tickets;
 pub mod tls;
+pub mod tls_accept;
 
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
