@@ -158,6 +158,34 @@ mod scale {
             "publish after it: median {:?} max {:?}",
             publishes[10], publishes[19]
         );
+        // The SaaS shape: every domain on one tag whose pool has 1,000 backends; a drain
+        // rebuilds that pool (1,000 entries) and no route.
+        let mut shared = State::default();
+        let cmd = Command::Seed {
+            domains: (0..n).map(|i| domain(&format!("c{i}.bench"), "app")).collect(),
+            backends: (0..1000).map(|i| backend(&format!("app{i}"), &["app"])).collect(),
+        };
+        apply(&mut shared, &cmd).unwrap();
+        let data = plane();
+        data.publish(&shared, &Changes::everything());
+        let mut drains = Vec::new();
+        for i in 0..20 {
+            let cmd = Command::SetDraining {
+                id: format!("app{i}").as_str().into(),
+                draining: true,
+            };
+            apply(&mut shared, &cmd).unwrap();
+            let t = Instant::now();
+            let mut changes = Changes::default();
+            changes.add(&cmd);
+            data.publish(&shared, &changes);
+            drains.push(t.elapsed());
+        }
+        drains.sort();
+        println!(
+            "publish after a drain ({n} domains on one 1,000-backend pool): median {:?} max {:?}",
+            drains[10], drains[19]
+        );
         let t = Instant::now();
         let json = serde_json::to_vec(&s).unwrap();
         println!("snapshot JSON {} bytes: {:?}", json.len(), t.elapsed());
