@@ -163,7 +163,7 @@ pub fn encode_cursor(list: List, key: &str) -> String {
 
 /// The key a cursor points after, if it is a valid cursor of `list`.
 fn decode_cursor(list: List, cursor: &str) -> Option<String> {
-    if cursor.len() % 2 != 0 || cursor.len() > 2 * (MAX_Q_LEN + 3) {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > 2 * (MAX_Q_LEN + 3) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..cursor.len())

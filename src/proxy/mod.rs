@@ -162,8 +162,12 @@ mod scale {
         // rebuilds that pool (1,000 entries) and no route.
         let mut shared = State::default();
         let cmd = Command::Seed {
-            domains: (0..n).map(|i| domain(&format!("c{i}.bench"), "app")).collect(),
-            backends: (0..1000).map(|i| backend(&format!("app{i}"), &["app"])).collect(),
+            domains: (0..n)
+                .map(|i| domain(&format!("c{i}.bench"), "app"))
+                .collect(),
+            backends: (0..1000)
+                .map(|i| backend(&format!("app{i}"), &["app"]))
+                .collect(),
         };
         apply(&mut shared, &cmd).unwrap();
         let data = plane();

@@ -500,7 +500,7 @@ mod incremental_tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407)
             >> 33;
-        let d = format!("{}d{}.test", if r % 5 == 0 { "*." } else { "" }, r % 7);
+        let d = format!("{}d{}.test", if r.is_multiple_of(5) { "*." } else { "" }, r % 7);
         let b = format!("b{}", (r / 7) % 6);
         let tag = ["a", "b", "c"][(r / 3 % 3) as usize];
         match (r / 11) % 11 {
@@ -513,7 +513,7 @@ mod incremental_tests {
             3 => Command::UpdateDomain {
                 domain: d.as_str().into(),
                 patch: DomainPatch {
-                    http_to_https: Some(r % 2 == 0),
+                    http_to_https: Some(r.is_multiple_of(2)),
                     ..Default::default()
                 },
             },
@@ -529,7 +529,7 @@ mod incremental_tests {
             },
             8 => Command::SetDraining {
                 id: b.as_str().into(),
-                draining: r % 2 == 0,
+                draining: r.is_multiple_of(2),
             },
             9 => Command::PutChallenge {
                 token: format!("t{}", r % 3),
