@@ -500,7 +500,11 @@ mod incremental_tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407)
             >> 33;
-        let d = format!("{}d{}.test", if r.is_multiple_of(5) { "*." } else { "" }, r % 7);
+        let d = format!(
+            "{}d{}.test",
+            if r.is_multiple_of(5) { "*." } else { "" },
+            r % 7
+        );
         let b = format!("b{}", (r / 7) % 6);
         let tag = ["a", "b", "c"][(r / 3 % 3) as usize];
         match (r / 11) % 11 {
