@@ -194,7 +194,7 @@ fn run(
     );
     let publisher: store::Publisher = {
         let data = data.clone();
-        Arc::new(move |state| data.publish(state))
+        Arc::new(move |state, changes| data.publish(state, changes))
     };
     let store = if cli.upgrade {
         // The running process holds the store until it exits: serve its state meanwhile.

@@ -122,6 +122,25 @@ pub struct StatsView {
     pub routes: usize,
 }
 
+/// One page of a list (docs/api.md, "Lists"): the items, how many match on all pages, and
+/// the cursor of the next page (`null` on the last).
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: usize,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new(items: Vec<T>, total: usize, next_cursor: Option<String>) -> Self {
+        Self {
+            items,
+            total,
+            next_cursor,
+        }
+    }
+}
+
 /// A domain (docs/api.md, "Objects"). Private keys are never part of it.
 #[derive(Debug, Serialize)]
 pub struct DomainView {

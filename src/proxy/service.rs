@@ -19,7 +19,7 @@ use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::send_proxy::{self, ProxyHeader};
 use super::strict::{self, Refusal, Strictness};
-use super::table::{Route, Upstream};
+use super::table::{Target, Upstream};
 use super::DataPlane;
 use crate::live::{BackendRuntime, InFlight};
 use crate::observability::Metrics;
@@ -42,7 +42,7 @@ pub struct VhostProxy {
 
 #[derive(Default)]
 pub struct Ctx {
-    route: Option<Arc<Route>>,
+    route: Option<Target>,
     host: String,
     tls: bool,
     /// Pool indexes this request already tried.

@@ -1025,7 +1025,7 @@ async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
             Duration::from_secs(20),
             "the huge-id backend down",
             || async {
-                let (_, list) = node.api_get("/api/v1/backends").await;
+                let (_, list) = node.api_list("/api/v1/backends").await;
                 list.as_array()?
                     .iter()
                     .find(|b| b["id"].as_str().map(str::len) == Some(huge.len()))
@@ -1075,7 +1075,7 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
             Duration::from_secs(120),
             "every backend down in every node's own and peers' verdicts",
             || async {
-                let (status, list) = node.api_get("/api/v1/backends").await;
+                let (status, list) = node.api_list("/api/v1/backends").await;
                 let list = list.as_array().filter(|_| status == 200)?;
                 let all_down = list.len() == N
                     && list.iter().all(|b| {

@@ -13,7 +13,7 @@ use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
 use super::super::send_proxy::ProxyHeader;
-use super::super::table::Route;
+use super::super::table::Target;
 use super::buffers;
 use super::client::Client;
 use super::parse::RequestHead;
@@ -89,7 +89,7 @@ impl VhostApp {
         &self,
         client: &mut Client,
         head: &RequestHead,
-        route: &Route,
+        route: &Target,
     ) -> (u16, Outcome) {
         let replayable = head.content_length <= REPLAY_LIMIT;
         if replayable && head.content_length > 0 {
