@@ -215,6 +215,13 @@ pub async fn run(
                 // (addresses and paths can change without either).
                 if planned_for.as_ref() != Some(&key) || planned_at.elapsed() >= interval {
                     let (probers, _) = key.clone();
+                    if planned_for.as_ref().map(|(p, _)| p) != Some(&probers) {
+                        tracing::info!(
+                            nodes = ?probers.nodes(),
+                            probers_per_backend = cfg.probers_per_backend,
+                            "health probes shared between the live nodes"
+                        );
+                    }
                     let (l, s) = (live.clone(), sm.clone());
                     let (next, gained) = tokio::task::spawn_blocking(move || {
                         let gained = replan(&l, &s, &probers, me, &mut plan, interval);
