@@ -15,6 +15,7 @@ use super::schedule::Schedule;
 use crate::cluster::store::StateMachineStore;
 use crate::config::HealthCheckConfig;
 use crate::gossip::{backend_hash, Gossip};
+use crate::live::breaker::BreakerState;
 use crate::live::health::{ActiveState, Thresholds};
 use crate::live::Live;
 
@@ -75,7 +76,10 @@ pub async fn probe(
 
 /// The probe client: no redirects followed, no connection reuse surprises.
 pub fn client() -> reqwest::Client {
-    client_with_agent(format!("pingora-vhost-health/{}", env!("CARGO_PKG_VERSION")))
+    client_with_agent(format!(
+        "pingora-vhost-health/{}",
+        env!("CARGO_PKG_VERSION")
+    ))
 }
 
 /// The client of a node's periodic probes: its `User-Agent` names the node, so a backend's
@@ -316,6 +320,12 @@ fn replan(
             plan.handed_over.remove(&target.id);
             if let Some(rt) = &runtime {
                 rt.health.stop_probing();
+                // Real traffic opened this node's breaker: it tells its peers the backend is
+                // down, and without traffic (nobody routes to it) no trial request would ever
+                // close it. A probe of its own settles it: success closes the breaker.
+                if rt.health.breaker.state() == BreakerState::Open {
+                    items.push((hash, Arc::new(target)));
+                }
             }
             continue;
         }

@@ -181,7 +181,10 @@ mod tests {
                 // leaving node was one of its probers.
                 for n in &old {
                     if *n != gone {
-                        assert!(new.contains(n), "{before:?}-{gone} k={k}: {n} lost a backend");
+                        assert!(
+                            new.contains(n),
+                            "{before:?}-{gone} k={k}: {n} lost a backend"
+                        );
                     }
                 }
                 let gained = new.iter().filter(|n| !old.contains(n)).count();

@@ -129,7 +129,10 @@ mod tests {
         let s = schedule(50, 1000);
         assert_eq!(s.due(0, 5000).len(), 50);
         assert!(s.due(700, 700).is_empty());
-        assert!(s.due(700, 600).is_empty(), "a clock stepping back probes nothing");
+        assert!(
+            s.due(700, 600).is_empty(),
+            "a clock stepping back probes nothing"
+        );
     }
 
     #[test]

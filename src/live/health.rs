@@ -246,11 +246,7 @@ mod tests {
         let h = BackendHealth::default();
         assert!(h.probed_here(), "a lone node probes everything");
         assert_eq!(h.record_probe(false, "x".into(), T), None);
-        assert_eq!(
-            h.record_probe(false, "x".into(), T),
-            None,
-            "two failures"
-        );
+        assert_eq!(h.record_probe(false, "x".into(), T), None, "two failures");
         h.stop_probing();
         assert!(!h.probed_here());
         assert_eq!(h.active(), ActiveState::Unknown, "the verdict is forgotten");

@@ -377,9 +377,12 @@ async fn killed_backend_is_avoided_by_every_node_without_errors_and_used_again_a
     let all_see_down = stopped_at.elapsed();
     // Once every node has settled, none of them even tries k1: its attempt counter on every
     // node stays put while traffic flows through every node.
+    // (A node that does not probe k1, probers_per_backend = 2 of 3, has it down through
+    // both probers' verdicts.)
     for n in &cluster.nodes {
         wait_view(n, "k1", Duration::from_secs(10), "k1 probed down", |v| {
             v["health"]["active"] == "down"
+                || (v["health"]["probed_here"] == false && peers_down(v).len() == 2)
         })
         .await;
     }
@@ -455,11 +458,13 @@ async fn killed_backend_is_avoided_by_every_node_without_errors_and_used_again_a
 /// `x2` answers. Pool "a" of `one.test` = x1, x2. Returns when node 2 reports x1 down and nodes
 /// 1 and 3 have taken its verdict.
 async fn one_observer_cluster() -> (Cluster, Origin, Origin) {
+    // Every node probes every backend (probers_per_backend >= 3): node 2 is a prober of x1.
     let cluster = Cluster::start(3, |id| {
+        let o = NodeOptions::new().health("probers_per_backend = 3");
         if id == 2 {
-            NodeOptions::new().health("path = \"/health-n2\"")
+            o.health("path = \"/health-n2\"")
         } else {
-            NodeOptions::new()
+            o
         }
     })
     .await;
@@ -591,11 +596,13 @@ async fn verdicts_of_a_dead_node_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_wrong_observer_cannot_empty_a_pool() {
+    // Every node probes (probers_per_backend >= 3): node 2 is the wrong observer of both.
     let cluster = Cluster::start(3, |id| {
+        let o = NodeOptions::new().health("probers_per_backend = 3");
         if id == 2 {
-            NodeOptions::new().health("path = \"/health-n2\"")
+            o.health("path = \"/health-n2\"")
         } else {
-            NodeOptions::new()
+            o
         }
     })
     .await;
@@ -860,7 +867,8 @@ async fn restarted_node_does_not_send_traffic_to_a_backend_its_peers_know_is_dow
     r1.stop().await;
     for n in &cluster.nodes {
         wait_view(n, "r1", Duration::from_secs(10), "r1 probed down", |v| {
-            v["health"]["active"] == "down" && v["healthy"] == false
+            (v["health"]["active"] == "down" || v["health"]["probed_here"] == false)
+                && v["healthy"] == false
         })
         .await;
     }
@@ -1035,7 +1043,8 @@ async fn client_aborts_do_not_open_the_backend_breaker() {
 /// nodes from hearing each other's verdicts about any other backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
-    let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    // Every node probes every backend, so every node publishes a verdict for each.
+    let cluster = Cluster::start(3, |_| NodeOptions::new().health("probers_per_backend = 3")).await;
     let n1 = cluster.node(1);
     // #13: an id over the bound is refused up front, naming the field and the bound...
     let (status, body) = n1
@@ -1101,9 +1110,11 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
     let cluster = Cluster::start(3, |_| {
         // One probe round finds them all down; later rounds (every 5 s, 10,000 probes each)
         // only keep the verdicts.
+        // Every node probes every backend (probers_per_backend >= 3): 3 verdicts each.
         NodeOptions::new()
             .health_interval(5)
             .health("unhealthy_threshold = 1")
+            .health("probers_per_backend = 3")
             .extra(&seed)
     })
     .await;
@@ -1247,7 +1258,8 @@ async fn each_backend_is_probed_by_k_nodes_and_their_verdicts_hold_everywhere() 
     let took_over = loop {
         let v = backend_view(n_out, "s0").await;
         assert_eq!(
-            v["healthy"], false,
+            v["healthy"],
+            false,
             "s0 looked healthy on node {outsider} {:?} after prober {victim} was killed: {v:#}",
             killed_at.elapsed()
         );
