@@ -3,17 +3,16 @@
 across the cluster, how bursty they are, and the CPU of the otherwise idle nodes.
 
     python3 bench/probe_load_bench.py [--backends 10000] [--k 2] [--bin PATH]
-                                      [--warmup 25] [--seconds 30] [--origins 4]
+                                      [--warmup 25] [--seconds 30] [--ports 500]
 
 Setup (loopback, temp dir, everything killed and removed on exit):
   * 3 nodes of the binary (default target/release/pingora-vhost), [health_check] defaults
     (interval 10 s, timeout 5 s) and `probers_per_backend = K` (left out with `--k 0`: for a
     binary from before the key existed, where every node probes every backend);
   * `--backends` backends seeded from node 1's config file (it starts alone; nodes 2 and 3
-    join and get them with the snapshot), spread over `--ports` ports of `--origins` origin
-    processes (asyncio, HTTP/1.1 keep-alive) that answer 200 to every GET and count the
-    health probes per node (the probe's User-Agent names the node; a binary from before that
-    did not say, so its probes count per source connection only in the total);
+    join and get them with the snapshot), spread over `--ports` ports of one nginx that
+    answers 200 to every GET and logs each request's time and User-Agent (which names the
+    probing node; a binary from before that did not, so its probes only count in the total);
   * no client traffic: the nodes are idle but for gossip and probes.
 
 After `--warmup` seconds (the start-up probe of every owned backend and the hand-over from a
@@ -23,10 +22,10 @@ each node's CPU (utime + stime from /proc, % of one core).
 """
 
 import argparse
-import asyncio
 import json
 import os
 import re
+import subprocess
 import signal
 import sys
 import tempfile
@@ -38,38 +37,55 @@ import health_bench as hb  # noqa: E402  (process bookkeeping, ports, the node p
 UA_NODE = re.compile(rb"\(node (\d+)\)")
 
 
-def run_origin(ports):
-    """One origin process listening on `ports`: counts GETs per (node, 100 ms bucket); prints
-    them as JSON on SIGTERM."""
-    counts = {}
+def start_origin(ports, d):
+    """nginx on `ports`: 200 "ok" to every GET; each request logged as `<msec> <User-Agent>`."""
+    conf = os.path.join(d, "nginx.conf")
+    log = os.path.join(d, "probes.log")
+    listens = "\n".join(f"    listen 127.0.0.1:{p};" for p in ports)
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  log_format probe '$msec $http_user_agent';
+  access_log {log} probe buffer=256k flush=1s;
+  keepalive_requests 1000000;
+  server {{
+{listens}
+    location / {{ return 200 "ok"; }}
+  }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-c", conf, "-p", d], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hb.CHILDREN.append(p)
+    hb.wait_until("nginx listening", 10, lambda: probe_port(ports[-1]), every=0.1)
+    return log
 
-    async def handle(reader, writer):
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                m = UA_NODE.search(head)
-                node = int(m.group(1)) if m else 0
-                key = (node, int(time.time() * 10))
-                counts[key] = counts.get(key, 0) + 1
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
 
-    async def main():
-        servers = [await asyncio.start_server(handle, "127.0.0.1", p, backlog=1024)
-                   for p in ports]
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        print("ready", flush=True)
-        await stop.wait()
-        for srv in servers:
-            srv.close()
-        print(json.dumps([[n, b, c] for (n, b), c in counts.items()]), flush=True)
+def probe_port(port):
+    import socket
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
-    asyncio.run(main())
+
+def count_probes(log, t0, t1):
+    """Probes logged in [t0, t1): per 100 ms bucket, and per node (0: no node in the UA)."""
+    per_bucket, per_node = {}, {}
+    with open(log, "rb") as f:
+        for line in f:
+            ts, _, ua = line.partition(b" ")
+            t = float(ts)
+            if not t0 <= t < t1:
+                continue
+            m = UA_NODE.search(ua)
+            node = int(m.group(1)) if m else 0
+            b = int(t * 10)
+            per_bucket[b] = per_bucket.get(b, 0) + 1
+            per_node[node] = per_node.get(node, 0) + 1
+    return per_bucket, per_node
 
 
 def cpu_seconds(pid):
@@ -85,19 +101,13 @@ def main():
     ap.add_argument("--bin", default=os.path.join(hb.REPO, "target/release/pingora-vhost"))
     ap.add_argument("--warmup", type=float, default=25.0)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--origins", type=int, default=2, help="origin processes")
     ap.add_argument("--ports", type=int, default=500,
-                    help="ports in all: backends share a port (and the prober's idle "
-                         "connection to it) only 1 in backends/ports")
-    ap.add_argument("--origin", help=argparse.SUPPRESS)
+                    help="origin ports: backends share a port (and the prober's idle "
+                         "connection to it) 1 in backends/ports")
     args = ap.parse_args()
-    if args.origin:
-        run_origin([int(p) for p in args.origin.split(",")])
-        return
-
     args.bin = os.path.abspath(args.bin)
     import atexit
-    import subprocess
+
 
     atexit.register(hb.cleanup)
     signal.signal(signal.SIGTERM, hb.on_signal)
@@ -106,18 +116,8 @@ def main():
     hb.TMPDIRS.append(d)
     used = set()
 
-    origins = []
-    all_ports = []
-    for _ in range(args.origins):
-        ports = [hb.free_port(used) for _ in range(max(1, args.ports // args.origins))]
-        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--origin",
-                              ",".join(map(str, ports))],
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        hb.CHILDREN.append(p)
-        if b"ready" not in p.stdout.readline():
-            raise RuntimeError("origin did not start")
-        origins.append((ports, p))
-        all_ports.extend(ports)
+    all_ports = [hb.free_port(used) for _ in range(args.ports)]
+    log = start_origin(all_ports, d)
 
     # The last EXTRA backends are added through the API: enough writes after the seed for node
     # 1 to take a snapshot (snapshot_logs), which the joiners then install.
@@ -183,17 +183,9 @@ def main():
     cpu1 = [cpu_seconds(n.proc.pid) for n in nodes]
     counted = [checks(n) for n in nodes]
 
-    per_bucket = {}
-    per_node = {}
+    time.sleep(1.5)  # nginx flushes its log buffer every second
     lo, hi = int(t0 * 10), int(t1 * 10)
-    for _, p in origins:
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=30)
-        hb.CHILDREN.remove(p)
-        for node, bucket, count in json.loads(out.decode().strip().splitlines()[-1]):
-            if lo <= bucket < hi:
-                per_bucket[bucket] = per_bucket.get(bucket, 0) + count
-                per_node[node] = per_node.get(node, 0) + count
+    per_bucket, per_node = count_probes(log, lo / 10, hi / 10)
     secs = (hi - lo) / 10
     total = sum(per_node.values())
     buckets = [per_bucket.get(b, 0) for b in range(lo, hi)]

@@ -172,8 +172,10 @@ struct Target {
 #[derive(Default)]
 struct Plan {
     schedule: Option<Schedule<Arc<Target>>>,
-    /// Ids probed here (the schedule's items).
+    /// Ids probed here as one of their probers (or handing them over).
     probed: HashSet<String>,
+    /// Every id in the schedule: `probed`, and those probed only to settle an open breaker.
+    scheduled: HashSet<String>,
     /// Backends whose probes moved to other nodes, and when: probed one more interval, so
     /// that this node's verdict does not lapse before the new prober has its own.
     handed_over: HashMap<String, Instant>,
@@ -210,9 +212,21 @@ pub async fn run(
     let mut running: JoinSet<String> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut started, mut replans, mut since) = (0u64, 0u64, Instant::now());
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if since.elapsed() >= interval {
+                    tracing::debug!(
+                        started,
+                        replans,
+                        queued = queue.len(),
+                        running = running.len(),
+                        scheduled = plan.schedule.as_ref().map_or(0, Schedule::len),
+                        "health probes in the last interval"
+                    );
+                    (started, replans, since) = (0, 0, Instant::now());
+                }
                 let probers = Probers::new(gossip.probing_members(), cfg.probers_per_backend);
                 let key = (probers, live.backends.generation());
                 // Again when the membership or the set of backends changed, and every interval
@@ -244,6 +258,7 @@ pub async fn run(
                     }
                     planned_for = Some(key);
                     planned_at = Instant::now();
+                    replans += 1;
                 }
                 let now = now_ms();
                 if let Some(schedule) = &plan.schedule {
@@ -265,6 +280,13 @@ pub async fn run(
         }
         while running.len() < CONCURRENCY {
             let Some(t) = queue.pop_front() else { break };
+            // Queued when it was ours, but the membership changed since (a peer seen dead for
+            // a moment): its probers probe it.
+            if !plan.scheduled.contains(&t.id) {
+                pending.remove(&t.id);
+                continue;
+            }
+            started += 1;
             let (live, client, cfg) = (live.clone(), client.clone(), cfg.clone());
             running.spawn(async move {
                 check_backend(&live, &client, &cfg, &t.id, &t.address, t.path.as_deref()).await;
@@ -345,7 +367,10 @@ fn replan(
         probed.insert(target.id.clone());
         items.push((hash, target));
     }
+    // Backends deleted while being handed over.
+    plan.handed_over.retain(|id, _| probed.contains(id));
     plan.probed = probed;
+    plan.scheduled = items.iter().map(|(_, t)| t.id.clone()).collect();
     plan.schedule = Some(Schedule::new(interval.as_millis() as u64, items));
     gained
 }
