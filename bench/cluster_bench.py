@@ -18,6 +18,10 @@ Phases:
      - time from spawn until every node serves the last seeded domain;
      - VmRSS and idle CPU per node;
      - proxy requests/s on one node, Host rotating over all domains (and over 10 of them);
+     - memory per domain, API list pages (p99 < 100 ms), write convergence with the large
+       table in the state (p99 < 50 ms);
+     - a follower is stopped, --down-writes changes are made through the leader, and it is
+       restarted: time until it has them all and serves the last one (< 5 s);
      - a 4th node joins (same config file as the others), then a 5th (config file without
        the seed): time from spawn until its status last_applied equals the leader's and
        sampled routes answer 200 through its proxy, and until it is a voter; its VmRSS. Each
@@ -568,6 +572,42 @@ def measure_writes(follower, prefix, count, concurrency):
     return count / elapsed, lat
 
 
+def target(value, limit, label):
+    """`label: met` when value < limit (or <=), else `label: NOT met`."""
+    return f"{label}: {'met' if value <= limit else 'NOT met'}"
+
+
+def api_rows(rows, node, n, samples=20):
+    """Times list pages of the API at n domains (each page: p50/p99 over `samples` calls)."""
+    def timed(path):
+        lat, value = [], None
+        for _ in range(samples):
+            t = time.perf_counter()
+            s, value = node.api.call("GET", path)
+            lat.append(time.perf_counter() - t)
+            if s != 200:
+                raise RuntimeError(f"GET {path}: {s} {str(value)[:200]}")
+        return lat, value
+
+    _, first = timed("/api/v1/domains?limit=100")
+    cursor = first.get("next_cursor") if isinstance(first, dict) else None
+    pages = [("domains, first page of 100", "/api/v1/domains?limit=100"),
+             ("domains, prefix filter", f"/api/v1/domains?q=h{n // 2}&limit=100"),
+             ("backends, first page of 100", "/api/v1/backends?limit=100"),
+             ("backends, tag filter", f"/api/v1/backends?tag=t{n // 2}&limit=100"),
+             ("backends seen down", "/api/v1/backends?healthy=false&limit=100")]
+    if cursor:
+        pages.insert(1, ("domains, next page (cursor)",
+                         f"/api/v1/domains?limit=100&cursor={cursor}"))
+    for label, path in pages:
+        lat, value = timed(path)
+        total = value.get("total") if isinstance(value, dict) else len(value or [])
+        p99 = pct(lat, 99) * 1000
+        rows.append(("B", f"API {label} (`{path.split('?')[0]}`, total {total}), n={samples}",
+                     f"p50 {pct(lat, 50) * 1000:.1f} ms / p99 {p99:.1f} ms",
+                     target(p99, 100, "< 100 ms")))
+
+
 def write_seed_file(path, origin_port, n):
     with open(path, "w") as f:
         for i in range(n):
@@ -589,6 +629,10 @@ def main():
     ap.add_argument("--seq-writes", type=int, default=300)
     ap.add_argument("--conc-writes", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--writes-big", type=int, default=200,
+                    help="convergence samples with the large table")
+    ap.add_argument("--down-writes", type=int, default=10000,
+                    help="changes made while a follower is down")
     ap.add_argument("--domains", type=int, default=10000)
     ap.add_argument("--duration", type=int, default=10, help="seconds per load run")
     ap.add_argument("--connections", type=int, default=32)
@@ -654,8 +698,9 @@ def run(args):
         for h in small_hosts:
             wait_until(f"{h} on node {x.id}", 10, lambda: route_ok(x.http, h, conns))
     wait_converged(nodes, 10)
-    for x in nodes:
-        rows.append(("A", f"VmRSS node {x.id} (10 domains, 1 backend)", f"{x.rss_mib():.1f} MiB"))
+    results["rss_a"] = [x.rss_mib() for x in nodes]
+    for x, rss in zip(nodes, results["rss_a"]):
+        rows.append(("A", f"VmRSS node {x.id} (10 domains, 1 backend)", f"{rss:.1f} MiB"))
     idle = idle_cpu(nodes)
     rows.append(("A", "idle CPU per node (5 s, no requests), % of one core",
                  ", ".join(f"node {k}: {v:.0f} %" for k, v in sorted(idle.items()))))
@@ -724,17 +769,20 @@ def run(args):
     for x in nodes:
         wait_until(f"{last_host} on node {x.id}", 120, lambda: route_ok(x.http, last_host, conns),
                    interval=0.1)
+    serve_all = time.monotonic() - t0
     rows.append(("B", f"3 nodes from spawn to serving all {n} seeded domains",
-                 f"{time.monotonic() - t0:.2f} s"))
+                 f"{serve_all:.2f} s", target(serve_all, 30, "< 30 s")))
     sts = wait_converged(nodes, 30)
     # Let the first health-probe round (every backend once, at start) finish.
     time.sleep(3)
     for x in nodes:
+        rss = x.rss_mib()
         rows.append(("B", f"VmRSS node {x.id} ({n} domains, {n} backends)",
-                     f"{x.rss_mib():.1f} MiB"))
+                     f"{rss:.1f} MiB", target(rss, 1024, "< 1 GiB")))
     idle = idle_cpu(nodes)
     rows.append(("B", "idle CPU per node (5 s, no requests), % of one core",
-                 ", ".join(f"node {k}: {v:.0f} %" for k, v in sorted(idle.items()))))
+                 ", ".join(f"node {k}: {v:.1f} %" for k, v in sorted(idle.items())),
+                 target(max(idle.values()), 2, "< 2 %")))
     leader, follower = leader_and_follower(nodes)
     log(f"phase B: proxy load, {n} domains")
     big_hosts = [f"h{i}.bench" for i in range(n)]
@@ -742,7 +790,8 @@ def run(args):
                                       args.connections)
     results["rps_big"] = rps_big
     rows.append(("B", f"proxy req/s on node {follower.id}, {n} domains",
-                 f"{rps_big:,.0f} ({bad} non-2xx; {rps_big / rps_small:.2f}x the 10-domain case)"))
+                 f"{rps_big:,.0f} ({bad} non-2xx; {rps_big / rps_small:.2f}x the 10-domain case)",
+                 target(-rps_big / rps_small, -0.9, "within noise of 10 domains (>= 0.90x)")))
     rps_big10, _, bad10 = run_load(TMP, follower.http, big_hosts[:10], args.duration,
                                    args.connections)
     rows.append(("B", f"proxy req/s on node {follower.id}, {n}-domain table, Host over 10 "
@@ -780,7 +829,8 @@ def run(args):
         wait_until(f"node {node_id} voter", 60, is_voter, interval=0.05)
         voter = time.monotonic() - spawned
         rows.append(("B", f"node {node_id} joins, {label}: spawn -> last_applied = leader's "
-                     f"and sampled routes 200", f"{caught:.2f} s (last_applied {applied['v']})"))
+                     f"and sampled routes 200", f"{caught:.2f} s (last_applied {applied['v']})",
+                     target(caught, 5, "< 5 s")))
         rows.append(("B", f"node {node_id} joins, {label}: spawn -> voter in the leader's status",
                      f"{voter:.2f} s"))
         time.sleep(1)
@@ -790,18 +840,63 @@ def run(args):
             raise RuntimeError(f"DELETE member {node_id}: {s} {body}")
         node.stop()
 
+    # Memory per domain: what the large table adds to a node, over the small cluster's RSS.
+    rss_a = statistics.mean(results["rss_a"])
+    per_domain = [(x.rss_mib() - rss_a) * 1024 * 1024 / n for x in nodes]
+    rows.append(("B", f"memory per domain + backend pair ((VmRSS - phase A VmRSS) / {n})",
+                 ", ".join(f"node {x.id}: {v:,.0f} B" for x, v in zip(nodes, per_domain))))
+
+    log("phase B: API pages")
+    api_rows(rows, follower, n)
+
+    log(f"phase B: convergence over {args.writes_big} writes with {n} domains in the state")
+    s, b = follower.api.call("POST", "/api/v1/backends",
+                             {"id": "origin", "address": f"127.0.0.1:{origin_port}",
+                              "tags": ["a"]})
+    assert s == 201, (s, b)
+    total_b, acks_b, timeouts_b, _ = measure_convergence(nodes, follower, args.writes_big)
+    conv_b = pct(total_b, 99) * 1000
+    rows.append(("B", f"convergence with {n} domains: POST on follower -> 200 on all 3 "
+                 f"proxies, n={len(total_b)}",
+                 f"p50 {pct(total_b, 50) * 1000:.1f} ms / p99 {conv_b:.1f} ms"
+                 + (f" ({timeouts_b} over 5 s)" if timeouts_b else ""),
+                 target(conv_b, 50, "p99 < 50 ms")))
+
+    k = args.down_writes
+    down = follower
+    log(f"phase B: node {down.id} down through {k} changes")
+    down.stop()
+    wps_down, _ = measure_writes(leader, "down", k, args.concurrency)
+    last_down = f"down-{k - 1}.bench"
+    down.spawn(binary)
+    spawned = down.spawned_at
+    conns_d = {}
+
+    def down_caught_up():
+        down.check_alive()
+        st, lead = down.status(), leader.status()
+        if not st or not lead or st["last_applied"] < lead["last_applied"]:
+            return None
+        return route_ok(down.http, last_down, conns_d)
+    wait_until(f"node {down.id} caught up", 240, down_caught_up, interval=0.05)
+    caught = time.monotonic() - spawned
+    rows.append(("B", f"node {down.id} down through {k} changes ({wps_down:,.0f} writes/s "
+                 f"through the leader meanwhile): restart -> last_applied = leader's and the "
+                 f"last change serves", f"{caught:.2f} s", target(caught, 5, "< 5 s")))
+
     join(4, seed_path, f"same config file as the others (with the {n}-entry seed)")
     join(5, None, "config file without [[virtual_hosts]]/[[backends]]")
     for x in nodes:
         x.stop()
 
     # ---------------- Report ----------------
+    rows = [r if len(r) == 4 else (*r, "") for r in rows]
     width = max(len(r[1]) for r in rows)
     print()
-    print(f"{'ph':<3} {'measurement':<{width}}  value")
-    print(f"{'-' * 3} {'-' * width}  {'-' * 40}")
-    for ph, what, val in rows:
-        print(f"{ph:<3} {what:<{width}}  {val}")
+    print(f"{'ph':<3} {'measurement':<{width}}  {'value':<40}  target")
+    print(f"{'-' * 3} {'-' * width}  {'-' * 40}  {'-' * 20}")
+    for ph, what, val, tgt in rows:
+        print(f"{ph:<3} {what:<{width}}  {val:<40}  {tgt}")
     print()
     print(f"load generator: {tool_small} / {tool_big}")
     verdict = "met" if results["conv_p99_ms"] < 50 else "NOT met"
@@ -831,9 +926,9 @@ def run(args):
                 f"`[health_check] interval_secs = {args.hc_interval}`. "
                 f"Origin: Python asyncio server in its own process (answers `200 ok`).  \n")
         f.write(f"Load generator: {tool_small}; {tool_big}.\n\n")
-        f.write("| phase | measurement | value |\n|---|---|---|\n")
-        for ph, what, val in rows:
-            f.write(f"| {ph} | {what} | {val} |\n")
+        f.write("| phase | measurement | value | target |\n|---|---|---|---|\n")
+        for ph, what, val, tgt in rows:
+            f.write(f"| {ph} | {what} | {val} | {tgt} |\n")
         f.write(f"\nConvergence target p99 < 50 ms: **{verdict}** "
                 f"({results['conv_p99_ms']:.1f} ms).\n")
         if slow_lines:

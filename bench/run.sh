@@ -17,6 +17,8 @@
 #   BENCH_RUNS=5           rounds; each measures every proxy and protocol once. Reported: the
 #                          best run (most req/s) of each, and the median of per-round ratios
 #   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
+#   BENCH_IDLE_CONNS=10000 idle keep-alive connections held to measure memory per connection
+#                          (bench/idle_conns.py; 0 skips that part)
 #   BENCH_PORT_BASE=18400  first loopback port tried; busy ports are skipped
 #   BENCH_CPU_LOAD / BENCH_CPU_PROXY   CPUs for wrk+origin / for the proxy
 #                          (default: first and second CPU of this process's affinity)
@@ -33,6 +35,7 @@ DURATION="${BENCH_DURATION:-8}"
 WARMUP="${BENCH_WARMUP:-2}"
 RUNS="${BENCH_RUNS:-5}"
 CONNECTIONS="${BENCH_CONNECTIONS:-50}"
+IDLE_CONNS="${BENCH_IDLE_CONNS:-10000}"
 PORT_BASE="${BENCH_PORT_BASE:-18400}"
 RESULTS_MD="${BENCH_RESULTS:-$SCRIPT_DIR/results/latest.md}"
 HOST_HEADER="bench.local"
@@ -131,8 +134,9 @@ need_cmd awk mawk
 
 CLK_TCK="$(getconf CLK_TCK)"
 
-# Enough file descriptors for CONNECTIONS client + upstream connections in each proxy.
-MAXCONN=$(( CONNECTIONS * 2 + 1024 ))
+# Enough file descriptors for CONNECTIONS client + upstream connections in each proxy, and
+# the idle connections of the memory measurement.
+MAXCONN=$(( CONNECTIONS * 2 + IDLE_CONNS + 1024 ))
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MAXCONN * 2 + 64)) ]; then
     die "open-file limit $(ulimit -n) too low for $CONNECTIONS connections"
@@ -716,6 +720,52 @@ run_rounds() {
     done
 }
 
+# Resident memory (KiB) of PID and all its descendants.
+tree_rss_kib() {
+    local q total=0 kib
+    for q in $(proc_tree "$1"); do
+        kib="$(awk '/^VmRSS:/ { print $2 }' "/proc/$q/status" 2>/dev/null || true)"
+        total=$((total + ${kib:-0}))
+    done
+    echo "$total"
+}
+
+# Memory per idle keep-alive connection: the proxy's RSS (all its processes) with
+# IDLE_CONNS connections open and idle, each after one request, minus its RSS before.
+declare -A IDLE_KIB IDLE_RSS
+measure_idle_memory() {
+    [ "$IDLE_CONNS" -gt 0 ] || return 0
+    local p proto port tls fifo out py before after i
+    for p in "${PROXIES[@]}"; do
+        use_proxy "$p"
+        for proto in http https; do
+            port="$PROXY_HTTP"; tls=()
+            [ "$proto" = https ] && { port="$PROXY_HTTPS"; tls=(--tls); }
+            fifo="$TMP/idle.$p.$proto.in"; out="$TMP/idle.$p.$proto.out"
+            mkfifo "$fifo"
+            before="$(tree_rss_kib "$PROXY_PID")"
+            python3 "$SCRIPT_DIR/idle_conns.py" --port "$port" --host "$HOST_HEADER" \
+                --n "$IDLE_CONNS" "${tls[@]}" <"$fifo" >"$out" 2>&1 &
+            py=$!
+            exec 7>"$fifo" # holds the script's stdin open: it keeps its connections
+            for i in $(seq 1 240); do
+                grep -q ready "$out" 2>/dev/null && break
+                kill -0 "$py" 2>/dev/null || break
+                sleep 0.5
+            done
+            grep -q ready "$out" || { exec 7>&-; cat "$out" >&2; die "idle connections to $p ($proto) failed"; }
+            sleep 1
+            after="$(tree_rss_kib "$PROXY_PID")"
+            exec 7>&-
+            wait "$py" || true
+            IDLE_RSS[$p/$proto]="$after"
+            IDLE_KIB[$p/$proto]="$(awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }')"
+            log "$p $proto: RSS $before KiB -> $after KiB with $IDLE_CONNS idle connections: ${IDLE_KIB[$p/$proto]} KiB each"
+            sleep 2
+        done
+    done
+}
+
 # ---------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------
@@ -737,6 +787,7 @@ log "temp dir $TMP; CPUs: wrk+origin=$CPU_LOAD proxy=$CPU_PROXY; ${DURATION}s x 
 start_origin
 start_all_proxies
 run_rounds
+measure_idle_memory
 stop_all_proxies
 
 # ---------------------------------------------------------------------------------------
@@ -848,6 +899,18 @@ report() {
         md_ratios "$proto"
         echo
     done
+    if [ "$IDLE_CONNS" -gt 0 ]; then
+        echo "## Memory per idle keep-alive connection"
+        echo
+        echo "$IDLE_CONNS connections held open and idle after one request each (bench/idle_conns.py); RSS of all the proxy's processes with them open, and (RSS with - RSS before) / $IDLE_CONNS."
+        echo
+        echo "| proxy | HTTP KiB/conn | HTTP RSS KiB | HTTPS KiB/conn | HTTPS RSS KiB |"
+        echo "|---|---|---|---|---|"
+        for p in "${PROXIES[@]}"; do
+            echo "| $p | ${IDLE_KIB[$p/http]} | ${IDLE_RSS[$p/http]} | ${IDLE_KIB[$p/https]} | ${IDLE_RSS[$p/https]} |"
+        done
+        echo
+    fi
     echo "<details><summary>raw wrk output</summary>"
     echo
     for p in "${PROXIES[@]}"; do
@@ -902,6 +965,14 @@ text_report() {
 mkdir -p "$(dirname "$RESULTS_MD")"
 report > "$RESULTS_MD"
 text_report
+if [ "$IDLE_CONNS" -gt 0 ]; then
+    echo
+    echo "== memory per idle keep-alive connection ($IDLE_CONNS held; targets: pingora-vhost <= 16 KiB HTTP, <= 24 KiB HTTPS) =="
+    for p in "${PROXIES[@]}"; do
+        printf '  %-14s HTTP %6s KiB/conn (RSS %s KiB)   HTTPS %6s KiB/conn (RSS %s KiB)\n' "$p" \
+            "${IDLE_KIB[$p/http]}" "${IDLE_RSS[$p/http]}" "${IDLE_KIB[$p/https]}" "${IDLE_RSS[$p/https]}"
+    done
+fi
 echo
 if [ "$BUSY_BEFORE" -gt 10 ] || [ "$NOISY_RUNS" -gt 0 ]; then
     log "WARNING: other processes used the CPUs (${BUSY_BEFORE}% busy before the run; $NOISY_RUNS reported result(s) marked NOISY):" \

@@ -80,6 +80,13 @@ pub struct ProxyConfig {
     /// Pass header names containing `_` on to backends (nginx's `underscores_in_headers`).
     /// default false: they are dropped.
     pub underscores_in_headers: bool,
+    /// TLS session tickets sealed with keys the cluster shares (a session resumes on any
+    /// node). default true
+    pub tls_session_tickets: bool,
+    /// How often the leader makes a new ticket key; a ticket opens for one to two periods.
+    /// default 43200 (12 h), 60..=604800
+    #[serde(deserialize_with = "int::<_, _, 60, 604_800>")]
+    pub tls_ticket_rotation_secs: u64,
     /// Optional default certificate (served when the client sends no SNI or an unknown name).
     /// Both or neither. Files must exist and be readable. When absent a self-signed one is made.
     #[serde(deserialize_with = "non_empty_path")]
@@ -315,6 +322,8 @@ impl Default for ProxyConfig {
             shutdown_grace_secs: 30,
             max_body_bytes: 1 << 30,
             underscores_in_headers: false,
+            tls_session_tickets: true,
+            tls_ticket_rotation_secs: 43_200,
             default_cert_path: None,
             default_key_path: None,
         }

@@ -198,6 +198,15 @@ impl ControlPlane {
                 }
             }
         });
+        if cfg.proxy.tls_session_tickets {
+            tasks.spawn(
+                "TLS ticket keys",
+                crate::ticket_keys::run(
+                    node.clone(),
+                    Duration::from_secs(cfg.proxy.tls_ticket_rotation_secs),
+                ),
+            );
+        }
         // Domains can turn to tls = "acme" through the API at any time: always watch.
         tasks.spawn(
             "acme",

@@ -19,4 +19,5 @@ pub mod resolve;
 pub mod schema;
 pub mod state;
 pub mod supervise;
+pub mod ticket_keys;
 pub mod upgrade;

@@ -9,7 +9,8 @@ use clap::Parser;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
-use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
@@ -19,6 +20,7 @@ use pingora_vhost::observability::{logging, Metrics};
 use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
+use pingora_vhost::proxy::tls_accept::TlsListener;
 use pingora_vhost::proxy::DataPlane;
 use pingora_vhost::resolve;
 use pingora_vhost::state::{Backend, Command, Domain};
@@ -183,7 +185,11 @@ fn run(
     create_private_dir(&data_dir)?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let data = Arc::new(DataPlane::new(CertStore::new(default_certificate(&cfg)?)));
+    let data = Arc::new(
+        DataPlane::new(CertStore::new(default_certificate(&cfg)?)).with_ticket_rotation(
+            std::time::Duration::from_secs(cfg.proxy.tls_ticket_rotation_secs),
+        ),
+    );
     let publisher: store::Publisher = {
         let data = data.clone();
         Arc::new(move |state| data.publish(state))
@@ -266,13 +272,26 @@ fn run(
         },
     };
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
-    let app = VhostApp::new(proxy, &server.configuration);
+    let tls = TlsListener::new(
+        cfg.proxy.listen_addr.port(),
+        Arc::new(SniResolver(data.certs.clone())),
+        cfg.proxy.tls_session_tickets.then(|| data.tickets.clone()),
+        std::time::Duration::from_secs(cfg.proxy.client_timeout_secs),
+    )
+    .context("TLS settings")?;
+    let app = VhostApp::new(proxy, &server.configuration).with_tls(tls);
     let mut proxy_service = Service::new("proxy".to_string(), app);
-    proxy_service.add_tcp(&cfg.proxy.listen_addr_http.to_string());
-    let mut tls_settings = TlsSettings::intermediate("", "").context("TLS settings")?;
-    tls_settings.set_cert_resolver(Arc::new(SniResolver(data.certs.clone())));
-    tls_settings.enable_h2();
-    proxy_service.add_tls_with_settings(&cfg.proxy.listen_addr.to_string(), None, tls_settings);
+    // No read buffer under the connections (Pingora's default is 64 KiB each): the lean
+    // path reads plain sockets itself, and rustls reads TLS records into its own buffer.
+    let unbuffered_reads = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+    proxy_service.add_listener(
+        ListenerConfig::tcp(cfg.proxy.listen_addr_http.to_string()).l4_buffer(unbuffered_reads),
+    );
+    // TLS is handshaken by the app (`proxy::tls_accept`): session tickets need our own
+    // rustls config.
+    proxy_service.add_listener(
+        ListenerConfig::tcp(cfg.proxy.listen_addr.to_string()).l4_buffer(unbuffered_reads),
+    );
 
     let mut control = background_service(
         "control plane",

@@ -168,6 +168,50 @@ pub enum Command {
     AcmeOrderAbandoned {
         domain: String,
     },
+    /// A new TLS session ticket key, made by the leader when the newest one is a rotation
+    /// period old: it encrypts the tickets every node issues from now on; the one before it
+    /// still decrypts for one more period.
+    RotateTicketKey(TicketKey),
+}
+
+/// Session ticket keys kept: the newest (encrypts and decrypts) and the one before it
+/// (decrypts only).
+pub const TICKET_KEYS_KEPT: usize = 2;
+
+/// A TLS session ticket key, shared by every node so that a session resumes on any node.
+/// Secret: never in the API or the logs (its `Debug` shows the id only).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketKey {
+    /// Names the key inside each ticket.
+    pub id: u32,
+    /// 32 random bytes, hex.
+    pub secret_hex: String,
+    pub created_unix_ms: u64,
+}
+
+impl std::fmt::Debug for TicketKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketKey")
+            .field("id", &self.id)
+            .field("created_unix_ms", &self.created_unix_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TicketKey {
+    /// The key's 32 bytes, `None` when the entry is not a valid key.
+    pub fn secret(&self) -> Option<[u8; 32]> {
+        let hex = self.secret_hex.as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let digit = |b: u8| (b as char).to_digit(16);
+            out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+        }
+        Some(out)
+    }
 }
 
 /// What a command did, returned to the API caller after commit + apply.
@@ -224,6 +268,9 @@ pub struct State {
     /// Parts of a large seed received so far (not visible in `domains`/`backends` yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_seed: Option<PendingSeed>,
+    /// TLS session ticket keys, newest first (at most [`TICKET_KEYS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ticket_keys: Vec<TicketKey>,
 }
 
 /// A seed being received in parts.
@@ -545,6 +592,16 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             }
             Ok(Applied::Acme)
         }
+        Command::RotateTicketKey(key) => {
+            // A key that is not one, or one already here (a command applied twice), changes
+            // nothing: rotation is the leader's job, it tries again.
+            if key.secret().is_none() || state.ticket_keys.iter().any(|k| k.id == key.id) {
+                return Ok(Applied::Nothing);
+            }
+            state.ticket_keys.insert(0, key.clone());
+            state.ticket_keys.truncate(TICKET_KEYS_KEPT);
+            Ok(Applied::Nothing)
+        }
     }
 }
 
@@ -578,6 +635,42 @@ pub(crate) mod fixtures {
 mod tests {
     use super::fixtures::{backend, domain};
     use super::*;
+
+    #[test]
+    fn ticket_keys_rotate_keeping_the_one_before() {
+        let key = |id: u32, fill: char| TicketKey {
+            id,
+            secret_hex: fill.to_string().repeat(64),
+            created_unix_ms: u64::from(id),
+        };
+        let mut s = State::default();
+        for (id, fill) in [(1, 'a'), (2, 'b'), (3, 'c')] {
+            assert_eq!(
+                apply(&mut s, &Command::RotateTicketKey(key(id, fill))),
+                Ok(Applied::Nothing)
+            );
+        }
+        let ids: Vec<u32> = s.ticket_keys.iter().map(|k| k.id).collect();
+        assert_eq!(ids, [3, 2], "newest first, two kept");
+        assert_eq!(s.ticket_keys[0].secret(), Some([0xcc; 32]));
+        // The same key again (a retried command), or a malformed one: nothing changes.
+        let before = s.clone();
+        apply(&mut s, &Command::RotateTicketKey(key(3, 'd')));
+        let mut bad = key(9, 'e');
+        bad.secret_hex.pop();
+        apply(&mut s, &Command::RotateTicketKey(bad));
+        let mut not_hex = key(10, 'x');
+        not_hex.secret_hex = "zz".repeat(32);
+        apply(&mut s, &Command::RotateTicketKey(not_hex));
+        assert_eq!(s, before);
+        // Never printed.
+        let printed = format!("{:?}", s);
+        assert!(!printed.contains("cccc"), "{printed}");
+        // A state from before ticket keys existed loads.
+        let old: State = serde_json::from_str(r#"{"domains":{},"backends":{},"seeded":true}"#)
+            .expect("an old snapshot loads");
+        assert!(old.ticket_keys.is_empty());
+    }
 
     #[test]
     fn seed_applies_once() {

@@ -1087,3 +1087,21 @@ fn free_form_strings_are_bounded() {
     );
     assert_err("[api]\ntoken = \"a\\u0007b\"\n", 2, "api.token", "control");
 }
+
+#[test]
+fn session_ticket_keys() {
+    let c = ok("");
+    assert!(c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 43_200);
+    let c = ok("[proxy]\ntls_session_tickets = false\ntls_ticket_rotation_secs = 60\n");
+    assert!(!c.proxy.tls_session_tickets);
+    assert_eq!(c.proxy.tls_ticket_rotation_secs, 60);
+    for bad in ["59", "604801", "-1"] {
+        assert_err(
+            &format!("[proxy]\ntls_ticket_rotation_secs = {bad}\n"),
+            2,
+            "proxy.tls_ticket_rotation_secs",
+            "",
+        );
+    }
+}

@@ -37,6 +37,8 @@ pub struct ChunkedTracker {
     phase: Phase,
     size: u64,
     remaining: u64,
+    /// Whether a whole chunk size line has been read.
+    size_line_read: bool,
 }
 
 impl Default for ChunkedTracker {
@@ -48,11 +50,17 @@ impl Default for ChunkedTracker {
             },
             size: 0,
             remaining: 0,
+            size_line_read: false,
         }
     }
 }
 
 impl ChunkedTracker {
+    /// Whether the first chunk size line has been read whole (and found valid).
+    pub fn size_line_read(&self) -> bool {
+        self.size_line_read
+    }
+
     /// Feeds the next bytes of the body. Returns `Some(n)` when the body ends after the first
     /// `n` bytes of `data`, `None` when more bytes are needed.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, MalformedChunked> {
@@ -100,6 +108,7 @@ impl ChunkedTracker {
                     if b != b'\n' {
                         return Err(MalformedChunked);
                     }
+                    self.size_line_read = true;
                     if self.size == 0 {
                         self.phase = Phase::TrailerStart;
                     } else {
@@ -163,9 +172,8 @@ impl ChunkedTracker {
 
 impl ChunkedTracker {
     /// As `feed`, and appends `data` (up to the end of the body) to `out` with the leading
-    /// zeros of chunk sizes taken out (a size of zeros only becomes `0`): Pingora's parser
-    /// (httparse) counts leading zeros towards its 16-digit limit and would refuse
-    /// `00000000000000003`.
+    /// zeros of chunk sizes but one taken out (`00000000000000003` becomes `03`): Pingora's
+    /// parser (httparse) counts leading zeros towards its 16-digit limit and would refuse it.
     pub fn feed_normalized(
         &mut self,
         data: &[u8],
@@ -187,16 +195,10 @@ impl ChunkedTracker {
             let b = data[i];
             let before = self.phase;
             let ended = self.feed(&data[i..i + 1])?;
-            match before {
-                Phase::Size { significant: 0, .. } if b == b'0' => {}
-                Phase::Size {
-                    any: true,
-                    significant: 0,
-                } if matches!(b, b';' | b' ' | b'\t' | b'\r') => {
-                    out.push(b'0');
-                    out.push(b);
-                }
-                _ => out.push(b),
+            // The first zero stays: one byte out for at most one in, so the result fits where
+            // the input was (`backend_conn` rewrites in place).
+            if !matches!(before, Phase::Size { any: true, significant: 0 } if b == b'0') {
+                out.push(b);
             }
             i += 1;
             if ended.is_some() {
@@ -263,7 +265,7 @@ mod tests {
     #[test]
     fn leading_zeros_are_taken_out_for_pingora() {
         let body = b"00000000000000003;x=1\r\nabc\r\n000A\r\n0123456789\r\n00\r\nT: 0\r\n\r\nNEXT";
-        let want = b"3;x=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nT: 0\r\n\r\n";
+        let want = b"03;x=1\r\nabc\r\n0A\r\n0123456789\r\n0\r\nT: 0\r\n\r\n";
         let end = body.len() - 4;
         let mut out = Vec::new();
         let got = ChunkedTracker::default().feed_normalized(body, &mut out);

@@ -5,6 +5,7 @@
 //! only ever `load()`s the current snapshots.
 
 pub mod answers;
+mod backend_conn;
 mod chunked;
 mod client_io;
 mod deadline;
@@ -16,17 +17,24 @@ pub mod rules;
 pub mod service;
 pub mod strict;
 pub mod table;
+pub mod tickets;
 pub mod tls;
+pub mod tls_accept;
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::live::Live;
 use crate::state::State;
 use table::RoutingTable;
+use tickets::Tickets;
 use tls::CertStore;
+
+/// `[proxy] tls_ticket_rotation_secs` by default.
+const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(43_200);
 
 pub struct DataPlane {
     pub routes: ArcSwap<RoutingTable>,
@@ -36,6 +44,8 @@ pub struct DataPlane {
     pub live: Arc<Live>,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
+    /// TLS session tickets, sealed with the cluster's shared keys.
+    pub tickets: Arc<Tickets>,
 }
 
 impl DataPlane {
@@ -45,13 +55,21 @@ impl DataPlane {
             certs: Arc::new(certs),
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
+            tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
         }
+    }
+
+    /// Tickets whose lifetime (told to clients) is the rotation period of their keys.
+    pub fn with_ticket_rotation(mut self, rotation: Duration) -> Self {
+        self.tickets = Arc::new(Tickets::new(rotation));
+        self
     }
 
     /// Compiles and swaps in new snapshots for `state`.
     pub fn publish(&self, state: &State) {
         self.publish_routes(state);
         self.certs.publish(state);
+        self.tickets.publish(state);
     }
 
     /// Recompiles the routing table only (backend addresses changed, certificates did not).

@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_chunked_body_ends_at_its_last_chunk_with_leading_zeros_taken_out() {
+    async fn a_chunked_body_ends_at_its_last_chunk_with_leading_zeros_but_one_taken_out() {
         let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         let mut prefix = head.to_vec();
         prefix.extend_from_slice(b"00000000000000003\r\nabc\r\n0");
@@ -377,7 +377,7 @@ mod tests {
         let got = read_fenced(&mut s).await;
         assert_eq!(
             got[head.len()..].escape_ascii().to_string(),
-            "3\\r\\nabc\\r\\n0\\r\\n\\r\\n"
+            "03\\r\\nabc\\r\\n0\\r\\n\\r\\n"
         );
         assert!(s.request_done());
         // What follows the body is left unread, in the prefix or in the stream.

@@ -13,6 +13,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
+use super::backend_conn::BackendConnector;
 use super::outcome::{self, AttemptFailure};
 use super::rules::{self, Decision, MAX_ATTEMPTS};
 use super::strict::{self, Refusal, Strictness};
@@ -262,6 +263,10 @@ impl ProxyHttp for VhostProxy {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`).
+        peer.options.custom_l4 = Some(Arc::new(BackendConnector {
+            connect_timeout: self.connect_timeout,
+        }));
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))

@@ -24,4 +24,5 @@ mod scale;
 mod security;
 mod single_node;
 mod supervision;
+mod tls_sessions;
 mod writes;

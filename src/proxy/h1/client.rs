@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::super::client_io::ClientIo;
 use super::super::deadline::IoDeadline;
+use super::buffers;
 
 /// Closing with a request body unread: the rest is read and dropped for up to this long
 /// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
@@ -30,8 +31,6 @@ pub(super) struct Client {
     pub(super) resp_head: Vec<u8>,
     /// The request being answered is a HEAD: our own answers carry no body.
     pub(super) head_request: bool,
-    /// Response bytes read from the backend.
-    pub(super) resp: Vec<u8>,
     /// Times out backend reads and writes (upstream read timeout) and writes to the client
     /// (client timeout) that wait too long.
     pub(super) deadline: IoDeadline,
@@ -47,14 +46,13 @@ impl Client {
         let client_ip = stream.peer_ip();
         Self {
             stream,
-            buf: vec![0; 8 * 1024],
+            buf: buffers::take(buffers::REQUEST_BUF),
             filled: 0,
             tls,
             client_ip,
             out: Vec::with_capacity(2048),
             resp_head: Vec::new(),
             head_request: false,
-            resp: vec![0; 16 * 1024],
             deadline: IoDeadline::default(),
             client_timeout,
             linger: false,
@@ -84,8 +82,32 @@ impl Client {
         self.filled -= n;
     }
 
-    /// Reads more bytes; `Ok(0)` at end of stream. Grows the buffer up to `limit`.
+    /// Reads more bytes; `Ok(0)` at end of stream. Grows the buffer up to `limit`. With
+    /// nothing buffered (a keep-alive connection between requests), the buffer is given back
+    /// while the connection waits.
     pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        if self.filled == 0 {
+            buffers::give(std::mem::take(&mut self.buf));
+            match &mut self.stream {
+                // Readiness comes from the reactor: no system call more per request.
+                ClientIo::Tcp(tcp) => tcp.readable().await?,
+                // TLS: one byte, the rest of the record stays decrypted in the TLS buffers.
+                ClientIo::Pingora(stream) => {
+                    let mut first = [0u8; 1];
+                    let n = stream.read(&mut first).await?;
+                    if n == 0 {
+                        return Ok(0);
+                    }
+                    self.buf = buffers::take(buffers::REQUEST_BUF);
+                    self.buf[0] = first[0];
+                    self.filled = 1;
+                    return Ok(1);
+                }
+            }
+        }
+        if self.buf.is_empty() {
+            self.buf = buffers::take(buffers::REQUEST_BUF);
+        }
         if self.filled == self.buf.len() {
             let grown = (self.buf.len() * 2).min(limit.max(self.buf.len()));
             if grown == self.buf.len() {
@@ -104,8 +126,6 @@ impl Client {
     /// 413 or 502 during an upload would then be lost).
     pub(super) async fn drain_unread(&mut self) {
         let per_read = self.client_timeout.min(LINGER_BETWEEN_READS);
-        // The connection's own buffers: lingering connections hold nothing more.
-        self.resp = Vec::new();
         let mut scratch = std::mem::take(&mut self.buf);
         scratch.resize(scratch.len().max(16 * 1024), 0);
         let drain = async {

@@ -13,7 +13,7 @@ use super::super::rules::{self, Decision};
 use super::super::strict::Refusal;
 use super::super::DataPlane;
 use super::client::Client;
-use super::parse::{parse_request, Parsed, RequestHead};
+use super::parse::{expects_continue, parse_request, Parsed, RequestHead};
 use super::{End, Outcome, VhostApp, MAX_HEAD};
 
 /// Counts a request in flight on the node for as long as it lives.
@@ -55,12 +55,8 @@ impl VhostApp {
                     ) {
                         Parsed::Request(head) => break head,
                         Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked))) => {
-                            // What is here of a chunked body is checked before Pingora's proxy
-                            // sends the head upstream: a malformed one never reaches a backend.
-                            let body = &client.buf[head_len..client.filled];
-                            if ChunkedTracker::default().feed(body).is_err() {
-                                let refusal = Refusal::BadRequest("malformed chunked body");
-                                return self.refuse(client, refusal).await;
+                            if let Err(end) = self.check_chunked_start(client, head_len).await {
+                                return end;
                             }
                             return End::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
                         }
@@ -113,6 +109,42 @@ impl VhostApp {
                     client.linger = head.content_length > 0;
                     return End::Close;
                 }
+            }
+        }
+    }
+
+    /// Checks the start of a chunked request body before Pingora's proxy sends the head
+    /// upstream, as nginx reads it before choosing a backend: what has arrived, and at least
+    /// the first chunk size line unless the client waits for `100 Continue`. A malformed one
+    /// never reaches a backend. `Err` is how the connection ends instead.
+    async fn check_chunked_start(&self, client: &mut Client, head_len: usize) -> Result<(), End> {
+        // A size line with its extensions fits in this (nginx: its header buffers).
+        const MAX_SIZE_LINE: usize = 8 * 1024;
+        let waits_for_continue = expects_continue(&client.buf[..head_len]);
+        let limit = head_len + MAX_SIZE_LINE;
+        let mut tracker = ChunkedTracker::default();
+        let mut checked = head_len;
+        loop {
+            match tracker.feed(&client.buf[checked..client.filled]) {
+                Err(_) => {
+                    let refusal = Refusal::BadRequest("malformed chunked body");
+                    return Err(self.refuse(client, refusal).await);
+                }
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => {}
+            }
+            checked = client.filled;
+            if tracker.size_line_read() || waits_for_continue {
+                return Ok(());
+            }
+            if client.filled >= limit {
+                let refusal = Refusal::BadRequest("chunk size line too long");
+                return Err(self.refuse(client, refusal).await);
+            }
+            match tokio::time::timeout(self.client_timeout, client.read_more(limit)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // End of stream, an error, or a client that stalled.
+                _ => return Err(End::Close),
             }
         }
     }

@@ -13,6 +13,7 @@ use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
 use super::super::table::Route;
+use super::buffers;
 use super::client::Client;
 use super::parse::RequestHead;
 use super::{Outcome, VhostApp, MAX_HEAD};
@@ -191,7 +192,7 @@ impl VhostApp {
         };
 
         // Response head (informational 1xx heads are passed on as they come).
-        let mut resp = std::mem::take(&mut client.resp);
+        let mut resp = buffers::take(buffers::RESPONSE_BUF);
         let close_client = head.close || stopped_taking.is_some();
         let result = self
             .relay_response(
@@ -202,7 +203,7 @@ impl VhostApp {
                 (reused, replayable, close_client),
             )
             .await;
-        client.resp = resp;
+        buffers::give(resp);
         let (status, upstream_reusable, outcome) = match (result, stopped_taking) {
             (Ok(done), None) => done,
             // The client's request was cut off: its connection ends after the answer.

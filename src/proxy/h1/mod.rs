@@ -28,6 +28,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
+mod buffers;
 mod client;
 mod conn;
 mod forward;
@@ -38,6 +39,7 @@ use super::client_io::ClientIo;
 use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
+use super::tls_accept::TlsListener;
 use super::DataPlane;
 use crate::observability::Metrics;
 use client::Client;
@@ -57,6 +59,8 @@ pub struct VhostApp {
     https_port: u16,
     /// What a request must look like (`[proxy] max_body_bytes`, `underscores_in_headers`).
     strict: Strictness,
+    /// The HTTPS listener's handshake (`tls_accept`), when it has one.
+    tls: Option<TlsListener>,
 }
 
 impl VhostApp {
@@ -85,7 +89,14 @@ impl VhostApp {
             client_timeout,
             https_port,
             strict,
+            tls: None,
         }
+    }
+
+    /// Connections on `tls`'s port are TLS: handshaken here before anything else.
+    pub fn with_tls(mut self, tls: TlsListener) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -96,6 +107,10 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = match &self.tls {
+            Some(tls) if tls.is_mine(&stream) => tls.handshake(stream).await?,
+            _ => stream,
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;

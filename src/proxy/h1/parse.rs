@@ -377,6 +377,18 @@ pub(super) fn parse_response(
     })
 }
 
+/// Whether a request head (already parsed once) asks for `100 Continue` before its body.
+pub(super) fn expects_continue(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    if request.parse(head).is_err() {
+        return false;
+    }
+    request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

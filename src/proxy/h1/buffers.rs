@@ -1,0 +1,78 @@
+//! Buffers of the lean path, lent to connections only while they read a request or relay a
+//! response: an idle keep-alive connection holds none (nginx frees its header buffers while
+//! a connection waits, HAProxy takes buffers from pools).
+//!
+//! Per worker thread free lists (no lock), bounded so that a burst of connections does not
+//! keep its memory for good. A buffer that grew past its size is not kept.
+
+use std::cell::RefCell;
+
+/// What a request head is read into (it grows, up to the head limit, when needed).
+pub const REQUEST_BUF: usize = 8 * 1024;
+/// What a response is relayed through.
+pub const RESPONSE_BUF: usize = 16 * 1024;
+/// Buffers of each size kept per thread.
+const KEPT: usize = 256;
+
+thread_local! {
+    static FREE: RefCell<[Vec<Vec<u8>>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+fn list(size: usize) -> Option<usize> {
+    match size {
+        REQUEST_BUF => Some(0),
+        RESPONSE_BUF => Some(1),
+        _ => None,
+    }
+}
+
+/// A buffer of `size` bytes (`REQUEST_BUF` or `RESPONSE_BUF`); its contents are whatever
+/// was there before.
+pub fn take(size: usize) -> Vec<u8> {
+    let reused = list(size).and_then(|i| {
+        FREE.try_with(|free| free.borrow_mut()[i].pop())
+            .ok()
+            .flatten()
+    });
+    reused.unwrap_or_else(|| vec![0; size])
+}
+
+/// Gives a buffer back.
+pub fn give(buf: Vec<u8>) {
+    let Some(i) = list(buf.len()) else {
+        return;
+    };
+    let _ = FREE.try_with(|free| {
+        let mut free = free.borrow_mut();
+        if free[i].len() < KEPT {
+            free[i].push(buf);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_by_size_and_bounded() {
+        let a = take(RESPONSE_BUF);
+        let ptr = a.as_ptr();
+        give(a);
+        let b = take(RESPONSE_BUF);
+        assert_eq!(b.as_ptr(), ptr, "the same buffer came back");
+        assert_eq!(b.len(), RESPONSE_BUF);
+        // A request buffer is not a response buffer.
+        give(b);
+        assert_eq!(take(REQUEST_BUF).len(), REQUEST_BUF);
+        // Grown buffers are dropped, not kept.
+        give(vec![0; REQUEST_BUF * 2]);
+        assert_eq!(take(REQUEST_BUF).len(), REQUEST_BUF);
+        // At most KEPT per size.
+        for _ in 0..KEPT + 10 {
+            give(vec![0; REQUEST_BUF]);
+        }
+        let kept = FREE.with(|f| f.borrow()[0].len());
+        assert_eq!(kept, KEPT);
+    }
+}

@@ -1,0 +1,74 @@
+//! The HTTPS listener's TLS handshake, done by us rather than by Pingora's listener: its
+//! `TlsSettings` build a rustls `ServerConfig` we cannot reach, and session tickets the whole
+//! cluster can open (`tickets`) need one. The listener is a plain TCP one; connections that
+//! arrive on its port are handshaken here before the HTTP paths see them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora_core::listeners::tls::Acceptor;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::Stream;
+use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::ServerConfig;
+
+use super::tickets::Tickets;
+
+/// Sessions kept per node for TLS 1.2 session ids, and for resumption when tickets are off.
+const SESSION_CACHE: usize = 20_000;
+
+pub struct TlsListener {
+    port: u16,
+    acceptor: Acceptor,
+    /// A client that does not finish its handshake within this is dropped.
+    timeout: Duration,
+}
+
+impl TlsListener {
+    /// `tickets`: `None` when `[proxy] tls_session_tickets = false`.
+    pub fn new(
+        port: u16,
+        certs: Arc<dyn ResolvesServerCert>,
+        tickets: Option<Arc<Tickets>>,
+        timeout: Duration,
+    ) -> Result<Self, rustls::Error> {
+        let mut config = ServerConfig::builder_with_protocol_versions(&[
+            &rustls::version::TLS12,
+            &rustls::version::TLS13,
+        ])
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+        if let Some(tickets) = tickets {
+            config.ticketer = tickets;
+        }
+        Ok(Self {
+            port,
+            acceptor: Acceptor::from_server_config(Arc::new(config)),
+            timeout,
+        })
+    }
+
+    /// Whether the connection came in on the HTTPS listener.
+    pub fn is_mine(&self, stream: &Stream) -> bool {
+        stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).map(|a| a.port()))
+            == Some(self.port)
+    }
+
+    /// The TLS handshake; `None` when it fails or times out (the connection is dropped, as
+    /// Pingora's listener drops it).
+    pub async fn handshake(&self, stream: Stream) -> Option<Stream> {
+        let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        match tokio::time::timeout(self.timeout, self.acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                tracing::debug!("TLS handshake failed: {e}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
