@@ -109,6 +109,10 @@ pub struct ApiConfig {
     pub tls_key_path: Option<PathBuf>,
     /// default false: serve the API in plaintext beyond loopback anyway (logged loudly).
     pub allow_plaintext: bool,
+    /// default None. CA certificate(s) (PEM) a client certificate must come from: clients
+    /// without one are refused at the TLS handshake. Needs tls_cert_path.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub client_ca_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +150,48 @@ pub struct ClusterConfig {
     /// Take a Raft snapshot (and compact the log) every this many entries. default 5000
     #[serde(deserialize_with = "int::<_, _, 10, 100_000_000>")]
     pub snapshot_logs: u64,
+    /// Mutual TLS on cluster RPC. default Required; Mixed and Off are for migrating a
+    /// cluster from plaintext RPC (docs/cluster.md).
+    pub rpc_tls: RpcTls,
+    /// Where the cluster CA and this node's certificate come from. default: all None (the CA
+    /// is derived from the secret).
+    pub tls: ClusterTlsConfig,
+}
+
+/// The last day `rpc_tls = "mixed"` and `"off"` are supported (docs/cluster.md).
+pub const RPC_TLS_MIGRATION_END: &str = "2027-06-30";
+
+/// `[cluster] rpc_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum RpcTls {
+    /// Only mutual TLS, both ways; a plaintext request is answered 426 and closed.
+    #[default]
+    Required,
+    /// Accepts TLS and plaintext on the same port; dials TLS first, plaintext if the peer
+    /// does not speak it (migration only).
+    Mixed,
+    /// Plaintext only, as before mutual TLS (migration only).
+    Off,
+}
+
+/// `[cluster.tls]`: operator-provided CA files. None set: the automatic CA.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterTlsConfig {
+    /// The cluster CA certificate(s), PEM; every one is trusted (several during a CA
+    /// rotation). Required when any other key here is set.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub ca_cert_path: Option<PathBuf>,
+    /// The key of the first certificate in ca_cert_path: the node issues its own certificate.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub ca_key_path: Option<PathBuf>,
+    /// This node's certificate (naming `node-<node_id>.pingora-vhost.internal`) and key,
+    /// issued by the operator. Both or neither; not with ca_key_path.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub cert_path: Option<PathBuf>,
+    #[serde(deserialize_with = "non_empty_path")]
+    pub key_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -344,6 +390,8 @@ impl Default for ClusterConfig {
             secondary_secret: None,
             cluster_id: "default".to_string(),
             snapshot_logs: 5000,
+            rpc_tls: RpcTls::Required,
+            tls: ClusterTlsConfig::default(),
         }
     }
 }
@@ -543,6 +591,18 @@ impl TryFrom<String> for LogFormat {
             "json" => Ok(LogFormat::Json),
             "text" => Ok(LogFormat::Text),
             other => Err(format!("{other:?} is not one of json|text")),
+        }
+    }
+}
+
+impl TryFrom<String> for RpcTls {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "required" => Ok(RpcTls::Required),
+            "mixed" => Ok(RpcTls::Mixed),
+            "off" => Ok(RpcTls::Off),
+            other => Err(format!("{other:?} is not one of required|mixed|off")),
         }
     }
 }
@@ -819,7 +879,36 @@ impl Checker<'_> {
             }
             (None, None) => {}
         }
+        if let Some(ca) = &api.client_ca_path {
+            if api.tls_cert_path.is_none() {
+                return Err(self.error(
+                    "api.client_ca_path",
+                    "api.tls_cert_path",
+                    "required when client_ca_path is set (client certificates need TLS)",
+                ));
+            }
+            api.client_ca_path = Some(self.pem_file(ca, "api.client_ca_path")?);
+        }
         let mut cluster = file.cluster;
+        self.cluster_tls(&mut cluster.tls)?;
+        match cluster.rpc_tls {
+            RpcTls::Required => {}
+            RpcTls::Mixed => self.warn(
+                "cluster.rpc_tls",
+                format!(
+                    "\"mixed\" also accepts and sends plaintext cluster RPC: a migration \
+                     setting, supported until {RPC_TLS_MIGRATION_END} (docs/cluster.md)"
+                ),
+            ),
+            RpcTls::Off => self.warn(
+                "cluster.rpc_tls",
+                format!(
+                    "\"off\": cluster RPC is not encrypted (Raft entries, certificate keys and \
+                     API writes cross the network in clear); supported until \
+                     {RPC_TLS_MIGRATION_END} (docs/cluster.md)"
+                ),
+            ),
+        }
         cluster.data_dir = cluster
             .data_dir_written
             .clone()
@@ -890,6 +979,66 @@ impl Checker<'_> {
             virtual_hosts,
             backends,
         })
+    }
+
+    /// `[cluster.tls]`: a CA certificate with either its key or this node's certificate and
+    /// key, or nothing (the automatic CA).
+    fn cluster_tls(&self, tls: &mut ClusterTlsConfig) -> Result<(), ConfigError> {
+        let Some(ca) = tls.ca_cert_path.clone() else {
+            for (at, set) in [
+                ("cluster.tls.ca_key_path", tls.ca_key_path.is_some()),
+                ("cluster.tls.cert_path", tls.cert_path.is_some()),
+                ("cluster.tls.key_path", tls.key_path.is_some()),
+            ] {
+                if set {
+                    return Err(self.error(
+                        at,
+                        "cluster.tls.ca_cert_path",
+                        "required when any [cluster.tls] file is set (the CA peers must come from)",
+                    ));
+                }
+            }
+            return Ok(());
+        };
+        tls.ca_cert_path = Some(self.pem_file(&ca, "cluster.tls.ca_cert_path")?);
+        match (&tls.ca_key_path, &tls.cert_path, &tls.key_path) {
+            (Some(k), None, None) => {
+                tls.ca_key_path = Some(self.pem_file(k, "cluster.tls.ca_key_path")?);
+            }
+            (None, Some(c), Some(k)) => {
+                tls.cert_path = Some(self.pem_file(c, "cluster.tls.cert_path")?);
+                tls.key_path = Some(self.pem_file(k, "cluster.tls.key_path")?);
+            }
+            (Some(_), _, _) => {
+                return Err(self.error(
+                    "cluster.tls.ca_key_path",
+                    "cluster.tls.ca_key_path",
+                    "set either ca_key_path (the node issues its own certificate) or                      cert_path and key_path, not both",
+                ))
+            }
+            (None, None, None) => {
+                return Err(self.error(
+                    "cluster.tls.ca_cert_path",
+                    "cluster.tls.ca_key_path",
+                    "ca_cert_path needs ca_key_path, or cert_path and key_path",
+                ))
+            }
+            (None, Some(_), None) => {
+                return Err(self.error(
+                    "cluster.tls.cert_path",
+                    "cluster.tls.key_path",
+                    "required when cert_path is set (both or neither)",
+                ))
+            }
+            (None, None, Some(_)) => {
+                return Err(self.error(
+                    "cluster.tls.key_path",
+                    "cluster.tls.cert_path",
+                    "required when key_path is set (both or neither)",
+                ))
+            }
+        }
+        Ok(())
     }
 
     /// Two TCP listeners on the same port either fail to bind or (with SO_REUSEPORT) silently

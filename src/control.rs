@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::acme;
 use crate::api::{self, ApiState};
 use crate::cluster::store::{self, LogStore, StateMachineStore};
+use crate::cluster::tls::{self, ClusterTls};
 use crate::cluster::{election, membership, rpc, ClusterNode};
 use crate::config::Config;
 use crate::gossip::Gossip;
@@ -141,11 +142,18 @@ impl ControlPlane {
             cfg.cluster.secondary_secret.as_deref(),
             &cfg.cluster.cluster_id,
         ));
+        let rpc_tls = {
+            let (cluster, seeds) = (cfg.cluster.clone(), keys.ca_seeds());
+            tokio::task::spawn_blocking(move || cluster_tls(&cluster, seeds))
+                .await
+                .context("loading the cluster TLS identity")??
+        };
         let gossip =
             Arc::new(Gossip::start(&cfg.cluster, keys.clone(), self.metrics.clone()).await?);
-        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip, keys)
+        let node = ClusterNode::start(&cfg.cluster, log, sm.clone(), gossip, keys, rpc_tls.clone())
             .await
             .context("starting Raft")?;
+        tasks.spawn("cluster TLS rotation", tls::run_rotation(rpc_tls.clone()));
         tasks.spawn(
             "membership",
             membership::run(node.clone(), cfg.cluster.bootstrap_expect),
@@ -214,9 +222,10 @@ impl ControlPlane {
         );
         tasks.spawn_fallible(
             "cluster RPC",
-            serve(
+            api::server::serve_maybe_tls(
                 rpc_listener,
                 rpc::router(node.clone(), self.metrics.clone()),
+                rpc_listen(&rpc_tls, &self.metrics),
             ),
         );
         let api_state = ApiState::new(
@@ -342,8 +351,79 @@ impl ControlPlane {
     }
 }
 
-/// The management API's TLS acceptor, when `[api] tls_cert_path` / `tls_key_path` are set.
-fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+/// This node's cluster TLS identity, from `[cluster.tls]` or the CA derived from the secret.
+/// Blocking (files, key generation).
+fn cluster_tls(
+    cluster: &crate::config::ClusterConfig,
+    seeds: Vec<[u8; 32]>,
+) -> anyhow::Result<Arc<ClusterTls>> {
+    let t = &cluster.tls;
+    let source = match (&t.ca_cert_path, &t.ca_key_path, &t.cert_path, &t.key_path) {
+        (Some(ca_cert), Some(ca_key), _, _) => tls::Source::CaFiles {
+            ca_cert: ca_cert.clone(),
+            ca_key: ca_key.clone(),
+        },
+        (Some(ca_cert), None, Some(cert), Some(key)) => tls::Source::CertFiles {
+            ca_cert: ca_cert.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        // The config allows no other combination.
+        _ => tls::Source::Derived { seeds },
+    };
+    let tls = ClusterTls::load(cluster.rpc_tls, cluster.node_id, source)
+        .context("[cluster.tls]: this node's certificate")?;
+    let current = tls.current();
+    tracing::info!(
+        mode = ?cluster.rpc_tls,
+        not_after = current.not_after,
+        "cluster RPC: node certificate ready"
+    );
+    Ok(Arc::new(tls))
+}
+
+/// How the RPC listener treats connections for `[cluster] rpc_tls`.
+fn rpc_listen(tls: &Arc<ClusterTls>, metrics: &Arc<Metrics>) -> Option<api::server::TlsListen> {
+    use api::server::{ConnEvent, Plaintext};
+    let plaintext = match tls.mode {
+        crate::config::RpcTls::Off => return None,
+        crate::config::RpcTls::Mixed => Plaintext::Serve,
+        crate::config::RpcTls::Required => Plaintext::Refuse,
+    };
+    let (tls, metrics) = (tls.clone(), metrics.clone());
+    // One warning per 10 s at most: a misconfigured peer retries several times a second.
+    let last_warned = std::sync::atomic::AtomicU64::new(0);
+    let warn = move |what: &str| {
+        let now = crate::clock::unix_ms();
+        let last = last_warned.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && last_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!("refused cluster RPC connection: {what} (counted in pingora_vhost_cluster_rpc_refused_total)");
+        }
+    };
+    Some(api::server::TlsListen {
+        config: Arc::new(move || tls.current().server.clone()),
+        plaintext,
+        on_event: Arc::new(move |event| match event {
+            ConnEvent::HandshakeFailed => {
+                metrics.cluster_rpc_refused("tls");
+                warn("TLS handshake failed (no certificate of the cluster CA, or not TLS)");
+            }
+            ConnEvent::PlaintextRefused => {
+                metrics.cluster_rpc_refused("plaintext");
+                warn("plaintext while [cluster] rpc_tls = \"required\" (a peer with rpc_tls = \"off\"?)");
+            }
+            ConnEvent::PlaintextServed => metrics.cluster_rpc_plaintext(),
+        }),
+    })
+}
+
+/// The management API's TLS settings, when `[api] tls_cert_path` / `tls_key_path` are set
+/// (with client certificates required when `client_ca_path` is).
+fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<api::server::TlsListen>> {
     let (Some(cert), Some(key)) = (&api.tls_cert_path, &api.tls_key_path) else {
         return Ok(None);
     };
@@ -355,18 +435,33 @@ fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<tokio_rustls
     let key = rustls_pemfile::private_key(&mut &read(key)?[..])
         .with_context(|| format!("[api] tls_key_path {}", key.display()))?
         .with_context(|| format!("[api] tls_key_path {}: no private key", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS versions for the management API")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("[api] tls_cert_path / tls_key_path: certificate and key do not form a pair")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions for the management API")?;
+    let builder = match &api.client_ca_path {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut &read(ca)?[..]) {
+                roots
+                    .add(c.with_context(|| format!("[api] client_ca_path {}", ca.display()))?)
+                    .with_context(|| format!("[api] client_ca_path {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .with_context(|| format!("[api] client_ca_path {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("[api] tls_cert_path / tls_key_path: certificate and key do not form a pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
-        config,
-    ))))
+    Ok(Some(api::server::TlsListen::fixed(Arc::new(config))))
 }
 
 async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), String> {

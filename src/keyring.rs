@@ -29,6 +29,8 @@ enum Purpose {
     Rpc,
     Join,
     Gossip,
+    /// The seed of the automatic cluster CA's Ed25519 key (`cluster/pki.rs`).
+    Ca,
 }
 
 impl Purpose {
@@ -37,6 +39,7 @@ impl Purpose {
             Purpose::Rpc => b"rpc request mac",
             Purpose::Join => b"join proof",
             Purpose::Gossip => b"gossip aead",
+            Purpose::Ca => b"cluster ca ed25519 seed",
         }
     }
 }
@@ -46,6 +49,16 @@ struct KeySet {
     rpc: hmac::Key,
     join: hmac::Key,
     gossip: aead::LessSafeKey,
+    ca_seed: [u8; 32],
+}
+
+/// HKDF output length for a 32-byte seed.
+struct Len32;
+
+impl hkdf::KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
 }
 
 impl KeySet {
@@ -63,10 +76,15 @@ impl KeySet {
         let gossip = prk
             .expand(&gossip_info, &aead::CHACHA20_POLY1305)
             .expect("HKDF output of 32 bytes is always valid");
+        let mut ca_seed = [0u8; 32];
+        prk.expand(&info(Purpose::Ca), Len32)
+            .and_then(|okm| okm.fill(&mut ca_seed))
+            .expect("HKDF output of 32 bytes is always valid");
         Self {
             rpc: mac(Purpose::Rpc),
             join: mac(Purpose::Join),
             gossip: aead::LessSafeKey::new(aead::UnboundKey::from(gossip)),
+            ca_seed,
         }
     }
 }
@@ -110,6 +128,12 @@ impl Keyring {
         } else {
             KeyUsed::Secondary
         }
+    }
+
+    /// The seeds of the automatic cluster CA keys: the primary secret's first (it issues this
+    /// node's certificate), then the secondary's (also trusted during a rollover).
+    pub fn ca_seeds(&self) -> Vec<[u8; 32]> {
+        self.accepted.iter().map(|k| k.ca_seed).collect()
     }
 
     /// `N` random bytes from the system's CSPRNG.
@@ -362,6 +386,13 @@ mod tests {
         // No secret: a random key, that nobody else shares.
         let none = Keyring::new(None, None, "c");
         assert_eq!(none.verify_rpc(&m, &mac), None);
+        // CA seeds: the same for the same secret and cluster, different otherwise.
+        let seed = a.ca_seeds()[0];
+        assert_eq!(Keyring::new(Some("s"), None, "c").ca_seeds(), vec![seed]);
+        assert_ne!(Keyring::new(Some("s"), None, "other").ca_seeds()[0], seed);
+        assert_ne!(none.ca_seeds()[0], seed);
+        let both = Keyring::new(Some("t"), Some("s"), "c").ca_seeds();
+        assert_eq!((both.len(), both[1]), (2, seed));
     }
 
     #[test]

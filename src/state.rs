@@ -655,13 +655,22 @@ mod tests {
         assert_eq!(s.ticket_keys[0].secret(), Some([0xcc; 32]));
         // The same key again (a retried command), or a malformed one: nothing changes.
         let before = s.clone();
-        apply(&mut s, &Command::RotateTicketKey(key(3, 'd')));
+        assert_eq!(
+            apply(&mut s, &Command::RotateTicketKey(key(3, 'd'))),
+            Ok(Applied::Nothing)
+        );
         let mut bad = key(9, 'e');
         bad.secret_hex.pop();
-        apply(&mut s, &Command::RotateTicketKey(bad));
+        assert_eq!(
+            apply(&mut s, &Command::RotateTicketKey(bad)),
+            Ok(Applied::Nothing)
+        );
         let mut not_hex = key(10, 'x');
         not_hex.secret_hex = "zz".repeat(32);
-        apply(&mut s, &Command::RotateTicketKey(not_hex));
+        assert_eq!(
+            apply(&mut s, &Command::RotateTicketKey(not_hex)),
+            Ok(Applied::Nothing)
+        );
         assert_eq!(s, before);
         // Never printed.
         let printed = format!("{:?}", s);

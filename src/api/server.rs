@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -23,14 +24,61 @@ pub async fn serve(listener: TcpListener, app: axum::Router) -> Result<(), Strin
     serve_maybe_tls(listener, app, None).await
 }
 
-/// How long a client gets to finish the TLS handshake.
+/// How long a client gets to finish the TLS handshake (and to send its first byte).
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A TLS listener's settings.
+#[derive(Clone)]
+pub struct TlsListen {
+    /// The configuration for the next connection (it may change: certificate rotation).
+    pub config: Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>,
+    /// What a connection that does not start with a TLS handshake gets.
+    pub plaintext: Plaintext,
+    /// Told of refused and plaintext connections (for metrics).
+    pub on_event: Arc<dyn Fn(ConnEvent) + Send + Sync>,
+}
+
+impl TlsListen {
+    /// One fixed configuration; plaintext connections just fail the handshake.
+    pub fn fixed(config: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            config: Arc::new(move || config.clone()),
+            plaintext: Plaintext::FailHandshake,
+            on_event: Arc::new(|_| {}),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Plaintext {
+    /// Handed to TLS as it is, which fails (the management API).
+    FailHandshake,
+    /// Answered `426 Upgrade Required` and closed, so a plaintext client gets an answer it
+    /// can act on instead of a reset (cluster RPC, `rpc_tls = "required"`).
+    Refuse,
+    /// Served without TLS (cluster RPC, `rpc_tls = "mixed"`).
+    Serve,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEvent {
+    HandshakeFailed,
+    PlaintextRefused,
+    PlaintextServed,
+}
+
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+const UPGRADE_REQUIRED: &[u8] = b"HTTP/1.1 426 Upgrade Required\r\nupgrade: TLS/1.3\r\n\
+connection: close\r\ncontent-type: application/json\r\ncontent-length: 48\r\n\r\n\
+{\"error\":\"this port requires TLS (mutual TLS)\"}\n";
 
 /// [`serve`], over TLS when `tls` is given (each connection's handshake runs in its own task).
 pub async fn serve_maybe_tls(
     listener: TcpListener,
     app: axum::Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<TlsListen>,
 ) -> Result<(), String> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -52,22 +100,59 @@ pub async fn serve_maybe_tls(
         let tls = tls.clone();
         tokio::spawn(async move {
             // A client that goes away mid-request (or mid-handshake) is not worth a log line.
-            match tls {
-                None => {
+            let Some(tls) = tls else {
+                let io = TokioIo::new(JsonParseErrors::new(stream));
+                let _ = builder.serve_connection_with_upgrades(io, service).await;
+                return;
+            };
+            let started = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+            if tls.plaintext != Plaintext::FailHandshake {
+                let mut first = [0u8; 1];
+                let peeked = tokio::time::timeout_at(started, stream.peek(&mut first)).await;
+                if !matches!(peeked, Ok(Ok(1))) {
+                    return;
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    if tls.plaintext == Plaintext::Serve {
+                        (tls.on_event)(ConnEvent::PlaintextServed);
+                        let io = TokioIo::new(JsonParseErrors::new(stream));
+                        let _ = builder.serve_connection_with_upgrades(io, service).await;
+                    } else {
+                        (tls.on_event)(ConnEvent::PlaintextRefused);
+                        refuse_plaintext(stream).await;
+                    }
+                    return;
+                }
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from((tls.config)());
+            match tokio::time::timeout_at(started, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
                     let io = TokioIo::new(JsonParseErrors::new(stream));
                     let _ = builder.serve_connection_with_upgrades(io, service).await;
                 }
-                Some(acceptor) => {
-                    let accepted =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    if let Ok(Ok(stream)) = accepted {
-                        let io = TokioIo::new(JsonParseErrors::new(stream));
-                        let _ = builder.serve_connection_with_upgrades(io, service).await;
-                    }
-                }
+                _ => (tls.on_event)(ConnEvent::HandshakeFailed),
             }
         });
     }
+}
+
+/// Answers 426 to a plaintext request. What the client sent is read first (a little, briefly):
+/// closing a socket with unread data resets it, and the client might lose the answer.
+async fn refuse_plaintext(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), async {
+        let mut total = 0;
+        while total < 1024 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    let _ = stream.write_all(UPGRADE_REQUIRED).await;
+    let _ = stream.shutdown().await;
 }
 
 /// hyper answers a request it cannot parse (a request target that is not ASCII, a head over

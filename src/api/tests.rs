@@ -61,7 +61,17 @@ async fn start(token: Option<&str>) -> TestNode {
             .await
             .expect("gossip"),
     );
-    let node = ClusterNode::start(&cluster, log, sm, gossip, keys)
+    let tls = Arc::new(
+        crate::cluster::tls::ClusterTls::load(
+            cluster.rpc_tls,
+            cluster.node_id,
+            crate::cluster::tls::Source::Derived {
+                seeds: keys.ca_seeds(),
+            },
+        )
+        .expect("cluster TLS"),
+    );
+    let node = ClusterNode::start(&cluster, log, sm, gossip, keys, tls)
         .await
         .expect("raft");
     assert_eq!(

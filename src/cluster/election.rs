@@ -280,7 +280,13 @@ async fn pre_vote(
             async move {
                 let answer = node
                     .net
-                    .post::<_, PreVoteResponse>(addr, "/cluster/pre-vote", &req, PRE_VOTE_TIMEOUT)
+                    .post::<_, PreVoteResponse>(
+                        *id,
+                        addr,
+                        "/cluster/pre-vote",
+                        &req,
+                        PRE_VOTE_TIMEOUT,
+                    )
                     .await;
                 (*id, answer)
             }

@@ -4,8 +4,10 @@
 pub mod election;
 pub mod membership;
 pub mod network;
+pub mod pki;
 pub mod rpc;
 pub mod store;
+pub mod tls;
 pub mod writes;
 
 use std::collections::BTreeMap;
@@ -224,6 +226,7 @@ impl ClusterNode {
         sm: StateMachineStore,
         gossip: Arc<Gossip>,
         keys: Arc<Keyring>,
+        tls: Arc<tls::ClusterTls>,
     ) -> anyhow::Result<Arc<Self>> {
         let raft_config = openraft::Config {
             cluster_name: cfg.cluster_id.clone(),
@@ -242,7 +245,7 @@ impl ClusterNode {
             ..Default::default()
         }
         .validate()?;
-        let net = HttpNetwork::new(keys);
+        let net = HttpNetwork::new(keys, tls);
         let raft = Raft::new(
             cfg.node_id,
             Arc::new(raft_config),
@@ -410,7 +413,7 @@ impl ClusterNode {
             }
         };
         tokio::select! {
-            answer = self.net.post::<_, ForwardedWrite>(addr, "/cluster/write", req, timeout) => {
+            answer = self.net.post::<_, ForwardedWrite>(leader, addr, "/cluster/write", req, timeout) => {
                 match answer {
                     Ok(a) => a,
                     // Never sent: nothing reached the leader.
@@ -595,6 +598,7 @@ impl ClusterNode {
                 let applied = self
                     .net
                     .post::<_, u64>(
+                        id,
                         &addr,
                         "/cluster/applied",
                         &self.node_id,
@@ -656,6 +660,8 @@ impl ClusterNode {
     /// Checks, before adding a node seen in gossip, that it knows the cluster secret: it must
     /// answer a fresh nonce with a proof for the node id and RPC address gossip advertised.
     /// Nothing secret is sent (the challenge is signed like every RPC; a MAC reveals no key).
+    /// With mutual TLS the challenge is sent only once the address has presented a
+    /// certificate of the cluster CA naming `node_id`.
     pub async fn verify_peer(&self, node_id: NodeId, rpc_addr: &str) -> bool {
         let nonce = self.net.keys.random::<32>();
         let challenge = JoinChallenge {
@@ -666,6 +672,7 @@ impl ClusterNode {
         let answer = self
             .net
             .post::<_, JoinProof>(
+                node_id,
                 rpc_addr,
                 "/cluster/join-challenge",
                 &challenge,
@@ -700,7 +707,13 @@ impl ClusterNode {
                     .map_err(RemoveError::from),
                 Some((leader, addr)) => match self
                     .net
-                    .post::<_, RemoveOutcome>(&addr, "/cluster/remove-member", &id, COMMIT_TIMEOUT)
+                    .post::<_, RemoveOutcome>(
+                        leader,
+                        &addr,
+                        "/cluster/remove-member",
+                        &id,
+                        COMMIT_TIMEOUT,
+                    )
                     .await
                 {
                     Ok(RemoveOutcome::Done) => Ok(()),

@@ -1,7 +1,13 @@
-//! Raft RPC client: openraft messages as JSON over HTTP to a peer's `rpc_addr`. The one place
-//! that signs cluster RPC (`rpc.rs` verifies): each request carries a timestamp, a random nonce
-//! and an HMAC-SHA256 over method, path, timestamp, nonce and the body's SHA-256, under a key
-//! derived from the cluster secret (`keyring`). The secret itself is never sent.
+//! Raft RPC client: openraft messages as JSON over HTTP to a peer's `rpc_addr`, over mutual
+//! TLS (`tls.rs`: the peer must present the cluster CA's certificate for the node id dialed).
+//! The one place that signs cluster RPC (`rpc.rs` verifies): each request carries a timestamp,
+//! a random nonce and an HMAC-SHA256 over method, path, timestamp, nonce and the body's
+//! SHA-256, under a key derived from the cluster secret (`keyring`). The secret itself is
+//! never sent.
+//!
+//! `rpc_tls = "mixed"` (migration): TLS first; a peer whose port does not speak TLS is
+//! called in plaintext and remembered as such for [`PLAINTEXT_MEMORY`]; a remembered peer
+//! that answers 426 (it now requires TLS) or fails is called over TLS at once.
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -15,10 +21,17 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
+use super::tls::{dial_name, parse_dial_name, ClusterTls};
 use super::{NodeId, TypeConfig};
 use crate::clock;
+use crate::config::RpcTls;
 use crate::keyring::{hex, rpc_message, Keyring};
 
 /// Header carrying a request's proof: `v1 t=<unix ms> n=<nonce, 32 hex> m=<HMAC, 64 hex>`.
@@ -36,10 +49,21 @@ pub const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 /// Snapshot chunk size (bytes of snapshot data per install-snapshot RPC).
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
+/// In mixed mode, how long a peer found to speak only plaintext is called in plaintext before
+/// TLS is tried again.
+pub const PLAINTEXT_MEMORY: Duration = Duration::from_secs(10);
+/// How long idle connections to peers are kept.
+const IDLE: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct HttpNetwork {
-    pub client: reqwest::Client,
     pub keys: Arc<Keyring>,
+    pub tls: Arc<ClusterTls>,
+    plain: reqwest::Client,
+    /// The TLS client of the current identity, with that identity's generation.
+    tls_client: Arc<ArcSwap<(u64, reqwest::Client)>>,
+    /// Mixed mode: peers that answered in plaintext, and since when.
+    plaintext_peers: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 /// The proof header value for one request.
@@ -50,33 +74,200 @@ pub fn auth_header(keys: &Keyring, method: &str, path: &str, body: &[u8]) -> Str
     format!("v1 t={t} n={nonce} m={}", hex(&mac))
 }
 
+/// Resolves the names [`dial_name`] makes (and nothing else): the peer's address is in the name.
+struct DialNames;
+
+impl reqwest::dns::Resolve for DialNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        // Port 0: the URL's port is used.
+        let addr = parse_dial_name(name.as_str()).map(|(_, ip)| SocketAddr::new(ip, 0));
+        Box::pin(async move {
+            match addr {
+                Some(a) => Ok(Box::new(std::iter::once(a)) as reqwest::dns::Addrs),
+                None => Err("not a cluster peer name".into()),
+            }
+        })
+    }
+}
+
+fn tls_client(config: &rustls::ClientConfig) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config.clone())
+        .dns_resolver(Arc::new(DialNames))
+        .no_proxy()
+        .pool_idle_timeout(IDLE)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default()
+}
+
+/// How one attempt went out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Tls,
+    Plain,
+}
+
 impl HttpNetwork {
-    pub fn new(keys: Arc<Keyring>) -> Self {
-        let client = reqwest::Client::builder()
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
+    pub fn new(keys: Arc<Keyring>, tls: Arc<ClusterTls>) -> Self {
+        let plain = reqwest::Client::builder()
+            .pool_idle_timeout(IDLE)
+            .no_proxy()
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Self { client, keys }
+        let current = tls.current();
+        let client = tls_client(&current.client);
+        Self {
+            keys,
+            tls,
+            plain,
+            tls_client: Arc::new(ArcSwap::from_pointee((current.generation, client))),
+            plaintext_peers: Arc::default(),
+        }
     }
 
-    /// POSTs `body` to `http://<addr><path>` and decodes a JSON answer.
+    /// The TLS client of the current identity (rebuilt after a rotation: connections opened
+    /// before keep the old certificate until they close).
+    fn tls_client(&self) -> reqwest::Client {
+        let current = self.tls.current();
+        let cached = self.tls_client.load();
+        if cached.0 == current.generation {
+            return cached.1.clone();
+        }
+        let client = tls_client(&current.client);
+        self.tls_client
+            .store(Arc::new((current.generation, client.clone())));
+        client
+    }
+
+    /// POSTs `body` to peer `peer` at `addr` (`path` on its RPC port) and decodes a JSON answer.
     pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
+        peer: NodeId,
         addr: &str,
         path: &str,
         body: &Req,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<Resp, reqwest::Error> {
         // Serializing a derived Serialize into a Vec does not fail; sign exactly these bytes.
         let body = serde_json::to_vec(body).unwrap_or_default();
-        let auth = auth_header(&self.keys, "POST", path, &body);
-        self.client
-            .post(format!("http://{addr}{path}"))
+        let end = Instant::now() + timeout;
+        match self.tls.mode {
+            RpcTls::Required => self.send(Wire::Tls, peer, addr, path, &body, end).await,
+            RpcTls::Off => self.send(Wire::Plain, peer, addr, path, &body, end).await,
+            RpcTls::Mixed => self.send_mixed(peer, addr, path, &body, end).await,
+        }
+    }
+
+    async fn send_mixed<Resp: DeserializeOwned>(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        path: &str,
+        body: &[u8],
+        end: Instant,
+    ) -> Result<Resp, reqwest::Error> {
+        if self.plaintext_remembered(addr) {
+            match self.send(Wire::Plain, peer, addr, path, body, end).await {
+                // An answer from the handler, or its refusal: the peer still serves plaintext.
+                Err(e)
+                    if e.status()
+                        .is_some_and(|s| s != reqwest::StatusCode::UPGRADE_REQUIRED) =>
+                {
+                    return Err(e)
+                }
+                Ok(r) => return Ok(r),
+                // It now requires TLS (426), or it went away or restarted: TLS at once. Sending
+                // again is safe: Raft messages tolerate duplicates, writes carry ids.
+                Err(_) => self.forget_plaintext(addr),
+            }
+            return self.send(Wire::Tls, peer, addr, path, body, end).await;
+        }
+        match self.send(Wire::Tls, peer, addr, path, body, end).await {
+            // No TLS connection: the peer may speak only plaintext (its port answered our
+            // handshake with HTTP), or be down. Nothing was sent over it.
+            Err(tls_error) if tls_error.is_connect() => {
+                let plain = self.send(Wire::Plain, peer, addr, path, body, end).await;
+                match &plain {
+                    Err(e)
+                        if e.is_connect()
+                            || e.status() == Some(reqwest::StatusCode::UPGRADE_REQUIRED) =>
+                    {
+                        // Down, or it requires TLS and refused ours: the TLS error says why.
+                        return Err(tls_error);
+                    }
+                    _ => self.remember_plaintext(peer, addr),
+                }
+                plain
+            }
+            other => other,
+        }
+    }
+
+    fn plaintext_remembered(&self, addr: &str) -> bool {
+        let peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        peers
+            .get(addr)
+            .is_some_and(|at| at.elapsed() < PLAINTEXT_MEMORY)
+    }
+
+    fn remember_plaintext(&self, peer: NodeId, addr: &str) {
+        let mut peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, at| at.elapsed() < PLAINTEXT_MEMORY);
+        if peers.insert(addr.to_string(), Instant::now()).is_none() {
+            tracing::info!(
+                peer,
+                addr,
+                "cluster RPC: peer does not speak TLS (rpc_tls = \"off\"?); calling it in plaintext"
+            );
+        }
+    }
+
+    fn forget_plaintext(&self, addr: &str) {
+        let mut peers = self
+            .plaintext_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        peers.remove(addr);
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        wire: Wire,
+        peer: NodeId,
+        addr: &str,
+        path: &str,
+        body: &[u8],
+        end: Instant,
+    ) -> Result<Resp, reqwest::Error> {
+        let (client, url) = match wire {
+            Wire::Plain => (self.plain.clone(), format!("http://{addr}{path}")),
+            // An address that is not IP:port gets a URL the verifier refuses (no node id).
+            Wire::Tls => (
+                self.tls_client(),
+                match addr.parse::<SocketAddr>() {
+                    Ok(a) => format!("https://{}:{}{path}", dial_name(peer, a.ip()), a.port()),
+                    Err(_) => format!("https://{addr}{path}"),
+                },
+            ),
+        };
+        let auth = auth_header(&self.keys, "POST", path, body);
+        client
+            .post(url)
             .header(AUTH_HEADER, auth)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(timeout)
-            .body(body)
+            .timeout(
+                end.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            )
+            .body(body.to_vec())
             .send()
             .await?
             .error_for_status()?
@@ -117,7 +308,7 @@ impl PeerClient {
     {
         let res: Result<Resp, E> = self
             .net
-            .post(&self.addr, path, req, option.hard_ttl())
+            .post(self.target, &self.addr, path, req, option.hard_ttl())
             .await
             .map_err(|e| {
                 if e.is_connect() {

@@ -1089,6 +1089,103 @@ fn free_form_strings_are_bounded() {
 }
 
 #[test]
+fn cluster_tls_files_and_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        p.display().to_string()
+    };
+    let (ca, key, cert, nkey) = (pem("ca.crt"), pem("ca.key"), pem("n.crt"), pem("n.key"));
+    let c = ok("");
+    assert_eq!(c.cluster.rpc_tls, RpcTls::Required);
+    assert!(c.cluster.tls.ca_cert_path.is_none());
+    let c = ok(&format!(
+        "[cluster.tls]\nca_cert_path = '{ca}'\nca_key_path = '{key}'\n"
+    ));
+    assert_eq!(
+        c.cluster.tls.ca_key_path.unwrap().display().to_string(),
+        key
+    );
+    let c = ok(&format!(
+        "[cluster.tls]\nca_cert_path = '{ca}'\ncert_path = '{cert}'\nkey_path = '{nkey}'\n"
+    ));
+    assert!(c.cluster.tls.cert_path.is_some() && c.cluster.tls.ca_key_path.is_none());
+    assert_err(
+        &format!("[cluster.tls]\nca_key_path = '{key}'\n"),
+        2,
+        "cluster.tls.ca_cert_path",
+        "required when any [cluster.tls] file is set",
+    );
+    assert_err(
+        &format!("[cluster.tls]\nca_cert_path = '{ca}'\n"),
+        2,
+        "cluster.tls.ca_key_path",
+        "needs ca_key_path, or cert_path and key_path",
+    );
+    assert_err(
+        &format!(
+            "[cluster.tls]\nca_cert_path = '{ca}'\nca_key_path = '{key}'\ncert_path = '{cert}'\nkey_path = '{nkey}'\n"
+        ),
+        3,
+        "cluster.tls.ca_key_path",
+        "not both",
+    );
+    assert_err(
+        &format!("[cluster.tls]\nca_cert_path = '{ca}'\ncert_path = '{cert}'\n"),
+        3,
+        "cluster.tls.key_path",
+        "both or neither",
+    );
+    assert_err(
+        "[cluster.tls]\nca_cert_path = '/nonexistent/ca.crt'\nca_key_path = '/x'\n",
+        2,
+        "cluster.tls.ca_cert_path",
+        "file not found",
+    );
+    assert_err(
+        "[cluster]\nrpc_tls = \"on\"\n",
+        2,
+        "cluster.rpc_tls",
+        "is not one of required|mixed|off",
+    );
+    for mode in ["mixed", "off"] {
+        let (c, w) = parse(&format!("[cluster]\nrpc_tls = \"{mode}\"\n")).unwrap();
+        assert_ne!(c.cluster.rpc_tls, RpcTls::Required);
+        assert!(
+            w.len() == 1 && w[0].message.contains(RPC_TLS_MIGRATION_END),
+            "{w:?}"
+        );
+    }
+}
+
+#[test]
+fn api_client_ca_needs_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("clients.crt");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    assert_err(
+        &format!("[api]\nclient_ca_path = '{}'\n", ca.display()),
+        2,
+        "api.tls_cert_path",
+        "required when client_ca_path is set",
+    );
+    let c = ok(&format!(
+        "[api]\ntls_cert_path = '{0}'\ntls_key_path = '{0}'\nclient_ca_path = '{0}'\n",
+        ca.display()
+    ));
+    assert_eq!(c.api.client_ca_path, Some(ca));
+}
+
+#[test]
 fn session_ticket_keys() {
     let c = ok("");
     assert!(c.proxy.tls_session_tickets);

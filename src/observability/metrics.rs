@@ -17,6 +17,7 @@ pub struct Metrics {
     handovers: IntCounterVec,
     acme_orders: IntCounterVec,
     cluster_rpc_refused: IntCounterVec,
+    cluster_rpc_plaintext: prometheus::IntCounter,
     gossip_dropped: IntCounterVec,
     cert_expiry: prometheus::IntGaugeVec,
     pub raft_term: IntGauge,
@@ -69,9 +70,13 @@ impl Metrics {
         let cluster_rpc_refused = IntCounterVec::new(
             Opts::new(
                 "pingora_vhost_cluster_rpc_refused_total",
-                "Cluster RPC calls this node refused, by reason (auth: missing or wrong request MAC, i.e. another secret or cluster id; clock: timestamp outside the 30 s window; replay: a request received before; body: over the size limit; expired: a forwarded write that arrived after its deadline)",
+                "Cluster RPC calls this node refused, by reason (auth: missing or wrong request MAC, i.e. another secret or cluster id; clock: timestamp outside the 30 s window; replay: a request received before; body: over the size limit; expired: a forwarded write that arrived after its deadline; tls: a failed TLS handshake, e.g. no certificate from the cluster CA; plaintext: a plaintext connection while rpc_tls = \"required\")",
             ),
             &["reason"],
+        )?;
+        let cluster_rpc_plaintext = prometheus::IntCounter::new(
+            "pingora_vhost_cluster_rpc_plaintext_connections_total",
+            "Plaintext cluster RPC connections this node accepted (rpc_tls = \"mixed\"; 0 growth on every node means the migration to \"required\" can finish)",
         )?;
         let gossip_dropped = IntCounterVec::new(
             Opts::new(
@@ -112,6 +117,7 @@ impl Metrics {
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(cluster_rpc_refused.clone()))?;
+        registry.register(Box::new(cluster_rpc_plaintext.clone()))?;
         registry.register(Box::new(gossip_dropped.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         for g in [
@@ -132,6 +138,7 @@ impl Metrics {
             handovers,
             acme_orders,
             cluster_rpc_refused,
+            cluster_rpc_plaintext,
             gossip_dropped,
             cert_expiry,
             raft_term,
@@ -167,6 +174,11 @@ impl Metrics {
     /// A cluster RPC call refused (`reason`: auth, clock, replay, body, expired).
     pub fn cluster_rpc_refused(&self, reason: &str) {
         self.cluster_rpc_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// A plaintext cluster RPC connection accepted (mixed mode).
+    pub fn cluster_rpc_plaintext(&self) {
+        self.cluster_rpc_plaintext.inc();
     }
 
     /// A gossip datagram dropped (`reason`: unsealed, forged, clock, replay).

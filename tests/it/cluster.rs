@@ -165,7 +165,7 @@ impl Drop for Frozen {
 }
 
 /// Proxied GETs in a loop from background tasks, counting what the client sees.
-struct Traffic {
+pub(crate) struct Traffic {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -174,7 +174,7 @@ struct Traffic {
 
 impl Traffic {
     /// One sequential client per `ProxyClient`, each GETting `host` and expecting 200 `body`.
-    fn start(clients: Vec<ProxyClient>, host: &str, body: &str) -> Traffic {
+    pub(crate) fn start(clients: Vec<ProxyClient>, host: &str, body: &str) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -210,12 +210,12 @@ impl Traffic {
         }
     }
 
-    fn ok(&self) -> usize {
+    pub(crate) fn ok(&self) -> usize {
         self.ok.load(Ordering::SeqCst)
     }
 
     /// Stops the clients (bounded) and returns (successes, failures).
-    async fn finish(self) -> (usize, Vec<String>) {
+    pub(crate) async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.tasks {
             tokio::time::timeout(Duration::from_secs(35), t)
@@ -679,13 +679,24 @@ async fn wrong_secret_cannot_join_or_write() {
         );
     }
 
-    // Cluster RPC straight to a member with a wrong secret (or none) is refused.
+    // Cluster RPC straight to a member with a wrong secret (or none) is refused: in plaintext
+    // with 426 (TLS required), over TLS with a certificate of the cluster CA but no valid
+    // request MAC with 403.
     let cmd = json!({"CreateDomain": {"domain": "rpc-intruder.test", "enabled_backends_tag": "a",
         "http_to_https": false, "tls": "none", "cert": null}});
     let target = cluster.node(leader);
+    let plain = poll_client()
+        .post(format!("http://{}/cluster/write", target.rpc_addr))
+        .header("x-pingora-vhost-secret", "test-cluster-secret")
+        .json(&cmd)
+        .send()
+        .await
+        .expect("plaintext POST /cluster/write");
+    assert_eq!(plain.status().as_u16(), 426, "plaintext cluster RPC");
+    let rpc = RpcClient::to(target, "test-cluster-secret", 99);
     for secret in [Some("wrong"), None, Some("test-cluster-secret")] {
-        let mut req = poll_client()
-            .post(format!("http://{}/cluster/write", target.rpc_addr))
+        let mut req = rpc
+            .post("/cluster/write")
             .header("x-pingora-vhost-cluster", "default")
             .json(&cmd);
         if let Some(s) = secret {

@@ -126,10 +126,11 @@ async fn open_log_stream(node: &Node, query: &str) -> reqwest::Response {
         .expect("GET /api/v1/logs/stream")
 }
 
-/// A request to the cluster RPC without a proof: refused and logged as a warning.
+/// A request to the cluster RPC without a proof (over mutual TLS): refused and logged as a
+/// warning.
 async fn provoke_refused_rpc_warning(node: &Node) {
-    let status = reqwest::Client::new()
-        .post(format!("http://{}/cluster/join-challenge", node.rpc_addr))
+    let status = RpcClient::to(node, "test-cluster-secret", 99)
+        .post("/cluster/join-challenge")
         .json(&json!(99))
         .send()
         .await

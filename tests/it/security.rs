@@ -10,7 +10,7 @@ use chitchat::transport::UdpTransport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig};
 use tokio::io::AsyncReadExt;
 
-use crate::cluster::{members_of, try_status};
+use crate::cluster::{members_of, poll_client, try_status, Traffic};
 use crate::common::*;
 
 const SECRET: &str = "s3cret-that-must-never-cross-the-wire";
@@ -276,10 +276,11 @@ async fn replayed_and_forged_gossip_is_dropped_and_changes_nothing() {
 }
 
 /// Everything the nodes' RPC ports send and receive, as a packet capture on `lo` sees it,
-/// while a follower forwards writes and a fourth node is checked, joins and catches up: the
-/// secret never appears (certificates in Raft entries still do: no TLS yet).
+/// while a follower forwards writes (one of them carries a certificate's private key) and a
+/// fourth node is checked, joins and catches up: it is all TLS. Neither the secret, nor the
+/// private key, nor a request line, header or domain name appears in clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn captured_rpc_traffic_never_carries_the_secret() {
+async fn captured_rpc_traffic_is_tls_and_carries_no_secret_and_no_key() {
     let mut cluster = Cluster::start(3, |_| options()).await;
     let joiner = Node::new_unstarted(
         options()
@@ -294,7 +295,15 @@ async fn captured_rpc_traffic_never_carries_the_secret() {
     let (_, follower) = cluster.leader_and_follower().await;
     let f = cluster.node(follower);
     f.add_backend("web", "127.0.0.1:9", &["a"]).await;
-    f.add_domain("captured.test", "a").await;
+    let cert = self_signed(&["captured.test"]);
+    let (status, body) = f
+        .api_post(
+            "/api/v1/domains",
+            serde_json::json!({"domain": "captured.test", "enabled_backends_tag": "a",
+                "tls": "manual", "cert_pem": cert.cert_pem, "key_pem": cert.key_pem}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
     let joiner = joiner.start_spawned().await;
     wait_for(
         Duration::from_secs(20),
@@ -318,30 +327,276 @@ async fn captured_rpc_traffic_never_carries_the_secret() {
         all.len(),
         flows.len()
     );
+    // A line of the key's base64 (JSON escapes the newlines between lines, not inside one).
+    let key_line = cert
+        .key_pem
+        .lines()
+        .find(|l| l.len() >= 40 && !l.starts_with("-----"))
+        .expect("a base64 line in the key")
+        .to_string();
     for (flow, bytes) in &flows {
-        assert!(
-            !contains(bytes, SECRET.as_bytes()),
-            "the secret crossed the wire in flow {flow:?}"
-        );
-        assert!(
-            !contains(bytes, b"x-pingora-vhost-secret"),
-            "the old secret header in flow {flow:?}"
-        );
+        for (what, needle) in [
+            ("the secret", SECRET.as_bytes()),
+            ("the private key", key_line.as_bytes()),
+            ("a PEM key header", b"PRIVATE KEY"),
+            ("the domain name", b"captured.test"),
+            ("a request line", b"POST /"),
+            ("an HTTP head", b"HTTP/1.1"),
+            ("the proof header", b"x-pingora-vhost-auth"),
+        ] {
+            assert!(
+                !contains(bytes, needle),
+                "{what} crossed the wire in clear in flow {flow:?}"
+            );
+        }
     }
-    // The capture saw the calls that matter (so an empty capture cannot pass).
-    for seen in [
-        &b"POST /raft/append"[..],
-        b"POST /cluster/write",
-        b"POST /cluster/join-challenge",
-        b"captured.test",
-        b"x-pingora-vhost-auth: v1 t=",
+    // The capture saw the traffic (so an empty capture cannot pass): the joiner's new
+    // connections start with TLS handshake records, and the Raft traffic is substantial.
+    let handshakes = flows
+        .iter()
+        .filter(|((_, dst), b)| ports.contains(dst) && b.starts_with(&[0x16, 0x03]))
+        .count();
+    assert!(
+        handshakes >= 2,
+        "fewer than 2 connections started with a TLS handshake ({handshakes})"
+    );
+    assert!(all.len() > 20_000, "only {} bytes captured", all.len());
+}
+
+/// How many TLS handshakes `n` refused on its RPC port.
+async fn refused(n: &Node) -> f64 {
+    metric_value(
+        &n.metrics_text().await,
+        "pingora_vhost_cluster_rpc_refused_total{reason=\"tls\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+/// `[cluster.tls]` with the operator's CA files. A node whose certificate comes from another
+/// CA (with the right secret, so only TLS stands in its way) is refused: it cannot join, a
+/// member restarted with it receives no appends (and catches up once it has the cluster's CA
+/// again), and a client with its certificate cannot even send an append, while one with a
+/// certificate of the cluster's CA reaches the request check (403 without a proof).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let files = tempfile::tempdir().unwrap();
+    let (ca, other) = (test_ca("cluster CA"), test_ca("another CA"));
+    let (ca_cert, ca_key) = ca.write_files(files.path(), "ca");
+    let (other_cert, other_key) = other.write_files(files.path(), "other");
+    let tls_files = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[cluster.tls]\nca_cert_path = '{}'\nca_key_path = '{}'\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let cluster_ca = tls_files(&ca_cert, &ca_key);
+    let other_ca = tls_files(&other_cert, &other_key);
+    let mut cluster = Cluster::start(3, |_| options().extra(&cluster_ca)).await;
+    let (leader, _) = cluster.leader_and_followers().await;
+
+    // Cannot join.
+    let intruder = Node::start(
+        options()
+            .extra(&other_ca)
+            .node_id(4)
+            .bootstrap_expect(3)
+            .seeds(&cluster.seeds()),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "node 4 refuses the leader's handshakes (its challenge)",
+        || async { (refused(&intruder).await > 0.0).then_some(()) },
+    )
+    .await;
+    for _ in 0..10 {
+        for n in &cluster.nodes {
+            let s = try_status(n).await.expect("status");
+            assert_eq!(
+                members_of(&s),
+                vec![(1, true), (2, true), (3, true)],
+                "node 4 became a member"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        cluster
+            .node(leader)
+            .logs()
+            .contains("not adding node seen in gossip"),
+        "the leader did not turn node 4 down"
+    );
+    drop(intruder);
+
+    // Cannot append: the handshake fails. With the cluster CA's certificate the same call
+    // gets through TLS and is refused by the request check instead.
+    let n1 = cluster.node(1);
+    let before = refused(n1).await;
+    let append = serde_json::json!({"vote": {}, "entries": []});
+    let foreign = RpcClient::with(n1, &other.issuer(), &ca.issuer(), 2)
+        .post("/raft/append")
+        .json(&append)
+        .send()
+        .await;
+    assert!(
+        foreign.is_err(),
+        "an append with another CA's certificate: {foreign:?}"
+    );
+    assert!(
+        refused(n1).await > before,
+        "node 1 did not count the refused handshake"
+    );
+    let member = RpcClient::with(n1, &ca.issuer(), &ca.issuer(), 2)
+        .post("/raft/append")
+        .json(&append)
+        .send()
+        .await
+        .expect("an append with the cluster CA's certificate gets an answer");
+    assert_eq!(
+        member.status().as_u16(),
+        403,
+        "no request proof: refused by the MAC check"
+    );
+
+    // A member restarted with another CA's certificate is cut off.
+    let (leader, followers) = cluster.leader_and_followers().await;
+    let cut = followers[1];
+    {
+        let n = cluster.node_mut(cut);
+        n.options.extra = other_ca.clone();
+        n.write_config();
+        n.restart().await;
+    }
+    cluster
+        .node(leader)
+        .add_domain("while-cut-off.test", "a")
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, _) = cluster
+        .node(cut)
+        .api_get("/api/v1/domains/while-cut-off.test")
+        .await;
+    assert_eq!(status, 404, "node {cut} with another CA received an append");
+    assert!(refused(cluster.node(cut)).await > 0.0);
+    // Back with the cluster's CA, it catches up.
+    {
+        let n = cluster.node_mut(cut);
+        n.options.extra = cluster_ca.clone();
+        n.write_config();
+        n.restart().await;
+    }
+    wait_for(Duration::from_secs(15), "the member catches up", || async {
+        (cluster
+            .node(cut)
+            .api_get("/api/v1/domains/while-cut-off.test")
+            .await
+            .0
+            == 200)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Rotation of a node certificate from files (`cert_path`/`key_path`): SIGHUP makes new
+/// connections get the new certificate, without a restart (the node keeps running: SIGHUP does
+/// not stop it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_node_certificate() {
+    let files = tempfile::tempdir().unwrap();
+    let ca = test_ca("cluster CA");
+    let (ca_cert, _) = ca.write_files(files.path(), "ca");
+    let first = ca.issue(&["node-1.pingora-vhost.internal"]);
+    let (cert, key) = first.write_files(files.path(), "node");
+    let node = Node::start(options().extra(&format!(
+        "[cluster.tls]\nca_cert_path = '{}'\ncert_path = '{}'\nkey_path = '{}'\n",
+        ca_cert.display(),
+        cert.display(),
+        key.display()
+    )))
+    .await;
+    let presented = || async {
+        let client = RpcClient::with(&node, &ca.issuer(), &ca.issuer(), 7);
+        let r = client
+            .post("/cluster/applied")
+            .json(&7)
+            .send()
+            .await
+            .expect("RPC over mutual TLS");
+        r.extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .map(|d| d.to_vec())
+            .expect("the node's certificate")
+    };
+    assert_eq!(presented().await, first.der);
+    let second = ca.issue(&["node-1.pingora-vhost.internal"]);
+    second.write_files(files.path(), "node");
+    let pid = node.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for(
+        Duration::from_secs(5),
+        "new connections get the new certificate",
+        || async { (presented().await == second.der).then_some(()) },
+    )
+    .await;
+    let mut node = node;
+    assert!(node.is_running(), "SIGHUP stopped the node");
+}
+
+/// `[api] client_ca_path`: only a client presenting a certificate of that CA gets past the TLS
+/// handshake; one without a certificate, or with another CA's, is refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_api_requires_a_client_certificate_of_the_client_ca() {
+    let files = tempfile::tempdir().unwrap();
+    let server = self_signed(&["api.test"]);
+    let (c, k) = server.write_files(files.path(), "api");
+    let (clients, other) = (test_ca("API clients"), test_ca("someone else"));
+    let (client_ca, _) = clients.write_files(files.path(), "clients");
+    let mut node = Node::new_unstarted(NodeOptions::new().api(&format!(
+        "tls_cert_path = '{}'\ntls_key_path = '{}'\nclient_ca_path = '{}'",
+        c.display(),
+        k.display(),
+        client_ca.display()
+    )));
+    node.spawn();
+    let api = node.api_addr;
+    let client = |identity: Option<&TestCert>| {
+        let mut b = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(server.cert_pem.as_bytes()).unwrap(),
+            )
+            .resolve("api.test", api)
+            .timeout(Duration::from_secs(2));
+        if let Some(id) = identity {
+            let pem = format!("{}{}", id.cert_pem, id.key_pem);
+            b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let url = format!("https://api.test:{}/api/v1/domains", api.port());
+    let admin = client(Some(&clients.issue(&["admin"])));
+    wait_for(
+        Duration::from_secs(20),
+        "the API answers a client with a certificate",
+        || async {
+            let r = admin.get(&url).bearer_auth(TOKEN).send().await.ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    for (who, c) in [
+        ("no certificate", client(None)),
+        (
+            "another CA's certificate",
+            client(Some(&other.issue(&["admin"]))),
+        ),
     ] {
-        assert!(
-            contains(&all, seen),
-            "capture lacks {:?}",
-            String::from_utf8_lossy(seen)
-        );
+        let r = c.get(&url).bearer_auth(TOKEN).send().await;
+        assert!(r.is_err(), "a client with {who} got an answer: {r:?}");
     }
+    drop(node);
 }
 
 /// `[api] tls_cert_path`/`tls_key_path`: the management API answers over HTTPS with that
@@ -400,4 +655,106 @@ async fn management_api_is_served_over_tls_with_the_configured_certificate() {
         .unwrap();
     assert!(untrusting.get(url("/api/v1/health")).send().await.is_err());
     drop(node);
+}
+
+/// The documented migration from plaintext RPC (docs/cluster.md "Migrating to mutual TLS"): a
+/// cluster running `rpc_tls = "off"` under proxied load through every node is upgraded node by
+/// node (graceful upgrade, new config) to "mixed", then node by node to "required". No proxied
+/// request fails, and a write through another node works after every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_migration_from_plaintext_rpc_to_mutual_tls_fails_no_request() {
+    let started = Instant::now();
+    let mode = |m: &str| format!("rpc_tls = \"{m}\"\n");
+    let mut cluster = Cluster::start(3, |_| {
+        options()
+            .cluster(&mode("off"))
+            .proxy("shutdown_grace_secs = 1")
+    })
+    .await;
+    let web = Backend::start("web-a").await;
+    cluster
+        .node(1)
+        .add_backend("web-a", &web.address(), &["a"])
+        .await;
+    cluster.node(2).add_domain("mig.test", "a").await;
+    for n in &cluster.nodes {
+        n.wait_route("mig.test", "/", "web-a").await;
+    }
+    // Plaintext RPC before: a plain request reaches the request check (403, not 426).
+    let plain = |n: &Node| {
+        let url = format!("http://{}/cluster/applied", n.rpc_addr);
+        async move {
+            poll_client()
+                .post(url)
+                .json(&1)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok()
+        }
+    };
+    assert_eq!(plain(cluster.node(1)).await, Some(403));
+
+    let clients: Vec<ProxyClient> = cluster.nodes.iter().map(|n| n.proxy_client()).collect();
+    let traffic = Traffic::start(clients, "mig.test", "web-a");
+    let mut writes = 0;
+    for target in ["mixed", "required"] {
+        for id in 1..=3u64 {
+            {
+                let n = cluster.node_mut(id);
+                n.options.cluster_extra = mode(target);
+                n.write_config();
+                let old = n.upgrade_and_wait_old().await;
+                assert_eq!(old.code(), Some(0), "the old process of node {id} exits 0");
+                n.wait_ready().await;
+            }
+            cluster.wait_converged(Duration::from_secs(20)).await;
+            // A write through another node, served by every node.
+            writes += 1;
+            let domain = format!("w{writes}.test");
+            let via = id % 3 + 1;
+            cluster.node(via).add_domain(&domain, "a").await;
+            for n in &cluster.nodes {
+                n.wait_route(&domain, "/", "web-a").await;
+            }
+            eprintln!(
+                "node {id} now {target:?}; write through node {via} ok; {:?} in",
+                started.elapsed()
+            );
+        }
+        if target == "mixed" {
+            // The "off" nodes spoke plaintext to the "mixed" ones.
+            let mut plaintext = 0.0;
+            for n in &cluster.nodes {
+                plaintext += n
+                    .metric("pingora_vhost_cluster_rpc_plaintext_connections_total")
+                    .await;
+            }
+            assert!(
+                plaintext > 0.0,
+                "no plaintext connection was accepted in mixed mode"
+            );
+        }
+    }
+    let (ok, failures) = traffic.finish().await;
+    eprintln!(
+        "rolling migration: {ok} proxied requests ok, {} failed, {writes} writes, {:?}",
+        failures.len(),
+        started.elapsed()
+    );
+    assert!(ok > 300, "the load must span the migration ({ok} requests)");
+    assert!(
+        failures.is_empty(),
+        "{} proxied requests failed during the migration; first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // Plaintext after: refused before the request check.
+    for n in &cluster.nodes {
+        assert_eq!(
+            plain(n).await,
+            Some(426),
+            "plaintext RPC after the migration"
+        );
+    }
 }

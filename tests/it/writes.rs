@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::cluster::{poll_client, signal, try_status, wait_new_leader, Frozen};
+use crate::cluster::{signal, try_status, wait_new_leader, Frozen};
 use crate::common::*;
 
 /// An API write with optional `Idempotency-Key`; returns (status, body).
@@ -76,8 +76,8 @@ fn sign_forward(secret: &str, body: &Value) -> (String, Vec<u8>) {
 
 /// Sends a forwarded write with the given proof header, as captured or built.
 async fn forward_signed(n: &Node, auth: &str, bytes: Vec<u8>) -> (u16, Value) {
-    let r = poll_client()
-        .post(format!("http://{}/cluster/write", n.rpc_addr))
+    let r = RpcClient::to(n, "test-cluster-secret", 99)
+        .post("/cluster/write")
         .header(pingora_vhost::cluster::network::AUTH_HEADER, auth)
         .header("content-type", "application/json")
         .body(bytes)

@@ -35,3 +35,69 @@ impl TestCert {
         (cert, key)
     }
 }
+
+/// A certificate authority for tests (cluster CA files, client certificates of the API).
+pub struct TestCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+/// A fresh CA named `name`.
+pub fn test_ca(name: &str) -> TestCa {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let cert = params.self_signed(&key).expect("CA certificate");
+    TestCa {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert,
+        key,
+    }
+}
+
+impl TestCa {
+    /// A certificate for `names`, usable by a server and by a client.
+    pub fn issue(&self, names: &[&str]) -> TestCert {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("issue certificate");
+        TestCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
+    /// Writes `<stem>.crt` and `<stem>.key` into `dir`; returns their paths.
+    pub fn write_files(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+        TestCert {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            der: Vec::new(),
+        }
+        .write_files(dir, stem)
+    }
+
+    /// The same CA as the node's library sees it (to issue node certificates in tests).
+    pub fn issuer(&self) -> pingora_vhost::cluster::pki::Issuer {
+        pingora_vhost::cluster::pki::Issuer::from_pem(&self.cert_pem, &self.key_pem)
+            .expect("CA as issuer")
+    }
+}

@@ -16,6 +16,7 @@
 //! - `certs`: self-signed test certificates ([`TestCert`]).
 //! - `websocket`: a websocket client for proxied upgrades ([`ws_connect`]).
 //! - `capture`: a packet capture on `lo` ([`Capture`]), to see what crosses the wire.
+//! - `rpc`: a mutual-TLS client of a node's cluster RPC port ([`RpcClient`]).
 
 mod backend;
 mod capture;
@@ -23,6 +24,7 @@ mod certs;
 mod cluster;
 mod netns;
 mod node;
+mod rpc;
 mod websocket;
 
 pub use backend::*;
@@ -31,6 +33,7 @@ pub use certs::*;
 pub use cluster::*;
 pub use netns::*;
 pub use node::*;
+pub use rpc::*;
 pub use websocket::*;
 
 use std::collections::HashSet;
