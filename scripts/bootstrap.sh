@@ -10,6 +10,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # metrics format check in tests
 command -v pebble >/dev/null 2>&1 || need+=(pebble)          # ACME test CA (+ pebble-challtestsrv)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)      # renders the dashboard in tests
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)  # the origin of bench/probe_load_bench.py
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # DNS server for the resolver tests
 # Network namespaces and packet drops for the partition tests (tests/it/partition.rs) and
 # bench/partition_bench.py.

@@ -307,6 +307,10 @@ pub struct HealthCheckConfig {
     /// default "/health"; "" means TCP connect check. Non-empty must start with '/'.
     #[serde(deserialize_with = "rule")]
     pub path: HealthPath,
+    /// How many of the live nodes probe each backend (rendezvous hashing, see docs/health.md);
+    /// at or above the cluster size every node probes every backend. default 2, 1..=1000
+    #[serde(deserialize_with = "int::<_, _, 1, 1000>")]
+    pub probers_per_backend: usize,
 }
 
 /// `[resolver]`: how backend names are looked up (IP literals need no lookup).
@@ -479,6 +483,7 @@ impl Default for HealthCheckConfig {
             unhealthy_threshold: 3,
             healthy_threshold: 2,
             path: HealthPath::parse("/health").expect("a valid default"),
+            probers_per_backend: 2,
         }
     }
 }

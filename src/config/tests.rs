@@ -185,6 +185,7 @@ fn empty_file_gives_defaults() {
     assert_eq!(c.health_check.unhealthy_threshold, 3);
     assert_eq!(c.health_check.healthy_threshold, 2);
     assert_eq!(c.health_check.path, "/health");
+    assert_eq!(c.health_check.probers_per_backend, 2);
     assert!(c.virtual_hosts.is_empty() && c.backends.is_empty());
     assert_eq!(c.source_path, PathBuf::from("cfg.toml"));
     // Only comments and empty sections are just as valid.
@@ -764,6 +765,7 @@ fn numeric_minimums() {
         ("health_check", "timeout_secs"),
         ("health_check", "unhealthy_threshold"),
         ("health_check", "healthy_threshold"),
+        ("health_check", "probers_per_backend"),
     ] {
         let text = format!("[{section}]\n{key} = 0\n");
         assert_err(
@@ -790,6 +792,18 @@ fn numeric_minimums() {
         2,
         "health_check.healthy_threshold",
         "too large",
+    );
+    assert_err(
+        "[health_check]\nprobers_per_backend = 1001\n",
+        2,
+        "health_check.probers_per_backend",
+        "must be <= 1000",
+    );
+    assert_eq!(
+        ok("[health_check]\nprobers_per_backend = 1000\n")
+            .health_check
+            .probers_per_backend,
+        1000
     );
 }
 
