@@ -506,10 +506,15 @@ def run_cluster(kind, args, tmp, binary, runs, result, index):
         # Distinct writes: an acknowledged one missing on some node, a refused one on some node.
         missing, applied_refused = set(), set()
         for n in nodes:
-            s, text = n.api("GET", "/api/v1/domains", timeout=10.0)
-            if s != 200:
-                raise RuntimeError(f"GET /api/v1/domains on node {n.i}: {s} {text[:200]}")
-            names = {d["domain"] for d in json.loads(text)}
+            names, path = set(), "/api/v1/domains?limit=1000"
+            while path:
+                s, text = n.api("GET", path, timeout=10.0)
+                if s != 200:
+                    raise RuntimeError(f"GET {path} on node {n.i}: {s} {text[:200]}")
+                page = json.loads(text)
+                names |= {d["domain"] for d in page["items"]}
+                cursor = page["next_cursor"]
+                path = cursor and f"/api/v1/domains?limit=1000&cursor={cursor}"
             missing |= {w[1] for w in writes if acked(w) and w[1] not in names}
             applied_refused |= {w[1] for w in writes if refused(w) and w[1] in names}
         missing, applied_refused = len(missing), len(applied_refused)

@@ -10,11 +10,15 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # metrics format check in tests
 command -v pebble >/dev/null 2>&1 || need+=(pebble)          # ACME test CA (+ pebble-challtestsrv)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)      # renders the dashboard in tests
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)  # the origin of bench/probe_load_bench.py
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # DNS server for the resolver tests
 # Network namespaces and packet drops for the partition tests (tests/it/partition.rs) and
 # bench/partition_bench.py.
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
+# A real L4 balancer sending the PROXY protocol, and a backend requiring it (tests/it/edge.rs).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}" >&2

@@ -17,7 +17,8 @@ use toml_edit::{ImDocument, Item, Table, TableLike, Value};
 
 pub use crate::schema::TlsMode;
 use crate::schema::{
-    self, BackendId, DomainName, FieldRule, HealthPath, HostPort, Tag, MAX_BACKENDS, MAX_DOMAINS,
+    self, BackendId, Cidr, DomainName, FieldRule, HealthPath, HostPort, SendProxyProtocol, Tag,
+    MAX_BACKENDS, MAX_DOMAINS,
 };
 
 /// Most data-plane worker threads (`[proxy] threads`): each is a runtime with its own file
@@ -97,6 +98,36 @@ pub struct ProxyConfig {
     pub default_cert_path: Option<PathBuf>,
     #[serde(deserialize_with = "non_empty_path")]
     pub default_key_path: Option<PathBuf>,
+    /// Peers whose `X-Forwarded-For`, `-Proto` and `-Host` are kept (the client address is
+    /// appended to `X-Forwarded-For`); from anyone else they are replaced. default [], at
+    /// most schema::MAX_TRUSTED_NETWORKS CIDRs
+    #[serde(deserialize_with = "cidr_list")]
+    pub trusted_forwarders: Vec<Cidr>,
+    /// `[proxy.proxy_protocol]`: PROXY protocol headers from L4 load balancers.
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// Sources that must start every connection with a PROXY protocol header (v1 or v2); a
+    /// header from anyone else closes the connection. default [] (headers are not looked
+    /// for), at most schema::MAX_TRUSTED_NETWORKS CIDRs
+    #[serde(deserialize_with = "cidr_list")]
+    pub trusted: Vec<Cidr>,
+    /// A trusted source's header must be complete within this many ms of the accept.
+    /// default 5000, 100..=60000
+    #[serde(deserialize_with = "int::<_, _, 100, 60_000>")]
+    pub header_timeout_ms: u64,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        ProxyProtocolConfig {
+            trusted: Vec::new(),
+            header_timeout_ms: 5000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -316,6 +347,10 @@ pub struct HealthCheckConfig {
     /// default "/health"; "" means TCP connect check. Non-empty must start with '/'.
     #[serde(deserialize_with = "rule")]
     pub path: HealthPath,
+    /// How many of the live nodes probe each backend (rendezvous hashing, see docs/health.md);
+    /// at or above the cluster size every node probes every backend. default 2, 1..=1000
+    #[serde(deserialize_with = "int::<_, _, 1, 1000>")]
+    pub probers_per_backend: usize,
 }
 
 /// `[resolver]`: how backend names are looked up (IP literals need no lookup).
@@ -360,6 +395,8 @@ pub struct BackendConfig {
     pub tags: Vec<Tag>,
     /// optional per-backend override; must start with '/' or be "" (TCP check)
     pub health_check_path: Option<HealthPath>,
+    /// optional: "v1" | "v2", a PROXY protocol header on every connection to the backend
+    pub send_proxy_protocol: Option<SendProxyProtocol>,
 }
 
 /// A problem that does not stop the node (e.g. a domain whose tag no backend carries).
@@ -413,6 +450,8 @@ impl Default for ProxyConfig {
             tls_ticket_rotation_secs: 43_200,
             default_cert_path: None,
             default_key_path: None,
+            trusted_forwarders: Vec::new(),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -502,6 +541,7 @@ impl Default for HealthCheckConfig {
             unhealthy_threshold: 3,
             healthy_threshold: 2,
             path: HealthPath::parse("/health").expect("a valid default"),
+            probers_per_backend: 2,
         }
     }
 }
@@ -743,6 +783,20 @@ impl<'de> Deserialize<'de> for DnsServer {
     }
 }
 
+/// A bounded list of networks (the bound is checked on the whole list, the networks each).
+fn cidr_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Cidr>, D::Error> {
+    use serde::de::Error;
+    let list = Vec::<Cidr>::deserialize(d)?;
+    if list.len() > schema::MAX_TRUSTED_NETWORKS {
+        return Err(D::Error::custom(format!(
+            "{} networks; at most {} are allowed",
+            list.len(),
+            schema::MAX_TRUSTED_NETWORKS
+        )));
+    }
+    Ok(list)
+}
+
 fn dns_servers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
     Ok(Vec::<DnsServer>::deserialize(d)?
         .into_iter()
@@ -798,6 +852,8 @@ struct FileBackend {
     #[serde(default)]
     tags: Vec<Tag>,
     health_check_path: Option<HealthPath>,
+    #[serde(default, deserialize_with = "opt_rule")]
+    send_proxy_protocol: Option<SendProxyProtocol>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1227,6 +1283,7 @@ impl Checker<'_> {
                 address,
                 tags,
                 health_check_path: b.health_check_path,
+                send_proxy_protocol: b.send_proxy_protocol,
             });
         }
         Ok(out)

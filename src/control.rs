@@ -161,7 +161,12 @@ impl ControlPlane {
         tasks.spawn("election", election::run(node.clone()));
         tasks.spawn(
             "health probes",
-            health::active::run(self.data.live.clone(), sm.clone(), cfg.health_check.clone()),
+            health::active::run(
+                self.data.live.clone(),
+                sm.clone(),
+                node.gossip.clone(),
+                cfg.health_check.clone(),
+            ),
         );
         tasks.spawn("resolver", {
             let (sm, data) = (sm.clone(), self.data.clone());
@@ -181,10 +186,15 @@ impl ControlPlane {
         });
         tasks.spawn(
             "health exchange",
-            health::shared::run(self.data.live.clone(), node.gossip.clone(), {
-                let node = node.clone();
-                move || node.other_member_ids()
-            }),
+            health::shared::run(
+                self.data.live.clone(),
+                node.gossip.clone(),
+                cfg.health_check.probers_per_backend,
+                {
+                    let node = node.clone();
+                    move || node.other_member_ids()
+                },
+            ),
         );
         tasks.spawn("metrics sampler", {
             let metrics = self.metrics.clone();

@@ -30,10 +30,15 @@ pub const KEY_HEALTH_PREFIX: &str = "hc/";
 /// whatever the id: one key larger than a gossip packet stops the node's whole state from
 /// reaching its peers (a 200,000-character id once ended health sharing for a cluster).
 pub fn backend_key(id: &str) -> String {
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+    format!("{:016x}", backend_hash(id))
+}
+
+/// The 64-bit FNV-1a hash of a backend id behind [`backend_key`] (also what decides which
+/// nodes probe it, `health::owners`): the same on every node and version.
+pub fn backend_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{hash:016x}")
+    })
 }
 
 /// A live node as seen through gossip.
@@ -109,6 +114,21 @@ impl Gossip {
                 })
             })
             .collect()
+    }
+
+    /// The nodes that share the active health probes: this node and every live peer that
+    /// belongs to a Raft cluster (a node still joining has no backends to probe yet). Sorted.
+    pub fn probing_members(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .live_peers()
+            .into_iter()
+            .filter(|p| p.initialized && p.node_id != self.node_id)
+            .map(|p| p.node_id)
+            .collect();
+        ids.push(self.node_id);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     pub fn is_alive(&self, node_id: u64) -> bool {

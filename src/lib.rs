@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod live;
 pub mod observability;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod resolve;
 pub mod schema;
 pub mod state;

@@ -18,6 +18,7 @@ use pingora_vhost::config::{self, Config, TlsMode};
 use pingora_vhost::control::{ControlPlane, ControlPlaneService};
 use pingora_vhost::observability::access_log::{self, AccessLog};
 use pingora_vhost::observability::{logging, Metrics};
+use pingora_vhost::proxy::edge::Edge;
 use pingora_vhost::proxy::h1::VhostApp;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
@@ -114,6 +115,7 @@ fn seed_command(cfg: &Config) -> anyhow::Result<Command> {
             tags: b.tags.clone(),
             health_check_path: b.health_check_path.clone(),
             draining: false,
+            send_proxy_protocol: b.send_proxy_protocol,
         })
         .collect();
     Ok(Command::Seed { domains, backends })
@@ -200,7 +202,7 @@ fn run(
     );
     let publisher: store::Publisher = {
         let data = data.clone();
-        Arc::new(move |state| data.publish(state))
+        Arc::new(move |state, changes| data.publish(state, changes))
     };
     let store = if cli.upgrade {
         // The running process holds the store until it exits: serve its state meanwhile.
@@ -267,7 +269,9 @@ fn run(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let edge = Arc::new(Edge::new(&cfg.proxy, metrics.clone()));
     let proxy = VhostProxy {
+        edge,
         data: data.clone(),
         metrics: metrics.clone(),
         connect_timeout: std::time::Duration::from_millis(cfg.proxy.upstream_connect_timeout_ms),

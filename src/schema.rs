@@ -7,7 +7,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
@@ -184,6 +184,106 @@ impl FieldRule for TlsMode {
                 "{other:?} is not one of acme|manual|none"
             ))),
         }
+    }
+}
+
+/// A backend that wants the client address before the request: the PROXY protocol header
+/// sent on every new connection to it (`send_proxy_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxyProtocol {
+    V1,
+    V2,
+}
+
+impl FieldRule for SendProxyProtocol {
+    fn parse(raw: &str) -> Result<Self, FieldError> {
+        match raw {
+            "v1" => Ok(SendProxyProtocol::V1),
+            "v2" => Ok(SendProxyProtocol::V2),
+            other => Err(FieldError::new(format!("{other:?} is not one of v1|v2"))),
+        }
+    }
+}
+
+/// Most entries in a list of trusted networks (`[proxy.proxy_protocol] trusted`,
+/// `[proxy] trusted_forwarders`): each connection is checked against all of them.
+pub const MAX_TRUSTED_NETWORKS: usize = 64;
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`), or one address (a host
+/// network). Host bits must be zero, so a typo such as `10.0.0.1/8` is refused rather than
+/// read as something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the network. An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a
+    /// dual-stack socket reports) is matched as the IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FieldRule for Cidr {
+    fn parse(raw: &str) -> Result<Self, FieldError> {
+        let bad = || {
+            FieldError::new(format!(
+                "{raw:?} is not a network such as 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7"
+            ))
+        };
+        let (ip, prefix) = match raw.split_once('/') {
+            Some((ip, p))
+                if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 =>
+            {
+                (ip, Some(p.parse::<u8>().map_err(|_| bad())?))
+            }
+            Some(_) => return Err(bad()),
+            None => (raw, None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(FieldError::new(format!(
+                "{raw:?}: the prefix length must be at most {max}"
+            )));
+        }
+        let cidr = Cidr { net, prefix };
+        if !cidr.contains(net) || net.to_canonical() != net {
+            return Err(FieldError::new(format!(
+                "{raw:?} has host bits set: write the network address (e.g. 10.0.0.0/8)"
+            )));
+        }
+        Ok(cidr)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(RuleVisitor::<Cidr>(std::marker::PhantomData))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
     }
 }
 
@@ -526,5 +626,39 @@ mod tests {
             serde_json::to_string(&Tag::parse("blue").unwrap()).unwrap(),
             "\"blue\""
         );
+    }
+    #[test]
+    fn cidrs() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (net, inside, outside) in [
+            ("10.0.0.0/8", "10.255.0.1", "11.0.0.1"),
+            ("192.0.2.7", "192.0.2.7", "192.0.2.8"),
+            ("0.0.0.0/0", "203.0.113.9", "::1"),
+            ("2001:db8::/32", "2001:db8:ffff::1", "2001:db9::1"),
+            ("::/0", "::1", "10.0.0.1"),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", "::ffff:11.1.2.3"),
+            ("::1", "::1", "::2"),
+        ] {
+            let c = Cidr::parse(net).unwrap();
+            assert!(c.contains(ip(inside)), "{net} holds {inside}");
+            assert!(!c.contains(ip(outside)), "{net} does not hold {outside}");
+        }
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/08x",
+            "example.com",
+            "",
+            "10.0.0.0/8/8",
+            "::ffff:10.0.0.0/104",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad:?} refused");
+        }
+        assert_eq!(Cidr::parse("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(SendProxyProtocol::parse("v2"), Ok(SendProxyProtocol::V2));
+        assert!(SendProxyProtocol::parse("V2").is_err());
     }
 }

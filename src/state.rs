@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::schema::TlsMode;
 use crate::schema::{BackendId, DomainName, HealthPath, HostPort, Tag, MAX_BACKENDS, MAX_DOMAINS};
+pub use crate::schema::{SendProxyProtocol, TlsMode};
 
 /// A certificate chain and its private key, both PEM, plus facts read from the leaf when the
 /// command was built (so `apply` never parses certificates).
@@ -53,6 +53,10 @@ pub struct Backend {
     pub health_check_path: Option<HealthPath>,
     /// Drained backends get no new requests (replicated so every node honours it).
     pub draining: bool,
+    /// A PROXY protocol header on every connection to the backend. Absent in states
+    /// written before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<SendProxyProtocol>,
 }
 
 impl Backend {
@@ -103,6 +107,13 @@ pub struct BackendPatch {
         deserialize_with = "double_option"
     )]
     pub health_check_path: Option<Option<HealthPath>>,
+    /// `Some(None)` stops sending the PROXY protocol header.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
+    pub send_proxy_protocol: Option<Option<SendProxyProtocol>>,
 }
 
 /// Every change to the replicated state. One API call is one command, so a rejected call
@@ -271,11 +282,15 @@ pub enum ApplyError {
 /// The response type stored in Raft: the outcome of `apply` for one entry.
 pub type ApplyResult = Result<Applied, ApplyError>;
 
-/// The replicated state. BTreeMaps keep iteration (and so snapshots and listings) ordered.
+/// The replicated state. Ordered maps keep iteration (and so snapshots and listings) ordered,
+/// and a key is a cursor for paging. They are persistent (`imbl::OrdMap`, the same JSON as a
+/// `BTreeMap`): cloning the state is O(1) and a write copies only the path to what it
+/// changes, so API reads and snapshots take a copy and let go of the state machine at once
+/// instead of holding it (and every write behind them) for a pass over 100,000 entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub domains: BTreeMap<String, Domain>,
-    pub backends: BTreeMap<String, Backend>,
+    pub domains: imbl::OrdMap<String, Domain>,
+    pub backends: imbl::OrdMap<String, Backend>,
     /// True once the config file's seed (or any write) has been applied.
     pub seeded: bool,
     #[serde(default)]
@@ -364,7 +379,8 @@ pub struct AcmeState {
     pub account: Option<String>,
     /// token -> key authorization
     pub challenges: BTreeMap<String, String>,
-    pub status: BTreeMap<String, AcmeStatus>,
+    /// One per ACME domain (up to every domain): persistent like the state's other maps.
+    pub status: imbl::OrdMap<String, AcmeStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +400,75 @@ impl State {
     /// Backends carrying `tag`, in id order.
     pub fn backends_with_tag<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a Backend> {
         self.backends.values().filter(move |b| b.has_tag(tag))
+    }
+}
+
+/// What a batch of commands may have changed, for the routing table and certificate map: they
+/// rebuild what is named here and reuse everything else, so a write costs what it touches,
+/// not the size of the state. Derived from the commands alone (a command that failed names
+/// what it would have changed: rebuilding an unchanged entry is harmless).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Everything (a seed, a snapshot, the first publish): compile from scratch.
+    pub all: bool,
+    pub domains: std::collections::BTreeSet<String>,
+    pub backends: std::collections::BTreeSet<String>,
+    /// The ACME challenge answers.
+    pub challenges: bool,
+}
+
+impl Changes {
+    pub fn everything() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.challenges && self.domains.is_empty() && self.backends.is_empty()
+    }
+
+    /// Adds what `cmd` may change.
+    pub fn add(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Seed { .. } => self.all = true,
+            // Staged parts change nothing visible; the last one applies the whole seed.
+            Command::SeedPart { part, parts, .. } => {
+                if part.saturating_add(1) >= *parts {
+                    self.all = true;
+                }
+            }
+            Command::CreateDomain(d) => {
+                self.domains.insert(d.domain.to_string());
+            }
+            Command::UpdateDomain { domain, .. }
+            | Command::DeleteDomain(domain)
+            | Command::SwitchTag { domain, .. } => {
+                self.domains.insert(domain.to_string());
+            }
+            Command::CreateBackend(b) => {
+                self.backends.insert(b.id.to_string());
+            }
+            Command::UpdateBackend { id, .. }
+            | Command::DeleteBackend(id)
+            | Command::SetDraining { id, .. } => {
+                self.backends.insert(id.to_string());
+            }
+            Command::PutChallenge { .. } | Command::RemoveChallenge { .. } => {
+                self.challenges = true;
+            }
+            // A certificate lands on its domain.
+            Command::AcmeOrderFinished { domain, .. } => {
+                self.domains.insert(domain.clone());
+            }
+            // Ticket keys are read whole on every publish (two at most).
+            Command::RotateTicketKey(_)
+            | Command::SetAcmeAccount { .. }
+            | Command::AcmeOrderStarted { .. }
+            | Command::RequestAcmeRenewal { .. }
+            | Command::AcmeOrderAbandoned { .. } => {}
+        }
     }
 }
 
@@ -523,6 +608,9 @@ pub fn apply(state: &mut State, cmd: &Command) -> ApplyResult {
             if let Some(p) = &patch.health_check_path {
                 b.health_check_path = p.clone();
             }
+            if let Some(v) = patch.send_proxy_protocol {
+                b.send_proxy_protocol = v;
+            }
             Ok(Applied::Backend(b.clone()))
         }
         Command::DeleteBackend(id) => match state.backends.remove(id.as_str()) {
@@ -650,6 +738,7 @@ pub(crate) mod fixtures {
             tags: tags.iter().map(|t| (*t).into()).collect(),
             health_check_path: None,
             draining: false,
+            send_proxy_protocol: None,
         }
     }
 }
@@ -1065,6 +1154,76 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.domains["m.test"].cert, Some(cert(5)));
+    }
+
+    #[test]
+    fn changes_name_what_a_command_touches() {
+        let parts = seed_parts(1, vec![domain("a.test", "a")], vec![], 0);
+        let cases: Vec<(Command, Changes)> = vec![
+            (
+                Command::CreateDomain(domain("a.test", "a")),
+                Changes {
+                    domains: ["a.test".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::SetDraining {
+                    id: "x".into(),
+                    draining: true,
+                },
+                Changes {
+                    backends: ["x".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::RemoveChallenge { token: "t".into() },
+                Changes {
+                    challenges: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::AcmeOrderFinished {
+                    domain: "a.test".into(),
+                    at_unix_ms: 1,
+                    outcome: Err("x".into()),
+                },
+                Changes {
+                    domains: ["a.test".to_string()].into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                Command::RequestAcmeRenewal {
+                    domain: "a.test".into(),
+                },
+                Changes::default(),
+            ),
+            (
+                Command::Seed {
+                    domains: vec![],
+                    backends: vec![],
+                },
+                Changes::everything(),
+            ),
+            (parts[0].clone(), Changes::everything()),
+        ];
+        for (cmd, want) in cases {
+            let mut got = Changes::default();
+            got.add(&cmd);
+            assert_eq!(got, want, "{cmd:?}");
+        }
+        // A staged seed part changes nothing visible; the last one changes everything.
+        let big: Vec<Backend> = (0..50).map(|i| backend(&format!("b{i}"), &["a"])).collect();
+        let parts = seed_parts(2, vec![], big, 512);
+        assert!(parts.len() > 2);
+        for (i, p) in parts.iter().enumerate() {
+            let mut got = Changes::default();
+            got.add(p);
+            assert_eq!(got.all, i + 1 == parts.len(), "part {i}");
+        }
     }
 
     #[test]

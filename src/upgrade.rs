@@ -132,7 +132,7 @@ pub fn adopt(data: &DataPlane, handoff: &Handoff) {
     for (address, resolution) in &handoff.resolved {
         data.live.addrs.store(address, resolution.clone());
     }
-    data.publish(&handoff.state);
+    data.publish(&handoff.state, &crate::state::Changes::everything());
     for id in &handoff.locally_down {
         if let Some(rt) = data.live.backends.get(id) {
             rt.health.assume_down();

@@ -1,22 +1,24 @@
 //! /api/v1/backends: the backend registry, drain and on-demand health probes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::body::Body;
+use super::body::{off_runtime, Body};
 use super::domains::unexpected;
-use super::views::{BackendLive, BackendView, ProbeView, Verdict};
+use super::paging::{self, List, ListQuery};
+use super::views::{BackendLive, BackendView, Page, ProbeView, Verdict};
 use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
 use crate::live::{now_ms, BackendRuntime};
-use crate::schema::{self, BackendId, HealthPath, HostPort, Tag};
+use crate::schema::{self, BackendId, HealthPath, HostPort, SendProxyProtocol, Tag};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 
 /// The backends each live peer reports down in gossip, read once per API answer.
@@ -42,12 +44,7 @@ pub fn backend_view(b: &Backend, state: &ApiState) -> BackendView {
 pub fn backend_view_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) -> BackendView {
     // Read paths never create registry entries: a backend no table has compiled yet shows
     // nothing counted, health unknown.
-    let rt = state
-        .data
-        .live
-        .backends
-        .get(&b.id)
-        .unwrap_or_else(|| std::sync::Arc::new(BackendRuntime::detached(&b.id)));
+    let rt = runtime(state, &b.id);
     // Per node: this node's own verdict plus what every live peer publishes in gossip. Peers
     // publish only "down" verdicts, so for a peer "up" means "not reported down".
     let verdict = |down: bool| if down { Verdict::Down } else { Verdict::Up };
@@ -69,6 +66,29 @@ pub fn backend_view_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) ->
             nodes,
         },
     )
+}
+
+/// The backend's live runtime, or a fresh one (nothing counted, health unknown) for a backend
+/// no table has compiled yet.
+fn runtime(state: &ApiState, id: &str) -> Arc<BackendRuntime> {
+    state
+        .data
+        .live
+        .backends
+        .get(id)
+        .unwrap_or_else(|| Arc::new(BackendRuntime::detached(id)))
+}
+
+/// The backends whose view says `healthy: false` (not usable by the cluster's view), for the
+/// lists' `healthy` filter. A backend no table has compiled yet has no runtime: it shows
+/// `healthy: true`, and is not in this set.
+pub fn down_backends(state: &ApiState) -> HashSet<String> {
+    let now = now_ms();
+    state
+        .data
+        .live
+        .backends
+        .ids_where(|rt| !rt.health.merged_usable(now))
 }
 
 fn lookup(state: &ApiState, id: &str) -> Result<Backend, ApiError> {
@@ -101,14 +121,28 @@ fn ignore_status_fields(body: &mut Body) {
     }
 }
 
-pub async fn list(State(state): State<ApiState>) -> Json<Vec<BackendView>> {
+pub async fn list(
+    State(state): State<ApiState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Page<BackendView>>, ApiError> {
+    let q = ListQuery::parse(List::Backends, &query)?;
     let peers = PeerVerdicts::read(&state);
-    Json(state.node.sm.with_state(|s| {
-        s.backends
-            .values()
-            .map(|b| backend_view_with(b, &state, &peers))
-            .collect()
-    }))
+    // A copy of the state is O(1): the walk holds up no write, and runs off the async runtime.
+    let s = state.node.sm.state();
+    let page = off_runtime(move || {
+        let down = q.healthy.map(|_| down_backends(&state));
+        let keep = |b: &Backend| {
+            q.tag.as_ref().is_none_or(|t| b.has_tag(t))
+                && q.healthy.is_none_or(|want| {
+                    down.as_ref().is_some_and(|d| d.contains(b.id.as_str())) != want
+                })
+        };
+        paging::page(&s.backends, List::Backends, &q, false, keep, |b| {
+            backend_view_with(b, &state, &peers)
+        })
+    })
+    .await?;
+    Ok(Json(page))
 }
 
 pub async fn get_one(
@@ -127,6 +161,9 @@ pub async fn create(
     let address: HostPort = body.req("address")?;
     let tags = parse_tags(&mut body)?.unwrap_or_default();
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?.flatten();
+    let send_proxy_protocol = body
+        .nullable::<SendProxyProtocol>("send_proxy_protocol")?
+        .flatten();
     ignore_status_fields(&mut body);
     body.finish()?;
     let b = Backend {
@@ -135,6 +172,7 @@ pub async fn create(
         tags,
         health_check_path,
         draining: false,
+        send_proxy_protocol,
     };
     created(&state, state.write(Command::CreateBackend(b)).await?).await
 }
@@ -168,12 +206,14 @@ pub async fn update(
     let address = body.opt::<HostPort>("address")?;
     let tags = parse_tags(&mut body)?;
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?;
+    let send_proxy_protocol = body.nullable::<SendProxyProtocol>("send_proxy_protocol")?;
     ignore_status_fields(&mut body);
     body.finish()?;
     let patch = BackendPatch {
         address,
         tags,
         health_check_path,
+        send_proxy_protocol,
     };
     let applied = state
         .write(Command::UpdateBackend {
@@ -265,6 +305,7 @@ pub async fn probe(
         &b.id,
         &b.address,
         b.health_check_path.as_deref(),
+        b.send_proxy_protocol,
     )
     .await;
     let active = state

@@ -1,11 +1,13 @@
 //! /api/v1/certs: certificates per domain (manual or ACME), expiry, ACME order status, and
 //! manual renewal.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::views::{AcmeView, CertDetailView, CertView, RenewView};
+use super::body::off_runtime;
+use super::paging::{self, List, ListQuery};
+use super::views::{AcmeView, CertDetailView, CertView, Page, RenewView};
 use super::{ApiError, ApiState};
 use crate::proxy::tls;
 use crate::state::{AcmeStatus, Command, Domain, TlsMode, EXPIRY_WARNING_DAYS};
@@ -24,14 +26,24 @@ fn cert_view(d: &Domain, acme: Option<&AcmeStatus>) -> CertView {
     }
 }
 
-pub async fn list(State(state): State<ApiState>) -> Json<Vec<CertView>> {
-    Json(state.node.sm.with_state(|s| {
-        s.domains
-            .values()
-            .filter(|d| d.tls != TlsMode::None || d.cert.is_some())
-            .map(|d| cert_view(d, s.acme.status.get(d.domain.as_str())))
-            .collect()
-    }))
+pub async fn list(
+    State(state): State<ApiState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Page<CertView>>, ApiError> {
+    let q = ListQuery::parse(List::Certs, &query)?;
+    let s = state.node.sm.state();
+    let page = off_runtime(move || {
+        paging::page(
+            &s.domains,
+            List::Certs,
+            &q,
+            true,
+            |d| d.tls != TlsMode::None || d.cert.is_some(),
+            |d| cert_view(d, s.acme.status.get(d.domain.as_str())),
+        )
+    })
+    .await?;
+    Ok(Json(page))
 }
 
 pub async fn get_one(

@@ -1,14 +1,15 @@
 //! /api/v1/domains: virtual hosts, their certificates and a/b switching.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::backends::{backend_view_with, PeerVerdicts};
-use super::body::Body;
-use super::views::{BackendView, DomainView, ErrorExtra, SwitchedView};
+use super::backends::{backend_view_with, down_backends, PeerVerdicts};
+use super::body::{off_runtime, Body};
+use super::paging::{self, List, ListQuery};
+use super::views::{BackendView, DomainView, ErrorExtra, Page, SwitchedView};
 use super::{ApiError, ApiState};
 use crate::live::now_ms;
 use crate::proxy::tls;
@@ -59,13 +60,33 @@ fn lookup(state: &ApiState, name: &str) -> Result<Domain, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("domain {name:?} not found")))
 }
 
-pub async fn list(State(state): State<ApiState>) -> Json<Vec<DomainView>> {
-    Json(
-        state
-            .node
-            .sm
-            .with_state(|s| s.domains.values().map(DomainView::from).collect()),
-    )
+pub async fn list(
+    State(state): State<ApiState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Page<DomainView>>, ApiError> {
+    let q = ListQuery::parse(List::Domains, &query)?;
+    // A copy of the state is O(1): the walk (a pass over every domain when filtering) holds
+    // up no write, and runs off the async runtime.
+    let s = state.node.sm.state();
+    let table = state.data.routes.load_full();
+    let page = off_runtime(move || {
+        // A domain is healthy when its active tag's pool has a backend to pick.
+        let serving = q.healthy.map(|_| table.serving_tags());
+        let keep = |d: &Domain| {
+            q.tag.as_ref().is_none_or(|t| d.enabled_backends_tag == *t)
+                && q.healthy.is_none_or(|want| {
+                    serving
+                        .as_ref()
+                        .is_some_and(|s| s.contains(d.enabled_backends_tag.as_str()))
+                        == want
+                })
+        };
+        paging::page(&s.domains, List::Domains, &q, false, keep, |d| {
+            DomainView::from(d)
+        })
+    })
+    .await?;
+    Ok(Json(page))
 }
 
 pub async fn get_one(
@@ -291,14 +312,27 @@ pub fn switched(applied: Applied) -> Result<Response, ApiError> {
 pub async fn backends(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<BackendView>>, ApiError> {
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Page<BackendView>>, ApiError> {
     let current = lookup(&state, &name)?;
+    let q = ListQuery::parse(List::DomainBackends, &query)?;
     let peers = PeerVerdicts::read(&state);
-    Ok(Json(state.node.sm.with_state(|s| {
-        s.backends_with_tag(&current.enabled_backends_tag)
-            .map(|b| backend_view_with(b, &state, &peers))
-            .collect()
-    })))
+    let s = state.node.sm.state();
+    let page = off_runtime(move || {
+        let tag = current.enabled_backends_tag;
+        let down = q.healthy.map(|_| down_backends(&state));
+        let keep = |b: &crate::state::Backend| {
+            b.has_tag(&tag)
+                && q.healthy.is_none_or(|want| {
+                    down.as_ref().is_some_and(|d| d.contains(b.id.as_str())) != want
+                })
+        };
+        paging::page(&s.backends, List::DomainBackends, &q, true, keep, |b| {
+            backend_view_with(b, &state, &peers)
+        })
+    })
+    .await?;
+    Ok(Json(page))
 }
 
 pub fn unexpected(a: Applied) -> ApiError {

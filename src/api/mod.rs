@@ -8,6 +8,7 @@ mod domains;
 pub mod errors;
 mod idempotency;
 mod logs;
+mod paging;
 pub mod server;
 mod system;
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::cluster::{NodeState, Status};
 use crate::live::addrs::Resolution;
 use crate::live::health::{ActiveState, HealthReport};
 use crate::observability::metrics::Rates;
-use crate::state::{AcmeStatus, Backend, CertPair, Domain, TlsMode};
+use crate::state::{AcmeStatus, Backend, CertPair, Domain, SendProxyProtocol, TlsMode};
 
 /// Every error answer: `{"error": ...}`, plus what some errors add (see [`ErrorExtra`]).
 #[derive(Debug, Serialize)]
@@ -122,6 +122,25 @@ pub struct StatsView {
     pub routes: usize,
 }
 
+/// One page of a list (docs/api.md, "Lists"): the items, how many match on all pages, and
+/// the cursor of the next page (`null` on the last).
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: usize,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new(items: Vec<T>, total: usize, next_cursor: Option<String>) -> Self {
+        Self {
+            items,
+            total,
+            next_cursor,
+        }
+    }
+}
+
 /// A domain (docs/api.md, "Objects"). Private keys are never part of it.
 #[derive(Debug, Serialize)]
 pub struct DomainView {
@@ -183,6 +202,8 @@ pub struct BackendView {
     pub resolve_error: Option<String>,
     pub tags: Vec<String>,
     pub health_check_path: Option<String>,
+    /// "v1" | "v2" | null.
+    pub send_proxy_protocol: Option<SendProxyProtocol>,
     pub healthy: bool,
     pub draining: bool,
     pub in_flight: i64,
@@ -218,6 +239,7 @@ impl BackendView {
             resolve_error,
             tags: b.tags.iter().map(|t| t.to_string()).collect(),
             health_check_path: b.health_check_path.as_ref().map(|p| p.to_string()),
+            send_proxy_protocol: b.send_proxy_protocol,
             healthy: live.healthy,
             draining: b.draining,
             in_flight: live.in_flight.max(0),

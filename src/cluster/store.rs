@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::writes::{Known, Outcome, Proposal, Sessions, WriteId};
 use super::{NodeId, TypeConfig};
-use crate::state::{self, Applied, State};
+use crate::state::{self, Applied, Changes, State};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -46,9 +46,9 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
-/// Called after every applied batch with the new state; builds and publishes the routing
-/// snapshot the proxy reads.
-pub type Publisher = Arc<dyn Fn(&State) + Send + Sync>;
+/// Called after every applied batch with the new state and what the batch may have changed;
+/// updates and publishes the routing snapshot the proxy reads.
+pub type Publisher = Arc<dyn Fn(&State, &Changes) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -156,7 +156,7 @@ pub fn open(
             }
         }
     }
-    publish(&sm.state);
+    publish(&sm.state, &Changes::everything());
     let (applied_tx, _) = watch::channel(sm.last_applied.map(|l| l.index).unwrap_or(0));
     let sm_store = StateMachineStore {
         inner: Arc::new(SmShared {
@@ -425,13 +425,22 @@ impl StateMachineStore {
     }
 
     fn snapshot_of(&self) -> StorageResult<StoredSnapshot> {
-        let sm = self.lock();
+        // Copy (O(1) for the state's persistent maps) and let go of the lock: serializing
+        // 100,000 domains takes long enough to hold up the writes applied meanwhile.
+        let (state, writes, last, last_membership) = {
+            let sm = self.lock();
+            (
+                sm.state.clone(),
+                sm.writes.clone(),
+                sm.last_applied,
+                sm.last_membership.clone(),
+            )
+        };
         let data = serde_json::to_vec(&SnapshotDataRef {
-            state: &sm.state,
-            writes: &sm.writes,
+            state: &state,
+            writes: &writes,
         })
         .map_err(read_err)?;
-        let last = sm.last_applied;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
             None => format!("0-{}", data.len()),
@@ -439,7 +448,7 @@ impl StateMachineStore {
         Ok(StoredSnapshot {
             meta: SnapshotMeta {
                 last_log_id: last,
-                last_membership: sm.last_membership.clone(),
+                last_membership,
                 snapshot_id,
             },
             data,
@@ -493,10 +502,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let (results, last) = {
             let mut sm = self.lock();
-            let results: Vec<Outcome> = entries.into_iter().map(|e| sm.apply_entry(&e)).collect();
+            let mut changes = Changes::default();
+            let results: Vec<Outcome> = entries
+                .into_iter()
+                .map(|e| {
+                    if let EntryPayload::Normal(p) = &e.payload {
+                        changes.add(p.command());
+                    }
+                    sm.apply_entry(&e)
+                })
+                .collect();
             // Publish once per batch, before the caller gets its answer: a write is live in the
             // proxy when the API call returns.
-            (self.inner.publish)(&sm.state);
+            (self.inner.publish)(&sm.state, &changes);
             (results, sm.last_applied.map(|l| l.index).unwrap_or(0))
         };
         self.inner.applied_tx.send_replace(last);
@@ -530,7 +548,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.writes = new.writes;
             sm.last_applied = meta.last_log_id;
             sm.last_membership = meta.last_membership.clone();
-            (self.inner.publish)(&sm.state);
+            (self.inner.publish)(&sm.state, &Changes::everything());
             sm.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.inner.applied_tx.send_replace(last);
@@ -562,7 +580,7 @@ mod tests {
     use crate::state::{Command, Domain, TlsMode};
 
     fn no_publish() -> Publisher {
-        Arc::new(|_: &State| {})
+        Arc::new(|_: &State, _: &Changes| {})
     }
 
     fn domain(name: &str) -> Domain {

@@ -69,6 +69,16 @@ pub enum Proposal {
     Legacy(Command),
 }
 
+impl Proposal {
+    /// The command this entry carries, whether or not its id makes it a repeat.
+    pub fn command(&self) -> &Command {
+        match self {
+            Proposal::Write(w) => &w.cmd,
+            Proposal::Legacy(cmd) => cmd,
+        }
+    }
+}
+
 /// A command with its id, as proposed by the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Write {

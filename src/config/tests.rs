@@ -185,6 +185,7 @@ fn empty_file_gives_defaults() {
     assert_eq!(c.health_check.unhealthy_threshold, 3);
     assert_eq!(c.health_check.healthy_threshold, 2);
     assert_eq!(c.health_check.path, "/health");
+    assert_eq!(c.health_check.probers_per_backend, 2);
     assert!(c.virtual_hosts.is_empty() && c.backends.is_empty());
     assert_eq!(c.source_path, PathBuf::from("cfg.toml"));
     // Only comments and empty sections are just as valid.
@@ -823,6 +824,7 @@ fn numeric_minimums() {
         ("health_check", "timeout_secs"),
         ("health_check", "unhealthy_threshold"),
         ("health_check", "healthy_threshold"),
+        ("health_check", "probers_per_backend"),
     ] {
         let text = format!("[{section}]\n{key} = 0\n");
         assert_err(
@@ -849,6 +851,18 @@ fn numeric_minimums() {
         2,
         "health_check.healthy_threshold",
         "too large",
+    );
+    assert_err(
+        "[health_check]\nprobers_per_backend = 1001\n",
+        2,
+        "health_check.probers_per_backend",
+        "must be <= 1000",
+    );
+    assert_eq!(
+        ok("[health_check]\nprobers_per_backend = 1000\n")
+            .health_check
+            .probers_per_backend,
+        1000
     );
 }
 
@@ -1131,6 +1145,60 @@ fn free_form_strings_are_bounded() {
         "at most 4096",
     );
     assert_err("[api]\ntoken = \"a\\u0007b\"\n", 2, "api.token", "control");
+}
+
+#[test]
+fn proxy_protocol_and_forwarders() {
+    let c = ok(
+        "[proxy]\ntrusted_forwarders = [\"192.0.2.0/24\", \"2001:db8::1\"]\n\
+                [proxy.proxy_protocol]\ntrusted = [\"10.0.0.0/8\"]\nheader_timeout_ms = 250\n\
+                [[backends]]\nid = \"x\"\naddress = \"x:1\"\nsend_proxy_protocol = \"v2\"\n",
+    );
+    assert_eq!(c.proxy.trusted_forwarders.len(), 2);
+    assert_eq!(c.proxy.proxy_protocol.trusted[0].to_string(), "10.0.0.0/8");
+    assert_eq!(c.proxy.proxy_protocol.header_timeout_ms, 250);
+    assert_eq!(
+        c.backends[0].send_proxy_protocol,
+        Some(SendProxyProtocol::V2)
+    );
+    let d = ok("");
+    assert!(d.proxy.proxy_protocol.trusted.is_empty() && d.proxy.trusted_forwarders.is_empty());
+    assert_eq!(d.proxy.proxy_protocol.header_timeout_ms, 5000);
+    assert_eq!(d.backends.len(), 0);
+
+    assert_err(
+        "[proxy.proxy_protocol]\ntrusted = [\n  \"10.0.0.0/8\",\n  \"10.0.0.1/8\",\n]\n",
+        4,
+        "proxy.proxy_protocol.trusted",
+        "host bits set",
+    );
+    assert_err(
+        "[proxy]\ntrusted_forwarders = [\"nope\"]\n",
+        2,
+        "proxy.trusted_forwarders[0]",
+        "is not a network",
+    );
+    let many: Vec<String> = (0..=schema::MAX_TRUSTED_NETWORKS)
+        .map(|i| format!("\"10.0.{i}.0/24\""))
+        .collect();
+    assert_err(
+        &format!("[proxy]\ntrusted_forwarders = [{}]\n", many.join(", ")),
+        2,
+        "proxy.trusted_forwarders",
+        "at most 64",
+    );
+    assert_err(
+        "[proxy.proxy_protocol]\nheader_timeout_ms = 50\n",
+        2,
+        "proxy.proxy_protocol.header_timeout_ms",
+        "must be >= 100",
+    );
+    assert_err(
+        "[[backends]]\nid = \"x\"\naddress = \"x:1\"\nsend_proxy_protocol = \"v3\"\n",
+        4,
+        "backends[0].send_proxy_protocol",
+        "not one of v1|v2",
+    );
 }
 
 #[test]

@@ -1,15 +1,27 @@
 //! Active health checks: HTTP GET on the health path, or a TCP connect when the path is "".
+//! Each backend is probed by `probers_per_backend` of the live nodes (`owners`), at its own
+//! offset in the interval (`schedule`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tokio::task::JoinSet;
+
+use super::owners::Probers;
+use super::schedule::Schedule;
 use crate::cluster::store::StateMachineStore;
 use crate::config::HealthCheckConfig;
+use crate::gossip::{backend_hash, Gossip};
+use crate::live::breaker::BreakerState;
 use crate::live::health::{ActiveState, Thresholds};
 use crate::live::Live;
+use crate::proxy_protocol::{self, Version};
+use crate::schema::SendProxyProtocol;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeResult {
@@ -19,16 +31,34 @@ pub struct ProbeResult {
 }
 
 /// Probes one backend once, at `addr` (what its `address` resolved to; `address` is the
-/// `Host` of an HTTP probe).
+/// `Host` of an HTTP probe). A backend that wants the PROXY protocol gets a `LOCAL` /
+/// `UNKNOWN` header first (a probe relays no client).
 pub async fn probe(
     client: &reqwest::Client,
     address: &str,
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
+    send_proxy: Option<SendProxyProtocol>,
 ) -> ProbeResult {
     let started = Instant::now();
-    let (healthy, detail) = if path.is_empty() {
+    let (healthy, detail) = if let Some(version) = send_proxy {
+        let header = proxy_protocol::local(match version {
+            SendProxyProtocol::V1 => Version::V1,
+            SendProxyProtocol::V2 => Version::V2,
+        });
+        match tokio::time::timeout(timeout, probe_raw(address, addr, path, header)).await {
+            Ok(r) => r,
+            Err(_) if path.is_empty() => (
+                false,
+                format!("TCP connect timed out after {}ms", timeout.as_millis()),
+            ),
+            Err(_) => (
+                false,
+                format!("GET {path} timed out after {}ms", timeout.as_millis()),
+            ),
+        }
+    } else if path.is_empty() {
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(_)) => (true, "TCP connect succeeded".to_string()),
             Ok(Err(e)) => (false, format!("TCP connect failed: {e}")),
@@ -66,11 +96,72 @@ pub async fn probe(
     }
 }
 
+/// A probe that starts with a PROXY protocol header: reqwest cannot send one, so the GET is
+/// written by hand (HTTP/1.1, `Connection: close`) and only the status line is read.
+async fn probe_raw(address: &str, addr: SocketAddr, path: &str, header: &[u8]) -> (bool, String) {
+    let mut conn = match tokio::net::TcpStream::connect(addr).await {
+        Ok(c) => c,
+        Err(e) if path.is_empty() => return (false, format!("TCP connect failed: {e}")),
+        Err(_) => return (false, format!("GET {path}: connection failed")),
+    };
+    let mut request = header.to_vec();
+    if !path.is_empty() {
+        request.extend_from_slice(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Err(e) = conn.write_all(&request).await {
+        return (
+            false,
+            format!("sending the PROXY protocol header failed: {e}"),
+        );
+    }
+    if path.is_empty() {
+        return (true, "TCP connect succeeded".to_string());
+    }
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let status = head
+        .strip_prefix(b"HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| std::str::from_utf8(code).ok())
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(code) if (200..400).contains(&code) => (true, format!("GET {path} answered {code}")),
+        Some(code) => (false, format!("GET {path} answered {code}")),
+        None => (false, format!("GET {path} failed: no HTTP answer")),
+    }
+}
+
 /// The probe client: no redirects followed, no connection reuse surprises.
 pub fn client() -> reqwest::Client {
+    client_with_agent(format!(
+        "pingora-vhost-health/{}",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// The client of a node's periodic probes: its `User-Agent` names the node, so a backend's
+/// logs show which nodes probe it (`pingora-vhost-health/0.1.0 (node 2)`).
+pub fn node_client(node_id: u64) -> reqwest::Client {
+    client_with_agent(format!(
+        "pingora-vhost-health/{} (node {node_id})",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+fn client_with_agent(agent: String) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(1)
+        .user_agent(agent)
         .build()
         .unwrap_or_default()
 }
@@ -84,6 +175,7 @@ pub async fn check_backend(
     id: &str,
     address: &str,
     path_override: Option<&str>,
+    send_proxy: Option<SendProxyProtocol>,
 ) -> ProbeResult {
     let path = path_override.unwrap_or(&cfg.path);
     // A name with several addresses is probed at its first: health is kept per backend.
@@ -95,6 +187,7 @@ pub async fn check_backend(
                 *addr,
                 path,
                 Duration::from_secs(cfg.timeout_secs),
+                send_proxy,
             )
             .await
         }
@@ -129,33 +222,234 @@ pub async fn check_backend(
     result
 }
 
-/// Probes every backend every `interval_secs`, a bounded number at a time. Unhealthy backends
-/// keep being probed so they can come back.
-pub async fn run(live: Arc<Live>, sm: StateMachineStore, cfg: HealthCheckConfig) {
-    let client = client();
-    let mut tick = tokio::time::interval(Duration::from_secs(cfg.interval_secs));
+/// Probes at most this many backends at a time (a backend that does not answer holds its slot
+/// for `timeout_secs`).
+const CONCURRENCY: usize = 256;
+/// How often the prober looks at the schedule, the membership and the set of backends.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A backend this node probes.
+#[derive(Debug)]
+struct Target {
+    id: String,
+    address: String,
+    path: Option<String>,
+    send_proxy: Option<SendProxyProtocol>,
+}
+
+/// What this node probes, and since when it stopped probing the backends it handed over.
+#[derive(Default)]
+struct Plan {
+    schedule: Option<Schedule<Arc<Target>>>,
+    /// Ids probed here as one of their probers (or handing them over).
+    probed: HashSet<String>,
+    /// Every id in the schedule: `probed`, and those probed only to settle an open breaker.
+    scheduled: HashSet<String>,
+    /// Backends whose probes moved to other nodes, and when: probed one more interval, so
+    /// that this node's verdict does not lapse before the new prober has its own.
+    handed_over: HashMap<String, Instant>,
+}
+
+/// Probes, spread over each `interval_secs`, the backends this node is one of the
+/// `probers_per_backend` probers of (`owners`), among the nodes live in gossip. A backend it
+/// becomes a prober of (at start, or taking over from a node that left) is probed at once.
+/// Unhealthy backends keep being probed so they can come back.
+pub async fn run(
+    live: Arc<Live>,
+    sm: StateMachineStore,
+    gossip: Arc<Gossip>,
+    cfg: HealthCheckConfig,
+) {
+    let me = gossip.node_id;
+    let client = node_client(me);
+    let cfg = Arc::new(cfg);
+    let interval = Duration::from_secs(cfg.interval_secs);
+    // Who probes what depends on who is live: wait until the peers are heard from (or known
+    // to be missing), like the proxy does.
+    live.peer_view.wait().await;
+
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_millis() as u64;
+    let mut plan = Plan::default();
+    let mut planned_for: Option<(Probers, u64)> = None;
+    let mut planned_at = Instant::now();
+    let mut last_ms = now_ms();
+    // Backends waiting for a probe slot; `pending` also holds those being probed, so a backend
+    // is never probed twice at once.
+    let mut queue: VecDeque<Arc<Target>> = VecDeque::new();
+    let mut pending: HashSet<String> = HashSet::new();
+    let mut running: JoinSet<String> = JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut started, mut replans, mut since) = (0u64, 0u64, Instant::now());
     loop {
-        tick.tick().await;
-        let backends: Vec<(String, String, Option<String>)> = sm.with_state(|s| {
-            s.backends
-                .values()
-                .map(|b| {
-                    (
-                        b.id.to_string(),
-                        b.address.to_string(),
-                        b.health_check_path.as_ref().map(|p| p.to_string()),
-                    )
-                })
-                .collect()
-        });
-        futures::stream::iter(backends)
-            .for_each_concurrent(64, |(id, address, path)| {
-                let (live, client, cfg) = (&live, &client, &cfg);
-                async move {
-                    check_backend(live, client, cfg, &id, &address, path.as_deref()).await;
+        tokio::select! {
+            _ = tick.tick() => {
+                if since.elapsed() >= interval {
+                    tracing::debug!(
+                        started,
+                        replans,
+                        queued = queue.len(),
+                        running = running.len(),
+                        scheduled = plan.schedule.as_ref().map_or(0, Schedule::len),
+                        "health probes in the last interval"
+                    );
+                    (started, replans, since) = (0, 0, Instant::now());
                 }
-            })
-            .await;
+                let probers = Probers::new(gossip.probing_members(), cfg.probers_per_backend);
+                let key = (probers, live.backends.generation());
+                // Again when the membership or the set of backends changed, and every interval
+                // (addresses and paths can change without either).
+                if planned_for.as_ref() != Some(&key) || planned_at.elapsed() >= interval {
+                    let (probers, _) = key.clone();
+                    if planned_for.as_ref().map(|(p, _)| p) != Some(&probers) {
+                        tracing::info!(
+                            nodes = ?probers.nodes(),
+                            probers_per_backend = cfg.probers_per_backend,
+                            "health probes shared between the live nodes"
+                        );
+                    }
+                    let (l, s) = (live.clone(), sm.clone());
+                    let (next, gained) = tokio::task::spawn_blocking(move || {
+                        let gained = replan(&l, &s, &probers, me, &mut plan, interval);
+                        (plan, gained)
+                    })
+                    .await
+                    .expect("planning the health probes panicked");
+                    plan = next;
+                    if !gained.is_empty() {
+                        tracing::debug!(count = gained.len(), "probing newly owned backends now");
+                    }
+                    for t in gained {
+                        if pending.insert(t.id.clone()) {
+                            queue.push_back(t);
+                        }
+                    }
+                    planned_for = Some(key);
+                    planned_at = Instant::now();
+                    replans += 1;
+                }
+                let now = now_ms();
+                if let Some(schedule) = &plan.schedule {
+                    for t in schedule.due(last_ms, now) {
+                        if pending.insert(t.id.clone()) {
+                            queue.push_back(t.clone());
+                        }
+                    }
+                }
+                last_ms = now;
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                match done {
+                    Ok(id) => { pending.remove(&id); }
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => {}
+                }
+            }
+        }
+        while running.len() < CONCURRENCY {
+            let Some(t) = queue.pop_front() else { break };
+            // Queued when it was ours, but the membership changed since (a peer seen dead for
+            // a moment): its probers probe it.
+            if !plan.scheduled.contains(&t.id) {
+                pending.remove(&t.id);
+                continue;
+            }
+            started += 1;
+            let (live, client, cfg) = (live.clone(), client.clone(), cfg.clone());
+            running.spawn(async move {
+                check_backend(
+                    &live,
+                    &client,
+                    &cfg,
+                    &t.id,
+                    &t.address,
+                    t.path.as_deref(),
+                    t.send_proxy,
+                )
+                .await;
+                t.id.clone()
+            });
+        }
     }
+}
+
+/// Works out which backends this node probes now (CPU-bound at 100,000 backends: run it off
+/// the async runtime). Returns the backends it has just become a prober of.
+fn replan(
+    live: &Live,
+    sm: &StateMachineStore,
+    probers: &Probers,
+    me: u64,
+    plan: &mut Plan,
+    interval: Duration,
+) -> Vec<Arc<Target>> {
+    let backends: Vec<(u64, Target)> = sm.with_state(|s| {
+        s.backends
+            .values()
+            .map(|b| {
+                let id = b.id.to_string();
+                (
+                    backend_hash(&id),
+                    Target {
+                        id,
+                        address: b.address.to_string(),
+                        path: b.health_check_path.as_ref().map(|p| p.to_string()),
+                        send_proxy: b.send_proxy_protocol,
+                    },
+                )
+            })
+            .collect()
+    });
+    let now = Instant::now();
+    let mut gained = Vec::new();
+    let mut probed = HashSet::new();
+    let mut items = Vec::new();
+    for (hash, target) in backends {
+        let mine = probers.includes(hash, me);
+        let runtime = live.backends.get(&target.id);
+        if mine {
+            plan.handed_over.remove(&target.id);
+        } else if plan.probed.contains(&target.id) {
+            plan.handed_over.entry(target.id.clone()).or_insert(now);
+        }
+        let in_handover = plan
+            .handed_over
+            .get(&target.id)
+            .is_some_and(|since| now.duration_since(*since) < interval);
+        if !mine && !in_handover {
+            plan.handed_over.remove(&target.id);
+            if let Some(rt) = &runtime {
+                rt.health.stop_probing();
+                // Real traffic opened this node's breaker: it tells its peers the backend is
+                // down, and without traffic (nobody routes to it) no trial request would ever
+                // close it. A probe of its own settles it: success closes the breaker.
+                if rt.health.breaker.state() == BreakerState::Open {
+                    items.push((hash, Arc::new(target)));
+                }
+            }
+            continue;
+        }
+        let target = Arc::new(target);
+        if let Some(rt) = &runtime {
+            let was_elsewhere = rt.health.start_probing();
+            // Taking over a backend its probers report down: down until this node's own probes
+            // see it healthy (as a restarted node does), not up until they see it failing.
+            if was_elsewhere && rt.health.active() == ActiveState::Unknown && rt.health.peer_down()
+            {
+                rt.health.assume_down();
+            }
+        }
+        if !plan.probed.contains(&target.id) {
+            gained.push(target.clone());
+        }
+        probed.insert(target.id.clone());
+        items.push((hash, target));
+    }
+    // Backends deleted while being handed over.
+    plan.handed_over.retain(|id, _| probed.contains(id));
+    plan.probed = probed;
+    plan.scheduled = items.iter().map(|(_, t)| t.id.clone()).collect();
+    plan.schedule = Some(Schedule::new(interval.as_millis() as u64, items));
+    gained
 }

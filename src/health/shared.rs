@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::gossip::{backend_key, Gossip, KEY_HEALTH_PREFIX};
+use super::owners::Probers;
+use crate::gossip::{backend_hash, backend_key, Gossip, KEY_HEALTH_PREFIX};
 use crate::live::gate::PEER_VIEW_WAIT;
 use crate::live::Live;
 
@@ -37,13 +38,27 @@ fn merge(peer_keys: Vec<(u64, HashSet<String>)>) -> PeerVerdicts {
     out
 }
 
+/// Whether every prober of a backend other than `me` is among the peers reporting it down
+/// (`peers`, sorted): then a node that does not probe the backend holds it down too.
+fn probers_agree_down(probers: &Probers, hash: u64, me: u64, peers: &[u64]) -> bool {
+    let mut others = probers.of(hash).into_iter().filter(|n| *n != me).peekable();
+    others.peek().is_some() && others.all(|n| peers.binary_search(&n).is_ok())
+}
+
 /// Publishes this node's verdicts and applies its peers' every [`TICK`]. `other_members`
-/// returns the Raft members other than this node (whose verdicts a start waits for).
-pub async fn run(live: Arc<Live>, gossip: Arc<Gossip>, other_members: impl Fn() -> HashSet<u64>) {
+/// returns the Raft members other than this node (whose verdicts a start waits for);
+/// `probers_per_backend` is `[health_check] probers_per_backend` (see `owners`).
+pub async fn run(
+    live: Arc<Live>,
+    gossip: Arc<Gossip>,
+    probers_per_backend: usize,
+    other_members: impl Fn() -> HashSet<u64>,
+) {
     let started = Instant::now();
     let mut published: HashSet<String> = HashSet::new();
     let mut applied: PeerVerdicts = HashMap::new();
     let mut applied_generation = None;
+    let mut applied_probers: Option<Probers> = None;
     let mut synced = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -100,15 +115,28 @@ pub async fn run(live: Arc<Live>, gossip: Arc<Gossip>, other_members: impl Fn() 
             continue;
         }
 
-        // Apply peers' verdicts: a full pass only when they or the set of backends changed.
+        // Apply peers' verdicts: a full pass only when they, the set of backends or the
+        // probing nodes changed.
         let verdicts = merge(gossip.peer_keys(KEY_HEALTH_PREFIX));
-        if verdicts != applied || applied_generation != Some(generation) {
+        let probers = Probers::new(gossip.probing_members(), probers_per_backend);
+        if verdicts != applied
+            || applied_generation != Some(generation)
+            || applied_probers.as_ref() != Some(&probers)
+        {
             for rt in &runtimes {
-                let peers = verdicts.get(&backend_key(&rt.id));
-                rt.health.set_peers_down(peers.cloned().unwrap_or_default());
+                let hash = backend_hash(&rt.id);
+                let peers = verdicts
+                    .get(&format!("{hash:016x}"))
+                    .cloned()
+                    .unwrap_or_default();
+                rt.health.set_probers_down(
+                    !peers.is_empty() && probers_agree_down(&probers, hash, gossip.node_id, &peers),
+                );
+                rt.health.set_peers_down(peers);
             }
             applied = verdicts;
             applied_generation = Some(generation);
+            applied_probers = Some(probers);
         }
         live.peer_view.open();
     }
@@ -120,6 +148,35 @@ mod tests {
 
     fn keys(ids: &[&str]) -> HashSet<String> {
         ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_non_prober_holds_a_backend_down_only_when_all_its_other_probers_say_so() {
+        let hash = backend_hash("web-1");
+        let k2 = Probers::new(vec![1, 2, 3], 2);
+        let owners = k2.of(hash);
+        let outsider = [1, 2, 3].into_iter().find(|n| !owners.contains(n)).unwrap();
+        let sorted = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v
+        };
+        // (probers, this node, peers reporting down, expected)
+        for (probers, me, peers, want) in [
+            (&k2, outsider, sorted(owners.clone()), true),
+            (&k2, outsider, vec![owners[0]], false),
+            (&k2, outsider, vec![owners[1]], false),
+            (&k2, outsider, vec![], false),
+            // A prober itself: the other prober's word (it routes on its own probes anyway).
+            (&k2, owners[0], vec![owners[1]], true),
+            // Alone: nobody else probes.
+            (&Probers::new(vec![outsider], 2), outsider, vec![], false),
+        ] {
+            assert_eq!(
+                probers_agree_down(probers, hash, me, &peers),
+                want,
+                "me {me}, probers {owners:?}, down {peers:?}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! health plane writes them.
 //!
 //! A backend is used when: this node's probes do not say it is down, its breaker lets requests
-//! through, and no live peer reports it down. If that leaves a pool empty while this node's own
+//! through, and no live peer reports it down. A node that does not probe the backend (the
+//! probes are shared, `health::owners`) takes the verdict of its probers as its own view: down
+//! when every other prober reports it down. If that leaves a pool empty while this node's own
 //! view still has usable backends, the pool falls back to the local view (guard rail: one bad
 //! observer cannot empty a pool).
 
@@ -44,6 +46,11 @@ pub struct BackendHealth {
     last_detail: Mutex<String>,
     /// Some live peer reports this backend down.
     peer_down: AtomicBool,
+    /// False while this node leaves the active probes of this backend to other nodes.
+    not_probed_here: AtomicBool,
+    /// Every live prober of this backend other than this node reports it down (meaningful
+    /// only when this node does not probe it).
+    probers_down: AtomicBool,
     peers_down: Mutex<Vec<u64>>,
     pub breaker: Breaker,
     pub checks_total: AtomicU64,
@@ -53,6 +60,8 @@ pub struct BackendHealth {
 /// Snapshot for the API.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
+    /// Whether this node runs the active probes of this backend (or leaves them to others).
+    pub probed_here: bool,
     pub active: ActiveState,
     pub breaker: breaker::BreakerState,
     pub peers_reporting_down: Vec<u64>,
@@ -73,9 +82,44 @@ impl BackendHealth {
         }
     }
 
-    /// This node's own view: not probed down, breaker closed or ready for a trial.
+    /// This node's own view: not probed down (or, when other nodes probe it, not reported
+    /// down by all of them), breaker closed or ready for a trial.
     pub fn locally_usable(&self, now_ms: u64) -> bool {
-        self.active.load(Ordering::Acquire) != DOWN && self.breaker.allows(now_ms)
+        let down = if self.not_probed_here.load(Ordering::Acquire) {
+            self.probers_down.load(Ordering::Acquire)
+        } else {
+            self.active.load(Ordering::Acquire) == DOWN
+        };
+        !down && self.breaker.allows(now_ms)
+    }
+
+    pub fn probed_here(&self) -> bool {
+        !self.not_probed_here.load(Ordering::Acquire)
+    }
+
+    /// This node takes over the active probes of this backend. Returns true when it did not
+    /// probe it before.
+    pub fn start_probing(&self) -> bool {
+        self.not_probed_here.swap(false, Ordering::AcqRel)
+    }
+
+    /// Other nodes probe this backend now: this node forgets its probe verdict (it would
+    /// otherwise publish a stale "down" for ever) and keeps only its breaker.
+    pub fn stop_probing(&self) {
+        self.not_probed_here.store(true, Ordering::Release);
+        self.forget_active();
+    }
+
+    /// Drops the active verdict (back to unknown) and the runs of results behind it.
+    pub fn forget_active(&self) {
+        self.active.store(UNKNOWN, Ordering::Release);
+        self.consecutive_ok.store(0, Ordering::Relaxed);
+        self.consecutive_fail.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether every other live prober of this backend reports it down.
+    pub fn set_probers_down(&self, down: bool) {
+        self.probers_down.store(down, Ordering::Release);
     }
 
     /// The cluster's view: usable here and no live peer reports it down.
@@ -122,6 +166,11 @@ impl BackendHealth {
         self.active.store(DOWN, Ordering::Release);
     }
 
+    /// Some live peer reports this backend down.
+    pub fn peer_down(&self) -> bool {
+        self.peer_down.load(Ordering::Acquire)
+    }
+
     pub fn set_peers_down(&self, peers: Vec<u64>) {
         self.peer_down.store(!peers.is_empty(), Ordering::Release);
         *self.peers_down.lock().unwrap_or_else(|p| p.into_inner()) = peers;
@@ -130,6 +179,7 @@ impl BackendHealth {
     pub fn report(&self) -> HealthReport {
         let last = self.last_check_unix_ms.load(Ordering::Relaxed);
         HealthReport {
+            probed_here: self.probed_here(),
             active: self.active(),
             breaker: self.breaker.state(),
             peers_reporting_down: self
@@ -189,6 +239,39 @@ mod tests {
         let h = BackendHealth::default();
         assert_eq!(h.record_probe(true, "ok".into(), T), None);
         assert_eq!(h.active(), ActiveState::Up);
+    }
+
+    #[test]
+    fn a_node_that_does_not_probe_takes_its_probers_verdict() {
+        let h = BackendHealth::default();
+        assert!(h.probed_here(), "a lone node probes everything");
+        assert_eq!(h.record_probe(false, "x".into(), T), None);
+        assert_eq!(h.record_probe(false, "x".into(), T), None, "two failures");
+        h.stop_probing();
+        assert!(!h.probed_here());
+        assert_eq!(h.active(), ActiveState::Unknown, "the verdict is forgotten");
+        assert!(!h.local_verdict_down(), "nothing stale is published");
+        assert!(h.locally_usable(0));
+        h.set_peers_down(vec![2]);
+        assert!(
+            h.locally_usable(0),
+            "one prober of two says down: its own view stays usable (guard rail)"
+        );
+        assert!(!h.merged_usable(0));
+        h.set_probers_down(true);
+        assert!(!h.locally_usable(0), "every prober says down");
+        assert!(!h.local_verdict_down(), "still not this node's observation");
+        assert!(h.start_probing(), "taking the probes over");
+        assert!(!h.start_probing());
+        assert!(
+            h.locally_usable(0),
+            "a prober routes on its own probes, not on probers_down"
+        );
+        assert_eq!(
+            h.record_probe(false, "x".into(), T),
+            None,
+            "the runs start again: one failure"
+        );
     }
 
     #[test]

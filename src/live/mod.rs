@@ -11,7 +11,7 @@ pub mod breaker;
 pub mod gate;
 pub mod health;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,6 +103,24 @@ impl BackendRegistry {
         let before = map.len();
         map.retain(|id, _| keep(id));
         if map.len() != before {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The ids of the runtimes for which `f` holds, in one pass under the lock (for the API's
+    /// `healthy` filter: a set of the few down backends, not a lookup per backend).
+    pub fn ids_where(&self, f: impl Fn(&BackendRuntime) -> bool) -> HashSet<String> {
+        let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, rt)| f(rt))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Drops the runtime of a removed backend.
+    pub fn remove(&self, id: &str) {
+        let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if map.remove(id).is_some() {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -15,6 +15,8 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
     handovers: IntCounterVec,
+    proxy_protocol: IntCounterVec,
+    proxy_protocol_rejected: IntCounterVec,
     acme_orders: IntCounterVec,
     cluster_rpc_refused: IntCounterVec,
     cluster_rpc_plaintext: prometheus::IntCounter,
@@ -61,6 +63,20 @@ impl Metrics {
             Opts::new(
                 "pingora_vhost_full_proxy_connections_total",
                 "Client connections handed from the lean HTTP/1.1 path to Pingora's general proxy, by reason",
+            ),
+            &["reason"],
+        )?;
+        let proxy_protocol = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_proxy_protocol_headers_total",
+                "PROXY protocol headers accepted from trusted sources, by version (v1, v2)",
+            ),
+            &["version"],
+        )?;
+        let proxy_protocol_rejected = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_proxy_protocol_rejected_total",
+                "Client connections closed over their PROXY protocol header, by reason (untrusted: a header from a source not in [proxy.proxy_protocol] trusted; missing: a trusted source sent no header; malformed; too_long; truncated: closed in the middle of the header; timeout: no complete header within header_timeout_ms)",
             ),
             &["reason"],
         )?;
@@ -136,6 +152,8 @@ impl Metrics {
         registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
+        registry.register(Box::new(proxy_protocol.clone()))?;
+        registry.register(Box::new(proxy_protocol_rejected.clone()))?;
         registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(cluster_rpc_refused.clone()))?;
         registry.register(Box::new(cluster_rpc_plaintext.clone()))?;
@@ -157,6 +175,8 @@ impl Metrics {
             connect_failures,
             guard_rail,
             handovers,
+            proxy_protocol,
+            proxy_protocol_rejected,
             acme_orders,
             cluster_rpc_refused,
             cluster_rpc_plaintext,
@@ -186,6 +206,18 @@ impl Metrics {
     /// A client connection went to Pingora's general proxy (`reason`: h2, http/1.0, upgrade, ...).
     pub fn handed_over(&self, reason: &str) {
         self.handovers.with_label_values(&[reason]).inc();
+    }
+
+    /// A trusted source's PROXY protocol header was read (`version`: v1, v2).
+    pub fn proxy_protocol_header(&self, version: &str) {
+        self.proxy_protocol.with_label_values(&[version]).inc();
+    }
+
+    /// A connection was closed over its PROXY protocol header (reasons: see the help text).
+    pub fn proxy_protocol_rejected(&self, reason: &str) {
+        self.proxy_protocol_rejected
+            .with_label_values(&[reason])
+            .inc();
     }
 
     pub fn acme_order(&self, ok: bool) {

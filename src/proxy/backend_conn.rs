@@ -21,10 +21,11 @@ use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
 use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
 use pingora_core::{Error, ErrorType, Result};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::chunked::ChunkedTracker;
+use super::send_proxy::ProxyHeader;
 use super::strict::{MAX_HEAD, MAX_HEADERS};
 
 /// Connects to plaintext backends for Pingora's proxy (`HttpPeer::options.custom_l4`).
@@ -32,6 +33,8 @@ use super::strict::{MAX_HEAD, MAX_HEADERS};
 pub struct BackendConnector {
     /// Pingora applies no connect timeout to a custom connector: this one does.
     pub connect_timeout: Duration,
+    /// Sent first on the connection (`send_proxy_protocol`, `send_proxy`).
+    pub proxy_header: Option<ProxyHeader>,
 }
 
 #[async_trait]
@@ -57,6 +60,13 @@ impl Connect for BackendConnector {
             }
             Ok(Ok(tcp)) => tcp,
         };
+        let mut tcp = tcp;
+        if let Some(header) = &self.proxy_header {
+            if let Err(e) = tcp.write_all(header.as_bytes()).await {
+                let what = format!("sending the PROXY protocol header to {addr}");
+                return Error::e_because(ErrorType::ConnectError, what, e);
+            }
+        }
         let socket = NormalizingStream {
             tcp,
             framing: ResponseFraming::default(),

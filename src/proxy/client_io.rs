@@ -18,7 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum ClientIo {
-    Tcp(TcpStream),
+    /// The socket, and the client address a PROXY protocol header gave (else the peer's).
+    Tcp(TcpStream, Option<std::net::SocketAddr>),
     Pingora(Stream),
 }
 
@@ -47,7 +48,7 @@ impl ClientIo {
         // SAFETY: `dup` is a valid descriptor that nothing else owns.
         let socket = unsafe { std::net::TcpStream::from_raw_fd(dup) };
         match TcpStream::from_std(socket) {
-            Ok(tcp) => Some(Self::Tcp(tcp)),
+            Ok(tcp) => Some(Self::Tcp(tcp, None)),
             Err(e) => {
                 tracing::warn!("client connection dropped: cannot register its socket: {e}");
                 None
@@ -60,36 +61,59 @@ impl ClientIo {
     pub fn into_pingora(self) -> Stream {
         match self {
             Self::Pingora(stream) => stream,
-            Self::Tcp(tcp) => {
+            Self::Tcp(tcp, client) => {
                 let fd = tcp.as_raw_fd();
                 let mut stream = L4Stream::from(tcp);
-                stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+                match client {
+                    Some(client) => super::edge::set_client_addr(&mut stream, client),
+                    None => stream.set_socket_digest(SocketDigest::from_raw_fd(fd)),
+                }
                 Box::new(stream)
             }
         }
     }
 
+    /// The client is at `addr` (from a PROXY protocol header), not at the socket's peer.
+    /// Plain TCP only: a TLS stream got its address before the handshake (`Edge::before_tls`).
+    pub fn set_client_addr(&mut self, addr: std::net::SocketAddr) {
+        if let Self::Tcp(_, client) = self {
+            *client = Some(addr);
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         match self {
-            Self::Tcp(_) => false,
+            Self::Tcp(..) => false,
             Self::Pingora(stream) => stream.get_ssl_digest().is_some(),
         }
     }
 
-    /// The client's address (one `getpeername` for a plain socket, read once per connection).
-    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+    /// The client's address: the peer's, or what a PROXY protocol header said.
+    pub fn client_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
-            Self::Tcp(tcp) => tcp.peer_addr().ok(),
+            Self::Tcp(_, Some(client)) => Some(*client),
+            Self::Tcp(tcp, None) => tcp.peer_addr().ok(),
             Self::Pingora(stream) => stream
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
         }
     }
 
+    /// The address of this node the connection came to (a system call, once per backend
+    /// connection that sends the PROXY protocol header).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(tcp, _) => tcp.local_addr().ok(),
+            Self::Pingora(stream) => stream
+                .get_socket_digest()
+                .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied()),
+        }
+    }
+
     /// The TLS facts of the connection (version, SNI name), for the access log.
     pub fn ssl_digest(&self) -> Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>> {
         match self {
-            Self::Tcp(_) => None,
+            Self::Tcp(..) => None,
             Self::Pingora(stream) => stream.get_ssl_digest(),
         }
     }
@@ -97,7 +121,7 @@ impl ClientIo {
     /// Ends the connection after the last answer (FIN after everything written).
     pub async fn close(&mut self) {
         match self {
-            Self::Tcp(tcp) => {
+            Self::Tcp(tcp, _) => {
                 let _ = tokio::io::AsyncWriteExt::shutdown(tcp).await;
             }
             Self::Pingora(stream) => {
@@ -115,7 +139,7 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Self::Tcp(tcp, _) => Pin::new(tcp).poll_read(cx, buf),
             Self::Pingora(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
@@ -128,21 +152,21 @@ impl AsyncWrite for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Self::Tcp(tcp, _) => Pin::new(tcp).poll_write(cx, buf),
             Self::Pingora(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(_) => Poll::Ready(Ok(())),
+            Self::Tcp(..) => Poll::Ready(Ok(())),
             Self::Pingora(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Self::Tcp(tcp, _) => Pin::new(tcp).poll_shutdown(cx),
             Self::Pingora(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }

@@ -9,12 +9,14 @@ mod backend_conn;
 mod chunked;
 mod client_io;
 mod deadline;
+pub mod edge;
 pub mod h1;
 pub mod outcome;
 mod pool;
 mod replay;
 pub mod request_id;
 pub mod rules;
+mod send_proxy;
 pub mod service;
 pub mod strict;
 pub mod table;
@@ -23,14 +25,14 @@ pub mod tls;
 pub mod tls_accept;
 
 use std::sync::atomic::AtomicI64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::live::Live;
 use crate::observability::access_log::AccessLog;
-use crate::state::State;
+use crate::state::{Changes, State};
 use table::RoutingTable;
 use tickets::Tickets;
 use tls::CertStore;
@@ -50,6 +52,9 @@ pub struct DataPlane {
     pub access_log: AccessLog,
     /// TLS session tickets, sealed with the cluster's shared keys.
     pub tickets: Arc<Tickets>,
+    /// Keeps what the last compile built (callers already serialise publishes under the
+    /// state machine's lock; this lock only makes that explicit).
+    compiler: Mutex<table::Compiler>,
 }
 
 impl DataPlane {
@@ -61,6 +66,7 @@ impl DataPlane {
             requests_in_flight: AtomicI64::new(0),
             access_log: AccessLog::off(),
             tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
+            compiler: Mutex::new(table::Compiler::default()),
         }
     }
 
@@ -75,16 +81,133 @@ impl DataPlane {
         self
     }
 
-    /// Compiles and swaps in new snapshots for `state`.
-    pub fn publish(&self, state: &State) {
-        self.publish_routes(state);
-        self.certs.publish(state);
+    /// Swaps in new snapshots for `state`, which differs from the last published one by at
+    /// most `changes`: only what they name is rebuilt.
+    pub fn publish(&self, state: &State, changes: &Changes) {
+        // Two keys at most: cheap to take every time.
         self.tickets.publish(state);
+        if changes.is_empty() {
+            return;
+        }
+        self.publish_table(state, changes);
+        self.certs.publish(state, changes);
     }
 
-    /// Recompiles the routing table only (backend addresses changed, certificates did not).
+    /// Recompiles the whole routing table (backend addresses changed, certificates did not).
     pub fn publish_routes(&self, state: &State) {
-        let table = table::compile(state, &self.live);
+        self.publish_table(state, &Changes::everything());
+    }
+
+    fn publish_table(&self, state: &State, changes: &Changes) {
+        let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
+        let table = compiler.compile(state, &self.live, changes);
         self.routes.store(Arc::new(table));
+    }
+}
+
+/// What one write costs with 100,000 domains and 100,000 backends in the state (prints
+/// timings; asserts nothing about them): `cargo test --lib write_cost_at_scale -- --ignored
+/// --nocapture`. Numbers: bench/README.md.
+#[cfg(test)]
+mod scale {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::state::fixtures::{backend, domain};
+    use crate::state::{apply, Command};
+
+    fn seeded(n: usize) -> State {
+        let mut s = State::default();
+        let cmd = Command::Seed {
+            domains: (0..n)
+                .map(|i| domain(&format!("h{i}.bench"), &format!("t{i}")))
+                .collect(),
+            backends: (0..n)
+                .map(|i| backend(&format!("b{i}"), &[&format!("t{i}")]))
+                .collect(),
+        };
+        apply(&mut s, &cmd).unwrap();
+        s
+    }
+
+    fn plane() -> DataPlane {
+        let (c, k) = tls::self_signed(&["default.test"]).unwrap();
+        let ck = tls::certified_key(&c, &k).unwrap();
+        DataPlane::new(tls::CertStore::new(ck))
+    }
+
+    #[test]
+    #[ignore = "prints timings at 100k; run by hand"]
+    fn write_cost_at_scale() {
+        let n = 100_000;
+        let t = Instant::now();
+        let mut s = seeded(n);
+        println!("seed apply {n}+{n}: {:?}", t.elapsed());
+        let data = plane();
+        let t = Instant::now();
+        data.publish(&s, &Changes::everything());
+        println!("first publish: {:?}", t.elapsed());
+        let mut applies = Vec::new();
+        let mut publishes = Vec::new();
+        for i in 0..20 {
+            let cmd = Command::CreateDomain(domain(&format!("new{i}.bench"), "t1"));
+            let t = Instant::now();
+            apply(&mut s, &cmd).unwrap();
+            applies.push(t.elapsed());
+            let t = Instant::now();
+            let mut changes = Changes::default();
+            changes.add(&cmd);
+            data.publish(&s, &changes);
+            publishes.push(t.elapsed());
+        }
+        applies.sort();
+        publishes.sort();
+        println!(
+            "apply one CreateDomain: median {:?} max {:?}",
+            applies[10], applies[19]
+        );
+        println!(
+            "publish after it: median {:?} max {:?}",
+            publishes[10], publishes[19]
+        );
+        // The SaaS shape: every domain on one tag whose pool has 1,000 backends; a drain
+        // rebuilds that pool (1,000 entries) and no route.
+        let mut shared = State::default();
+        let cmd = Command::Seed {
+            domains: (0..n)
+                .map(|i| domain(&format!("c{i}.bench"), "app"))
+                .collect(),
+            backends: (0..1000)
+                .map(|i| backend(&format!("app{i}"), &["app"]))
+                .collect(),
+        };
+        apply(&mut shared, &cmd).unwrap();
+        let data = plane();
+        data.publish(&shared, &Changes::everything());
+        let mut drains = Vec::new();
+        for i in 0..20 {
+            let cmd = Command::SetDraining {
+                id: format!("app{i}").as_str().into(),
+                draining: true,
+            };
+            apply(&mut shared, &cmd).unwrap();
+            let t = Instant::now();
+            let mut changes = Changes::default();
+            changes.add(&cmd);
+            data.publish(&shared, &changes);
+            drains.push(t.elapsed());
+        }
+        drains.sort();
+        println!(
+            "publish after a drain ({n} domains on one 1,000-backend pool): median {:?} max {:?}",
+            drains[10], drains[19]
+        );
+        let t = Instant::now();
+        let json = serde_json::to_vec(&s).unwrap();
+        println!("snapshot JSON {} bytes: {:?}", json.len(), t.elapsed());
+        let t = Instant::now();
+        let c = s.clone();
+        println!("state clone: {:?}", t.elapsed());
+        drop(c);
     }
 }

@@ -123,7 +123,7 @@ pub fn put(addr: SocketAddr, conn: TcpStream) {
 /// An idle connection has nothing to read. If the reactor saw it readable, the backend
 /// closed it (or sent something unasked): either way it must not carry a request. This asks
 /// the reactor's cached readiness, so the common case costs no system call.
-fn still_open(conn: &TcpStream) -> bool {
+pub fn still_open(conn: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     match conn.poll_read_ready(&mut cx) {
         Poll::Pending => true,

@@ -4,10 +4,8 @@
 //! and the limit on attempts. Each path only turns a [`Decision`] into its own wire format;
 //! a new rule (a header policy, a rate limit) goes here, not into both paths.
 
-use std::sync::Arc;
-
 use super::answers::{https_location, ACME_CHALLENGE_PREFIX};
-use super::table::{Route, RoutingTable};
+use super::table::{RoutingTable, Target};
 use crate::live::Live;
 
 /// Backends one request may be tried on (connect failures, failures before an answer).
@@ -24,7 +22,7 @@ pub enum Decision {
     /// `http_to_https` on plain HTTP: 301 to this location (ACME challenges excepted).
     Redirect(String),
     /// Proxy to the virtual host's active pool.
-    Proxy(Arc<Route>),
+    Proxy(Target),
 }
 
 impl Decision {
@@ -48,7 +46,7 @@ impl Decision {
         if !tls && route.http_to_https && token.is_none() {
             return Decision::Redirect(https_location(host, https_port, target));
         }
-        Decision::Proxy(route.clone())
+        Decision::Proxy(route)
     }
 }
 

@@ -15,11 +15,13 @@ use pingora::{ErrorSource, ErrorType};
 
 use super::answers;
 use super::backend_conn::BackendConnector;
+use super::edge::Edge;
 use super::outcome::{self, AttemptFailure};
 use super::request_id::RequestId;
 use super::rules::{self, Decision, MAX_ATTEMPTS};
+use super::send_proxy::{self, ProxyHeader};
 use super::strict::{self, Refusal, Strictness};
-use super::table::{Route, Upstream};
+use super::table::{Route, Target, Upstream};
 use super::DataPlane;
 use crate::clock;
 use crate::live::{BackendRuntime, InFlight};
@@ -40,11 +42,13 @@ pub struct VhostProxy {
     pub strict: Strictness,
     /// `[proxy] request_id`: keep or make `X-Request-Id` (`request_id`).
     pub request_ids: bool,
+    /// PROXY protocol and forwarded-header trust (`edge`).
+    pub edge: Arc<Edge>,
 }
 
 #[derive(Default)]
 pub struct Ctx {
-    route: Option<Arc<Route>>,
+    route: Option<Target>,
     host: String,
     tls: bool,
     /// Pool indexes this request already tried.
@@ -285,7 +289,7 @@ impl ProxyHttp for VhostProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.release_current();
         let Some(route) = ctx.route.clone() else {
             return Err(Error::new(ErrorType::InternalError));
@@ -321,9 +325,25 @@ impl ProxyHttp for VhostProxy {
             log.connect_us = None;
             log.upstream_us = None;
         }
-        // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`).
+        let mut proxy_header = None;
+        if let Some(version) = upstream.send_proxy {
+            let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
+                a.and_then(|a| a.as_inet()).copied()
+            };
+            let client = inet(session.client_addr());
+            proxy_header = Some(ProxyHeader::new(
+                version,
+                client,
+                inet(session.server_addr()),
+            ));
+            // A connection that carries one client's header serves only that client.
+            peer.group_key = send_proxy::group_key(client);
+        }
+        // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`); a
+        // backend that wants the PROXY protocol gets its header first.
         peer.options.custom_l4 = Some(Arc::new(BackendConnector {
             connect_timeout: self.connect_timeout,
+            proxy_header,
         }));
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
@@ -437,21 +457,35 @@ impl ProxyHttp for VhostProxy {
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+            .map(|a| a.ip());
+        // From anyone but a trusted forwarder, what the client claims is replaced.
+        let trusted = self.edge.trusts_forwarder(client_ip);
+        if !trusted {
+            for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+                upstream_request.remove_header(name);
+            }
+        }
         if let Some(ip) = client_ip {
-            let xff = match upstream_request
+            let prev: Vec<&str> = upstream_request
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .collect();
+            let xff = match prev.is_empty() {
+                true => ip.to_string(),
+                false => format!("{}, {ip}", prev.join(", ")),
             };
             upstream_request.insert_header("x-forwarded-for", xff)?;
         }
-        upstream_request
-            .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-        upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        if !upstream_request.headers.contains_key("x-forwarded-proto") {
+            upstream_request
+                .insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
+        }
+        if !upstream_request.headers.contains_key("x-forwarded-host") {
+            upstream_request.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        }
         if !ctx.request_id.is_none() {
             upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
@@ -553,13 +587,13 @@ impl ProxyHttp for VhostProxy {
 impl VhostProxy {
     /// The access log record of a request on this path (none when its domain's log is off).
     fn log_request(&self, session: &Session, ctx: &Ctx, log: LogTimes) {
-        let table;
-        let route = match &ctx.route {
-            Some(route) => Some(route),
+        let looked_up;
+        let route: Option<&Route> = match &ctx.route {
+            Some(target) => Some(&target.route),
             // Our answers for a known domain (the https redirect) follow its switches too.
             None if !ctx.host.is_empty() => {
-                table = self.data.routes.load();
-                table.lookup(&ctx.host)
+                looked_up = self.data.routes.load().lookup(&ctx.host);
+                looked_up.as_ref().map(|t| &*t.route)
             }
             None => None,
         };

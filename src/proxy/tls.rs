@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::state::{CertPair, State};
+use crate::state::{CertPair, Changes, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -100,9 +100,10 @@ pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
     Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
 }
 
-/// SNI name -> certificate, swapped atomically on every state change.
+/// SNI name -> certificate, swapped atomically on every state change. The map is persistent
+/// (`imbl`): an update copies what it touches, not every domain's entry.
 pub struct CertStore {
-    map: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    map: ArcSwap<imbl::HashMap<String, Arc<CertifiedKey>>>,
     default: Arc<CertifiedKey>,
     /// Parsed keys by domain, reused while the PEM is unchanged (parsing is not free).
     cache: Mutex<HashMap<String, (String, Arc<CertifiedKey>)>>,
@@ -119,33 +120,52 @@ impl fmt::Debug for CertStore {
 impl CertStore {
     pub fn new(default: CertifiedKey) -> Self {
         Self {
-            map: ArcSwap::from_pointee(HashMap::new()),
+            map: ArcSwap::from_pointee(imbl::HashMap::new()),
             default: Arc::new(default),
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Rebuilds the map from the replicated state.
-    pub fn publish(&self, state: &State) {
+    /// Updates the map from the replicated state: the domains named in `changes`, or all.
+    pub fn publish(&self, state: &State, changes: &Changes) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let mut map = HashMap::new();
-        let mut next_cache = HashMap::new();
-        for d in state.domains.values() {
-            let Some(pair) = &d.cert else { continue };
-            let ck = match cache.remove(d.domain.as_str()) {
-                Some((pem, ck)) if pem == pair.chain_pem => ck,
+        let mut map = if changes.all {
+            let keep: HashMap<String, (String, Arc<CertifiedKey>)> = std::mem::take(&mut *cache);
+            *cache = keep
+                .into_iter()
+                .filter(|(d, _)| state.domains.get(d).is_some_and(|d| d.cert.is_some()))
+                .collect();
+            imbl::HashMap::new()
+        } else {
+            (**self.map.load()).clone()
+        };
+        let names: Box<dyn Iterator<Item = &str>> = if changes.all {
+            Box::new(state.domains.keys().map(String::as_str))
+        } else {
+            Box::new(changes.domains.iter().map(String::as_str))
+        };
+        for name in names {
+            let pair = state.domains.get(name).and_then(|d| d.cert.as_ref());
+            let Some(pair) = pair else {
+                map.remove(name);
+                cache.remove(name);
+                continue;
+            };
+            let ck = match cache.get(name) {
+                Some((pem, ck)) if *pem == pair.chain_pem => ck.clone(),
                 _ => match certified_key(&pair.chain_pem, &pair.key_pem) {
                     Ok(ck) => Arc::new(ck),
                     Err(e) => {
-                        tracing::error!(domain = %d.domain, error = %e, "stored certificate unusable; serving the default");
+                        tracing::error!(domain = %name, error = %e, "stored certificate unusable; serving the default");
+                        map.remove(name);
+                        cache.remove(name);
                         continue;
                     }
                 },
             };
-            map.insert(d.domain.to_string(), ck.clone());
-            next_cache.insert(d.domain.to_string(), (pair.chain_pem.clone(), ck));
+            map.insert(name.to_string(), ck.clone());
+            cache.insert(name.to_string(), (pair.chain_pem.clone(), ck));
         }
-        *cache = next_cache;
         self.map.store(Arc::new(map));
     }
 

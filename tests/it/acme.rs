@@ -292,7 +292,7 @@ async fn acme_domain_gets_a_pebble_certificate_and_renews_on_request() {
     assert_eq!(cert["expiring_soon"], false, "{first:#}");
     assert_eq!(first["acme"]["last_error"], Value::Null, "{first:#}");
     assert!(first["acme"]["last_success"].is_string(), "{first:#}");
-    let (status, list) = node.api_get("/api/v1/certs").await;
+    let (status, list) = node.api_list("/api/v1/certs").await;
     assert_eq!(status, 200);
     assert!(list.to_string().contains("acme.test"), "{list}");
 

@@ -130,7 +130,7 @@ pub(crate) async fn wait_new_leader(nodes: &[&Node], old: u64, timeout: Duration
 
 /// Domain names listed by `GET /api/v1/domains` on `n`.
 async fn domain_names(n: &Node) -> BTreeSet<String> {
-    let (status, body) = n.api_get("/api/v1/domains").await;
+    let (status, body) = n.api_list("/api/v1/domains").await;
     assert_eq!(
         status, 200,
         "GET /api/v1/domains on node {:?}: {body}",
@@ -450,8 +450,8 @@ async fn full_cluster_restart_keeps_everything() {
         m.sort();
         m
     };
-    let (_, backends_before) = cluster.node(1).api_get("/api/v1/backends").await;
-    let (_, domains_before) = cluster.node(1).api_get("/api/v1/domains").await;
+    let (_, backends_before) = cluster.node(1).api_list("/api/v1/backends").await;
+    let (_, domains_before) = cluster.node(1).api_list("/api/v1/domains").await;
 
     for n in cluster.nodes.iter_mut() {
         n.sigterm();
@@ -496,11 +496,11 @@ async fn full_cluster_restart_keeps_everything() {
             "last_applied went back: {s} vs {before}"
         );
         assert_eq!(
-            n.api_get("/api/v1/domains").await,
+            n.api_list("/api/v1/domains").await,
             (200, domains_before.clone())
         );
-        assert_eq!(n.api_get("/api/v1/backends").await.0, 200);
-        let (_, backends) = n.api_get("/api/v1/backends").await;
+        assert_eq!(n.api_list("/api/v1/backends").await.0, 200);
+        let (_, backends) = n.api_list("/api/v1/backends").await;
         let ids = |v: &Value| -> Vec<(String, String)> {
             v.as_array()
                 .unwrap()

@@ -29,6 +29,9 @@ use serde_json::{json, Value};
 struct Origin {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    /// Health probes received: when, and from which node (its `User-Agent`).
+    probes: Arc<Mutex<Vec<(Instant, u64)>>>,
+    failing: Arc<Mutex<HashSet<String>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -37,12 +40,26 @@ struct Origin {
 struct OriginState {
     name: String,
     requests: Arc<AtomicUsize>,
+    probes: Arc<Mutex<Vec<(Instant, u64)>>>,
     failing: Arc<Mutex<HashSet<String>>>,
 }
 
-async fn origin_handler(State(st): State<OriginState>, uri: Uri) -> Response {
+async fn origin_handler(
+    State(st): State<OriginState>,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let path = uri.path().to_string();
     if path.starts_with("/health") {
+        // The prober's User-Agent names its node: "pingora-vhost-health/<v> (node <id>)".
+        let node = headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split("(node ").nth(1))
+            .and_then(|rest| rest.trim_end_matches(')').parse().ok());
+        if let Some(node) = node {
+            st.probes.lock().unwrap().push((Instant::now(), node));
+        }
         if st.failing.lock().unwrap().contains(&path) {
             return (StatusCode::INTERNAL_SERVER_ERROR, "failing on purpose").into_response();
         }
@@ -60,18 +77,23 @@ impl Origin {
             .expect("bind origin");
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(Mutex::new(
+            failing_health_paths.iter().map(|s| s.to_string()).collect(),
+        ));
         let st = OriginState {
             name: name.to_string(),
             requests: requests.clone(),
-            failing: Arc::new(Mutex::new(
-                failing_health_paths.iter().map(|s| s.to_string()).collect(),
-            )),
+            probes: probes.clone(),
+            failing: failing.clone(),
         };
         let app = Router::new().fallback(origin_handler).with_state(st);
         let (tx, task) = serve_until_shutdown(listener, app);
         Origin {
             addr,
             requests,
+            probes,
+            failing,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -83,6 +105,22 @@ impl Origin {
 
     fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The nodes that probed it since `since`, and how often each.
+    fn probers_since(&self, since: Instant) -> std::collections::BTreeMap<u64, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for (at, node) in self.probes.lock().unwrap().iter() {
+            if *at >= since {
+                *out.entry(*node).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Its health path answers 500 from now on (`/health`; it keeps serving traffic).
+    fn fail_health(&self) {
+        self.failing.lock().unwrap().insert("/health".to_string());
     }
 }
 
@@ -339,9 +377,12 @@ async fn killed_backend_is_avoided_by_every_node_without_errors_and_used_again_a
     let all_see_down = stopped_at.elapsed();
     // Once every node has settled, none of them even tries k1: its attempt counter on every
     // node stays put while traffic flows through every node.
+    // (A node that does not probe k1, probers_per_backend = 2 of 3, has it down through
+    // both probers' verdicts.)
     for n in &cluster.nodes {
         wait_view(n, "k1", Duration::from_secs(10), "k1 probed down", |v| {
             v["health"]["active"] == "down"
+                || (v["health"]["probed_here"] == false && peers_down(v).len() == 2)
         })
         .await;
     }
@@ -417,11 +458,13 @@ async fn killed_backend_is_avoided_by_every_node_without_errors_and_used_again_a
 /// `x2` answers. Pool "a" of `one.test` = x1, x2. Returns when node 2 reports x1 down and nodes
 /// 1 and 3 have taken its verdict.
 async fn one_observer_cluster() -> (Cluster, Origin, Origin) {
+    // Every node probes every backend (probers_per_backend >= 3): node 2 is a prober of x1.
     let cluster = Cluster::start(3, |id| {
+        let o = NodeOptions::new().health("probers_per_backend = 3");
         if id == 2 {
-            NodeOptions::new().health("path = \"/health-n2\"")
+            o.health("path = \"/health-n2\"")
         } else {
-            NodeOptions::new()
+            o
         }
     })
     .await;
@@ -553,11 +596,13 @@ async fn verdicts_of_a_dead_node_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_wrong_observer_cannot_empty_a_pool() {
+    // Every node probes (probers_per_backend >= 3): node 2 is the wrong observer of both.
     let cluster = Cluster::start(3, |id| {
+        let o = NodeOptions::new().health("probers_per_backend = 3");
         if id == 2 {
-            NodeOptions::new().health("path = \"/health-n2\"")
+            o.health("path = \"/health-n2\"")
         } else {
-            NodeOptions::new()
+            o
         }
     })
     .await;
@@ -822,7 +867,8 @@ async fn restarted_node_does_not_send_traffic_to_a_backend_its_peers_know_is_dow
     r1.stop().await;
     for n in &cluster.nodes {
         wait_view(n, "r1", Duration::from_secs(10), "r1 probed down", |v| {
-            v["health"]["active"] == "down" && v["healthy"] == false
+            (v["health"]["active"] == "down" || v["health"]["probed_here"] == false)
+                && v["healthy"] == false
         })
         .await;
     }
@@ -997,7 +1043,8 @@ async fn client_aborts_do_not_open_the_backend_breaker() {
 /// nodes from hearing each other's verdicts about any other backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
-    let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    // Every node probes every backend, so every node publishes a verdict for each.
+    let cluster = Cluster::start(3, |_| NodeOptions::new().health("probers_per_backend = 3")).await;
     let n1 = cluster.node(1);
     // #13: an id over the bound is refused up front, naming the field and the bound...
     let (status, body) = n1
@@ -1025,7 +1072,7 @@ async fn a_backend_with_a_huge_id_does_not_end_health_sharing() {
             Duration::from_secs(20),
             "the huge-id backend down",
             || async {
-                let (_, list) = node.api_get("/api/v1/backends").await;
+                let (_, list) = node.api_list("/api/v1/backends").await;
                 list.as_array()?
                     .iter()
                     .find(|b| b["id"].as_str().map(str::len) == Some(huge.len()))
@@ -1063,9 +1110,11 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
     let cluster = Cluster::start(3, |_| {
         // One probe round finds them all down; later rounds (every 5 s, 10,000 probes each)
         // only keep the verdicts.
+        // Every node probes every backend (probers_per_backend >= 3): 3 verdicts each.
         NodeOptions::new()
             .health_interval(5)
             .health("unhealthy_threshold = 1")
+            .health("probers_per_backend = 3")
             .extra(&seed)
     })
     .await;
@@ -1075,7 +1124,7 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
             Duration::from_secs(120),
             "every backend down in every node's own and peers' verdicts",
             || async {
-                let (status, list) = node.api_get("/api/v1/backends").await;
+                let (status, list) = node.api_list("/api/v1/backends").await;
                 let list = list.as_array().filter(|_| status == 200)?;
                 let all_down = list.len() == N
                     && list.iter().all(|b| {
@@ -1092,4 +1141,159 @@ async fn ten_thousand_backends_down_at_once_reach_every_peer() {
         "10,000 verdicts from each of 3 nodes seen everywhere {:?} after start",
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared probing: each backend is probed by `probers_per_backend` of the live nodes
+// ---------------------------------------------------------------------------------------------
+
+/// 3 nodes, default `probers_per_backend` (2), interval 1 s, 6 backends. (a) Each backend is
+/// probed by exactly 2 nodes (counted at the backend, by the probes' `User-Agent`): the ones
+/// rendezvous hashing names, and the API says so; (b) a backend whose probers see it failing
+/// is avoided by all 3 nodes, the one that does not probe it included; (c) killing one of its
+/// probers moves its probes to the third node within a few intervals, and the backend stays
+/// avoided throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backend_is_probed_by_k_nodes_and_their_verdicts_hold_everywhere() {
+    use pingora_vhost::gossip::backend_hash;
+    use pingora_vhost::health::owners::Probers;
+    use std::collections::BTreeSet;
+
+    let mut cluster = Cluster::start(3, |_| NodeOptions::new()).await;
+    let mut origins = Vec::new();
+    for i in 0..6 {
+        origins.push(Origin::start(&format!("s{i}"), &[]).await);
+    }
+    let n1 = cluster.node(1);
+    for (i, o) in origins.iter().enumerate() {
+        n1.add_backend(&format!("s{i}"), &o.address(), &["a"]).await;
+    }
+    n1.add_domain("share.test", "a").await;
+    for n in &cluster.nodes {
+        wait_serving(n, "share.test").await;
+    }
+    // A node that saw the others late probed everything for a moment, and keeps probing what
+    // it hands over for one more interval: let that pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // (a) Over 4 intervals: exactly the 2 probers hashing names, about once a second each.
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ring = Probers::new(vec![1, 2, 3], 2);
+    let mut probers_of = Vec::new();
+    for (i, o) in origins.iter().enumerate() {
+        let id = format!("s{i}");
+        let seen = o.probers_since(window);
+        let expected: BTreeSet<u64> = ring.of(backend_hash(&id)).into_iter().collect();
+        assert_eq!(
+            seen.keys().copied().collect::<BTreeSet<u64>>(),
+            expected,
+            "{id}: probes per node in 4 s: {seen:?} (at {:?})\n{}",
+            o.probes
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(at, n)| (n, at.checked_duration_since(window)))
+                .collect::<Vec<_>>(),
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.logs())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        for (node, count) in &seen {
+            assert!(
+                (2..=6).contains(count),
+                "{id}: node {node} probed it {count} times in 4 s at an interval of 1 s"
+            );
+        }
+        for n in &cluster.nodes {
+            let node = n.options.node_id.unwrap();
+            let v = backend_view(n, &id).await;
+            assert_eq!(
+                v["health"]["probed_here"],
+                expected.contains(&node),
+                "node {node}, {id}: {v:#}"
+            );
+        }
+        probers_of.push(expected);
+    }
+    eprintln!("probers per backend: {probers_of:?}");
+
+    // (b) s0's health fails; it keeps answering traffic. Every node avoids it.
+    let probers: Vec<u64> = probers_of[0].iter().copied().collect();
+    let outsider = (1..=3).find(|n| !probers_of[0].contains(n)).unwrap();
+    origins[0].fail_health();
+    for n in &cluster.nodes {
+        wait_view(n, "s0", Duration::from_secs(10), "s0 unhealthy", |v| {
+            v["healthy"] == false
+        })
+        .await;
+    }
+    // Each prober reaches its own verdict (3 failures) at its own pace: wait for both.
+    let v = wait_view(
+        cluster.node(outsider),
+        "s0",
+        Duration::from_secs(5),
+        "both probers report s0 down",
+        |v| peers_down(v) == probers,
+    )
+    .await;
+    assert_eq!(v["health"]["probed_here"], false, "{v:#}");
+    assert_eq!(v["health"]["active"], "unknown", "never probed here: {v:#}");
+    let before = origins[0].requests();
+    let mut samples = Vec::new();
+    for n in &cluster.nodes {
+        samples.extend(burst(n, "share.test", 20).await);
+    }
+    assert_no_errors(&samples, "GETs with s0 failing", &all_nodes(&cluster));
+    assert_eq!(
+        origins[0].requests(),
+        before,
+        "s0 got requests although its probers report it down (node {outsider} does not probe \
+         it); answers: {:?}",
+        samples.iter().map(|s| &s.backend).collect::<Vec<_>>()
+    );
+
+    // (c) Kill one of s0's probers: the outsider takes the probes over, and s0 stays avoided.
+    let victim = probers[1];
+    let survivors: BTreeSet<u64> = (1..=3).filter(|n| *n != victim).collect();
+    cluster.node_mut(victim).kill9();
+    let killed_at = Instant::now();
+    let n_out = cluster.node(outsider);
+    let took_over = loop {
+        let v = backend_view(n_out, "s0").await;
+        assert_eq!(
+            v["healthy"],
+            false,
+            "s0 looked healthy on node {outsider} {:?} after prober {victim} was killed: {v:#}",
+            killed_at.elapsed()
+        );
+        if origins[0].probers_since(killed_at).contains_key(&outsider) {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "node {outsider} did not take over s0's probes within 20 s of node {victim}'s \
+             death: {v:#}\n{}",
+            n_out.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v = backend_view(n_out, "s0").await;
+    assert_eq!(v["health"]["probed_here"], true, "{v:#}");
+    assert_eq!(v["healthy"], false, "{v:#}");
+    eprintln!("node {outsider} probed s0 {took_over:?} after prober {victim} was killed");
+    // Settled: with 2 nodes left and k = 2 both probe every backend; nobody probes twice.
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, o) in origins.iter().enumerate() {
+        let seen = o.probers_since(window);
+        assert_eq!(
+            seen.keys().copied().collect::<BTreeSet<u64>>(),
+            survivors,
+            "s{i} after node {victim} died: {seen:?}"
+        );
+    }
 }

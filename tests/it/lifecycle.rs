@@ -290,7 +290,7 @@ async fn sigquit_upgrade_hands_over_without_failed_requests() {
         "after the upgrade the pid file names the new process"
     );
     assert!(node.is_running(), "the new process must keep running");
-    let (status, domains) = node.api_get("/api/v1/domains").await;
+    let (status, domains) = node.api_list("/api/v1/domains").await;
     assert_eq!(status, 200);
     assert!(
         domains.to_string().contains("upgrade.test"),

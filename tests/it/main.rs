@@ -13,6 +13,7 @@ mod api_errors;
 mod cluster;
 mod dashboard;
 mod deploy;
+mod edge;
 mod field_rules;
 mod flood;
 mod health;

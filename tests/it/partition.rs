@@ -281,7 +281,7 @@ fn summary(attempts: &[Attempt]) -> String {
 }
 
 async fn domains_on(n: &Node) -> BTreeSet<String> {
-    let (status, body) = n.api_get("/api/v1/domains").await;
+    let (status, body) = n.api_list("/api/v1/domains").await;
     assert_eq!(status, 200, "GET /api/v1/domains: {body}");
     body.as_array()
         .expect("domain list")

@@ -121,7 +121,7 @@ async fn ab_switch_moves_all_traffic_between_tags() {
     assert_all_from(&node, "test.local", 10, "A", "after switch back to a").await;
 
     // The active pool endpoint shows the tag-a backend.
-    let (status, pool) = node.api_get("/api/v1/domains/test.local/backends").await;
+    let (status, pool) = node.api_list("/api/v1/domains/test.local/backends").await;
     assert_eq!(status, 200, "{pool}");
     let ids: Vec<&str> = pool
         .as_array()
@@ -253,7 +253,7 @@ tags = ["t"]
     );
     let node = Node::start(NodeOptions::new().extra(&extra)).await;
 
-    let (status, domains) = node.api_get("/api/v1/domains").await;
+    let (status, domains) = node.api_list("/api/v1/domains").await;
     assert_eq!(status, 200, "{domains}");
     let names: Vec<&str> = domains
         .as_array()
@@ -304,8 +304,8 @@ tags = ["t"]
 /// The replicated, user-set fields of every domain and backend (health fields excluded since
 /// probes change them).
 async fn snapshot(node: &Node) -> Value {
-    let (s1, domains) = node.api_get("/api/v1/domains").await;
-    let (s2, backends) = node.api_get("/api/v1/backends").await;
+    let (s1, domains) = node.api_list("/api/v1/domains").await;
+    let (s2, backends) = node.api_list("/api/v1/backends").await;
     assert_eq!((s1, s2), (200, 200), "list domains/backends");
     let backends: Vec<Value> = backends
         .as_array()
@@ -327,7 +327,7 @@ async fn domain_crud_happy_and_error_paths() {
     let (status, list) = node.api_get("/api/v1/domains").await;
     assert_eq!(
         (status, &list),
-        (200, &json!([])),
+        (200, &json!({"items": [], "total": 0, "next_cursor": null})),
         "fresh node has no domains"
     );
 
@@ -356,7 +356,7 @@ async fn domain_crud_happy_and_error_paths() {
     let (status, got) = node.api_get("/api/v1/domains/b-crud.test").await;
     assert_eq!(status, 200, "{got}");
     assert_eq!(got, d, "GET returns what POST returned");
-    let (_, list) = node.api_get("/api/v1/domains").await;
+    let (_, list) = node.api_list("/api/v1/domains").await;
     let names: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -523,7 +523,7 @@ async fn domain_crud_happy_and_error_paths() {
     assert_eq!(status, 404, "deleted domain is gone");
     let (status, _) = node.api_delete("/api/v1/domains/b-crud.test").await;
     assert_eq!(status, 404, "second DELETE is 404");
-    let (_, list) = node.api_get("/api/v1/domains").await;
+    let (_, list) = node.api_list("/api/v1/domains").await;
     assert_eq!(
         list.as_array().map(Vec::len),
         Some(1),
@@ -534,7 +534,7 @@ async fn domain_crud_happy_and_error_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_crud_happy_and_error_paths() {
     let node = Node::start_default().await;
-    let (status, list) = node.api_get("/api/v1/backends").await;
+    let (status, list) = node.api_list("/api/v1/backends").await;
     assert_eq!(
         (status, &list),
         (200, &json!([])),
@@ -565,7 +565,7 @@ async fn backend_crud_happy_and_error_paths() {
     assert_eq!(be1["tags"], json!([]), "tags default to []: {be1}");
     assert_eq!(be1["health_check_path"], "/ready", "{be1}");
 
-    let (_, list) = node.api_get("/api/v1/backends").await;
+    let (_, list) = node.api_list("/api/v1/backends").await;
     let ids: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -1143,7 +1143,7 @@ async fn https_serves_each_domain_its_own_certificate_over_h2() {
             "private keys are never returned: {d}"
         );
     }
-    let (_, listed) = node.api_get("/api/v1/domains").await;
+    let (_, listed) = node.api_list("/api/v1/domains").await;
     assert!(
         !listed.to_string().contains("PRIVATE KEY"),
         "private keys are never returned in lists"

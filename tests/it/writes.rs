@@ -471,7 +471,7 @@ async fn a_write_through_a_follower_follows_the_new_leader_when_the_old_one_free
     eprintln!("old leader refused {refused:?} late forwarded write(s)");
     cluster.wait_converged(Duration::from_secs(15)).await;
     for n in &cluster.nodes {
-        let (s, list) = n.api_get("/api/v1/domains").await;
+        let (s, list) = n.api_list("/api/v1/domains").await;
         assert_eq!(s, 200);
         let count = list
             .as_array()

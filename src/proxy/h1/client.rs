@@ -2,6 +2,7 @@
 //! the buffers reused from request to request, and the timed writes to the client.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +26,12 @@ pub(super) struct Client {
     pub(super) buf: Vec<u8>,
     pub(super) filled: usize,
     pub(super) tls: bool,
+    /// The client's address, after a PROXY protocol header: known once per connection.
+    pub(super) client_addr: Option<SocketAddr>,
     pub(super) client_ip: Option<String>,
+    /// The client is a trusted forwarder (`[proxy] trusted_forwarders`): its
+    /// `X-Forwarded-*` headers are kept.
+    pub(super) trusted_forwarder: bool,
     /// Upstream request (or our own answer) being built.
     pub(super) out: Vec<u8>,
     /// Response head rewritten for the client, when it cannot pass through as it came.
@@ -39,8 +45,10 @@ pub(super) struct Client {
     pub(super) client_timeout: Duration,
     /// The connection ends with a request body (maybe) unread: read it away before closing.
     pub(super) linger: bool,
-    /// For the access log: the client's port, the TLS facts, bytes sent so far.
-    pub(super) client_port: u16,
+    /// A backend connection that started with this client's PROXY protocol header
+    /// (`send_proxy_protocol`): kept for this client's next request, never pooled.
+    pub(super) private_upstream: Option<(SocketAddr, tokio::net::TcpStream)>,
+    /// For the access log: the TLS facts, bytes sent so far.
     pub(super) ssl: Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>>,
     pub(super) sni: Option<std::sync::Arc<str>>,
     pub(super) sent: u64,
@@ -66,9 +74,8 @@ pub(super) struct Trace {
 impl Client {
     pub(super) fn new(stream: ClientIo, client_timeout: Duration) -> Self {
         let tls = stream.is_tls();
-        let peer = stream.peer_addr();
-        let client_ip = peer.map(|a| a.ip().to_string());
-        let client_port = peer.map_or(0, |a| a.port());
+        let client_addr = stream.client_addr();
+        let client_ip = client_addr.map(|a| a.ip().to_string());
         let ssl = stream.ssl_digest();
         let sni = super::super::tls::sni_of(ssl.as_deref());
         Self {
@@ -76,14 +83,16 @@ impl Client {
             buf: buffers::take(buffers::REQUEST_BUF),
             filled: 0,
             tls,
+            client_addr,
             client_ip,
+            trusted_forwarder: false,
             out: Vec::with_capacity(2048),
             resp_head: Vec::new(),
             head_request: false,
             deadline: IoDeadline::default(),
             client_timeout,
             linger: false,
-            client_port,
+            private_upstream: None,
             ssl,
             sni,
             sent: 0,
@@ -108,6 +117,17 @@ impl Client {
         (self.stream.into_pingora(), unread)
     }
 
+    pub(super) fn ip(&self) -> Option<std::net::IpAddr> {
+        self.client_addr.map(|a| a.ip())
+    }
+
+    /// The client is at `addr`, as a PROXY protocol header said.
+    pub(super) fn set_client_addr(&mut self, addr: SocketAddr) {
+        self.stream.set_client_addr(addr);
+        self.client_addr = Some(addr);
+        self.client_ip = Some(addr.ip().to_string());
+    }
+
     /// Drops the first `n` buffered bytes (a request that has been handled).
     pub(super) fn consume(&mut self, n: usize) {
         let n = n.min(self.filled);
@@ -123,7 +143,7 @@ impl Client {
             buffers::give(std::mem::take(&mut self.buf));
             match &mut self.stream {
                 // Readiness comes from the reactor: no system call more per request.
-                ClientIo::Tcp(tcp) => tcp.readable().await?,
+                ClientIo::Tcp(tcp, _) => tcp.readable().await?,
                 // TLS: one byte, the rest of the record stays decrypted in the TLS buffers.
                 ClientIo::Pingora(stream) => {
                     let mut first = [0u8; 1];

@@ -2,7 +2,6 @@
 //! (`rules`), and answer it ourselves or forward it; keep the connection or end it.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use pingora_core::server::ShutdownWatch;
@@ -14,7 +13,7 @@ use super::super::replay::RequestEnd;
 use super::super::request_id::RequestId;
 use super::super::rules::{self, Decision};
 use super::super::strict::Refusal;
-use super::super::table::{Route, RoutingTable};
+use super::super::table::{Route, RoutingTable, Target};
 use super::super::tls;
 use super::super::DataPlane;
 use super::client::{Client, Trace};
@@ -58,6 +57,7 @@ impl VhostApp {
                         &mut client.out,
                         client.client_ip.as_deref(),
                         client.tls,
+                        client.trusted_forwarder,
                         self.strict,
                         self.request_ids,
                     ) {
@@ -228,7 +228,7 @@ impl VhostApp {
         client: &mut Client,
         head: &RequestHead,
         decision: Decision,
-    ) -> (u16, Outcome, Option<Arc<Route>>) {
+    ) -> (u16, Outcome, Option<Target>) {
         // An answer of ours leaves any request body unread: close unless there is none.
         let own_answer_outcome = if head.content_length == 0 {
             Outcome::KeepAlive
@@ -323,10 +323,14 @@ fn start_record(
     table: &RoutingTable,
     decision: &Decision,
 ) -> Option<Record> {
-    let route = match decision {
-        Decision::Proxy(route) => Some(route),
+    let looked_up;
+    let route: Option<&Route> = match decision {
+        Decision::Proxy(target) => Some(&target.route),
         // Our answers for a known domain (the https redirect) follow its switches too.
-        Decision::Redirect(_) => table.lookup(&head.host),
+        Decision::Redirect(_) => {
+            looked_up = table.lookup(&head.host);
+            looked_up.as_ref().map(|t| &*t.route)
+        }
         Decision::AcmeChallenge(_) | Decision::UnknownHost => None,
     };
     if route.is_some_and(|r| !r.access_log) {
@@ -364,7 +368,8 @@ fn finish_record(
     data: &DataPlane,
 ) {
     record.status = status;
-    record.client_port = client.client_port;
+    // The address the connection settled on (a PROXY protocol header's, if any).
+    record.client_port = client.client_addr.map_or(0, |a| a.port());
     record.tls_version = tls::tls_version(client.ssl.as_deref());
     record.bytes_out = client.sent - sent_before;
     record.duration_us = started.elapsed().as_micros() as u64;

@@ -12,12 +12,14 @@ use super::super::deadline::IoDeadline;
 use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
-use super::super::table::Route;
+use super::super::send_proxy::ProxyHeader;
+use super::super::table::Target;
 use super::buffers;
 use super::client::Client;
 use super::parse::RequestHead;
 use super::{Outcome, VhostApp, MAX_HEAD};
 use crate::live::{BackendRuntime, InFlight};
+use crate::proxy_protocol::Version;
 
 /// Request bodies up to this size are read before sending, so a failed attempt can be sent
 /// again (to a fresh connection or another backend). Larger bodies stream, without retry.
@@ -87,7 +89,7 @@ impl VhostApp {
         &self,
         client: &mut Client,
         head: &RequestHead,
-        route: &Route,
+        route: &Target,
     ) -> (u16, Outcome) {
         let replayable = head.content_length <= REPLAY_LIMIT;
         if replayable && head.content_length > 0 {
@@ -132,7 +134,8 @@ impl VhostApp {
             let attempt_started = client.trace.timing.then(Instant::now);
             let result = match addr {
                 Some(addr) => {
-                    self.attempt(client, head, addr, &upstream.runtime, replayable)
+                    let to = (addr, upstream.send_proxy);
+                    self.attempt(client, head, to, &upstream.runtime, replayable)
                         .await
                 }
                 None => Err(AttemptError::NoAddress),
@@ -166,26 +169,29 @@ impl VhostApp {
         }
     }
 
-    /// One attempt on one backend: send the request, relay the response.
+    /// One attempt on one backend (its address, and the PROXY protocol header it wants):
+    /// send the request, relay the response.
     async fn attempt(
         &self,
         client: &mut Client,
         head: &RequestHead,
-        addr: SocketAddr,
+        (addr, send_proxy): (SocketAddr, Option<Version>),
         runtime: &BackendRuntime,
         replayable: bool,
     ) -> Result<(u16, Outcome), AttemptError> {
-        let (mut upstream, reused) = match pool::take(addr) {
-            Some(conn) => {
-                client.trace.connect_us = client.trace.timing.then_some(0);
-                (conn, true)
-            }
-            None => {
-                let started = client.trace.timing.then(Instant::now);
-                let conn = self.connect(addr).await?;
-                client.trace.connect_us = started.map(|t| t.elapsed().as_micros() as u64);
-                (conn, false)
-            }
+        let started = client.trace.timing.then(Instant::now);
+        let (mut upstream, reused) = match send_proxy {
+            None => match pool::take(addr) {
+                Some(conn) => (conn, true),
+                None => (self.connect(addr).await?, false),
+            },
+            Some(version) => self.connect_proxied(client, addr, version).await?,
+        };
+        // A kept connection took no connect time.
+        client.trace.connect_us = match (started, reused) {
+            (None, _) => None,
+            (Some(_), true) => Some(0),
+            (Some(t), false) => Some(t.elapsed().as_micros() as u64),
         };
 
         let sent = self
@@ -228,7 +234,10 @@ impl VhostApp {
         };
         outcome::record_response(status, runtime);
         if upstream_reusable {
-            pool::put(addr, upstream);
+            match send_proxy {
+                None => pool::put(addr, upstream),
+                Some(_) => client.private_upstream = Some((addr, upstream)),
+            }
         }
         Ok((status, outcome))
     }
@@ -298,6 +307,33 @@ impl VhostApp {
             left -= n;
         }
         Ok(())
+    }
+
+    /// A connection to a backend that wants the PROXY protocol header: this client's own
+    /// from its last request, or a new one that starts with the header.
+    async fn connect_proxied(
+        &self,
+        client: &mut Client,
+        addr: SocketAddr,
+        version: Version,
+    ) -> Result<(TcpStream, bool), AttemptError> {
+        if let Some((kept, conn)) = client.private_upstream.take() {
+            if kept == addr && pool::still_open(&conn) {
+                return Ok((conn, true));
+            }
+        }
+        let mut conn = self.connect(addr).await?;
+        let header = ProxyHeader::new(version, client.client_addr, client.stream.local_addr());
+        let timeout = self.read_timeout;
+        write_upstream(
+            &mut conn,
+            header.as_bytes(),
+            &mut client.deadline,
+            timeout,
+            false,
+        )
+        .await?;
+        Ok((conn, false))
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {

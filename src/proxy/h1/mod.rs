@@ -36,6 +36,7 @@ mod parse;
 mod relay;
 
 use super::client_io::ClientIo;
+use super::edge::Edge;
 use super::replay::{Replayed, RequestEnd};
 use super::service::VhostProxy;
 use super::strict::{self, Strictness};
@@ -61,6 +62,8 @@ pub struct VhostApp {
     strict: Strictness,
     /// `[proxy] request_id`: keep or make `X-Request-Id`.
     request_ids: bool,
+    /// PROXY protocol and forwarded-header trust.
+    edge: Arc<Edge>,
     /// The HTTPS listener's handshake (`tls_accept`), when it has one.
     tls: Option<TlsListener>,
 }
@@ -69,6 +72,7 @@ impl VhostApp {
     pub fn new(proxy: VhostProxy, conf: &Arc<ServerConf>) -> Self {
         let data = proxy.data.clone();
         let metrics = proxy.metrics.clone();
+        let edge = proxy.edge.clone();
         let (connect_timeout, read_timeout, https_port, client_timeout, strict, request_ids) = (
             proxy.connect_timeout,
             proxy.read_timeout,
@@ -93,6 +97,7 @@ impl VhostApp {
             https_port,
             strict,
             request_ids,
+            edge,
             tls: None,
         }
     }
@@ -112,7 +117,11 @@ impl ServerApp for VhostApp {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let stream = match &self.tls {
-            Some(tls) if tls.is_mine(&stream) => tls.handshake(stream).await?,
+            Some(tls) if tls.is_mine(&stream) => {
+                // A PROXY protocol header comes before the ClientHello.
+                let stream = self.edge.before_tls(stream, self.client_timeout).await?;
+                tls.handshake(stream).await?
+            }
             _ => stream,
         };
         // For the access log, on both paths, for as long as the connection is served.
@@ -127,6 +136,11 @@ impl ServerApp for VhostApp {
         }
         let io = ClientIo::from_accepted(stream)?;
         let mut client = Client::new(io, self.client_timeout);
+        // TLS connections had their PROXY protocol header read before the handshake.
+        if !client.tls {
+            self.proxy_protocol(&mut client).await?;
+        }
+        client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
         while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
             let (stream, unread) = client.into_parts();
@@ -141,6 +155,7 @@ impl ServerApp for VhostApp {
             let (stream, unread) = self.serve_one_by_pingora(replayed, true, shutdown).await?;
             // Back to the lean loop for the next request (pipelined or not).
             client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
+            client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
         }
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
@@ -157,6 +172,30 @@ impl ServerApp for VhostApp {
 }
 
 impl VhostApp {
+    /// A plain connection's PROXY protocol header (`edge`): `None` closes the connection.
+    async fn proxy_protocol(&self, client: &mut Client) -> Option<()> {
+        let Some(expect) = self.edge.expect(client.ip()) else {
+            // Off: nothing is looked for.
+            return Some(());
+        };
+        let Client {
+            stream,
+            buf,
+            filled,
+            ..
+        } = client;
+        match self
+            .edge
+            .start(expect, stream, buf, filled, self.client_timeout)
+            .await
+        {
+            Ok(Some(addr)) => client.set_client_addr(addr),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        Some(())
+    }
+
     /// Pingora's proxy serves the one request `replayed` lets it read; the connection comes
     /// back (with what was read past that request) when it may be reused.
     async fn serve_one_by_pingora(

@@ -58,11 +58,14 @@ fn bad_target(buf: &[u8]) -> Option<bool> {
 }
 
 /// Parses a request head from `buf` and writes the upstream request head into `out`.
+/// `trust_forwarded`: the client is a trusted forwarder (`[proxy] trusted_forwarders`), whose
+/// `X-Forwarded-*` headers are kept; anyone else's are replaced.
 pub(super) fn parse_request(
     buf: &[u8],
     out: &mut Vec<u8>,
     client_ip: Option<&str>,
     tls: bool,
+    trust_forwarded: bool,
     rules: Strictness,
     request_ids: bool,
 ) -> Parsed {
@@ -106,6 +109,8 @@ pub(super) fn parse_request(
     let mut host: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut forwarded_for: Option<&[u8]> = None;
+    let mut forwarded_host: Option<&[u8]> = None;
+    let mut forwarded_proto: Option<&[u8]> = None;
     let mut transfer_encoding: Vec<&[u8]> = Vec::new();
     let mut client_request_id: Option<&[u8]> = None;
     let mut user_agent = 0..0;
@@ -158,7 +163,10 @@ pub(super) fn parse_request(
                 }
                 false
             }
-            16 if name.eq_ignore_ascii_case("x-forwarded-host") => false,
+            16 if name.eq_ignore_ascii_case("x-forwarded-host") => {
+                forwarded_host.get_or_insert(h.value);
+                false
+            }
             // Replaced by the id checked (or made) below; the first one counts.
             12 if request_ids && name.eq_ignore_ascii_case("x-request-id") => {
                 client_request_id.get_or_insert(h.value);
@@ -172,7 +180,10 @@ pub(super) fn parse_request(
                 referer = range(h.value);
                 true
             }
-            17 if name.eq_ignore_ascii_case("x-forwarded-proto") => false,
+            17 if name.eq_ignore_ascii_case("x-forwarded-proto") => {
+                forwarded_proto.get_or_insert(h.value);
+                false
+            }
             17 if name.eq_ignore_ascii_case("transfer-encoding") => {
                 transfer_encoding.push(h.value);
                 false
@@ -226,6 +237,10 @@ pub(super) fn parse_request(
     };
     let host = answers::normalize_host(host_raw.trim());
 
+    // From anyone but a trusted forwarder, what the client claims is replaced.
+    if !trust_forwarded {
+        (forwarded_for, forwarded_host, forwarded_proto) = (None, None, None);
+    }
     if let Some(ip) = client_ip {
         out.extend_from_slice(b"X-Forwarded-For: ");
         if let Some(prev) = forwarded_for.filter(|p| !p.is_empty()) {
@@ -239,13 +254,14 @@ pub(super) fn parse_request(
         out.extend_from_slice(prev);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(if tls {
-        b"X-Forwarded-Proto: https\r\n".as_slice()
-    } else {
-        b"X-Forwarded-Proto: http\r\n".as_slice()
+    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    out.extend_from_slice(match forwarded_proto {
+        Some(proto) => proto,
+        None if tls => b"https",
+        None => b"http",
     });
-    out.extend_from_slice(b"X-Forwarded-Host: ");
-    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\nX-Forwarded-Host: ");
+    out.extend_from_slice(forwarded_host.unwrap_or(host.as_bytes()));
     out.extend_from_slice(b"\r\n");
     let request_id = if request_ids {
         let id = RequestId::keep_or_generate(client_request_id);
@@ -475,12 +491,18 @@ mod tests {
     }
 
     fn req_with(raw: &str, rules: Strictness) -> (Req, String) {
+        req_from(raw, rules, false)
+    }
+
+    fn req_from(raw: &str, rules: Strictness, trusted: bool) -> (Req, String) {
         let mut out = Vec::new();
+        let client = Some("10.0.0.9");
         let r = match parse_request(
             raw.as_bytes(),
             &mut out,
-            Some("10.0.0.9"),
+            client,
             false,
+            trusted,
             rules,
             false,
         ) {
@@ -626,15 +648,29 @@ mod tests {
 
     #[test]
     fn the_upstream_head_drops_hop_by_hop_and_sets_forwarding_headers() {
-        let (r, out) = req(
-            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\nTE: trailers\r\nTrailer: x\r\n\
+        let raw = "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\nTE: trailers\r\nTrailer: x\r\n\
              Proxy-Connection: keep-alive\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\
-             X-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n",
-        );
+             X-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n";
+        // From anyone: the forwarding headers are ours only.
+        let (r, out) = req(raw);
         assert!(matches!(r, Req::Lean(..)), "{r:?}");
         assert_eq!(
             out,
+            "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.9\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"
+        );
+        // From a trusted forwarder: kept, the client address appended.
+        let (_, out) = req_from(raw, RULES, true);
+        assert_eq!(
+            out,
             "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
+             X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n\r\n"
+        );
+        // A trusted forwarder that sent none: ours.
+        let (_, out) = req_from("GET / HTTP/1.1\r\nHost: a\r\n\r\n", RULES, true);
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.9\r\n\
              X-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\n\r\n"
         );
     }
@@ -777,7 +813,8 @@ mod tests {
     /// The upstream head's `X-Request-Id` (and the head's id) for a request.
     fn request_id_of(raw: &str) -> (String, Vec<String>) {
         let mut out = Vec::new();
-        let Parsed::Request(h) = parse_request(raw.as_bytes(), &mut out, None, false, RULES, true)
+        let Parsed::Request(h) =
+            parse_request(raw.as_bytes(), &mut out, None, false, false, RULES, true)
         else {
             panic!("not a lean request: {raw}");
         };
@@ -832,7 +869,7 @@ mod tests {
         let mut out = Vec::new();
         let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: a b\r\n\r\n";
         assert!(matches!(
-            parse_request(raw.as_bytes(), &mut out, None, false, RULES, false),
+            parse_request(raw.as_bytes(), &mut out, None, false, false, RULES, false),
             Parsed::Request(_)
         ));
         let upstream = String::from_utf8(out).unwrap();

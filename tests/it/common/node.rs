@@ -574,6 +574,31 @@ timeout_secs = 1
             .await
     }
 
+    /// Every item of a paged list (`{"items","total","next_cursor"}`), following the cursors
+    /// with the largest page: the status of the first failing page (or 200) and the items as
+    /// one array.
+    pub async fn api_list(&self, path: &str) -> (u16, Value) {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let first = format!("{path}{sep}limit=1000");
+        let mut url = first.clone();
+        let mut items = Vec::new();
+        loop {
+            let (status, page) = self.api_get(&url).await;
+            if status != 200 {
+                return (status, page);
+            }
+            items.extend(
+                page["items"].as_array().cloned().unwrap_or_else(|| {
+                    panic!("GET {url}: a page must have an items array: {page}")
+                }),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => url = format!("{first}&cursor={c}"),
+                None => return (200, Value::Array(items)),
+            }
+        }
+    }
+
     pub async fn api_post(&self, path: &str, body: Value) -> (u16, Value) {
         self.api_request(
             reqwest::Method::POST,

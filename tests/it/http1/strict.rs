@@ -391,7 +391,25 @@ async fn chunk_sizes_with_leading_zeros_are_accepted() {
 async fn a_malformed_chunked_body_after_the_head_never_reaches_a_backend() {
     let origin = echo_origin().await;
     let host = "late-chunk.test";
-    let node = strict_node(&origin, host, "").await;
+    // Health probes open connections of their own: a new backend is probed at once, then
+    // once per interval. Counted from after the first probe, with no second one to come.
+    let options = NodeOptions::new().health_interval(3600);
+    let node = node_with_origin_and(options, &origin, host).await;
+    node.wait_route(host, "/", "ready").await;
+    let probed = || {
+        origin.received().iter().any(|r| {
+            r.header("user-agent")
+                .is_some_and(|ua| ua.starts_with("pingora-vhost-health"))
+        })
+    };
+    let waiting = std::time::Instant::now();
+    while !probed() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no health probe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let connections = origin.connections();
     // The head alone, then a malformed size line: the head is held until the first size
     // line is read.
