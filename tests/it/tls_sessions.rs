@@ -53,6 +53,22 @@ async fn s_client(node: &Node, version: &str, sess_in: Option<&Path>, sess_out: 
     )
 }
 
+/// Adds `HOST` with `cert` through `node`'s API.
+async fn add_domain(node: &Node, cert: &TestCert) {
+    let (status, body) = node
+        .api_post(
+            "/api/v1/domains",
+            json!({
+                "domain": HOST,
+                "enabled_backends_tag": "a",
+                "cert_pem": cert.cert_pem,
+                "key_pem": cert.key_pem,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
 /// Whether s_client's session was resumed (`Reused, TLSv1.x`) rather than new (`New, ...`).
 fn reused(out: &str) -> bool {
     out.lines().any(|l| l.starts_with("Reused,"))
@@ -62,33 +78,10 @@ fn reused(out: &str) -> bool {
 async fn a_session_ticket_from_one_node_resumes_on_another() {
     let cluster = Cluster::start(3, |_| NodeOptions::new()).await;
     let cert = self_signed(&[HOST]);
-    let (status, body) = cluster
-        .node(1)
-        .api_post(
-            "/api/v1/domains",
-            json!({
-                "domain": HOST,
-                "enabled_backends_tag": "a",
-                "cert_pem": cert.cert_pem,
-                "key_pem": cert.key_pem,
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    add_domain(cluster.node(1), &cert).await;
     // Another cluster (its own keys) with the same certificate: it cannot open the tickets.
     let stranger = Node::start_default().await;
-    let (status, body) = stranger
-        .api_post(
-            "/api/v1/domains",
-            json!({
-                "domain": HOST,
-                "enabled_backends_tag": "a",
-                "cert_pem": cert.cert_pem,
-                "key_pem": cert.key_pem,
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    add_domain(&stranger, &cert).await;
 
     let dir = tempfile::tempdir().expect("temp dir");
     for version in ["-tls1_3", "-tls1_2"] {
