@@ -46,6 +46,15 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
+/// Runs CPU-heavy storage work (JSON of multi-megabyte entries and snapshots, applying and
+/// publishing a big batch) on the blocking pool: on the control plane's two async workers it
+/// held up Raft heartbeats long enough to lose the leader after a 24,000-domain seed.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(write_err)?
+}
+
 /// Called after every applied batch with the new state and what the batch may have changed;
 /// updates and publishes the routing snapshot the proxy reads.
 pub type Publisher = Arc<dyn Fn(&State, &Changes) + Send + Sync>;
@@ -242,9 +251,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        // Reads are served from redb's page cache; no need for the blocking pool.
-        self.read_entries(range)
-            .map_err(|e| StorageIOError::read_logs(&std::io::Error::other(e.to_string())).into())
+        // redb's page cache makes the read cheap, but decoding entries of up to 4 MiB is not.
+        let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let this = self.clone();
+        blocking(move || {
+            this.read_entries((start, end)).map_err(|e| {
+                StorageIOError::read_logs(&std::io::Error::other(e.to_string())).into()
+            })
+        })
+        .await
     }
 }
 
@@ -303,16 +318,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
-        for e in entries {
-            rows.push((e.log_id.index, serde_json::to_vec(&e).map_err(write_err)?));
-        }
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         // One write transaction per batch; the callback fires only after the fsynced commit.
+        // Encoding happens inside it, on the blocking pool (entries are up to 4 MiB).
         let res = self
             .write(move |tx| {
                 let mut t = tx.open_table(LOG)?;
-                for (idx, bytes) in &rows {
-                    t.insert(*idx, bytes.as_slice())?;
+                for e in &entries {
+                    let bytes = serde_json::to_vec(e)
+                        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+                    t.insert(e.log_id.index, bytes.as_slice())?;
                 }
                 Ok(())
             })
@@ -455,26 +470,76 @@ impl StateMachineStore {
         })
     }
 
-    async fn persist_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
+    /// Blocking: encodes and stores the snapshot (called on the blocking pool).
+    fn persist_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
         let bytes = serde_json::to_vec(snap).map_err(write_err)?;
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
-            let tx = db.begin_write()?;
+        (|| -> Result<(), redb::Error> {
+            let tx = self.inner.db.begin_write()?;
             tx.open_table(META)?
                 .insert(KEY_SNAPSHOT, bytes.as_slice())?;
             tx.commit()?;
             Ok(())
-        })
-        .await
-        .map_err(write_err)?
+        })()
         .map_err(write_err)
+    }
+
+    /// Blocking: applies a batch of committed entries and publishes the result once.
+    fn apply_batch(&self, entries: Vec<Entry<TypeConfig>>) -> Vec<Outcome> {
+        let (results, last) = {
+            let mut sm = self.lock();
+            let mut changes = Changes::default();
+            let results: Vec<Outcome> = entries
+                .iter()
+                .map(|e| {
+                    if let EntryPayload::Normal(p) = &e.payload {
+                        changes.add(p.command());
+                    }
+                    sm.apply_entry(e)
+                })
+                .collect();
+            // Publish once per batch, before the caller gets its answer: a write is live in the
+            // proxy when the API call returns.
+            (self.inner.publish)(&sm.state, &changes);
+            (results, sm.last_applied.map(|l| l.index).unwrap_or(0))
+        };
+        self.inner.applied_tx.send_replace(last);
+        results
+    }
+
+    /// Blocking: decodes, stores and adopts a snapshot received from the leader.
+    fn install(
+        &self,
+        meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: Vec<u8>,
+    ) -> StorageResult<u64> {
+        let new: SnapshotData = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let snap = StoredSnapshot { meta, data };
+        self.persist_snapshot(&snap)?;
+        let meta = snap.meta;
+        let last = {
+            let mut sm = self.lock();
+            sm.state = new.state;
+            sm.writes = new.writes;
+            sm.last_applied = meta.last_log_id;
+            sm.last_membership = meta.last_membership;
+            (self.inner.publish)(&sm.state, &Changes::everything());
+            sm.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        self.inner.applied_tx.send_replace(last);
+        Ok(last)
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let snap = self.snapshot_of()?;
-        self.persist_snapshot(&snap).await?;
+        let this = self.clone();
+        let snap = blocking(move || {
+            let snap = this.snapshot_of()?;
+            this.persist_snapshot(&snap)?;
+            Ok(snap)
+        })
+        .await?;
         Ok(Snapshot {
             meta: snap.meta,
             snapshot: Box::new(Cursor::new(snap.data)),
@@ -500,25 +565,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (results, last) = {
-            let mut sm = self.lock();
-            let mut changes = Changes::default();
-            let results: Vec<Outcome> = entries
-                .into_iter()
-                .map(|e| {
-                    if let EntryPayload::Normal(p) = &e.payload {
-                        changes.add(p.command());
-                    }
-                    sm.apply_entry(&e)
-                })
-                .collect();
-            // Publish once per batch, before the caller gets its answer: a write is live in the
-            // proxy when the API call returns.
-            (self.inner.publish)(&sm.state, &changes);
-            (results, sm.last_applied.map(|l| l.index).unwrap_or(0))
-        };
-        self.inner.applied_tx.send_replace(last);
-        Ok(results)
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let this = self.clone();
+        blocking(move || Ok(this.apply_batch(entries))).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -534,24 +583,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        let new: SnapshotData = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let snap = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        self.persist_snapshot(&snap).await?;
-        let last = {
-            let mut sm = self.lock();
-            sm.state = new.state;
-            sm.writes = new.writes;
-            sm.last_applied = meta.last_log_id;
-            sm.last_membership = meta.last_membership.clone();
-            (self.inner.publish)(&sm.state, &Changes::everything());
-            sm.last_applied.map(|l| l.index).unwrap_or(0)
-        };
-        self.inner.applied_tx.send_replace(last);
+        let (this, meta, data) = (self.clone(), meta.clone(), snapshot.into_inner());
+        let last = blocking(move || this.install(meta, data)).await?;
         tracing::info!(
             last_log_index = last,
             "installed a snapshot received from the leader"
@@ -563,9 +596,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let log = LogStore {
             db: self.inner.db.clone(),
         };
-        let snap: Option<StoredSnapshot> = log
-            .meta_get(KEY_SNAPSHOT)
-            .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+        let snap: Option<StoredSnapshot> = blocking(move || {
+            log.meta_get(KEY_SNAPSHOT)
+                .map_err(|e| read_err(std::io::Error::other(e.to_string())))
+        })
+        .await?;
         Ok(snap.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),

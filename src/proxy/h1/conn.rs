@@ -50,7 +50,7 @@ impl VhostApp {
         let mut served_at_arm: u64 = 0;
         loop {
             // Wait for a complete request head.
-            let head = loop {
+            let mut head = loop {
                 if client.filled > 0 {
                     match parse_request(
                         &client.buf[..client.filled],
@@ -75,14 +75,16 @@ impl VhostApp {
                         }
                         Parsed::Partial => {}
                     }
-                } else if *shutdown.borrow() {
+                } else if served > 0 && *shutdown.borrow() {
                     return End::Close;
                 }
                 let read = tokio::select! {
                     biased;
                     r = client.read_more(MAX_HEAD) => r,
-                    // Shutdown closes idle connections; a request being read still finishes.
-                    _ = &mut shutdown_signal, if client.filled == 0 => return End::Close,
+                    // Shutdown closes idle keep-alive connections; a request being read still
+                    // finishes, and so does the first one of a connection accepted just before
+                    // shutdown: its client has sent, or is sending, a request it expects answered.
+                    _ = &mut shutdown_signal, if client.filled == 0 && served > 0 => return End::Close,
                     _ = &mut idle => {
                         // The timer is re-armed only when it fires: a connection is closed
                         // after one to two client timeouts without a request.
@@ -104,6 +106,9 @@ impl VhostApp {
                 }
             };
             served += 1;
+            // Draining: this answer says `Connection: close`, so a pooled client does not
+            // send its next request down a connection about to close.
+            head.close |= *shutdown.borrow();
             client.head_request = head.head_method;
             client.request_id = head.request_id;
             let _in_flight = NodeInFlight::new(&self.data);
@@ -229,8 +234,9 @@ impl VhostApp {
         head: &RequestHead,
         decision: Decision,
     ) -> (u16, Outcome, Option<Target>) {
-        // An answer of ours leaves any request body unread: close unless there is none.
-        let own_answer_outcome = if head.content_length == 0 {
+        // An answer of ours leaves any request body unread: close unless there is none (or
+        // the connection ends anyway: asked by the client, or draining).
+        let own_answer_outcome = if head.content_length == 0 && !head.close {
             Outcome::KeepAlive
         } else {
             Outcome::Close
