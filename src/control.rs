@@ -337,13 +337,18 @@ impl ControlPlane {
         tokio::time::sleep(Duration::from_millis(100)).await;
         loop {
             let n = self.data.requests_in_flight.load(Ordering::Relaxed);
-            if n <= 0 {
+            // Connections without a request close within a second of the shutdown (or after
+            // their next answer): waiting for them keeps a pooled client's next request from
+            // meeting a connection closed by the process exit.
+            let open = self.data.connections_open.load(Ordering::Relaxed);
+            if n <= 0 && open <= 0 {
                 tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
                 return;
             }
             if started.elapsed() >= grace {
                 tracing::warn!(
                     in_flight = n,
+                    connections_open = open,
                     "grace period over; closing remaining requests"
                 );
                 return;

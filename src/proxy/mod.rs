@@ -48,6 +48,8 @@ pub struct DataPlane {
     pub live: Arc<Live>,
     /// Client requests being served right now (for graceful drain on SIGTERM).
     pub requests_in_flight: AtomicI64,
+    /// Client connections open right now: shutdown waits for them to drain too.
+    pub connections_open: AtomicI64,
     /// Where both request paths leave their access log records (off unless configured).
     pub access_log: AccessLog,
     /// TLS session tickets, sealed with the cluster's shared keys.
@@ -64,6 +66,7 @@ impl DataPlane {
             certs: Arc::new(certs),
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
+            connections_open: AtomicI64::new(0),
             access_log: AccessLog::off(),
             tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
             compiler: Mutex::new(table::Compiler::default()),

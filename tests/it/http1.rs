@@ -1146,3 +1146,64 @@ async fn idle_http2_connections_close_after_the_client_timeout() {
 }
 
 mod strict;
+
+/// Graceful shutdown drains connections instead of closing them under a client: one that sat
+/// idle between requests and one accepted just before the signal both get their next request
+/// answered, marked `Connection: close`, after SIGTERM; a connection that sends nothing is
+/// closed by the node within the drain window; the node exits 0 as soon as all are gone, well
+/// before its grace period ends. (Closing idle keep-alive connections at once failed about one
+/// pooled request in 13,000 during rolling restarts.)
+#[tokio::test]
+async fn sigterm_answers_the_next_request_of_idle_and_fresh_connections_then_closes_them() {
+    const GRACE_SECS: u64 = 30;
+    let origin = ScriptedOrigin::start(Arc::new(|_: &Received| {
+        (answer("drained"), After::KeepOpen)
+    }))
+    .await;
+    let options = NodeOptions::new().proxy(&format!("shutdown_grace_secs = {GRACE_SECS}"));
+    let mut node = node_with_origin_and(options, &origin, "drain.test").await;
+    node.wait_route("drain.test", "/", "drained").await;
+
+    let mut idle = RawClient::connect(&node).await;
+    let r = idle.get_routed("drain.test").await;
+    assert_eq!((r.status, r.header("connection")), (200, None));
+    let mut fresh = RawClient::connect(&node).await;
+    let mut silent = RawClient::connect(&node).await;
+    // The connections are accepted (served by the node) before the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let signalled = std::time::Instant::now();
+    node.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (name, c) in [("idle keep-alive", &mut idle), ("fresh", &mut fresh)] {
+        c.send(&get("drain.test", "/")).await;
+        let r = c.response(false).await;
+        assert_eq!(
+            (r.status, r.body_text().as_str()),
+            (200, "drained"),
+            "the {name} connection's request after SIGTERM is answered"
+        );
+        assert_eq!(
+            r.header("connection")
+                .map(|v| v.to_ascii_lowercase())
+                .as_deref(),
+            Some("close"),
+            "the answer on the {name} connection tells the client it closes: {}",
+            r.head
+        );
+        assert!(
+            c.closed().await,
+            "the {name} connection closes after that answer"
+        );
+    }
+    assert!(
+        silent.closed().await,
+        "a connection that sends nothing is closed within the drain window"
+    );
+    let status = node
+        .wait_exit(Duration::from_secs(GRACE_SECS - 10))
+        .await
+        .expect("the node exits once its connections are drained, before the grace period ends");
+    assert_eq!(status.code(), Some(0));
+    eprintln!("drained and exited {:?} after SIGTERM", signalled.elapsed());
+}

@@ -22,6 +22,10 @@ use super::{End, Outcome, VhostApp, MAX_HEAD};
 use crate::clock;
 use crate::observability::access_log::{Protocol, Record, Text};
 
+/// How long a connection without a request in progress stays open once shutdown begins, for
+/// its client's next request (answered, then the connection closes).
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Counts a request in flight on the node for as long as it lives.
 struct NodeInFlight<'a>(&'a DataPlane);
 
@@ -48,6 +52,7 @@ impl VhostApp {
         tokio::pin!(idle);
         let mut served: u64 = 0;
         let mut served_at_arm: u64 = 0;
+        let mut draining = false;
         loop {
             // Wait for a complete request head.
             let mut head = loop {
@@ -75,16 +80,20 @@ impl VhostApp {
                         }
                         Parsed::Partial => {}
                     }
-                } else if served > 0 && *shutdown.borrow() {
-                    return End::Close;
                 }
                 let read = tokio::select! {
                     biased;
                     r = client.read_more(MAX_HEAD) => r,
-                    // Shutdown closes idle keep-alive connections; a request being read still
-                    // finishes, and so does the first one of a connection accepted just before
-                    // shutdown: its client has sent, or is sending, a request it expects answered.
-                    _ = &mut shutdown_signal, if client.filled == 0 && served > 0 => return End::Close,
+                    // Draining: a connection without a request gets a short while to send one
+                    // (answered with `Connection: close`) rather than being closed at once, under
+                    // a pooled client that may be sending on it right then: that race failed
+                    // requests during restarts. A request being read just finishes.
+                    _ = &mut shutdown_signal, if client.filled == 0 && !draining => {
+                        draining = true;
+                        served_at_arm = served;
+                        idle.as_mut().reset(deadline_after(DRAIN_IDLE.min(self.client_timeout)));
+                        continue;
+                    }
                     _ = &mut idle => {
                         // The timer is re-armed only when it fires: a connection is closed
                         // after one to two client timeouts without a request.
@@ -115,7 +124,8 @@ impl VhostApp {
             let (status, outcome) = self.handle(client, &head).await;
             self.metrics.request_done(status);
             match outcome {
-                Outcome::KeepAlive if !head.close && !*shutdown.borrow() => {}
+                // Shutdown that began during this request drains the connection (above).
+                Outcome::KeepAlive if !head.close => {}
                 Outcome::KeepAlive => return End::Close,
                 Outcome::Close => {
                     // Ended early (our own answer, a failure, the backend's early answer):

@@ -16,6 +16,7 @@
 //! connection's buffers and timed writes). What a request gets and what a backend failure
 //! means are decided in `rules` and `outcome`, shared with Pingora's path.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +110,22 @@ impl VhostApp {
     }
 }
 
+/// Counts a client connection open for as long as it is served (graceful drain).
+struct ConnectionOpen<'a>(&'a DataPlane);
+
+impl<'a> ConnectionOpen<'a> {
+    fn new(node: &'a DataPlane) -> Self {
+        node.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self(node)
+    }
+}
+
+impl Drop for ConnectionOpen<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[async_trait]
 impl ServerApp for VhostApp {
     async fn process_new(
@@ -116,6 +133,7 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = ConnectionOpen::new(&self.data);
         let stream = match &self.tls {
             Some(tls) if tls.is_mine(&stream) => {
                 // A PROXY protocol header comes before the ClientHello.
