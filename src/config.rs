@@ -351,6 +351,17 @@ pub struct HealthCheckConfig {
     /// at or above the cluster size every node probes every backend. default 2, 1..=1000
     #[serde(deserialize_with = "int::<_, _, 1, 1000>")]
     pub probers_per_backend: usize,
+    /// How long a passive ejection (a run of 5xx answers or timeouts from real traffic) keeps
+    /// a backend out; each repeat doubles it. default 30, 1..=3600
+    #[serde(deserialize_with = "int::<_, _, 1, 3600>")]
+    pub passive_ejection_secs: u64,
+    /// The longest an ejection lasts. default 300, 1..=86400, >= passive_ejection_secs
+    #[serde(deserialize_with = "int::<_, _, 1, DAY_SECS>")]
+    pub passive_ejection_max_secs: u64,
+    /// The most of a pool that passive ejections may hold out at once, rounded down (so a
+    /// lone backend is never ejected at 50). default 50, 0..=100
+    #[serde(deserialize_with = "int::<_, _, 0, 100>")]
+    pub passive_max_ejected_percent: u8,
 }
 
 /// `[resolver]`: how backend names are looked up (IP literals need no lookup).
@@ -542,6 +553,9 @@ impl Default for HealthCheckConfig {
             healthy_threshold: 2,
             path: HealthPath::parse("/health").expect("a valid default"),
             probers_per_backend: 2,
+            passive_ejection_secs: 30,
+            passive_ejection_max_secs: 300,
+            passive_max_ejected_percent: 50,
         }
     }
 }
@@ -1106,6 +1120,17 @@ impl Checker<'_> {
                 "ignored because output is not \"file\"",
             ),
             _ => {}
+        }
+        let hc = &file.health_check;
+        if hc.passive_ejection_max_secs < hc.passive_ejection_secs {
+            return Err(self.error(
+                "health_check.passive_ejection_max_secs",
+                "health_check.passive_ejection_max_secs",
+                format!(
+                    "must be >= health_check.passive_ejection_secs ({} < {})",
+                    hc.passive_ejection_max_secs, hc.passive_ejection_secs
+                ),
+            ));
         }
         let resolver = file.resolver;
         if resolver.max_ttl_secs < resolver.min_ttl_secs {

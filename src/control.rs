@@ -194,6 +194,10 @@ impl ControlPlane {
                     let node = node.clone();
                     move || node.other_member_ids()
                 },
+                {
+                    let data = self.data.clone();
+                    move || data.routes.load().pool_members()
+                },
             ),
         );
         tasks.spawn("metrics sampler", {

@@ -135,20 +135,20 @@ impl Gossip {
         node_id == self.node_id || self.live_peers().iter().any(|p| p.node_id == node_id)
     }
 
-    /// For every live peer (not this node): the names of its keys starting with `prefix`,
-    /// without the prefix.
-    pub fn peer_keys(&self, prefix: &str) -> Vec<(u64, HashSet<String>)> {
+    /// For every live peer (not this node): its keys starting with `prefix` (without the
+    /// prefix) and their values.
+    pub fn peer_entries(&self, prefix: &str) -> Vec<(u64, Vec<(String, String)>)> {
         self.live
             .borrow()
             .iter()
             .filter_map(|(id, state)| {
                 let node_id: u64 = id.node_id.parse().ok()?;
                 (node_id != self.node_id).then(|| {
-                    let keys = state
+                    let entries = state
                         .iter_prefix(prefix)
-                        .map(|(k, _)| k[prefix.len()..].to_string())
+                        .map(|(k, v)| (k[prefix.len()..].to_string(), v.value.clone()))
                         .collect();
-                    (node_id, keys)
+                    (node_id, entries)
                 })
             })
             .collect()

@@ -192,6 +192,12 @@ fn run(
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     // Before anything else can receive it: SIGUSR1 would otherwise end the process.
     access_log::install_reopen_signal()?;
+    let hc = &cfg.health_check;
+    pingora_vhost::live::ejection::configure(pingora_vhost::live::ejection::Policy {
+        base_ms: hc.passive_ejection_secs * 1000,
+        max_ms: hc.passive_ejection_max_secs * 1000,
+        max_ejected_percent: hc.passive_max_ejected_percent,
+    });
     let access_log = AccessLog::start(&cfg.access_log, cfg.cluster.node_id, &metrics)?;
     let data = Arc::new(
         DataPlane::new(CertStore::new(default_certificate(&cfg)?))

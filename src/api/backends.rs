@@ -17,12 +17,12 @@ use super::views::{BackendLive, BackendView, Page, ProbeView, Verdict};
 use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
-use crate::live::{now_ms, BackendRuntime};
+use crate::live::{health, now_ms, BackendRuntime};
 use crate::schema::{self, BackendId, HealthPath, HostPort, SendProxyProtocol, Tag};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 
-/// The backends each live peer reports down in gossip, read once per API answer.
-pub struct PeerVerdicts(Vec<(u64, std::collections::HashSet<String>)>);
+/// Each live peer's verdicts in gossip (backend key -> value), read once per API answer.
+pub struct PeerVerdicts(Vec<(u64, std::collections::HashMap<String, String>)>);
 
 impl PeerVerdicts {
     pub fn read(state: &ApiState) -> Self {
@@ -30,7 +30,10 @@ impl PeerVerdicts {
             state
                 .node
                 .gossip
-                .peer_keys(crate::gossip::KEY_HEALTH_PREFIX),
+                .peer_entries(crate::gossip::KEY_HEALTH_PREFIX)
+                .into_iter()
+                .map(|(peer, entries)| (peer, entries.into_iter().collect()))
+                .collect(),
         )
     }
 }
@@ -46,13 +49,26 @@ pub fn backend_view_with(b: &Backend, state: &ApiState, peers: &PeerVerdicts) ->
     // nothing counted, health unknown.
     let rt = runtime(state, &b.id);
     // Per node: this node's own verdict plus what every live peer publishes in gossip. Peers
-    // publish only "down" verdicts, so for a peer "up" means "not reported down".
-    let verdict = |down: bool| if down { Verdict::Down } else { Verdict::Up };
+    // publish only failures, so for a peer "up" means "reported neither down nor ejected".
+    let now_unix = crate::clock::coarse_unix_ms();
+    let verdict = |v: Option<health::Verdict>| match v {
+        None => Verdict::Up,
+        Some(health::Verdict::Down) => Verdict::Down,
+        Some(health::Verdict::EjectedUntil(_)) => Verdict::Ejected,
+    };
     let mut nodes = BTreeMap::new();
-    nodes.insert(state.node.node_id, verdict(rt.health.local_verdict_down()));
+    nodes.insert(
+        state.node.node_id,
+        verdict(rt.health.local_verdict(now_unix)),
+    );
     let key = crate::gossip::backend_key(&b.id);
-    for (peer, down) in &peers.0 {
-        nodes.insert(*peer, verdict(down.contains(&key)));
+    for (peer, entries) in &peers.0 {
+        let v = entries
+            .get(&key)
+            .map(|value| crate::health::shared::decode(value, now_unix))
+            // An ejection already over, not yet withdrawn by its node.
+            .filter(|v| !matches!(v, health::Verdict::EjectedUntil(t) if *t <= now_unix));
+        nodes.insert(*peer, verdict(v));
     }
     BackendView::new(
         b,

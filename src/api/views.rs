@@ -190,6 +190,8 @@ pub struct SwitchedView {
 pub enum Verdict {
     Up,
     Down,
+    /// Passively ejected (a run of 5xx answers or timeouts), until a deadline.
+    Ejected,
 }
 
 /// A backend (docs/api.md, "Objects"): its replicated fields and this node's live view of it.

@@ -825,6 +825,8 @@ fn numeric_minimums() {
         ("health_check", "unhealthy_threshold"),
         ("health_check", "healthy_threshold"),
         ("health_check", "probers_per_backend"),
+        ("health_check", "passive_ejection_secs"),
+        ("health_check", "passive_ejection_max_secs"),
     ] {
         let text = format!("[{section}]\n{key} = 0\n");
         assert_err(
@@ -864,6 +866,39 @@ fn numeric_minimums() {
             .probers_per_backend,
         1000
     );
+}
+
+#[test]
+fn passive_ejection_bounds() {
+    let c = ok("");
+    assert_eq!(
+        (
+            c.health_check.passive_ejection_secs,
+            c.health_check.passive_ejection_max_secs,
+            c.health_check.passive_max_ejected_percent
+        ),
+        (30, 300, 50)
+    );
+    assert_err(
+        "[health_check]\npassive_ejection_secs = 60\npassive_ejection_max_secs = 30\n",
+        3,
+        "health_check.passive_ejection_max_secs",
+        "must be >= health_check.passive_ejection_secs (30 < 60)",
+    );
+    assert_err(
+        "[health_check]\npassive_max_ejected_percent = 101\n",
+        2,
+        "health_check.passive_max_ejected_percent",
+        "must be <= 100",
+    );
+    assert_err(
+        "[health_check]\npassive_ejection_secs = 3601\n",
+        2,
+        "health_check.passive_ejection_secs",
+        "must be <= 3600",
+    );
+    let c = ok("[health_check]\npassive_max_ejected_percent = 0\npassive_ejection_secs = 3600\npassive_ejection_max_secs = 86400\n");
+    assert_eq!(c.health_check.passive_max_ejected_percent, 0);
 }
 
 #[test]

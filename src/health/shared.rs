@@ -1,9 +1,13 @@
-//! Health shared through gossip. Each node publishes only its own "down" verdicts, one key
-//! per backend it sees failing (`hc/<backend key>`, a fixed-size hash of the id, see
-//! `gossip::backend_key`), and deletes the key when the backend
-//! recovers: gossip carries only failures, so 10,000 healthy backends cost nothing. Live
-//! peers' keys are folded into each backend's `peer_down`; keys of dead peers drop out with
-//! the peer (chitchat's live set), so they expire.
+//! Health shared through gossip. Each node publishes only its own verdicts against backends,
+//! one key per backend it sees failing (`hc/<backend key>`, a fixed-size hash of the id, see
+//! `gossip::backend_key`): `down` (probes, or the breaker after failed connects) or
+//! `ejected <unix ms>` (a passive ejection and its deadline, `live::ejection`). It deletes the
+//! key when the verdict ends: gossip carries only failures, so 10,000 healthy backends cost
+//! nothing. Live peers' keys are folded into each backend's `peer_down` and peer ejections;
+//! keys of dead peers drop out with the peer (chitchat's live set), so they expire.
+//!
+//! The pool cap on passive ejections (`[health_check] passive_max_ejected_percent`) is
+//! applied here too, from the same deadlines on every node.
 //!
 //! A node that just started knows nothing of its peers' verdicts: the peer-view gate
 //! (`live::gate`) holds proxied requests until every other Raft member is live in gossip
@@ -14,26 +18,57 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::owners::Probers;
+use crate::clock::coarse_unix_ms;
 use crate::gossip::{backend_hash, backend_key, Gossip, KEY_HEALTH_PREFIX};
+use crate::live::ejection::{self, PeerEjection};
 use crate::live::gate::PEER_VIEW_WAIT;
+use crate::live::health::Verdict;
 use crate::live::Live;
 
 const DOWN: &str = "down";
+const EJECTED: &str = "ejected ";
 const TICK: Duration = Duration::from_millis(100);
+/// No peer's ejection deadline is believed further out than this (the longest a config
+/// allows): a bad value cannot hold a backend out for ever.
+const MAX_EJECTION_AHEAD_MS: u64 = 86_400_000;
 
-/// Backend key -> live peers that report it down.
-type PeerVerdicts = HashMap<String, Vec<u64>>;
+/// Backend key -> live peers' verdicts on it (sorted by peer id).
+type PeerVerdicts = HashMap<String, Vec<(u64, Verdict)>>;
 
-/// Folds per-peer key sets into backend key -> peers reporting it down (sorted ids).
-fn merge(peer_keys: Vec<(u64, HashSet<String>)>) -> PeerVerdicts {
+/// The gossip value of a verdict.
+pub fn encode(v: Verdict) -> String {
+    match v {
+        Verdict::Down => DOWN.to_string(),
+        Verdict::EjectedUntil(until) => format!("{EJECTED}{until}"),
+    }
+}
+
+/// A peer's gossip value: an ejection deadline (bounded to `now` + a day) or "down"; a
+/// value this version does not know reads as "down", as every key did before ejections.
+pub fn decode(value: &str, now_unix_ms: u64) -> Verdict {
+    match value
+        .strip_prefix(EJECTED)
+        .and_then(|t| t.parse::<u64>().ok())
+    {
+        Some(until) => {
+            Verdict::EjectedUntil(until.min(now_unix_ms.saturating_add(MAX_EJECTION_AHEAD_MS)))
+        }
+        None => Verdict::Down,
+    }
+}
+
+/// Folds per-peer entries into backend key -> peers' verdicts.
+fn merge(peer_entries: Vec<(u64, Vec<(String, String)>)>, now_unix_ms: u64) -> PeerVerdicts {
     let mut out: PeerVerdicts = HashMap::new();
-    for (peer, keys) in peer_keys {
-        for backend in keys {
-            out.entry(backend).or_default().push(peer);
+    for (peer, entries) in peer_entries {
+        for (backend, value) in entries {
+            out.entry(backend)
+                .or_default()
+                .push((peer, decode(&value, now_unix_ms)));
         }
     }
     for peers in out.values_mut() {
-        peers.sort_unstable();
+        peers.sort_unstable_by_key(|(peer, _)| *peer);
     }
     out
 }
@@ -53,9 +88,11 @@ pub async fn run(
     gossip: Arc<Gossip>,
     probers_per_backend: usize,
     other_members: impl Fn() -> HashSet<u64>,
+    pools: impl Fn() -> Vec<Vec<String>>,
 ) {
     let started = Instant::now();
-    let mut published: HashSet<String> = HashSet::new();
+    let mut published: HashMap<String, String> = HashMap::new();
+    let mut capped: Option<(u64, Vec<(String, u64)>)> = None;
     let mut applied: PeerVerdicts = HashMap::new();
     let mut applied_generation = None;
     let mut applied_probers: Option<Probers> = None;
@@ -67,30 +104,29 @@ pub async fn run(
         let generation = live.backends.generation();
         let runtimes = live.backends.all();
 
+        let now = coarse_unix_ms();
+
         // Publish: only changes of our own verdicts touch gossip.
-        let down_now: HashSet<&str> = runtimes
+        let verdicts_now: HashMap<String, String> = runtimes
             .iter()
-            .filter(|rt| rt.health.local_verdict_down())
-            .map(|rt| rt.id.as_str())
-            .collect();
-        let raised: Vec<(String, String)> = down_now
-            .iter()
-            .filter(|id| !published.contains(**id))
-            .map(|id| {
-                (
-                    format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)),
-                    DOWN.to_string(),
-                )
+            .filter_map(|rt| {
+                let v = rt.health.local_verdict(now)?;
+                Some((rt.id.clone(), encode(v)))
             })
             .collect();
-        let cleared: Vec<String> = published
+        let raised: Vec<(String, String)> = verdicts_now
             .iter()
-            .filter(|id| !down_now.contains(id.as_str()))
+            .filter(|(id, v)| published.get(*id) != Some(*v))
+            .map(|(id, v)| (format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)), v.clone()))
+            .collect();
+        let cleared: Vec<String> = published
+            .keys()
+            .filter(|id| !verdicts_now.contains_key(*id))
             .map(|id| format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)))
             .collect();
         if !raised.is_empty() || !cleared.is_empty() {
             gossip.update_own(raised, cleared).await;
-            published = down_now.iter().map(|id| id.to_string()).collect();
+            published = verdicts_now;
         }
 
         // Until the peers are heard from, keep what the runtimes hold (nothing, or what a
@@ -117,7 +153,7 @@ pub async fn run(
 
         // Apply peers' verdicts: a full pass only when they, the set of backends or the
         // probing nodes changed.
-        let verdicts = merge(gossip.peer_keys(KEY_HEALTH_PREFIX));
+        let verdicts = merge(gossip.peer_entries(KEY_HEALTH_PREFIX), now);
         let probers = Probers::new(gossip.probing_members(), probers_per_backend);
         if verdicts != applied
             || applied_generation != Some(generation)
@@ -125,29 +161,98 @@ pub async fn run(
         {
             for rt in &runtimes {
                 let hash = backend_hash(&rt.id);
-                let peers = verdicts
-                    .get(&format!("{hash:016x}"))
-                    .cloned()
-                    .unwrap_or_default();
+                let entries = verdicts.get(&format!("{hash:016x}"));
+                let mut down = Vec::new();
+                let mut ejections = Vec::new();
+                for (peer, v) in entries.into_iter().flatten() {
+                    match v {
+                        Verdict::Down => down.push(*peer),
+                        Verdict::EjectedUntil(until) => ejections.push(PeerEjection {
+                            node_id: *peer,
+                            until_unix_ms: *until,
+                        }),
+                    }
+                }
                 rt.health.set_probers_down(
-                    !peers.is_empty() && probers_agree_down(&probers, hash, gossip.node_id, &peers),
+                    !down.is_empty() && probers_agree_down(&probers, hash, gossip.node_id, &down),
                 );
-                rt.health.set_peers_down(peers);
+                rt.health.set_peers_down(down);
+                rt.health.ejection.set_peers(ejections);
             }
             applied = verdicts;
             applied_generation = Some(generation);
             applied_probers = Some(probers);
         }
+        apply_pool_cap(&runtimes, generation, now, &pools, &mut capped);
         live.peer_view.open();
     }
+}
+
+/// Waives the passive ejections over each pool's cap. Recomputed only when the ejections in
+/// force or the backends change; with none in force it costs one pass over the runtimes.
+fn apply_pool_cap(
+    runtimes: &[Arc<crate::live::BackendRuntime>],
+    generation: u64,
+    now: u64,
+    pools: &impl Fn() -> Vec<Vec<String>>,
+    capped: &mut Option<(u64, Vec<(String, u64)>)>,
+) {
+    let mut ejected: Vec<(String, u64)> = runtimes
+        .iter()
+        .filter_map(|rt| Some((rt.id.clone(), rt.health.ejection.any_until(now)?)))
+        .collect();
+    ejected.sort_unstable();
+    if capped.as_ref() == Some(&(generation, ejected.clone())) {
+        return;
+    }
+    if ejected.is_empty() {
+        for rt in runtimes {
+            rt.health.ejection.set_waived(false);
+        }
+    } else {
+        let index: HashMap<&str, usize> = runtimes
+            .iter()
+            .enumerate()
+            .map(|(i, rt)| (rt.id.as_str(), i))
+            .collect();
+        let mut until = vec![0u64; runtimes.len()];
+        for (id, t) in &ejected {
+            if let Some(i) = index.get(id.as_str()) {
+                until[*i] = *t;
+            }
+        }
+        let pools: Vec<Vec<usize>> = pools()
+            .iter()
+            .map(|pool| {
+                pool.iter()
+                    .filter_map(|id| index.get(id.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let waived = ejection::waivers(&until, &pools, ejection::policy());
+        for (rt, w) in runtimes.iter().zip(waived) {
+            if rt.health.ejection.waived() != w {
+                if w {
+                    tracing::warn!(
+                        backend = %rt.id,
+                        "ejection waived: its pool is at passive_max_ejected_percent"
+                    );
+                }
+                rt.health.ejection.set_waived(w);
+            }
+        }
+    }
+    *capped = Some((generation, ejected));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn keys(ids: &[&str]) -> HashSet<String> {
-        ids.iter().map(|s| s.to_string()).collect()
+    fn down(ids: &[&str]) -> Vec<(String, String)> {
+        ids.iter()
+            .map(|s| (s.to_string(), DOWN.to_string()))
+            .collect()
     }
 
     #[test]
@@ -181,13 +286,40 @@ mod tests {
 
     #[test]
     fn merge_lists_every_peer_reporting_a_backend_down() {
-        let v = merge(vec![
-            (3, keys(&["a", "b"])),
-            (2, keys(&["a"])),
-            (4, keys(&[])),
-        ]);
-        assert_eq!(v.get("a"), Some(&vec![2, 3]));
-        assert_eq!(v.get("b"), Some(&vec![3]));
+        let v = merge(
+            vec![
+                (3, down(&["a", "b"])),
+                (2, vec![("a".into(), "ejected 5000".into())]),
+                (4, down(&[])),
+            ],
+            0,
+        );
+        assert_eq!(
+            v.get("a"),
+            Some(&vec![(2, Verdict::EjectedUntil(5000)), (3, Verdict::Down)])
+        );
+        assert_eq!(v.get("b"), Some(&vec![(3, Verdict::Down)]));
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn verdict_values_round_trip_and_hostile_ones_are_bounded() {
+        for v in [Verdict::Down, Verdict::EjectedUntil(1_700_000_000_000)] {
+            assert_eq!(decode(&encode(v), 1_700_000_000_000), v);
+        }
+        // (value, now, expected)
+        for (value, now, want) in [
+            (
+                "ejected 18446744073709551615",
+                1_000,
+                Verdict::EjectedUntil(1_000 + MAX_EJECTION_AHEAD_MS),
+            ),
+            ("ejected -1", 0, Verdict::Down),
+            ("ejected ", 0, Verdict::Down),
+            ("something newer", 0, Verdict::Down),
+            ("", 0, Verdict::Down),
+        ] {
+            assert_eq!(decode(value, now), want, "{value:?}");
+        }
     }
 }

@@ -1,8 +1,13 @@
 //! Passive health: a lock-free circuit breaker per backend, fed by the proxy's own outcomes.
 //!
-//! closed --(connect failure, or `threshold` consecutive 5xx/timeouts)--> open
+//! closed --(connect failure)--> open
 //! open --(backoff elapsed; the next request is the trial)--> half-open
 //! half-open --success--> closed; --failure--> open with doubled backoff (capped).
+//!
+//! A run of `SOFT_FAILURE_THRESHOLD` 5xx answers or timeouts does not open the breaker: it
+//! asks for a passive ejection (`ejection`), which lasts a set time that probes do not cut
+//! short. A backend that cannot be reached is another matter: a passing probe proves it is
+//! back, so the breaker may close on it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
@@ -23,6 +28,16 @@ pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
+}
+
+/// What a recorded failure set off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tripped {
+    Nothing,
+    /// The breaker opened (a failed connect, or a failed trial).
+    Opened,
+    /// A run of soft failures: eject the backend (`ejection`).
+    Eject,
 }
 
 /// What went wrong with a request to the backend.
@@ -90,20 +105,24 @@ impl Breaker {
         }
     }
 
-    /// Returns true when this failure opened the breaker.
-    pub fn record_failure(&self, kind: Failure, now_ms: u64) -> bool {
+    /// Records a failure; says whether it opened the breaker or calls for an ejection.
+    pub fn record_failure(&self, kind: Failure, now_ms: u64) -> Tripped {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let state = self.state.load(Ordering::Acquire);
         let backoff = match state {
             HALF_OPEN => (self.backoff_ms.load(Ordering::Relaxed) * 2).min(MAX_BACKOFF_MS),
-            OPEN => return false,
-            _ if kind == Failure::Connect || failures >= SOFT_FAILURE_THRESHOLD => BASE_BACKOFF_MS,
-            _ => return false,
+            OPEN => return Tripped::Nothing,
+            _ if kind == Failure::Connect => BASE_BACKOFF_MS,
+            _ if failures >= SOFT_FAILURE_THRESHOLD => {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                return Tripped::Eject;
+            }
+            _ => return Tripped::Nothing,
         };
         self.backoff_ms.store(backoff, Ordering::Relaxed);
         self.until_ms.store(now_ms + backoff, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
-        true
+        Tripped::Opened
     }
 
     /// An active probe succeeded: the backend is back, no need to wait out the backoff.
@@ -120,7 +139,7 @@ mod tests {
     fn connect_failure_opens_then_half_open_then_closes() {
         let b = Breaker::default();
         assert!(b.allows(0));
-        assert!(b.record_failure(Failure::Connect, 100));
+        assert_eq!(b.record_failure(Failure::Connect, 100), Tripped::Opened);
         assert_eq!(b.state(), BreakerState::Open);
         assert!(!b.allows(500));
         assert!(b.allows(100 + BASE_BACKOFF_MS));
@@ -142,7 +161,7 @@ mod tests {
         for _ in 0..10 {
             now += expected;
             b.on_pick(now);
-            assert!(b.record_failure(Failure::Connect, now));
+            assert_eq!(b.record_failure(Failure::Connect, now), Tripped::Opened);
             expected = (expected * 2).min(MAX_BACKOFF_MS);
             assert!(!b.allows(now + expected - 1));
             assert!(b.allows(now + expected));
@@ -151,15 +170,20 @@ mod tests {
     }
 
     #[test]
-    fn soft_failures_need_a_streak() {
+    fn a_streak_of_soft_failures_asks_for_an_ejection_and_leaves_the_breaker_closed() {
         let b = Breaker::default();
-        assert!(!b.record_failure(Failure::Soft, 0));
-        assert!(!b.record_failure(Failure::Soft, 0));
+        assert_eq!(b.record_failure(Failure::Soft, 0), Tripped::Nothing);
+        assert_eq!(b.record_failure(Failure::Soft, 0), Tripped::Nothing);
         b.record_success();
-        assert!(!b.record_failure(Failure::Soft, 0));
-        assert!(!b.record_failure(Failure::Soft, 0));
-        assert!(b.record_failure(Failure::Soft, 0));
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.record_failure(Failure::Soft, 0), Tripped::Nothing);
+        assert_eq!(b.record_failure(Failure::Soft, 0), Tripped::Nothing);
+        assert_eq!(b.record_failure(Failure::Soft, 0), Tripped::Eject);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(
+            b.record_failure(Failure::Soft, 0),
+            Tripped::Nothing,
+            "the streak starts again"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use super::breaker::{self, Breaker};
+use super::ejection::{Ejection, EjectionReport};
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
@@ -28,6 +29,15 @@ pub enum ActiveState {
     Unknown,
     Up,
     Down,
+}
+
+/// One node's verdict on a backend, as gossip carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Active probes fail, or the breaker is open (connect failures).
+    Down,
+    /// Passively ejected until this Unix time (ms).
+    EjectedUntil(u64),
 }
 
 /// Thresholds from `[health_check]`.
@@ -53,6 +63,8 @@ pub struct BackendHealth {
     probers_down: AtomicBool,
     peers_down: Mutex<Vec<u64>>,
     pub breaker: Breaker,
+    /// Passive ejection: this node's and its peers' (not cleared by probes).
+    pub ejection: Ejection,
     pub checks_total: AtomicU64,
     pub checks_failed: AtomicU64,
 }
@@ -65,6 +77,8 @@ pub struct HealthReport {
     pub active: ActiveState,
     pub breaker: breaker::BreakerState,
     pub peers_reporting_down: Vec<u64>,
+    /// A passive ejection in force (this node's or a peer's), `null` when none.
+    pub ejection: Option<EjectionReport>,
     pub last_check_unix_ms: Option<u64>,
     pub last_check_detail: String,
     pub consecutive_failures: u32,
@@ -85,6 +99,13 @@ impl BackendHealth {
     /// This node's own view: not probed down (or, when other nodes probe it, not reported
     /// down by all of them), breaker closed or ready for a trial.
     pub fn locally_usable(&self, now_ms: u64) -> bool {
+        self.usable_despite_ejection(now_ms) && !self.ejection.blocks_locally()
+    }
+
+    /// This node's own view with passive ejections set aside: what a pool falls back to when
+    /// ejections would leave it empty (they never do: a backend that answers some requests
+    /// badly beats a 503 for all).
+    pub fn usable_despite_ejection(&self, now_ms: u64) -> bool {
         let down = if self.not_probed_here.load(Ordering::Acquire) {
             self.probers_down.load(Ordering::Acquire)
         } else {
@@ -124,10 +145,24 @@ impl BackendHealth {
 
     /// The cluster's view: usable here and no live peer reports it down.
     pub fn merged_usable(&self, now_ms: u64) -> bool {
-        !self.peer_down.load(Ordering::Acquire) && self.locally_usable(now_ms)
+        !self.peer_down.load(Ordering::Acquire)
+            && self.locally_usable(now_ms)
+            && !self.ejection.blocks_by_peers()
     }
 
-    /// What this node tells its peers: down when probes or the breaker say so.
+    /// What this node tells its peers at `now_unix_ms`: down, ejected until a deadline, or
+    /// nothing.
+    pub fn local_verdict(&self, now_unix_ms: u64) -> Option<Verdict> {
+        if self.local_verdict_down() {
+            Some(Verdict::Down)
+        } else {
+            self.ejection
+                .own_until(now_unix_ms)
+                .map(Verdict::EjectedUntil)
+        }
+    }
+
+    /// Down when probes or the breaker say so.
     pub fn local_verdict_down(&self) -> bool {
         self.active.load(Ordering::Acquire) == DOWN
             || self.breaker.state() == breaker::BreakerState::Open
@@ -187,6 +222,7 @@ impl BackendHealth {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            ejection: self.ejection.report(crate::clock::coarse_unix_ms()),
             last_check_unix_ms: (last > 0).then_some(last),
             last_check_detail: self
                 .last_detail

@@ -8,6 +8,7 @@
 
 pub mod addrs;
 pub mod breaker;
+pub mod ejection;
 pub mod gate;
 pub mod health;
 

@@ -4,8 +4,9 @@
 
 use super::answers;
 use super::table::Route;
-use crate::live::breaker::Failure;
-use crate::live::{now_ms, BackendRuntime};
+use crate::clock::coarse_unix_ms;
+use crate::live::breaker::{self, Failure, Tripped};
+use crate::live::{ejection, now_ms, BackendRuntime};
 use crate::observability::Metrics;
 
 /// How an attempt on one backend failed (the client's own failures are not here: they are
@@ -66,15 +67,26 @@ pub fn record_failure(failure: AttemptFailure, runtime: &BackendRuntime, metrics
     let Some(kind) = failure.breaker() else {
         return;
     };
-    if runtime.health.breaker.record_failure(kind, now_ms()) {
-        match kind {
-            Failure::Connect => {
-                tracing::warn!(backend = %runtime.id, "circuit breaker opened after a failed connect")
-            }
-            Failure::Soft => {
-                tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated failures")
-            }
+    match runtime.health.breaker.record_failure(kind, now_ms()) {
+        Tripped::Opened => {
+            tracing::warn!(backend = %runtime.id, "circuit breaker opened after a failed connect or trial")
         }
+        Tripped::Eject => eject(runtime, "timeouts or 5xx answers"),
+        Tripped::Nothing => {}
+    }
+}
+
+/// Takes the backend out of rotation for the policy's time (`live::ejection`).
+fn eject(runtime: &BackendRuntime, after: &str) {
+    let now = coarse_unix_ms();
+    let already = runtime.health.ejection.own_until(now).is_some();
+    let until = runtime.health.ejection.eject(now, ejection::policy());
+    if !already {
+        tracing::warn!(
+            backend = %runtime.id,
+            secs = (until - now) / 1000,
+            "backend ejected after {} consecutive {after}", breaker::SOFT_FAILURE_THRESHOLD
+        );
     }
 }
 
@@ -83,8 +95,12 @@ pub fn record_failure(failure: AttemptFailure, runtime: &BackendRuntime, metrics
 pub fn record_response(status: u16, runtime: &BackendRuntime) {
     let breaker = &runtime.health.breaker;
     if (500..600).contains(&status) {
-        if breaker.record_failure(Failure::Soft, now_ms()) {
-            tracing::warn!(backend = %runtime.id, "circuit breaker opened after repeated 5xx answers");
+        match breaker.record_failure(Failure::Soft, now_ms()) {
+            Tripped::Eject => eject(runtime, "5xx answers"),
+            Tripped::Opened => {
+                tracing::warn!(backend = %runtime.id, "circuit breaker reopened: its trial request failed")
+            }
+            Tripped::Nothing => {}
         }
     } else {
         breaker.record_success();

@@ -37,15 +37,29 @@ impl Upstream {
         }
     }
 
-    fn usable(&self, now: u64, merged: bool) -> bool {
+    fn usable(&self, now: u64, view: View) -> bool {
+        let health = &self.runtime.health;
         !self.draining
             && !self.addrs.is_empty()
-            && if merged {
-                self.runtime.health.merged_usable(now)
-            } else {
-                self.runtime.health.locally_usable(now)
+            && match view {
+                View::Merged => health.merged_usable(now),
+                View::Local => health.locally_usable(now),
+                View::DespiteEjection => health.usable_despite_ejection(now),
             }
     }
+}
+
+/// The health views a pick tries in turn: the cluster's, then (guard rail) this node's own,
+/// then this node's own without passive ejections (they must not empty a pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Merged,
+    Local,
+    DespiteEjection,
+}
+
+impl View {
+    const ORDER: [View; 3] = [View::Merged, View::Local, View::DespiteEjection];
 }
 
 /// The backend chosen for one attempt.
@@ -99,17 +113,17 @@ impl Target {
         }
         let now = now_ms();
         let start = self.route.next.fetch_add(1, Ordering::Relaxed);
-        for merged in [true, false] {
+        for view in View::ORDER {
             let found = (0..n)
                 .map(|i| (start.wrapping_add(i)) % n)
-                .find(|idx| !tried.contains(idx) && self.upstreams[*idx].usable(now, merged));
+                .find(|idx| !tried.contains(idx) && self.upstreams[*idx].usable(now, view));
             if let Some(index) = found {
                 let upstream = &self.upstreams[index];
                 upstream.runtime.health.breaker.on_pick(now);
                 return Some(Pick {
                     index,
                     upstream,
-                    guard_rail: !merged,
+                    guard_rail: view != View::Merged,
                 });
             }
         }
@@ -122,7 +136,7 @@ impl Target {
         self.upstreams
             .iter()
             .enumerate()
-            .any(|(i, u)| !tried.contains(&i) && u.usable(now, false))
+            .any(|(i, u)| !tried.contains(&i) && u.usable(now, View::DespiteEjection))
     }
 }
 
@@ -170,6 +184,14 @@ impl RoutingTable {
     }
 
     /// The pool of `tag` (empty when no backend carries it).
+    /// The backend ids of every pool (for the cap on passive ejections, `health::shared`).
+    pub fn pool_members(&self) -> Vec<Vec<String>> {
+        self.pools
+            .values()
+            .map(|pool| pool.iter().map(|u| u.id.clone()).collect())
+            .collect()
+    }
+
     pub fn pool(&self, tag: &str) -> &Pool {
         self.pools.get(tag).unwrap_or(&self.no_pool)
     }
@@ -181,7 +203,7 @@ impl RoutingTable {
         let now = now_ms();
         self.pools
             .iter()
-            .filter(|(_, pool)| pool.iter().any(|u| u.usable(now, true)))
+            .filter(|(_, pool)| pool.iter().any(|u| u.usable(now, View::Merged)))
             .map(|(tag, _)| tag.as_str())
             .collect()
     }
@@ -650,8 +672,8 @@ mod guard_rail_tests {
     use super::*;
     use crate::state::{Backend, Domain, TlsMode};
 
-    #[test]
-    fn peers_view_avoids_then_guard_rail_keeps_pool_alive() {
+    /// Domain x.test on tag a, served by a1 and a2.
+    fn two_backend_state() -> State {
         let mut s = State::default();
         for id in ["a1", "a2"] {
             s.backends.insert(
@@ -678,6 +700,12 @@ mod guard_rail_tests {
                 cert: None,
             },
         );
+        s
+    }
+
+    #[test]
+    fn peers_view_avoids_then_guard_rail_keeps_pool_alive() {
+        let s = two_backend_state();
         let live = Live::default();
         let t = compile(&s, &live);
         let r = t.lookup("x.test").unwrap();
@@ -706,5 +734,53 @@ mod guard_rail_tests {
             .health
             .record_probe(false, "x".into(), t1);
         assert!(r.pick(&[]).is_none());
+    }
+
+    #[test]
+    fn passive_ejections_steer_picks_but_never_empty_a_pool() {
+        let (s, live) = (two_backend_state(), Live::default());
+        let t = compile(&s, &live);
+        let r = t.lookup("x.test").unwrap();
+        let now = crate::clock::coarse_unix_ms();
+        let p = crate::live::ejection::Policy::default();
+        live.backends.ensure("a1").health.ejection.eject(now, p);
+        for _ in 0..4 {
+            let pick = r.pick(&[]).unwrap();
+            assert_eq!(pick.upstream.id, "a2", "a1 is ejected here");
+            assert!(!pick.guard_rail);
+        }
+        // A peer ejects a2 as well: a2 by the peer's word, a1 by ours; nothing in either
+        // view, so the pool falls back to both rather than answering 503.
+        live.backends.ensure("a2").health.ejection.set_peers(vec![
+            crate::live::ejection::PeerEjection {
+                node_id: 2,
+                until_unix_ms: now + 60_000,
+            },
+        ]);
+        let picked: std::collections::HashSet<String> = (0..4)
+            .map(|_| {
+                let pick = r.pick(&[]).unwrap();
+                assert!(pick.guard_rail);
+                pick.upstream.id.clone()
+            })
+            .collect();
+        assert_eq!(
+            picked.len(),
+            1,
+            "the local view still avoids our own ejection: {picked:?}"
+        );
+        assert!(picked.contains("a2"));
+        live.backends.ensure("a2").health.ejection.eject(now, p);
+        assert_eq!(
+            (0..4).filter_map(|_| r.pick(&[])).count(),
+            4,
+            "every backend ejected: they serve anyway"
+        );
+        assert!(r.has_untried(&[0]));
+        // The pool cap's waiver lets an ejected backend back into the cluster view.
+        live.backends.ensure("a1").health.ejection.set_waived(true);
+        let pick = r.pick(&[]).unwrap();
+        assert_eq!(pick.upstream.id, "a1");
+        assert!(!pick.guard_rail);
     }
 }

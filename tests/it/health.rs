@@ -32,6 +32,8 @@ struct Origin {
     /// Health probes received: when, and from which node (its `User-Agent`).
     probes: Arc<Mutex<Vec<(Instant, u64)>>>,
     failing: Arc<Mutex<HashSet<String>>>,
+    /// Answers 500 to everything but its health paths (which keep passing).
+    broken: Arc<AtomicBool>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -42,6 +44,8 @@ struct OriginState {
     requests: Arc<AtomicUsize>,
     probes: Arc<Mutex<Vec<(Instant, u64)>>>,
     failing: Arc<Mutex<HashSet<String>>>,
+    /// Answers 500 to everything but its health paths (which keep passing).
+    broken: Arc<AtomicBool>,
 }
 
 async fn origin_handler(
@@ -66,6 +70,9 @@ async fn origin_handler(
         return "ok".into_response();
     }
     st.requests.fetch_add(1, Ordering::SeqCst);
+    if st.broken.load(Ordering::SeqCst) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "broken on purpose").into_response();
+    }
     ([("x-backend", st.name.clone())], st.name.clone()).into_response()
 }
 
@@ -81,11 +88,13 @@ impl Origin {
         let failing = Arc::new(Mutex::new(
             failing_health_paths.iter().map(|s| s.to_string()).collect(),
         ));
+        let broken = Arc::new(AtomicBool::new(false));
         let st = OriginState {
             name: name.to_string(),
             requests: requests.clone(),
             probes: probes.clone(),
             failing: failing.clone(),
+            broken: broken.clone(),
         };
         let app = Router::new().fallback(origin_handler).with_state(st);
         let (tx, task) = serve_until_shutdown(listener, app);
@@ -94,6 +103,7 @@ impl Origin {
             requests,
             probes,
             failing,
+            broken,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -119,6 +129,11 @@ impl Origin {
     }
 
     /// Its health path answers 500 from now on (`/health`; it keeps serving traffic).
+    /// Real traffic gets 500 from now on (or again 200); `/health` keeps passing.
+    fn break_traffic(&self, broken: bool) {
+        self.broken.store(broken, Ordering::SeqCst);
+    }
+
     fn fail_health(&self) {
         self.failing.lock().unwrap().insert("/health".to_string());
     }
@@ -1296,4 +1311,171 @@ async fn each_backend_is_probed_by_k_nodes_and_their_verdicts_hold_everywhere() 
             "s{i} after node {victim} died: {seen:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Passive ejection
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /api/v1/backends/<id>` on `node`: its `health.ejection` (null when none).
+async fn ejection_on(node: &Node, id: &str) -> Value {
+    let (_, v) = node.api_get(&format!("/api/v1/backends/{id}")).await;
+    v["health"]["ejection"].clone()
+}
+
+/// A backend that answers real traffic with 500 but passes its `/health` probe is ejected by
+/// the node that saw the 5xx, and every node keeps it out for the whole ejection time although
+/// probes pass every second (before, a passing probe closed the breaker within a second and the
+/// backend flapped in and out). A repeat ejection lasts twice as long. The API shows why, since
+/// when and until when, on the ejecting node and, as a peer report, on the others. A pool of
+/// one is never emptied by passive verdicts (the cap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_real_traffic_but_passing_probes_stays_ejected_on_every_node() {
+    const EJECTION_SECS: u64 = 4;
+    let bad = Origin::start("bad", &[]).await;
+    let good = Origin::start("good", &[]).await;
+    let alone = Origin::start("alone", &[]).await;
+    let cluster = Cluster::start(3, |_| {
+        NodeOptions::new().health_interval(1).health(&format!(
+            "passive_ejection_secs = {EJECTION_SECS}\npassive_ejection_max_secs = 60"
+        ))
+    })
+    .await;
+    let n1 = cluster.node(1);
+    n1.add_backend("bad", &bad.address(), &["pool"]).await;
+    n1.add_backend("good", &good.address(), &["pool"]).await;
+    n1.add_backend("alone", &alone.address(), &["solo"]).await;
+    n1.add_domain("eject.test", "pool").await;
+    n1.add_domain("solo.test", "solo").await;
+    for n in &cluster.nodes {
+        n.wait_route("solo.test", "/", "alone").await;
+        wait_for(
+            Duration::from_secs(20),
+            "both pool backends serve",
+            || async {
+                let mut seen = HashSet::new();
+                for _ in 0..6 {
+                    if let Ok(r) = n.proxy_client().get("eject.test", "/").await {
+                        seen.insert(r.body);
+                    }
+                }
+                (seen.len() == 2).then_some(())
+            },
+        )
+        .await;
+    }
+
+    // Node 1 sees the 500s: three in a row from "bad" eject it.
+    bad.break_traffic(true);
+    let c1 = n1.proxy_client();
+    let ejected_at = Instant::now();
+    wait_for(Duration::from_secs(10), "node 1 ejects bad", || async {
+        let _ = c1.get("eject.test", "/").await;
+        let e = ejection_on(n1, "bad").await;
+        (!e.is_null()).then_some(e)
+    })
+    .await;
+    let e = ejection_on(n1, "bad").await;
+    let (since, until) = (
+        e["since_unix_ms"].as_u64().expect("since"),
+        e["until_unix_ms"].as_u64().expect("until"),
+    );
+    assert_eq!(
+        until - since,
+        EJECTION_SECS * 1000,
+        "the first ejection lasts the base time: {e:#}"
+    );
+    assert_eq!(e["ejections_in_a_row"], 1, "{e:#}");
+    assert!(
+        e["reason"].as_str().is_some_and(|r| r.contains("5xx")),
+        "{e:#}"
+    );
+    // Every node learns it through gossip, with the same deadline.
+    for id in [2u64, 3] {
+        let n = cluster.node(id);
+        let e = wait_for(
+            Duration::from_secs(5),
+            "a peer reports the ejection",
+            || async {
+                let e = ejection_on(n, "bad").await;
+                (!e.is_null()).then_some(e)
+            },
+        )
+        .await;
+        assert_eq!(
+            e["reported_by_peers"],
+            json!([{"node_id": 1, "until_unix_ms": until}]),
+            "node {id}: {e:#}"
+        );
+        assert_eq!(e["until_unix_ms"], until, "node {id}: {e:#}");
+    }
+
+    // For the rest of the ejection (probes pass every second meanwhile), no node sends "bad"
+    // a single request: every answer comes from "good".
+    let before = bad.requests();
+    let mut answers = 0;
+    while ejected_at.elapsed() < Duration::from_millis(EJECTION_SECS * 1000 - 700) {
+        for n in &cluster.nodes {
+            let r = n.proxy_client().get("eject.test", "/").await.expect("GET");
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (200, "good"),
+                "node {:?}",
+                n.options.node_id
+            );
+            answers += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        bad.requests(),
+        before,
+        "an ejected backend got traffic while its probes passed ({answers} requests sent)"
+    );
+    let mut probed = Vec::new();
+    for n in &cluster.nodes {
+        let (_, b) = n.api_get("/api/v1/backends/bad").await;
+        probed.push(b["health"]["active"].as_str().unwrap_or("").to_string());
+    }
+    assert!(
+        probed.iter().any(|a| a == "up") && !probed.iter().any(|a| a == "down"),
+        "its probers see it up all along (the nodes' active views: {probed:?})"
+    );
+
+    // Past the deadline it is back in rotation; still broken, it is ejected again, for twice
+    // as long.
+    let again = wait_for(Duration::from_secs(15), "the repeat ejection", || async {
+        let _ = c1.get("eject.test", "/").await;
+        let e = ejection_on(n1, "bad").await;
+        (e["ejections_in_a_row"] == 2).then_some(e)
+    })
+    .await;
+    let span = again["until_unix_ms"].as_u64().unwrap() - again["since_unix_ms"].as_u64().unwrap();
+    assert_eq!(
+        span,
+        2 * EJECTION_SECS * 1000,
+        "the repeat doubles: {again:#}"
+    );
+    assert!(
+        bad.requests() > before,
+        "it was tried again once its ejection ended"
+    );
+
+    // A pool of one: 50 % of one backend is none, so 500s pass through rather than a pool
+    // emptied by passive verdicts.
+    alone.break_traffic(true);
+    for _ in 0..10 {
+        let r = c1.get("solo.test", "/").await.expect("GET");
+        assert_eq!(r.status, 500, "the lone backend's own answer");
+    }
+    // Its ejection is waived by the cap (50 % of one backend is none) within a health tick.
+    wait_for(
+        Duration::from_secs(3),
+        "the cap waives the lone backend's ejection",
+        || async {
+            let e = ejection_on(n1, "alone").await;
+            (e.is_null() || e["waived_by_pool_cap"] == true).then_some(())
+        },
+    )
+    .await;
 }

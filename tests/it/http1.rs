@@ -146,8 +146,19 @@ impl ScriptedOrigin {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// The requests it received from clients through the proxy: the node's health probes
+    /// (every second, at any moment) are left out, so counts and "the last one" are the test's.
     fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                !r.header("user-agent")
+                    .is_some_and(|ua| ua.starts_with("pingora-vhost-health"))
+            })
+            .cloned()
+            .collect()
     }
 }
 
