@@ -142,6 +142,11 @@ pub struct ApiConfig {
     pub tls_cert_path: Option<PathBuf>,
     #[serde(deserialize_with = "non_empty_path")]
     pub tls_key_path: Option<PathBuf>,
+    /// Instead of files: serve the certificate the cluster holds for this domain (a virtual
+    /// host with `tls = "acme"`, issued and renewed by the leader, or an uploaded one); the
+    /// node's default certificate until there is one.
+    #[serde(deserialize_with = "opt_rule")]
+    pub tls_domain: Option<DomainName>,
     /// default false: serve the API in plaintext beyond loopback anyway (logged loudly).
     pub allow_plaintext: bool,
     /// default None. CA certificate(s) (PEM) a client certificate must come from: clients
@@ -1017,29 +1022,38 @@ impl Checker<'_> {
                     "required when tls_key_path is set (both or neither)",
                 ))
             }
+            (Some(_), Some(_)) if api.tls_domain.is_some() => {
+                return Err(self.error(
+                    "api.tls_domain",
+                    "api.tls_domain",
+                    "set either tls_domain or tls_cert_path/tls_key_path, not both",
+                ))
+            }
             (Some(c), Some(k)) => {
                 api.tls_cert_path = Some(self.pem_file(c, "api.tls_cert_path")?);
                 api.tls_key_path = Some(self.pem_file(k, "api.tls_key_path")?);
             }
-            (None, None) if !addr.ip().is_loopback() && !api.allow_plaintext => {
+            (None, None)
+                if !addr.ip().is_loopback() && !api.allow_plaintext && api.tls_domain.is_none() =>
+            {
                 return Err(self.error(
                     "proxy.management_api_addr",
                     "api.tls_cert_path",
                     format!(
                         "refusing to serve the management API on {addr} in plaintext (the bearer \
                          token would cross the network in clear): set [api] tls_cert_path and \
-                         tls_key_path, or allow_plaintext = true"
+                         tls_key_path, or tls_domain, or allow_plaintext = true"
                     ),
                 ));
             }
             (None, None) => {}
         }
         if let Some(ca) = &api.client_ca_path {
-            if api.tls_cert_path.is_none() {
+            if api.tls_cert_path.is_none() && api.tls_domain.is_none() {
                 return Err(self.error(
                     "api.client_ca_path",
                     "api.tls_cert_path",
-                    "required when client_ca_path is set (client certificates need TLS)",
+                    "required when client_ca_path is set, or tls_domain (client certificates need TLS)",
                 ));
             }
             api.client_ca_path = Some(self.pem_file(ca, "api.client_ca_path")?);

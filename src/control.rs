@@ -127,7 +127,7 @@ impl ControlPlane {
                 upgrade::serve(listener, sm.clone(), self.data.clone()),
             );
         }
-        let api_tls = api_tls(&cfg.api)?;
+        let api_tls = api_tls(&cfg.api, &self.data.certs)?;
         if api_tls.is_none() && !cfg.proxy.management_api_addr.ip().is_loopback() {
             tracing::warn!(
                 addr = %cfg.proxy.management_api_addr,
@@ -432,20 +432,19 @@ fn rpc_listen(tls: &Arc<ClusterTls>, metrics: &Arc<Metrics>) -> Option<api::serv
     })
 }
 
-/// The management API's TLS settings, when `[api] tls_cert_path` / `tls_key_path` are set
-/// (with client certificates required when `client_ca_path` is).
-fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<api::server::TlsListen>> {
-    let (Some(cert), Some(key)) = (&api.tls_cert_path, &api.tls_key_path) else {
-        return Ok(None);
+/// The management API's TLS settings, when `[api] tls_cert_path` / `tls_key_path` or
+/// `tls_domain` are set (with client certificates required when `client_ca_path` is).
+fn api_tls(
+    api: &crate::config::ApiConfig,
+    certs: &Arc<crate::proxy::tls::CertStore>,
+) -> anyhow::Result<Option<api::server::TlsListen>> {
+    let files = match (&api.tls_cert_path, &api.tls_key_path, &api.tls_domain) {
+        (Some(cert), Some(key), _) => Some((cert, key)),
+        (_, _, Some(_)) => None,
+        _ => return Ok(None),
     };
     let read =
         |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("[api] tls_cert_path {}", cert.display()))?;
-    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
-        .with_context(|| format!("[api] tls_key_path {}", key.display()))?
-        .with_context(|| format!("[api] tls_key_path {}: no private key", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -468,9 +467,26 @@ fn api_tls(api: &crate::config::ApiConfig) -> anyhow::Result<Option<api::server:
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .context("[api] tls_cert_path / tls_key_path: certificate and key do not form a pair")?;
+    let mut config = match (files, &api.tls_domain) {
+        (Some((cert, key)), _) => {
+            let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("[api] tls_cert_path {}", cert.display()))?;
+            let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+                .with_context(|| format!("[api] tls_key_path {}", key.display()))?
+                .with_context(|| format!("[api] tls_key_path {}: no private key", key.display()))?;
+            builder.with_single_cert(certs, key).context(
+                "[api] tls_cert_path / tls_key_path: certificate and key do not form a pair",
+            )?
+        }
+        (None, Some(domain)) => {
+            builder.with_cert_resolver(Arc::new(crate::proxy::tls::NamedResolver {
+                store: certs.clone(),
+                name: domain.to_string(),
+            }))
+        }
+        (None, None) => return Ok(None),
+    };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(api::server::TlsListen::fixed(Arc::new(config))))
 }

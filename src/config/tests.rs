@@ -1326,6 +1326,34 @@ fn api_client_ca_needs_tls() {
         "api.tls_cert_path",
         "required when client_ca_path is set",
     );
+    assert_err(
+        &format!(
+            "[api]\ntls_domain = 'api.example.com'\ntls_cert_path = '{0}'\ntls_key_path = '{0}'\n",
+            ca.display()
+        ),
+        2,
+        "api.tls_domain",
+        "set either tls_domain or tls_cert_path/tls_key_path, not both",
+    );
+    assert_err(
+        "[api]\ntls_domain = 'not a domain'\n",
+        2,
+        "api.tls_domain",
+        "",
+    );
+    let c = ok(&format!(
+        "[api]\ntls_domain = 'api.example.com'\nclient_ca_path = '{}'\n",
+        ca.display()
+    ));
+    assert_eq!(
+        c.api.tls_domain.map(|d| d.to_string()).as_deref(),
+        Some("api.example.com")
+    );
+    let c = ok("[proxy]\nmanagement_api_addr = '0.0.0.0:9080'\n[api]\ntoken = 't'\ntls_domain = 'api.example.com'\n");
+    assert!(
+        c.api.tls_cert_path.is_none(),
+        "tls_domain is TLS for the plaintext check"
+    );
     let c = ok(&format!(
         "[api]\ntls_cert_path = '{0}'\ntls_key_path = '{0}'\nclient_ca_path = '{0}'\n",
         ca.display()

@@ -197,6 +197,20 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// Always the certificate held for one name, whatever the client asks for (the management
+/// API's `[api] tls_domain`): the default certificate until the cluster holds one.
+#[derive(Debug)]
+pub struct NamedResolver {
+    pub store: Arc<CertStore>,
+    pub name: String,
+}
+
+impl ResolvesServerCert for NamedResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.store.lookup(&self.name))
+    }
+}
+
 /// The TLS version of a connection, from its digest, as nginx names it.
 pub fn tls_version(
     digest: Option<&pingora_core::protocols::tls::SslDigest>,

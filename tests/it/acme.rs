@@ -408,3 +408,80 @@ async fn failed_validation_is_reported_and_the_domain_keeps_serving() {
     // The domain keeps serving plain HTTP (and HTTPS with the default certificate).
     node.wait_route("fails.test", "/", "STILL-SERVING").await;
 }
+
+/// `[api] tls_domain`: the management API serves the certificate the node obtained through
+/// its own ACME for that domain (issued by Pebble here, verified against Pebble's root with the
+/// domain as the name), and the node's default certificate until then, so an operator can
+/// reach the API before the first issuance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_api_serves_the_certificate_issued_through_acme_for_its_domain() {
+    let backend = Backend::start("API-ACME").await;
+    let mut pebble = Pebble::prepare();
+    let options = NodeOptions::new()
+        .api("tls_domain = \"api.acme.test\"")
+        .extra(&format!(
+            "{}\n[[virtual_hosts]]\ndomain = \"api.acme.test\"\nenabled_backends_tag = \"a\"\ntls = \"acme\"\n\n\
+             [[backends]]\nid = \"b1\"\naddress = \"{}\"\ntags = [\"a\"]\n",
+            pebble.lets_encrypt_config(),
+            backend.address()
+        ));
+    let mut node = Node::new_unstarted(options);
+    pebble.start(node.http_addr.port()).await;
+    node.spawn();
+    let api = node.api_addr;
+    let url = format!("https://api.acme.test:{}/api/v1/health", api.port());
+    // Reachable at once, with the default certificate (not verifiable yet).
+    let insecure = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("api.acme.test", api)
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the API over TLS", || async {
+        let r = insecure.get(&url).send().await.ok()?;
+        (r.status().as_u16() == 200).then_some(())
+    })
+    .await;
+    let plain = reqwest::Client::new()
+        .get(format!("http://{api}/api/v1/health"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+
+    // Once issued, the API's certificate verifies against Pebble's root for the domain.
+    let root = pebble.issuing_root().await;
+    let verifying = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root)
+        .resolve("api.acme.test", api)
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the API serves the Pebble-issued certificate",
+        || async {
+            let r = verifying.get(&url).send().await.ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    // The token-protected API over that verified channel.
+    let (status, body) = {
+        let r = verifying
+            .get(format!(
+                "https://api.acme.test:{}/api/v1/domains",
+                api.port()
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET over verified TLS");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("api.acme.test"), "{body}");
+}
