@@ -44,8 +44,11 @@ pub const AUTH_HEADER: &str = "x-pingora-vhost-auth";
 pub const MAX_RPC_BODY: usize = 32 * 1024 * 1024;
 /// Largest single log entry (JSON). API bodies are at most 2 MiB, and large seeds are split.
 pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
-/// Entries per append are cut after this many bytes of JSON.
-pub const APPEND_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+/// Entries per append are cut after this many bytes of JSON. openraft times every append out
+/// after the heartbeat interval (200 ms): a loaded debug-build follower took longer than that to
+/// decode, store and answer 8 MiB, so a large seed was sent again and again and never
+/// committed. The rest of a batch follows at once in the next append.
+pub const APPEND_BUDGET_BYTES: usize = 512 * 1024;
 /// Snapshot chunk size (bytes of snapshot data per install-snapshot RPC).
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 

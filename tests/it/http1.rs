@@ -24,6 +24,12 @@ impl Received {
     fn header(&self, name: &str) -> Option<String> {
         header_value(&self.head, name)
     }
+
+    /// A health probe of the node (its User-Agent says so), not a client's request.
+    fn is_probe(&self) -> bool {
+        self.header("user-agent")
+            .is_some_and(|ua| ua.starts_with("pingora-vhost-health"))
+    }
 }
 
 /// What the origin does after answering.
@@ -112,11 +118,18 @@ impl ScriptedOrigin {
                 let Ok((mut conn, _)) = listener.accept().await else {
                     return;
                 };
+                // Counted at once (a test may watch for the connect itself); a health probe's
+                // connection (probes come on connections of their own, at any moment) is
+                // taken off again when its first request shows it is one.
                 c.fetch_add(1, Ordering::SeqCst);
-                let (script, r) = (script.clone(), r.clone());
+                let (script, r, c) = (script.clone(), r.clone(), c.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
+                    let mut first = true;
                     while let Some(req) = read_request(&mut conn, &mut buf).await {
+                        if std::mem::take(&mut first) && req.is_probe() {
+                            c.fetch_sub(1, Ordering::SeqCst);
+                        }
                         r.lock().unwrap().push(req.clone());
                         let (answer, after) = script(&req);
                         if conn.write_all(&answer).await.is_err() {
@@ -142,6 +155,7 @@ impl ScriptedOrigin {
         }
     }
 
+    /// Connections that carried client requests (not the node's health probes).
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
@@ -153,12 +167,19 @@ impl ScriptedOrigin {
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| {
-                !r.header("user-agent")
-                    .is_some_and(|ua| ua.starts_with("pingora-vhost-health"))
-            })
+            .filter(|r| !r.is_probe())
             .cloned()
             .collect()
+    }
+
+    /// How many health probes of the node it received.
+    fn probes(&self) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.is_probe())
+            .count()
     }
 }
 

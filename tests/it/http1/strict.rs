@@ -396,12 +396,7 @@ async fn a_malformed_chunked_body_after_the_head_never_reaches_a_backend() {
     let options = NodeOptions::new().health_interval(3600);
     let node = node_with_origin_and(options, &origin, host).await;
     node.wait_route(host, "/", "ready").await;
-    let probed = || {
-        origin.received().iter().any(|r| {
-            r.header("user-agent")
-                .is_some_and(|ua| ua.starts_with("pingora-vhost-health"))
-        })
-    };
+    let probed = || origin.probes() > 0;
     let waiting = std::time::Instant::now();
     while !probed() {
         assert!(
