@@ -8,4 +8,12 @@ cargo build --all-targets
 # inside the test run, where minutes of fat LTO on the same cores made the timing-sensitive
 # tests beside it (partitions, 10,000-backend gossip) miss their bounds.
 cargo build --release --bin pingora-vhost
-cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
+# Tests that hold the cluster to time bounds (fail-over within 3 s, a 24,000-domain seed, 10,000
+# verdicts through gossip) run on their own afterwards, one at a time: beside three other
+# multi-node tests on 2 cores, their nodes were starved for seconds and the bounds measured the
+# machine, not the code.
+BOUNDED=(partition:: scale:: health::ten_thousand)
+skips=()
+for t in "${BOUNDED[@]}"; do skips+=(--skip "$t"); done
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}" "${skips[@]}"
+cargo test --test it -- --test-threads=1 "${BOUNDED[@]}"
