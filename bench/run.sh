@@ -463,6 +463,10 @@ nginx_variant() {
             proxy_set_header X-Forwarded-For \$remote_addr;
             proxy_set_header X-Forwarded-Proto \$scheme;
             proxy_set_header X-Forwarded-Host \$host;
+            # pingora-vhost gives every request an id (kept from the client when valid), sends
+            # it on and returns it: nginx does the same work here.
+            proxy_set_header X-Request-Id \$request_id;
+            add_header X-Request-Id \$request_id always;
         }
     }
 }
@@ -500,6 +504,10 @@ frontend fe
     http-request set-header X-Forwarded-Proto https if { ssl_fc }
     http-request set-header X-Forwarded-Proto http if !{ ssl_fc }
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    # Request ids, as pingora-vhost and nginx above.
+    unique-id-format %{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
+    http-request set-header X-Request-Id %[unique-id]
+    http-response set-header X-Request-Id %[unique-id]
     default_backend be
 
 backend be
