@@ -303,6 +303,21 @@ pub struct State {
     pub ticket_keys: Vec<TicketKey>,
 }
 
+impl State {
+    /// A copy to publish from (O(1) for the persistent maps): everything but the parts of a
+    /// seed still being received, which nothing outside the state machine reads.
+    pub fn published_view(&self) -> State {
+        State {
+            domains: self.domains.clone(),
+            backends: self.backends.clone(),
+            seeded: self.seeded,
+            acme: self.acme.clone(),
+            pending_seed: None,
+            ticket_keys: self.ticket_keys.clone(),
+        }
+    }
+}
+
 /// A seed being received in parts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingSeed {

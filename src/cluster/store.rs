@@ -485,9 +485,9 @@ impl StateMachineStore {
 
     /// Blocking: applies a batch of committed entries and publishes the result once.
     fn apply_batch(&self, entries: Vec<Entry<TypeConfig>>) -> Vec<Outcome> {
-        let (results, last) = {
+        let mut changes = Changes::default();
+        let (results, state, last) = {
             let mut sm = self.lock();
-            let mut changes = Changes::default();
             let results: Vec<Outcome> = entries
                 .iter()
                 .map(|e| {
@@ -497,11 +497,15 @@ impl StateMachineStore {
                     sm.apply_entry(e)
                 })
                 .collect();
-            // Publish once per batch, before the caller gets its answer: a write is live in the
-            // proxy when the API call returns.
-            (self.inner.publish)(&sm.state, &changes);
-            (results, sm.last_applied.map(|l| l.index).unwrap_or(0))
+            let last = sm.last_applied.map(|l| l.index).unwrap_or(0);
+            (results, sm.state.published_view(), last)
         };
+        // Publish once per batch, outside the lock (a compile takes seconds at 100,000
+        // domains in a debug build, and the API and the RPC handlers read the state under
+        // it from the async runtime), and before the caller gets its answer: a write is live
+        // in the proxy when the API call returns. Batches apply one after another, so the
+        // publishes keep their order.
+        (self.inner.publish)(&state, &changes);
         self.inner.applied_tx.send_replace(last);
         results
     }
@@ -517,15 +521,16 @@ impl StateMachineStore {
         let snap = StoredSnapshot { meta, data };
         self.persist_snapshot(&snap)?;
         let meta = snap.meta;
-        let last = {
+        let (state, last) = {
             let mut sm = self.lock();
             sm.state = new.state;
             sm.writes = new.writes;
             sm.last_applied = meta.last_log_id;
             sm.last_membership = meta.last_membership;
-            (self.inner.publish)(&sm.state, &Changes::everything());
-            sm.last_applied.map(|l| l.index).unwrap_or(0)
+            let last = sm.last_applied.map(|l| l.index).unwrap_or(0);
+            (sm.state.published_view(), last)
         };
+        (self.inner.publish)(&state, &Changes::everything());
         self.inner.applied_tx.send_replace(last);
         Ok(last)
     }

@@ -102,18 +102,22 @@ pub async fn run(
     loop {
         tick.tick().await;
         let generation = live.backends.generation();
-        let runtimes = live.backends.all();
-
         let now = coarse_unix_ms();
 
+        // One pass over the backends: this node's verdicts, and the ejections in force (for
+        // the pool cap). Both are few; the pass itself is the cost, so it copies nothing else.
+        let mut verdicts_now: HashMap<String, String> = HashMap::new();
+        let mut ejected: Vec<(String, u64)> = Vec::new();
+        live.backends.for_each(|rt| {
+            if let Some(v) = rt.health.local_verdict(now) {
+                verdicts_now.insert(rt.id.clone(), encode(v));
+            }
+            if let Some(until) = rt.health.ejection.any_until(now) {
+                ejected.push((rt.id.clone(), until));
+            }
+        });
+
         // Publish: only changes of our own verdicts touch gossip.
-        let verdicts_now: HashMap<String, String> = runtimes
-            .iter()
-            .filter_map(|rt| {
-                let v = rt.health.local_verdict(now)?;
-                Some((rt.id.clone(), encode(v)))
-            })
-            .collect();
         let raised: Vec<(String, String)> = verdicts_now
             .iter()
             .filter(|(id, v)| published.get(*id) != Some(*v))
@@ -159,7 +163,7 @@ pub async fn run(
             || applied_generation != Some(generation)
             || applied_probers.as_ref() != Some(&probers)
         {
-            for rt in &runtimes {
+            for rt in &live.backends.all() {
                 let hash = backend_hash(&rt.id);
                 let entries = verdicts.get(&format!("{hash:016x}"));
                 let mut down = Vec::new();
@@ -183,7 +187,7 @@ pub async fn run(
             applied_generation = Some(generation);
             applied_probers = Some(probers);
         }
-        apply_pool_cap(&runtimes, generation, now, &pools, &mut capped);
+        apply_pool_cap(&live, generation, ejected, &pools, &mut capped);
         live.peer_view.open();
     }
 }
@@ -191,25 +195,24 @@ pub async fn run(
 /// Waives the passive ejections over each pool's cap. Recomputed only when the ejections in
 /// force or the backends change; with none in force it costs one pass over the runtimes.
 fn apply_pool_cap(
-    runtimes: &[Arc<crate::live::BackendRuntime>],
+    live: &Live,
     generation: u64,
-    now: u64,
+    mut ejected: Vec<(String, u64)>,
     pools: &impl Fn() -> Vec<Vec<String>>,
     capped: &mut Option<(u64, Vec<(String, u64)>)>,
 ) {
-    let mut ejected: Vec<(String, u64)> = runtimes
-        .iter()
-        .filter_map(|rt| Some((rt.id.clone(), rt.health.ejection.any_until(now)?)))
-        .collect();
     ejected.sort_unstable();
-    if capped.as_ref() == Some(&(generation, ejected.clone())) {
+    if capped
+        .as_ref()
+        .is_some_and(|(g, e)| *g == generation && *e == ejected)
+    {
         return;
     }
     if ejected.is_empty() {
-        for rt in runtimes {
-            rt.health.ejection.set_waived(false);
-        }
+        live.backends
+            .for_each(|rt| rt.health.ejection.set_waived(false));
     } else {
+        let runtimes = live.backends.all();
         let index: HashMap<&str, usize> = runtimes
             .iter()
             .enumerate()

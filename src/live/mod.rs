@@ -98,6 +98,15 @@ impl BackendRegistry {
         map.values().cloned().collect()
     }
 
+    /// Runs `f` on every runtime, under the registry's lock and without copying the list (the
+    /// health exchange looks at every backend ten times a second).
+    pub fn for_each(&self, mut f: impl FnMut(&BackendRuntime)) {
+        let map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        for rt in map.values() {
+            f(rt);
+        }
+    }
+
     /// Drops runtimes of backends for which `keep` is false.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
