@@ -28,6 +28,9 @@ use crate::live::Live;
 const DOWN: &str = "down";
 const EJECTED: &str = "ejected ";
 const TICK: Duration = Duration::from_millis(100);
+/// Without a change signalled (`live::verdict_epoch`), the pass over every backend still runs
+/// this often: a missed signal delays a verdict by this much at most.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
 /// No peer's ejection deadline is believed further out than this (the longest a config
 /// allows): a bad value cannot hold a backend out for ever.
 const MAX_EJECTION_AHEAD_MS: u64 = 86_400_000;
@@ -97,40 +100,34 @@ pub async fn run(
     let mut applied_generation = None;
     let mut applied_probers: Option<Probers> = None;
     let mut synced = false;
+    // When the last pass over the backends ran, on what, and the next ejection deadline then.
+    let mut passed: Option<(u64, u64, Instant)> = None;
+    let mut next_deadline: Option<u64> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let generation = live.backends.generation();
         let now = coarse_unix_ms();
-
-        // One pass over the backends: this node's verdicts, and the ejections in force (for
-        // the pool cap). Both are few; the pass itself is the cost, so it copies nothing else.
-        let mut verdicts_now: HashMap<String, String> = HashMap::new();
-        let mut ejected: Vec<(String, u64)> = Vec::new();
-        live.backends.for_each(|rt| {
-            if let Some(v) = rt.health.local_verdict(now) {
-                verdicts_now.insert(rt.id.clone(), encode(v));
+        // Read before the pass: a change during it is seen by the next tick.
+        let epoch = crate::live::verdict_epoch();
+        let due = match passed {
+            None => true,
+            Some((e, g, at)) => {
+                e != epoch
+                    || g != generation
+                    || at.elapsed() >= FULL_PASS_EVERY
+                    || next_deadline.is_some_and(|t| now >= t)
             }
-            if let Some(until) = rt.health.ejection.any_until(now) {
-                ejected.push((rt.id.clone(), until));
-            }
-        });
-
-        // Publish: only changes of our own verdicts touch gossip.
-        let raised: Vec<(String, String)> = verdicts_now
-            .iter()
-            .filter(|(id, v)| published.get(*id) != Some(*v))
-            .map(|(id, v)| (format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)), v.clone()))
-            .collect();
-        let cleared: Vec<String> = published
-            .keys()
-            .filter(|id| !verdicts_now.contains_key(*id))
-            .map(|id| format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)))
-            .collect();
-        if !raised.is_empty() || !cleared.is_empty() {
-            gossip.update_own(raised, cleared).await;
-            published = verdicts_now;
+        };
+        let ejected = if due {
+            passed = Some((epoch, generation, Instant::now()));
+            Some(publish_own(&live, &gossip, &mut published, now).await)
+        } else {
+            None
+        };
+        if let Some(ejected) = &ejected {
+            next_deadline = ejected.iter().map(|(_, t)| *t).min();
         }
 
         // Until the peers are heard from, keep what the runtimes hold (nothing, or what a
@@ -187,9 +184,47 @@ pub async fn run(
             applied_generation = Some(generation);
             applied_probers = Some(probers);
         }
-        apply_pool_cap(&live, generation, ejected, &pools, &mut capped);
+        if let Some(ejected) = ejected {
+            apply_pool_cap(&live, generation, ejected, &pools, &mut capped);
+        }
         live.peer_view.open();
     }
+}
+
+/// One pass over the backends: publishes changes of this node's own verdicts (only changes
+/// touch gossip) and returns the ejections in force, for the pool cap. Both are few; the pass
+/// itself is the cost, so it copies nothing else.
+async fn publish_own(
+    live: &Live,
+    gossip: &Gossip,
+    published: &mut HashMap<String, String>,
+    now: u64,
+) -> Vec<(String, u64)> {
+    let mut verdicts_now: HashMap<String, String> = HashMap::new();
+    let mut ejected: Vec<(String, u64)> = Vec::new();
+    live.backends.for_each(|rt| {
+        if let Some(v) = rt.health.local_verdict(now) {
+            verdicts_now.insert(rt.id.clone(), encode(v));
+        }
+        if let Some(until) = rt.health.ejection.any_until(now) {
+            ejected.push((rt.id.clone(), until));
+        }
+    });
+    let raised: Vec<(String, String)> = verdicts_now
+        .iter()
+        .filter(|(id, v)| published.get(*id) != Some(*v))
+        .map(|(id, v)| (format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)), v.clone()))
+        .collect();
+    let cleared: Vec<String> = published
+        .keys()
+        .filter(|id| !verdicts_now.contains_key(*id))
+        .map(|id| format!("{KEY_HEALTH_PREFIX}{}", backend_key(id)))
+        .collect();
+    if !raised.is_empty() || !cleared.is_empty() {
+        gossip.update_own(raised, cleared).await;
+        *published = verdicts_now;
+    }
+    ejected
 }
 
 /// Waives the passive ejections over each pool's cap. Recomputed only when the ejections in

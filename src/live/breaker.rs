@@ -91,6 +91,9 @@ impl Breaker {
     pub fn on_pick(&self, now_ms: u64) {
         let s = self.state.load(Ordering::Acquire);
         if s != CLOSED && now_ms >= self.until_ms.load(Ordering::Acquire) {
+            if s != HALF_OPEN {
+                super::verdicts_changed();
+            }
             self.state.store(HALF_OPEN, Ordering::Release);
             self.until_ms
                 .store(now_ms + TRIAL_TIMEOUT_MS, Ordering::Release);
@@ -102,6 +105,7 @@ impl Breaker {
         if self.state.load(Ordering::Acquire) != CLOSED {
             self.backoff_ms.store(BASE_BACKOFF_MS, Ordering::Relaxed);
             self.state.store(CLOSED, Ordering::Release);
+            super::verdicts_changed();
         }
     }
 
@@ -122,6 +126,7 @@ impl Breaker {
         self.backoff_ms.store(backoff, Ordering::Relaxed);
         self.until_ms.store(now_ms + backoff, Ordering::Release);
         self.state.store(OPEN, Ordering::Release);
+        super::verdicts_changed();
         Tripped::Opened
     }
 

@@ -125,6 +125,7 @@ impl Ejection {
         self.count.store(count, Ordering::Relaxed);
         self.since_ms.store(now, Ordering::Relaxed);
         self.until_ms.store(until, Ordering::Release);
+        super::verdicts_changed();
         until
     }
 
@@ -157,7 +158,9 @@ impl Ejection {
 
     pub fn set_peers(&self, peers: Vec<PeerEjection>) {
         let latest = peers.iter().map(|p| p.until_unix_ms).max().unwrap_or(0);
-        self.peer_until_ms.store(latest, Ordering::Release);
+        if self.peer_until_ms.swap(latest, Ordering::AcqRel) != latest {
+            super::verdicts_changed();
+        }
         *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = peers;
     }
 

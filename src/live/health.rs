@@ -88,6 +88,12 @@ pub struct HealthReport {
 }
 
 impl BackendHealth {
+    fn set_active(&self, state: u8, order: Ordering) {
+        if self.active.swap(state, order) != state {
+            super::verdicts_changed();
+        }
+    }
+
     pub fn active(&self) -> ActiveState {
         match self.active.load(Ordering::Acquire) {
             UP => ActiveState::Up,
@@ -133,7 +139,7 @@ impl BackendHealth {
 
     /// Drops the active verdict (back to unknown) and the runs of results behind it.
     pub fn forget_active(&self) {
-        self.active.store(UNKNOWN, Ordering::Release);
+        self.set_active(UNKNOWN, Ordering::Release);
         self.consecutive_ok.store(0, Ordering::Relaxed);
         self.consecutive_fail.store(0, Ordering::Relaxed);
     }
@@ -180,7 +186,7 @@ impl BackendHealth {
             // A success also clears the breaker: the backend answers again.
             self.breaker.reset();
             if current != UP && (current == UNKNOWN || n >= t.healthy) {
-                self.active.store(UP, Ordering::Release);
+                self.set_active(UP, Ordering::Release);
                 return (current == DOWN).then_some(ActiveState::Up);
             }
         } else {
@@ -188,7 +194,7 @@ impl BackendHealth {
             self.consecutive_ok.store(0, Ordering::Relaxed);
             let n = self.consecutive_fail.fetch_add(1, Ordering::Relaxed) + 1;
             if current != DOWN && n >= t.unhealthy {
-                self.active.store(DOWN, Ordering::Release);
+                self.set_active(DOWN, Ordering::Release);
                 return Some(ActiveState::Down);
             }
         }
@@ -198,7 +204,7 @@ impl BackendHealth {
     /// Takes over a "down" verdict this node reached before (in the process a graceful upgrade
     /// replaced): down until this node's own probes see the backend healthy again.
     pub fn assume_down(&self) {
-        self.active.store(DOWN, Ordering::Release);
+        self.set_active(DOWN, Ordering::Release);
     }
 
     /// Some live peer reports this backend down.
@@ -308,6 +314,46 @@ mod tests {
             None,
             "the runs start again: one failure"
         );
+    }
+
+    #[test]
+    fn every_change_of_a_verdict_input_is_signalled_to_the_health_exchange() {
+        use crate::live::breaker::Failure;
+        use crate::live::verdict_epoch;
+        let h = BackendHealth::default();
+        let bumped = |what: &str, f: &dyn Fn()| {
+            let before = verdict_epoch();
+            f();
+            assert!(verdict_epoch() > before, "{what} was not signalled");
+        };
+        bumped("probes say down", &|| {
+            for _ in 0..3 {
+                h.record_probe(false, "x".into(), T);
+            }
+        });
+        bumped("probes say up", &|| {
+            for _ in 0..2 {
+                h.record_probe(true, "ok".into(), T);
+            }
+        });
+        bumped("breaker opens", &|| {
+            h.breaker.record_failure(Failure::Connect, 0);
+        });
+        bumped("breaker half-open", &|| h.breaker.on_pick(u64::MAX / 2));
+        bumped("breaker closes", &|| h.breaker.record_success());
+        bumped("ejected", &|| {
+            h.ejection
+                .eject(1_000, crate::live::ejection::Policy::default());
+        });
+        bumped("a peer's ejection", &|| {
+            h.ejection
+                .set_peers(vec![crate::live::ejection::PeerEjection {
+                    node_id: 2,
+                    until_unix_ms: 5_000,
+                }])
+        });
+        bumped("verdict forgotten", &|| h.forget_active());
+        bumped("assumed down", &|| h.assume_down());
     }
 
     #[test]
