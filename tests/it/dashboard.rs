@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::common::*;
 
 /// Loads `url` in headless Chromium, lets its scripts run, and returns the resulting DOM.
-fn rendered_dom(url: &str) -> String {
+pub(crate) fn rendered_dom(url: &str) -> String {
     let profile = tempfile::tempdir().expect("profile dir");
     let out = Command::new("chromium")
         .args([
@@ -31,7 +31,7 @@ fn rendered_dom(url: &str) -> String {
 }
 
 /// The text of the table row whose first cell is `first_cell`, and its cells' classes.
-fn row<'a>(dom: &'a str, table_id: &str, first_cell: &str) -> Option<&'a str> {
+pub(crate) fn row<'a>(dom: &'a str, table_id: &str, first_cell: &str) -> Option<&'a str> {
     let table = &dom[dom.find(&format!("id=\"{table_id}\""))?..];
     let table = &table[..table.find("</table>")?];
     table

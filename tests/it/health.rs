@@ -1460,6 +1460,16 @@ async fn a_backend_failing_real_traffic_but_passing_probes_stays_ejected_on_ever
         bad.requests() > before,
         "it was tried again once its ejection ended"
     );
+    // The dashboard says so, with the ejection's end (rendered by headless Chromium).
+    let url = format!("http://{}/dashboard#token={TOKEN}", n1.api_addr);
+    let dom = tokio::task::spawn_blocking(move || crate::dashboard::rendered_dom(&url))
+        .await
+        .expect("chromium");
+    let bad_row = crate::dashboard::row(&dom, "backends", "bad").expect("a row for bad");
+    assert!(
+        bad_row.contains("ejected until"),
+        "the dashboard shows the ejection: {bad_row}"
+    );
 
     // A pool of one: 50 % of one backend is none, so 500s pass through rather than a pool
     // emptied by passive verdicts.
