@@ -665,21 +665,7 @@ async fn management_api_is_served_over_tls_with_the_configured_certificate() {
 async fn rolling_migration_from_plaintext_rpc_to_mutual_tls_fails_no_request() {
     let started = Instant::now();
     let mode = |m: &str| format!("rpc_tls = \"{m}\"\n");
-    let mut cluster = Cluster::start(3, |_| {
-        options()
-            .cluster(&mode("off"))
-            .proxy("shutdown_grace_secs = 1")
-    })
-    .await;
-    let web = Backend::start("web-a").await;
-    cluster
-        .node(1)
-        .add_backend("web-a", &web.address(), &["a"])
-        .await;
-    cluster.node(2).add_domain("mig.test", "a").await;
-    for n in &cluster.nodes {
-        n.wait_route("mig.test", "/", "web-a").await;
-    }
+    let (mut cluster, _web) = serving_cluster(options().cluster(&mode("off")), "mig.test").await;
     // Plaintext RPC before: a plain request reaches the request check (403, not 426).
     let plain = |n: &Node| {
         let url = format!("http://{}/cluster/applied", n.rpc_addr);
@@ -740,6 +726,22 @@ async fn rolling_migration_from_plaintext_rpc_to_mutual_tls_fails_no_request() {
     }
 }
 
+/// A 3-node cluster (`options`, with a one-second shutdown grace) serving `host` from one
+/// backend ("web-a", tag "a") on every node; keep the backend alive for the test.
+async fn serving_cluster(options: NodeOptions, host: &str) -> (Cluster, Backend) {
+    let cluster = Cluster::start(3, |_| options.clone().proxy("shutdown_grace_secs = 1")).await;
+    let web = Backend::start("web-a").await;
+    cluster
+        .node(1)
+        .add_backend("web-a", &web.address(), &["a"])
+        .await;
+    cluster.node(2).add_domain(host, "a").await;
+    for n in &cluster.nodes {
+        n.wait_route(host, "/", "web-a").await;
+    }
+    (cluster, web)
+}
+
 /// Upgrades every node of `cluster` in turn (graceful upgrade with the options `change` makes);
 /// after each, the cluster converges and a write through another node reaches every node.
 async fn rolling_upgrade(
@@ -781,21 +783,7 @@ async fn rolling_upgrade(
 async fn secret_rollover_by_three_rolling_restarts_fails_no_request() {
     const OLD: &str = "the-old-secret-about-to-be-rolled";
     const NEW: &str = "the-new-secret-after-the-rollover";
-    let mut cluster = Cluster::start(3, |_| {
-        NodeOptions::new()
-            .secret(OLD)
-            .proxy("shutdown_grace_secs = 1")
-    })
-    .await;
-    let web = Backend::start("web-a").await;
-    cluster
-        .node(1)
-        .add_backend("web-a", &web.address(), &["a"])
-        .await;
-    cluster.node(2).add_domain("roll.test", "a").await;
-    for n in &cluster.nodes {
-        n.wait_route("roll.test", "/", "web-a").await;
-    }
+    let (mut cluster, _web) = serving_cluster(NodeOptions::new().secret(OLD), "roll.test").await;
     let clients: Vec<ProxyClient> = cluster.nodes.iter().map(|n| n.proxy_client()).collect();
     let traffic = Traffic::start(clients, "roll.test", "web-a");
     let mut writes = 0;

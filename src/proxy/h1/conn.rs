@@ -1,7 +1,6 @@
 //! The connection loop: wait for a request head, decide with the shared request policy
 //! (`rules`), and answer it ourselves or forward it; keep the connection or end it.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use pingora_core::server::ShutdownWatch;
@@ -18,29 +17,13 @@ use super::super::tls;
 use super::super::DataPlane;
 use super::client::{Client, Trace};
 use super::parse::{expects_continue, parse_request, Parsed, RequestHead};
-use super::{End, Outcome, VhostApp, MAX_HEAD};
+use super::{Counted, End, Outcome, VhostApp, MAX_HEAD};
 use crate::clock;
 use crate::observability::access_log::{Protocol, Record, Text};
 
 /// How long a connection without a request in progress stays open once shutdown begins, for
 /// its client's next request (answered, then the connection closes).
 const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Counts a request in flight on the node for as long as it lives.
-struct NodeInFlight<'a>(&'a DataPlane);
-
-impl<'a> NodeInFlight<'a> {
-    fn new(node: &'a DataPlane) -> Self {
-        node.requests_in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(node)
-    }
-}
-
-impl Drop for NodeInFlight<'_> {
-    fn drop(&mut self) {
-        self.0.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 impl VhostApp {
     pub(super) async fn serve(&self, client: &mut Client, shutdown: &ShutdownWatch) -> End {
@@ -120,7 +103,7 @@ impl VhostApp {
             head.close |= *shutdown.borrow();
             client.head_request = head.head_method;
             client.request_id = head.request_id;
-            let _in_flight = NodeInFlight::new(&self.data);
+            let _in_flight = Counted::new(&self.data.requests_in_flight);
             let (status, outcome) = self.handle(client, &head).await;
             self.metrics.request_done(status);
             match outcome {

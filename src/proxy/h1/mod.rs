@@ -16,7 +16,7 @@
 //! connection's buffers and timed writes). What a request gets and what a backend failure
 //! means are decided in `rules` and `outcome`, shared with Pingora's path.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,19 +110,20 @@ impl VhostApp {
     }
 }
 
-/// Counts a client connection open for as long as it is served (graceful drain).
-struct ConnectionOpen<'a>(&'a DataPlane);
+/// Counts one in a node-wide gauge (requests in flight, connections open: what graceful
+/// drain waits for) for as long as it lives.
+pub(super) struct Counted<'a>(&'a AtomicI64);
 
-impl<'a> ConnectionOpen<'a> {
-    fn new(node: &'a DataPlane) -> Self {
-        node.connections_open.fetch_add(1, Ordering::Relaxed);
-        Self(node)
+impl<'a> Counted<'a> {
+    pub(super) fn new(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
     }
 }
 
-impl Drop for ConnectionOpen<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -133,7 +134,7 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = ConnectionOpen::new(&self.data);
+        let _open = Counted::new(&self.data.connections_open);
         let stream = match &self.tls {
             Some(tls) if tls.is_mine(&stream) => {
                 // A PROXY protocol header comes before the ClientHello.
