@@ -17,8 +17,8 @@ use toml_edit::{ImDocument, Item, Table, TableLike, Value};
 
 pub use crate::schema::TlsMode;
 use crate::schema::{
-    self, BackendId, Cidr, DomainName, FieldRule, HealthPath, HostPort, SendProxyProtocol, Tag,
-    MAX_BACKENDS, MAX_DOMAINS,
+    self, BackendId, BackendTls, Cidr, DomainName, FieldRule, HealthPath, HostPort,
+    SendProxyProtocol, Tag, MAX_BACKENDS, MAX_DOMAINS,
 };
 
 /// Most data-plane worker threads (`[proxy] threads`): each is a runtime with its own file
@@ -413,6 +413,8 @@ pub struct BackendConfig {
     pub health_check_path: Option<HealthPath>,
     /// optional: "v1" | "v2", a PROXY protocol header on every connection to the backend
     pub send_proxy_protocol: Option<SendProxyProtocol>,
+    /// TLS to the backend: an `https://` address or a `tls` table (its files read here)
+    pub tls: Option<BackendTls>,
 }
 
 /// A problem that does not stop the node (e.g. a domain whose tag no backend carries).
@@ -867,12 +869,41 @@ struct FileVirtualHost {
 #[serde(deny_unknown_fields)]
 struct FileBackend {
     id: Option<BackendId>,
-    address: Option<HostPort>,
+    #[serde(default, deserialize_with = "backend_address")]
+    address: Option<(HostPort, Option<bool>)>,
     #[serde(default)]
     tags: Vec<Tag>,
     health_check_path: Option<HealthPath>,
     #[serde(default, deserialize_with = "opt_rule")]
     send_proxy_protocol: Option<SendProxyProtocol>,
+    tls: Option<FileBackendTls>,
+}
+
+/// A backend's `tls` table: files instead of the API's PEM text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackendTls {
+    server_name: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    ca_bundle: Option<PathBuf>,
+    #[serde(default = "yes")]
+    verify: bool,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    http2: bool,
+}
+
+/// `host:port`, `https://host:port` or `http://host:port` (`schema::backend_address`).
+fn backend_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<(HostPort, Option<bool>)>, D::Error> {
+    checked(d, |raw| {
+        schema::backend_address(&raw).map_err(|e| e.to_string())
+    })
+    .map(Some)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1308,12 +1339,24 @@ impl Checker<'_> {
                 ));
             }
             seen.insert(id.clone(), i);
-            let Some(address) = b.address else {
+            let Some((address, scheme_tls)) = b.address else {
                 return Err(self.error(
                     &entry,
                     &display_path(&at("address")),
                     "missing (required)",
                 ));
+            };
+            let tls = match (b.tls, scheme_tls) {
+                (Some(_), Some(false)) => {
+                    return Err(self.error(
+                        &at("tls"),
+                        &display_path(&at("tls")),
+                        "a tls table with an http:// address: use https:// or no scheme",
+                    ))
+                }
+                (Some(file), _) => Some(self.backend_tls(file, &at("tls"))?),
+                (None, Some(true)) => Some(BackendTls::default()),
+                (None, _) => None,
             };
             let tags = schema::tag_list(b.tags)
                 .map_err(|e| self.error(&at("tags"), &display_path(&at("tags")), e.to_string()))?;
@@ -1323,9 +1366,44 @@ impl Checker<'_> {
                 tags,
                 health_check_path: b.health_check_path,
                 send_proxy_protocol: b.send_proxy_protocol,
+                tls,
             });
         }
         Ok(out)
+    }
+
+    /// Reads a backend's `tls` files and checks the result by the rule the API and Raft use.
+    fn backend_tls(&self, file: FileBackendTls, at: &str) -> Result<BackendTls, ConfigError> {
+        let read = |p: &Option<PathBuf>, name: &str| -> Result<Option<String>, ConfigError> {
+            let Some(p) = p else { return Ok(None) };
+            let field = format!("{at}.{name}");
+            let path = self.pem_file(p, &field)?;
+            std::fs::read_to_string(&path).map(Some).map_err(|e| {
+                self.error(
+                    &field,
+                    &display_path(&field),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        BackendTls {
+            server_name: file.server_name,
+            ca_pem: read(&file.ca_bundle, "ca_bundle")?,
+            verify: file.verify,
+            client_cert_pem: read(&file.client_cert, "client_cert")?,
+            client_key_pem: read(&file.client_key, "client_key")?,
+            http2: file.http2,
+        }
+        .checked()
+        // The rule names the API's fields (ca_pem, ...): say which file they came from.
+        .map_err(|e| {
+            let msg = e
+                .to_string()
+                .replace("ca_pem", "ca_bundle")
+                .replace("client_cert_pem", "client_cert")
+                .replace("client_key_pem", "client_key");
+            self.error(at, &display_path(at), msg)
+        })
     }
 
     fn virtual_hosts(

@@ -22,3 +22,4 @@ pub mod state;
 pub mod supervise;
 pub mod ticket_keys;
 pub mod upgrade;
+pub mod upstream_tls;

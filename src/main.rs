@@ -116,6 +116,7 @@ fn seed_command(cfg: &Config) -> anyhow::Result<Command> {
             health_check_path: b.health_check_path.clone(),
             draining: false,
             send_proxy_protocol: b.send_proxy_protocol,
+            tls: b.tls.clone().map(Box::new),
         })
         .collect();
     Ok(Command::Seed { domains, backends })

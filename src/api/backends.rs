@@ -18,7 +18,7 @@ use super::{ApiError, ApiState};
 use crate::health::active;
 use crate::live::health::ActiveState;
 use crate::live::{health, now_ms, BackendRuntime};
-use crate::schema::{self, BackendId, HealthPath, HostPort, SendProxyProtocol, Tag};
+use crate::schema::{self, BackendId, BackendTls, HealthPath, HostPort, SendProxyProtocol, Tag};
 use crate::state::{Applied, Backend, BackendPatch, Command};
 
 /// Each live peer's verdicts in gossip (backend key -> value), read once per API answer.
@@ -161,6 +161,18 @@ pub async fn list(
     Ok(Json(page))
 }
 
+/// `address`: `host:port`, or with `https://` / `http://` (TLS to the backend on / off).
+fn parse_address(raw: String) -> Result<(HostPort, Option<bool>), ApiError> {
+    schema::backend_address(&raw).map_err(|e| ApiError::field("address", e))
+}
+
+fn tls_with_http() -> ApiError {
+    ApiError::field(
+        "tls",
+        "given with an http:// address (use https:// or no scheme)",
+    )
+}
+
 pub async fn get_one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -174,12 +186,18 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let mut body = Body::read(bytes).await?;
     let id: BackendId = body.req("id")?;
-    let address: HostPort = body.req("address")?;
+    let (address, scheme) = parse_address(body.req_str("address")?)?;
     let tags = parse_tags(&mut body)?.unwrap_or_default();
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?.flatten();
     let send_proxy_protocol = body
         .nullable::<SendProxyProtocol>("send_proxy_protocol")?
         .flatten();
+    let tls = match (body.nullable_json::<BackendTls>("tls")?.flatten(), scheme) {
+        (Some(_), Some(false)) => return Err(tls_with_http()),
+        (Some(tls), _) => Some(Box::new(tls)),
+        (None, Some(true)) => Some(Box::default()),
+        (None, _) => None,
+    };
     ignore_status_fields(&mut body);
     body.finish()?;
     let b = Backend {
@@ -189,6 +207,7 @@ pub async fn create(
         health_check_path,
         draining: false,
         send_proxy_protocol,
+        tls,
     };
     created(&state, state.write(Command::CreateBackend(b)).await?).await
 }
@@ -219,10 +238,25 @@ pub async fn update(
             ));
         }
     }
-    let address = body.opt::<HostPort>("address")?;
+    let (address, scheme) = match body.opt_str("address")? {
+        Some(raw) => {
+            let (a, scheme) = parse_address(raw)?;
+            (Some(a), scheme)
+        }
+        None => (None, None),
+    };
     let tags = parse_tags(&mut body)?;
     let health_check_path = body.nullable::<HealthPath>("health_check_path")?;
     let send_proxy_protocol = body.nullable::<SendProxyProtocol>("send_proxy_protocol")?;
+    // `https://` turns TLS on (with defaults, unless it is on already or `tls` says how);
+    // `http://` turns it off.
+    let tls = match (body.nullable_json::<BackendTls>("tls")?, scheme) {
+        (Some(Some(_)), Some(false)) => return Err(tls_with_http()),
+        (Some(tls), _) => Some(tls.map(Box::new)),
+        (None, Some(true)) if current.tls.is_none() => Some(Some(Box::default())),
+        (None, Some(false)) => Some(None),
+        (None, _) => None,
+    };
     ignore_status_fields(&mut body);
     body.finish()?;
     let patch = BackendPatch {
@@ -230,6 +264,7 @@ pub async fn update(
         tags,
         health_check_path,
         send_proxy_protocol,
+        tls,
     };
     let applied = state
         .write(Command::UpdateBackend {
@@ -314,16 +349,9 @@ pub async fn probe(
     Path(id): Path<String>,
 ) -> Result<Json<ProbeView>, ApiError> {
     let b = lookup(&state, &id)?;
-    let result = active::check_backend(
-        &state.data.live,
-        &state.http,
-        &state.health_check,
-        &b.id,
-        &b.address,
-        b.health_check_path.as_deref(),
-        b.send_proxy_protocol,
-    )
-    .await;
+    let target = active::ProbeTarget::of(&b);
+    let result =
+        active::check_backend(&state.data.live, &state.http, &state.health_check, &target).await;
     let active = state
         .data
         .live

@@ -153,6 +153,22 @@ impl Body {
         })
     }
 
+    /// A nullable JSON value (an object) read through its type's own rule, as a Raft entry
+    /// reads it (`Some(None)` = explicit null). The error names the field.
+    pub fn nullable_json<T: serde::de::DeserializeOwned>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Option<Option<T>>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(v @ Value::Object(_)) => serde_json::from_value(v)
+                .map(|t| Some(Some(t)))
+                .map_err(|e| ApiError::field(name, e)),
+            Some(other) => Err(Self::type_error(name, "an object or null", &other)),
+        }
+    }
+
     /// An optional list of at most `max` items that follow a rule; the error names the item's
     /// index. The count is checked first, so an oversized list costs no per-item work.
     pub fn opt_list<T: FieldRule>(

@@ -152,7 +152,7 @@ fn error_message(v: &Value) -> &str {
     v["error"].as_str().expect("error is a string")
 }
 
-const BACKEND_KEYS: [&str; 15] = [
+const BACKEND_KEYS: [&str; 16] = [
     "address",
     "connect_failures",
     "draining",
@@ -168,6 +168,7 @@ const BACKEND_KEYS: [&str; 15] = [
     "resolved_unix_ms",
     "send_proxy_protocol",
     "tags",
+    "tls",
 ];
 
 const DOMAIN_KEYS: [&str; 7] = [

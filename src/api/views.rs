@@ -14,7 +14,7 @@ use crate::cluster::{NodeState, Status};
 use crate::live::addrs::Resolution;
 use crate::live::health::{ActiveState, HealthReport};
 use crate::observability::metrics::Rates;
-use crate::state::{AcmeStatus, Backend, CertPair, Domain, SendProxyProtocol, TlsMode};
+use crate::state::{AcmeStatus, Backend, BackendTls, CertPair, Domain, SendProxyProtocol, TlsMode};
 
 /// Every error answer: `{"error": ...}`, plus what some errors add (see [`ErrorExtra`]).
 #[derive(Debug, Serialize)]
@@ -206,6 +206,8 @@ pub struct BackendView {
     pub health_check_path: Option<String>,
     /// "v1" | "v2" | null.
     pub send_proxy_protocol: Option<SendProxyProtocol>,
+    /// TLS to the backend, or null for plain TCP. Never a key.
+    pub tls: Option<BackendTlsView>,
     pub healthy: bool,
     pub draining: bool,
     pub in_flight: i64,
@@ -214,6 +216,35 @@ pub struct BackendView {
     pub health: HealthReport,
     /// Node id to its verdict: this node's own, and each live peer's from gossip.
     pub nodes: BTreeMap<u64, Verdict>,
+}
+
+/// A backend's `tls`, as shown: its settings and what was given, never the client key (nor the
+/// PEM text: a CA bundle would make every list page large).
+#[derive(Debug, Serialize)]
+pub struct BackendTlsView {
+    /// The name sent (SNI) and checked: `server_name`, else the address's host.
+    pub server_name: String,
+    pub verify: bool,
+    pub http2: bool,
+    /// How many CA certificates `ca_pem` holds; null: the system's CAs.
+    pub ca_certificates: Option<usize>,
+    /// A client certificate is sent (mTLS).
+    pub client_certificate: bool,
+}
+
+impl BackendTlsView {
+    fn new(b: &Backend, tls: &BackendTls) -> Self {
+        Self {
+            server_name: tls.effective_server_name(&b.address).to_string(),
+            verify: tls.verify,
+            http2: tls.http2,
+            ca_certificates: tls
+                .ca_pem
+                .as_deref()
+                .map(|pem| crate::schema::ca_certificates(pem).map_or(0, |c| c.len())),
+            client_certificate: tls.client_cert_pem.is_some(),
+        }
+    }
 }
 
 /// This node's live facts about one backend, read by the handler.
@@ -242,6 +273,7 @@ impl BackendView {
             tags: b.tags.iter().map(|t| t.to_string()).collect(),
             health_check_path: b.health_check_path.as_ref().map(|p| p.to_string()),
             send_proxy_protocol: b.send_proxy_protocol,
+            tls: b.tls.as_ref().map(|tls| BackendTlsView::new(b, tls)),
             healthy: live.healthy,
             draining: b.draining,
             in_flight: live.in_flight.max(0),

@@ -401,11 +401,14 @@ fn backend_addresses() {
         "10.0.0.1:80",
         "[::1]:8080",
         "web-1.internal:65535",
+        "http://x:1",
+        "https://x:1/",
     ] {
         assert!(parse(&backend_with_address(good)).is_ok(), "{good}");
     }
     for (bad, needle) in [
-        ("http://x:1", "remove the scheme \"http://\" (use \"x:1\")"),
+        ("ftp://x:1", "remove the scheme \"ftp://\" (use \"x:1\")"),
+        ("https://x:1/api", "has no path"),
         ("x", "missing :port"),
         ("x:0", "not in 1..=65535"),
         ("x:65536", "not in 1..=65535"),
@@ -422,6 +425,73 @@ fn backend_addresses() {
     ] {
         assert_err(&backend_with_address(bad), 3, "backends[0].address", needle);
     }
+}
+
+#[test]
+fn backend_tls_from_the_scheme_or_a_table_of_files() {
+    // The scheme alone: TLS with its defaults (verified, the system's CAs, the host as name).
+    let c = ok(&backend_with_address("https://api.internal:8443"));
+    assert_eq!(c.backends[0].address, "api.internal:8443");
+    assert_eq!(
+        c.backends[0].tls,
+        Some(crate::schema::BackendTls::default())
+    );
+    assert_eq!(
+        ok(&backend_with_address("http://api.internal:80")).backends[0].tls,
+        None
+    );
+
+    let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+    let client = rcgen::generate_simple_self_signed(vec!["client.test".into()]).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    let table = |extra: &str| {
+        format!(
+            "[[backends]]\nid = \"x\"\naddress = \"api.internal:8443\"\n[backends.tls]\nserver_name = \"API.test\"\nca_bundle = \"ca.pem\"\n{extra}"
+        )
+    };
+    let files = [
+        ("ca.pem", ca.cert.pem()),
+        ("client.crt", client.cert.pem()),
+        ("client.key", client.key_pair.serialize_pem()),
+        ("other.key", other.serialize_pem()),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let (_dir, r) = load_in_dir(
+        &table("client_cert = \"client.crt\"\nclient_key = \"client.key\"\nhttp2 = true\n"),
+        &files,
+    );
+    let (c, _) = r.expect("a tls table with its files");
+    let tls = c.backends[0].tls.clone().expect("tls");
+    assert_eq!(tls.server_name.as_deref(), Some("api.test"));
+    assert_eq!(tls.ca_pem.as_deref(), Some(ca.cert.pem().as_str()));
+    assert!(tls.verify && tls.http2 && tls.client_key_pem.is_some());
+
+    // Refusals name the table and the file's field (not the API's name for it).
+    for (extra, needle) in [
+        (
+            "client_cert = \"client.crt\"\nclient_key = \"other.key\"\n",
+            "client_key does not match",
+        ),
+        (
+            "client_cert = \"client.crt\"\n",
+            "client_cert is given without client_key",
+        ),
+        ("client_key = \"missing.key\"\n", "file not found"),
+    ] {
+        let (_dir, r) = load_in_dir(&table(extra), &files);
+        let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("backends[0].tls"), "{extra}: {msg}");
+        assert!(msg.contains(needle), "{extra}: {msg}");
+    }
+    let (_dir, r) = load_in_dir(&table("sni = \"x\"\n"), &files);
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains(":7: sni: unknown field `sni`"), "{msg}");
+    let (_dir, r) = load_in_dir(
+        &table("").replace("api.internal:8443", "http://api.internal:8443"),
+        &files,
+    );
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("http:// address"), "{msg}");
 }
 
 #[test]

@@ -21,7 +21,9 @@ use crate::live::breaker::BreakerState;
 use crate::live::health::{ActiveState, Thresholds};
 use crate::live::Live;
 use crate::proxy_protocol::{self, Version};
-use crate::schema::SendProxyProtocol;
+use crate::schema::{BackendTls, HostPort, SendProxyProtocol};
+use crate::state::Backend;
+use crate::upstream_tls::UpstreamTls;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeResult {
@@ -30,28 +32,69 @@ pub struct ProbeResult {
     pub latency_ms: u64,
 }
 
+/// A backend as the prober sees it: what a probe needs of its replicated fields.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    pub id: String,
+    pub address: HostPort,
+    /// Overrides `[health_check] path`.
+    pub path: Option<String>,
+    pub send_proxy: Option<SendProxyProtocol>,
+    pub tls: Option<Box<BackendTls>>,
+}
+
+impl ProbeTarget {
+    pub fn of(b: &Backend) -> Self {
+        Self {
+            id: b.id.to_string(),
+            address: b.address.clone(),
+            path: b.health_check_path.as_ref().map(|p| p.to_string()),
+            send_proxy: b.send_proxy_protocol,
+            tls: b.tls.clone(),
+        }
+    }
+}
+
 /// Probes one backend once, at `addr` (what its `address` resolved to; `address` is the
 /// `Host` of an HTTP probe). A backend that wants the PROXY protocol gets a `LOCAL` /
-/// `UNKNOWN` header first (a probe relays no client).
+/// `UNKNOWN` header first (a probe relays no client); one that wants TLS gets the handshake
+/// requests to it get (same name, CAs, client certificate), so a probe fails exactly when
+/// they would.
 pub async fn probe(
     client: &reqwest::Client,
-    address: &str,
+    target: &ProbeTarget,
     addr: SocketAddr,
     path: &str,
     timeout: Duration,
-    send_proxy: Option<SendProxyProtocol>,
 ) -> ProbeResult {
     let started = Instant::now();
-    let (healthy, detail) = if let Some(version) = send_proxy {
-        let header = proxy_protocol::local(match version {
-            SendProxyProtocol::V1 => Version::V1,
-            SendProxyProtocol::V2 => Version::V2,
+    let address: &str = &target.address;
+    let (healthy, detail) = if target.send_proxy.is_some() || target.tls.is_some() {
+        let header = target.send_proxy.map(|version| {
+            proxy_protocol::local(match version {
+                SendProxyProtocol::V1 => Version::V1,
+                SendProxyProtocol::V2 => Version::V2,
+            })
         });
-        match tokio::time::timeout(timeout, probe_raw(address, addr, path, header)).await {
+        let tls = match &target.tls {
+            None => None,
+            Some(tls) => match UpstreamTls::for_backend(tls, &target.address) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    return ProbeResult {
+                        healthy: false,
+                        detail: format!("TLS to the backend cannot be set up: {e}"),
+                        latency_ms: 0,
+                    }
+                }
+            },
+        };
+        let raw = probe_raw(address, addr, path, header, tls.as_deref());
+        match tokio::time::timeout(timeout, raw).await {
             Ok(r) => r,
             Err(_) if path.is_empty() => (
                 false,
-                format!("TCP connect timed out after {}ms", timeout.as_millis()),
+                format!("connect timed out after {}ms", timeout.as_millis()),
             ),
             Err(_) => (
                 false,
@@ -96,29 +139,45 @@ pub async fn probe(
     }
 }
 
-/// A probe that starts with a PROXY protocol header: reqwest cannot send one, so the GET is
-/// written by hand (HTTP/1.1, `Connection: close`) and only the status line is read.
-async fn probe_raw(address: &str, addr: SocketAddr, path: &str, header: &[u8]) -> (bool, String) {
-    let mut conn = match tokio::net::TcpStream::connect(addr).await {
+/// A probe written by hand (HTTP/1.1, `Connection: close`; only the status line is read):
+/// reqwest can send neither a PROXY protocol header nor our TLS client's handshake.
+async fn probe_raw(
+    address: &str,
+    addr: SocketAddr,
+    path: &str,
+    header: Option<&[u8]>,
+    tls: Option<&UpstreamTls>,
+) -> (bool, String) {
+    let mut tcp = match tokio::net::TcpStream::connect(addr).await {
         Ok(c) => c,
         Err(e) if path.is_empty() => return (false, format!("TCP connect failed: {e}")),
         Err(_) => return (false, format!("GET {path}: connection failed")),
     };
-    let mut request = header.to_vec();
-    if !path.is_empty() {
-        request.extend_from_slice(
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        );
+    if let Some(header) = header {
+        if let Err(e) = tcp.write_all(header).await {
+            return (
+                false,
+                format!("sending the PROXY protocol header failed: {e}"),
+            );
+        }
     }
-    if let Err(e) = conn.write_all(&request).await {
-        return (
-            false,
-            format!("sending the PROXY protocol header failed: {e}"),
-        );
-    }
+    let mut conn = match tls {
+        None => BackendStream::Plain(tcp),
+        Some(tls) => match tls.handshake(tcp).await {
+            Ok(session) => BackendStream::Tls(Box::new(session)),
+            Err(e) => return (false, format!("TLS handshake failed: {e}")),
+        },
+    };
     if path.is_empty() {
-        return (true, "TCP connect succeeded".to_string());
+        return match conn {
+            BackendStream::Plain(_) => (true, "TCP connect succeeded".to_string()),
+            BackendStream::Tls(_) => (true, "TLS handshake succeeded".to_string()),
+        };
+    }
+    // The `Host` of requests: the address's host (and port), as for a plain probe.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    if let Err(e) = conn.write_all(request.as_bytes()).await {
+        return (false, format!("GET {path}: sending failed: {e}"));
     }
     let mut head = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
@@ -137,6 +196,28 @@ async fn probe_raw(address: &str, addr: SocketAddr, path: &str, header: &[u8]) -
         Some(code) if (200..400).contains(&code) => (true, format!("GET {path} answered {code}")),
         Some(code) => (false, format!("GET {path} answered {code}")),
         None => (false, format!("GET {path} failed: no HTTP answer")),
+    }
+}
+
+/// A probe's connection: plain, or TLS over it.
+enum BackendStream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl BackendStream {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.write_all(bytes).await,
+            BackendStream::Tls(s) => s.write_all(bytes).await,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            BackendStream::Plain(s) => s.read(buf).await,
+            BackendStream::Tls(s) => s.read(buf).await,
+        }
     }
 }
 
@@ -166,30 +247,21 @@ fn client_with_agent(agent: String) -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Probes `id` now and records the result in its health state (if a routing table knows
+/// Probes `target` now and records the result in its health state (if a routing table knows
 /// the backend yet).
 pub async fn check_backend(
     live: &Live,
     client: &reqwest::Client,
     cfg: &HealthCheckConfig,
-    id: &str,
-    address: &str,
-    path_override: Option<&str>,
-    send_proxy: Option<SendProxyProtocol>,
+    target: &ProbeTarget,
 ) -> ProbeResult {
-    let path = path_override.unwrap_or(&cfg.path);
+    let path = target.path.as_deref().unwrap_or(&cfg.path);
+    let (id, address): (&str, &str) = (&target.id, &target.address);
     // A name with several addresses is probed at its first: health is kept per backend.
     let result = match live.addrs.addrs_for(address).first() {
         Some(addr) => {
-            probe(
-                client,
-                address,
-                *addr,
-                path,
-                Duration::from_secs(cfg.timeout_secs),
-                send_proxy,
-            )
-            .await
+            let timeout = Duration::from_secs(cfg.timeout_secs);
+            probe(client, target, *addr, path, timeout).await
         }
         None => ProbeResult {
             healthy: false,
@@ -229,13 +301,7 @@ const CONCURRENCY: usize = 256;
 const TICK: Duration = Duration::from_millis(100);
 
 /// A backend this node probes.
-#[derive(Debug)]
-struct Target {
-    id: String,
-    address: String,
-    path: Option<String>,
-    send_proxy: Option<SendProxyProtocol>,
-}
+type Target = ProbeTarget;
 
 /// What this node probes, and since when it stopped probing the backends it handed over.
 #[derive(Default)]
@@ -279,6 +345,9 @@ pub async fn run(
     let mut queue: VecDeque<Arc<Target>> = VecDeque::new();
     let mut pending: HashSet<String> = HashSet::new();
     let mut running: JoinSet<String> = JoinSet::new();
+    // Backends queued because the data plane asked (probed even if not ours to probe).
+    let mut asked: HashSet<String> = HashSet::new();
+    let mut asked_seen = crate::live::probes_asked();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut started, mut replans, mut since) = (0u64, 0u64, Instant::now());
@@ -329,6 +398,27 @@ pub async fn run(
                     planned_at = Instant::now();
                     replans += 1;
                 }
+                // Probes the data plane asked for (a failed TLS handshake): now, whoever the
+                // backend's probers are. Looked for only when one was asked.
+                let asked_now = crate::live::probes_asked();
+                if asked_now != asked_seen {
+                    asked_seen = asked_now;
+                    let mut ids = Vec::new();
+                    live.backends.for_each(|rt| {
+                        if rt.take_probe_request() {
+                            ids.push(rt.id.clone());
+                        }
+                    });
+                    for id in ids {
+                        let target = sm.with_state(|s| s.backends.get(id.as_str()).map(Target::of));
+                        if let Some(t) = target {
+                            if pending.insert(t.id.clone()) {
+                                asked.insert(t.id.clone());
+                                queue.push_front(Arc::new(t));
+                            }
+                        }
+                    }
+                }
                 let now = now_ms();
                 if let Some(schedule) = &plan.schedule {
                     for t in schedule.due(last_ms, now) {
@@ -351,23 +441,14 @@ pub async fn run(
             let Some(t) = queue.pop_front() else { break };
             // Queued when it was ours, but the membership changed since (a peer seen dead for
             // a moment): its probers probe it.
-            if !plan.scheduled.contains(&t.id) {
+            if !plan.scheduled.contains(&t.id) && !asked.remove(&t.id) {
                 pending.remove(&t.id);
                 continue;
             }
             started += 1;
             let (live, client, cfg) = (live.clone(), client.clone(), cfg.clone());
             running.spawn(async move {
-                check_backend(
-                    &live,
-                    &client,
-                    &cfg,
-                    &t.id,
-                    &t.address,
-                    t.path.as_deref(),
-                    t.send_proxy,
-                )
-                .await;
+                check_backend(&live, &client, &cfg, &t).await;
                 t.id.clone()
             });
         }
@@ -387,18 +468,7 @@ fn replan(
     let backends: Vec<(u64, Target)> = sm.with_state(|s| {
         s.backends
             .values()
-            .map(|b| {
-                let id = b.id.to_string();
-                (
-                    backend_hash(&id),
-                    Target {
-                        id,
-                        address: b.address.to_string(),
-                        path: b.health_check_path.as_ref().map(|p| p.to_string()),
-                        send_proxy: b.send_proxy_protocol,
-                    },
-                )
-            })
+            .map(|b| (backend_hash(&b.id), Target::of(b)))
             .collect()
     });
     let now = Instant::now();

@@ -14,7 +14,7 @@ pub mod health;
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use addrs::AddressBook;
@@ -33,6 +33,14 @@ pub fn verdicts_changed() {
 
 pub fn verdict_epoch() -> u64 {
     VERDICT_EPOCH.load(Ordering::Acquire)
+}
+
+/// Bumped when the data plane asks for an immediate probe of a backend
+/// ([`BackendRuntime::ask_probe`]); the prober looks for the asking backends only then.
+static PROBES_ASKED: AtomicU64 = AtomicU64::new(0);
+
+pub fn probes_asked() -> u64 {
+    PROBES_ASKED.load(Ordering::Acquire)
 }
 
 /// Milliseconds on a coarse monotonic clock, for breaker deadlines (see `clock`).
@@ -59,6 +67,9 @@ pub struct BackendRuntime {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
     pub health: BackendHealth,
+    /// Set by the data plane when a request saw something a probe should confirm at once (a
+    /// failed TLS handshake); cleared by the prober when it takes the request.
+    probe_asked: AtomicBool,
 }
 
 impl BackendRuntime {
@@ -71,7 +82,23 @@ impl BackendRuntime {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             health: BackendHealth::default(),
+            probe_asked: AtomicBool::new(false),
         }
+    }
+
+    /// Asks the prober for a probe of this backend now. True when this call asked (not
+    /// already pending): the caller logs then, once per probe rather than per request.
+    pub fn ask_probe(&self) -> bool {
+        let asked = !self.probe_asked.swap(true, Ordering::AcqRel);
+        if asked {
+            PROBES_ASKED.fetch_add(1, Ordering::Release);
+        }
+        asked
+    }
+
+    /// Takes a pending probe request (the prober).
+    pub fn take_probe_request(&self) -> bool {
+        self.probe_asked.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub registry: Registry,
     requests: Box<[AtomicU64]>,
     connect_failures: IntCounterVec,
+    upstream_tls_failures: IntCounterVec,
     guard_rail: prometheus::IntCounter,
     handovers: IntCounterVec,
     proxy_protocol: IntCounterVec,
@@ -54,6 +55,13 @@ impl Metrics {
                 "Failed connection attempts to a backend",
             ),
             &["backend"],
+        )?;
+        let upstream_tls_failures = IntCounterVec::new(
+            Opts::new(
+                "pingora_vhost_upstream_tls_failures_total",
+                "Failed TLS handshakes with backends, by reason (certificate_expired, certificate_wrong_name, certificate_unknown_issuer, client_certificate, no_http2, timeout, handshake, setup)",
+            ),
+            &["reason"],
         )?;
         let guard_rail = prometheus::IntCounter::new(
             "pingora_vhost_health_guard_rail_total",
@@ -150,6 +158,7 @@ impl Metrics {
         registry.register(Box::new(access_log_lines.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(connect_failures.clone()))?;
+        registry.register(Box::new(upstream_tls_failures.clone()))?;
         registry.register(Box::new(guard_rail.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(proxy_protocol.clone()))?;
@@ -173,6 +182,7 @@ impl Metrics {
             registry,
             requests,
             connect_failures,
+            upstream_tls_failures,
             guard_rail,
             handovers,
             proxy_protocol,
@@ -253,6 +263,13 @@ impl Metrics {
 
     pub fn upstream_connect_failure(&self, backend: &str) {
         self.connect_failures.with_label_values(&[backend]).inc();
+    }
+
+    /// A TLS handshake with a backend failed (`reason`: `upstream_tls::HandshakeFailure`).
+    pub fn upstream_tls_failure(&self, reason: &str) {
+        self.upstream_tls_failures
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// Totals of all requests and of 5xx answers.

@@ -40,6 +40,10 @@ pub fn could_not_connect(host: &str) -> String {
     format!("502 Bad Gateway: could not connect to any backend for {host}\n")
 }
 
+pub fn backend_tls_failed(host: &str, why: &str) -> String {
+    format!("503 Service Unavailable: no backend for {host} could be reached over TLS ({why})\n")
+}
+
 pub fn backend_timed_out(host: &str) -> String {
     format!("504 Gateway Timeout: the backend for {host} did not answer in time\n")
 }

@@ -1,5 +1,6 @@
-//! How Pingora's proxy connects to a plaintext backend: a TCP connection whose responses are
-//! relayed byte for byte, except chunk sizes written with leading zeros, which lose them.
+//! How Pingora's proxy connects to a backend: a TCP connection (with TLS over it when the
+//! backend wants it, `upstream_tls`) whose responses are relayed byte for byte, except chunk
+//! sizes written with leading zeros, which lose them.
 //!
 //! Why: Pingora's HTTP/1 client parses chunk sizes with httparse, which counts leading zeros
 //! towards a 16-digit limit, so a valid `00000000000000003` answers 502 on that path only
@@ -24,9 +25,13 @@ use pingora_core::{Error, ErrorType, Result};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+
+use super::backend_io::BackendIo;
 use super::chunked::ChunkedTracker;
 use super::send_proxy::ProxyHeader;
 use super::strict::{MAX_HEAD, MAX_HEADERS};
+use crate::upstream_tls::{HandshakeError, HandshakeFailure, UpstreamTls};
 
 /// Connects to plaintext backends for Pingora's proxy (`HttpPeer::options.custom_l4`).
 #[derive(Debug)]
@@ -35,6 +40,8 @@ pub struct BackendConnector {
     pub connect_timeout: Duration,
     /// Sent first on the connection (`send_proxy_protocol`, `send_proxy`).
     pub proxy_header: Option<ProxyHeader>,
+    /// TLS to the backend, after the header.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 #[async_trait]
@@ -67,9 +74,31 @@ impl Connect for BackendConnector {
                 return Error::e_because(ErrorType::ConnectError, what, e);
             }
         }
+        let io = match &self.tls {
+            None => BackendIo::Plain(tcp),
+            Some(tls) => match tokio::time::timeout(self.connect_timeout, tls.handshake(tcp)).await
+            {
+                Ok(Ok(session)) => BackendIo::Tls(Box::new(session)),
+                Ok(Err(e)) => {
+                    let what = format!("TLS handshake with {addr}");
+                    return Error::e_because(ErrorType::TLSHandshakeFailure, what, e);
+                }
+                Err(_) => {
+                    let e = HandshakeError {
+                        kind: HandshakeFailure::Timeout,
+                        detail: format!("no TLS session within {:?}", self.connect_timeout),
+                    };
+                    let what = format!("TLS handshake with {addr}");
+                    return Error::e_because(ErrorType::TLSHandshakeFailure, what, e);
+                }
+            },
+        };
+        // Pingora reads the HTTP/2 frames itself: nothing of its stream is rewritten.
+        let rewrite = !self.tls.as_ref().is_some_and(|t| t.http2);
         let socket = NormalizingStream {
-            tcp,
+            io,
             framing: ResponseFraming::default(),
+            rewrite,
         };
         Ok(VirtualSocketStream::new(Box::new(socket)).into())
     }
@@ -77,14 +106,16 @@ impl Connect for BackendConnector {
 
 /// The backend connection, rewriting what it reads with [`ResponseFraming`].
 struct NormalizingStream {
-    tcp: TcpStream,
+    io: BackendIo,
     framing: ResponseFraming,
+    /// False for HTTP/2: its frames are relayed untouched.
+    rewrite: bool,
 }
 
 impl fmt::Debug for NormalizingStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NormalizingStream")
-            .field("tcp", &self.tcp)
+            .field("tcp", self.io.tcp())
             .finish()
     }
 }
@@ -92,7 +123,7 @@ impl fmt::Debug for NormalizingStream {
 impl VirtualSocket for NormalizingStream {
     fn set_socket_option(&self, opt: VirtualSockOpt) -> io::Result<()> {
         match opt {
-            VirtualSockOpt::NoDelay => self.tcp.set_nodelay(true),
+            VirtualSockOpt::NoDelay => self.io.tcp().set_nodelay(true),
             // Not asked for by our peers (no `tcp_keepalive` option is set), nor anything else.
             _ => Ok(()),
         }
@@ -108,12 +139,12 @@ impl AsyncRead for NormalizingStream {
         let this = self.get_mut();
         loop {
             let start = buf.filled().len();
-            match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            match Pin::new(&mut this.io).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
             }
             let read = buf.filled().len() - start;
-            if read == 0 {
+            if read == 0 || !this.rewrite {
                 // End of stream.
                 return Poll::Ready(Ok(()));
             }
@@ -134,19 +165,21 @@ impl AsyncWrite for NormalizingStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
-            this.framing.request_bytes(&buf[..n]);
+            if this.rewrite {
+                this.framing.request_bytes(&buf[..n]);
+            }
         }
         written
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod answers;
 mod backend_conn;
+mod backend_io;
 mod chunked;
 mod client_io;
 mod deadline;

@@ -8,6 +8,7 @@ use crate::clock::coarse_unix_ms;
 use crate::live::breaker::{self, Failure, Tripped};
 use crate::live::{ejection, now_ms, BackendRuntime};
 use crate::observability::Metrics;
+use crate::upstream_tls::HandshakeFailure;
 
 /// How an attempt on one backend failed (the client's own failures are not here: they are
 /// nobody's fault and get no answer).
@@ -21,13 +22,15 @@ pub enum AttemptFailure {
     Timeout,
     /// Failed before answering; the label names how (Pingora's error names).
     Upstream(&'static str),
+    /// Connected, but the TLS handshake failed (or TLS to it could not be set up).
+    Tls(HandshakeFailure),
 }
 
 impl AttemptFailure {
     /// What the backend's circuit breaker learns from it.
     pub fn breaker(self) -> Option<Failure> {
         match self {
-            AttemptFailure::Connect => Some(Failure::Connect),
+            AttemptFailure::Connect | AttemptFailure::Tls(_) => Some(Failure::Connect),
             AttemptFailure::NoAddress => None,
             AttemptFailure::Timeout | AttemptFailure::Upstream(_) => Some(Failure::Soft),
         }
@@ -38,7 +41,7 @@ impl AttemptFailure {
     /// (`resendable`) may be sent again.
     pub fn retriable(self, resendable: bool) -> bool {
         match self {
-            AttemptFailure::Connect | AttemptFailure::NoAddress => true,
+            AttemptFailure::Connect | AttemptFailure::NoAddress | AttemptFailure::Tls(_) => true,
             AttemptFailure::Timeout | AttemptFailure::Upstream(_) => resendable,
         }
     }
@@ -51,6 +54,8 @@ impl AttemptFailure {
             AttemptFailure::Connect | AttemptFailure::NoAddress => {
                 (502, answers::could_not_connect(host))
             }
+            // As the seed says: a backend that cannot be reached securely is unavailable.
+            AttemptFailure::Tls(kind) => (503, answers::backend_tls_failed(host, kind.describe())),
         }
     }
 }
@@ -58,11 +63,18 @@ impl AttemptFailure {
 /// Counts a failure against the backend: connect failures in its counters and metric, and
 /// whatever [`AttemptFailure::breaker`] says in its breaker.
 pub fn record_failure(failure: AttemptFailure, runtime: &BackendRuntime, metrics: &Metrics) {
-    if failure == AttemptFailure::Connect {
+    if matches!(failure, AttemptFailure::Connect | AttemptFailure::Tls(_)) {
         runtime
             .failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics.upstream_connect_failure(&runtime.id);
+    }
+    if let AttemptFailure::Tls(kind) = failure {
+        metrics.upstream_tls_failure(kind.label());
+        // A probe confirms it at once (the seed's rule); logged once per probe asked.
+        if runtime.ask_probe() {
+            tracing::warn!(backend = %runtime.id, reason = kind.label(), "TLS handshake with the backend failed: {}", kind.describe());
+        }
     }
     let Some(kind) = failure.breaker() else {
         return;
@@ -130,6 +142,13 @@ mod tests {
             (NoAddress, None, true, true, 502),
             (Timeout, Some(Failure::Soft), true, false, 504),
             (Upstream("ReadError"), Some(Failure::Soft), true, false, 502),
+            (
+                Tls(HandshakeFailure::Expired),
+                Some(Failure::Connect),
+                true,
+                true,
+                503,
+            ),
         ];
         for (f, breaker, resendable, not_resendable, status) in table {
             assert_eq!(f.breaker(), breaker, "{f:?}");

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::clock::coarse_monotonic_ms;
 
-use tokio::net::TcpStream;
+use super::backend_io::BackendIo;
 
 /// A connection idle for longer is closed rather than reused (backends commonly close idle
 /// keep-alive connections after 60-75 s; reusing one at that moment would fail).
@@ -20,7 +20,7 @@ const MAX_IDLE_MS: u64 = 50_000;
 const MAX_IDLE_PER_ADDR: usize = 1024;
 
 struct Idle {
-    conn: TcpStream,
+    conn: BackendIo,
     /// `clock::coarse_monotonic_ms` when it was put back.
     since_ms: u64,
 }
@@ -47,7 +47,11 @@ impl Hasher for AddrHasher {
     }
 }
 
-type IdleMap = HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>;
+/// Pooled by address and TLS setting (`UpstreamTls::id`, 0 for plain TCP): a connection made
+/// with one server name or client certificate never carries another backend's request.
+type Key = (SocketAddr, u64);
+
+type IdleMap = HashMap<Key, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>;
 
 /// Every this many returns, the whole pool of the thread is swept: connections to addresses
 /// that no request uses any more (a removed backend, a changed address) are closed only then.
@@ -81,11 +85,12 @@ fn sweep(pool: &mut IdleMap, now: u64) {
     });
 }
 
-/// An idle connection to `addr` that still looks open, if there is one.
-pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+/// An idle connection to `addr` (with TLS setting `tls`) that still looks open, if there is
+/// one.
+pub fn take(addr: SocketAddr, tls: u64) -> Option<BackendIo> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let idle = pool.idle.get_mut(&addr)?;
+        let idle = pool.idle.get_mut(&(addr, tls))?;
         let now = coarse_monotonic_ms();
         // Most recently used first: the warmest connection, the least likely to be closed.
         while let Some(candidate) = idle.pop_back() {
@@ -98,7 +103,7 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
 }
 
 /// Returns a connection whose last response was read completely.
-pub fn put(addr: SocketAddr, conn: TcpStream) {
+pub fn put(addr: SocketAddr, tls: u64, conn: BackendIo) {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let now = coarse_monotonic_ms();
@@ -107,7 +112,7 @@ pub fn put(addr: SocketAddr, conn: TcpStream) {
             pool.puts_since_sweep = 0;
             sweep(&mut pool.idle, now);
         }
-        let idle = pool.idle.entry(addr).or_default();
+        let idle = pool.idle.entry((addr, tls)).or_default();
         // The oldest are at the front: close the ones idle too long (after a burst they would
         // otherwise stay below the warm ones, holding sockets the backend has closed).
         drop_expired(idle, now);
@@ -123,7 +128,8 @@ pub fn put(addr: SocketAddr, conn: TcpStream) {
 /// An idle connection has nothing to read. If the reactor saw it readable, the backend
 /// closed it (or sent something unasked): either way it must not carry a request. This asks
 /// the reactor's cached readiness, so the common case costs no system call.
-pub fn still_open(conn: &TcpStream) -> bool {
+pub fn still_open(conn: &BackendIo) -> bool {
+    let conn = conn.tcp();
     let mut cx = Context::from_waker(Waker::noop());
     match conn.poll_read_ready(&mut cx) {
         Poll::Pending => true,
@@ -139,20 +145,22 @@ pub fn still_open(conn: &TcpStream) -> bool {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn a_sweep_closes_expired_connections_of_every_address() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gone: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let gone: Key = ("127.0.0.1:9".parse().unwrap(), 0);
+        let key: Key = (addr, 0);
         let now = 10 * MAX_IDLE_MS;
         let mut pool = IdleMap::default();
         for (key, since_ms) in [
             (gone, now - MAX_IDLE_MS),
-            (addr, now - MAX_IDLE_MS),
-            (addr, now),
+            (key, now - MAX_IDLE_MS),
+            (key, now),
         ] {
-            let conn = TcpStream::connect(addr).await.unwrap();
+            let conn = BackendIo::Plain(TcpStream::connect(addr).await.unwrap());
             pool.entry(key)
                 .or_default()
                 .push_back(Idle { conn, since_ms });
@@ -163,23 +171,27 @@ mod tests {
             "an address left with no connection is forgotten"
         );
         assert_eq!(
-            pool[&addr].len(),
+            pool[&key].len(),
             1,
             "only the connection still fresh is kept"
         );
-        assert_eq!(pool[&addr][0].since_ms, now);
+        assert_eq!(pool[&key][0].since_ms, now);
     }
 
     #[tokio::test]
     async fn reuses_open_connections_and_drops_closed_ones() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let client = TcpStream::connect(addr).await.unwrap();
+        let client = BackendIo::Plain(TcpStream::connect(addr).await.unwrap());
         let (server_side, _) = listener.accept().await.unwrap();
-        put(addr, client);
-        let client = take(addr).expect("an open connection is reused");
-        assert!(take(addr).is_none(), "taken connections leave the pool");
-        put(addr, client);
+        put(addr, 0, client);
+        assert!(
+            take(addr, 7).is_none(),
+            "a connection of another TLS setting is not taken"
+        );
+        let client = take(addr, 0).expect("an open connection is reused");
+        assert!(take(addr, 0).is_none(), "taken connections leave the pool");
+        put(addr, 0, client);
 
         // The backend closes it while it is idle.
         let mut server_side = server_side;
@@ -187,7 +199,7 @@ mod tests {
         drop(server_side);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
-            take(addr).is_none(),
+            take(addr, 0).is_none(),
             "a connection the backend closed is not reused"
         );
     }

@@ -27,6 +27,7 @@ use crate::clock;
 use crate::live::{BackendRuntime, InFlight};
 use crate::observability::access_log::{Protocol, Record, Text};
 use crate::observability::Metrics;
+use crate::upstream_tls::{HandshakeError, HandshakeFailure};
 
 pub struct VhostProxy {
     pub data: Arc<DataPlane>,
@@ -86,12 +87,17 @@ impl Ctx {
 /// backend's (the client's, or ours).
 fn classify(e: &Error) -> Option<AttemptFailure> {
     match (e.etype(), e.esource()) {
+        // Our connector's handshake failure carries its kind as the cause (`backend_conn`).
+        (ErrorType::TLSHandshakeFailure, _) => Some(AttemptFailure::Tls(
+            e.root_cause()
+                .downcast_ref::<HandshakeError>()
+                .map_or(HandshakeFailure::Other, |h| h.kind),
+        )),
         (
             ErrorType::ConnectTimedout
             | ErrorType::ConnectRefused
             | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::TLSHandshakeFailure,
+            | ErrorType::ConnectError,
             _,
         ) => Some(AttemptFailure::Connect),
         (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => {
@@ -339,11 +345,34 @@ impl ProxyHttp for VhostProxy {
             // A connection that carries one client's header serves only that client.
             peer.group_key = send_proxy::group_key(client);
         }
+        // TLS to the backend is ours too (one client per setting, shared with the lean path
+        // and the probes): Pingora sees a plain stream. Its pool must still tell settings
+        // apart, and an HTTP/2 backend is spoken to in HTTP/2 over that stream.
+        let tls = match &upstream.tls {
+            None => None,
+            Some(Ok(tls)) => {
+                peer.group_key = peer.group_key.wrapping_mul(31).wrapping_add(tls.id);
+                if tls.http2 {
+                    peer.options.alpn = pingora::protocols::ALPN::H2;
+                }
+                Some(tls.clone())
+            }
+            Some(Err(why)) => {
+                let failure = AttemptFailure::Tls(HandshakeFailure::Setup);
+                outcome::record_failure(failure, &upstream.runtime, &self.metrics);
+                ctx.failure = Some(failure.answer(&ctx.host));
+                return Err(Error::explain(
+                    ErrorType::TLSHandshakeFailure,
+                    why.to_string(),
+                ));
+            }
+        };
         // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`); a
         // backend that wants the PROXY protocol gets its header first.
         peer.options.custom_l4 = Some(Arc::new(BackendConnector {
             connect_timeout: self.connect_timeout,
             proxy_header,
+            tls,
         }));
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
@@ -357,7 +386,10 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let failure = AttemptFailure::Connect;
+        let failure = match classify(&e) {
+            Some(tls @ AttemptFailure::Tls(_)) => tls,
+            _ => AttemptFailure::Connect,
+        };
         if let Some(u) = &ctx.current {
             outcome::record_failure(failure, &u.runtime, &self.metrics);
         }
@@ -367,6 +399,9 @@ impl ProxyHttp for VhostProxy {
             .is_some_and(|r| r.has_untried(&ctx.tried));
         if failure.retriable(false) && others {
             e.set_retry(true);
+        } else if let AttemptFailure::Tls(_) = failure {
+            // The last try: its answer is the TLS one (503), not a connect failure's.
+            ctx.failure = Some(failure.answer(&ctx.host));
         }
         e
     }

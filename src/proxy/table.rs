@@ -10,6 +10,7 @@ use crate::live::{now_ms, BackendRuntime, Live};
 use crate::proxy_protocol::Version;
 use crate::schema::SendProxyProtocol;
 use crate::state::{Changes, State};
+use crate::upstream_tls::UpstreamTls;
 
 /// One backend as the proxy sees it.
 #[derive(Debug)]
@@ -25,6 +26,9 @@ pub struct Upstream {
     pub runtime: Arc<BackendRuntime>,
     /// PROXY protocol header to send on each new connection (`send_proxy_protocol`).
     pub send_proxy: Option<Version>,
+    /// TLS to the backend (`tls`); `Err` says why its client could not be set up (every
+    /// attempt then fails as a handshake would).
+    pub tls: Option<Result<Arc<UpstreamTls>, Arc<str>>>,
 }
 
 impl Upstream {
@@ -34,6 +38,19 @@ impl Upstream {
             0 => None,
             1 => Some(self.addrs[0]),
             n => Some(self.addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % n]),
+        }
+    }
+
+    /// The backend wants HTTP/2 (`tls.http2`): only Pingora's proxy speaks it.
+    pub fn http2(&self) -> bool {
+        matches!(&self.tls, Some(Ok(t)) if t.http2)
+    }
+
+    /// The pool key part of this backend's connections: 0 for plain TCP.
+    pub fn tls_id(&self) -> u64 {
+        match &self.tls {
+            Some(Ok(t)) => t.id,
+            _ => 0,
         }
     }
 
@@ -149,6 +166,8 @@ pub struct RoutingTable {
     /// "*.example.com" stored as "example.com".
     wildcard: imbl::HashMap<String, Arc<Route>>,
     pools: imbl::HashMap<String, Pool>,
+    /// Tags whose pool has a backend spoken to in HTTP/2: their requests go to Pingora's proxy.
+    http2_tags: imbl::HashSet<String>,
     /// The pool of a tag no backend carries.
     no_pool: Pool,
     /// ACME HTTP-01 answers: token -> key authorization (replicated, so any node answers).
@@ -161,6 +180,7 @@ impl Default for RoutingTable {
             exact: imbl::HashMap::new(),
             wildcard: imbl::HashMap::new(),
             pools: imbl::HashMap::new(),
+            http2_tags: imbl::HashSet::new(),
             no_pool: Arc::from(Vec::new()),
             challenges: Arc::default(),
         }
@@ -190,6 +210,16 @@ impl RoutingTable {
             .values()
             .map(|pool| pool.iter().map(|u| u.id.clone()).collect())
             .collect()
+    }
+
+    /// Requests to `host` must be served by Pingora's proxy: its pool has an HTTP/2 backend.
+    /// No lookup at all while no backend is HTTP/2.
+    pub fn needs_http2(&self, host: &str) -> bool {
+        if self.http2_tags.is_empty() {
+            return false;
+        }
+        self.lookup(host)
+            .is_some_and(|t| self.http2_tags.contains(&t.route.tag))
     }
 
     pub fn pool(&self, tag: &str) -> &Pool {
@@ -280,6 +310,7 @@ impl Compiler {
     /// Rebuilds backend `id`'s upstream from `state` (or drops it); adds its old and new tags
     /// to `tags`, whose pools must be rebuilt.
     fn set_backend(&mut self, state: &State, live: &Live, id: &str, tags: &mut HashSet<String>) {
+        let before = self.upstreams.get(id).map(|(u, _)| u.clone());
         if let Some((_, old_tags)) = self.upstreams.remove(id) {
             for t in old_tags {
                 if let Some(m) = self.members.get_mut(&t) {
@@ -302,7 +333,23 @@ impl Compiler {
                 SendProxyProtocol::V1 => Version::V1,
                 SendProxyProtocol::V2 => Version::V2,
             }),
+            tls: b.tls.as_ref().map(|tls| {
+                UpstreamTls::for_backend(tls, &b.address).map_err(|e| {
+                    tracing::error!(backend = %b.id, error = %e, "TLS to the backend cannot be set up");
+                    Arc::from(e.to_string())
+                })
+            }),
         });
+        // How the backend is reached changed: its health verdict is about the old way, so it
+        // is probed again at once (on every node, as every node compiles the change).
+        if let Some(before) = before {
+            let reached_as_before = before.addrs == u.addrs
+                && before.send_proxy == u.send_proxy
+                && before.tls_id() == u.tls_id();
+            if !reached_as_before {
+                u.runtime.ask_probe();
+            }
+        }
         let new_tags: Vec<String> = b.tags.iter().map(|t| t.to_string()).collect();
         for t in &new_tags {
             self.members
@@ -322,6 +369,11 @@ impl Compiler {
             .flatten()
             .filter_map(|id| self.upstreams.get(id).map(|(u, _)| u.clone()))
             .collect();
+        if pool.iter().any(|u| u.http2()) {
+            self.table.http2_tags.insert(tag.to_string());
+        } else {
+            self.table.http2_tags.remove(tag);
+        }
         if pool.is_empty() {
             self.members.remove(tag);
             self.table.pools.remove(tag);
@@ -386,6 +438,7 @@ mod tests {
                     health_check_path: None,
                     draining: false,
                     send_proxy_protocol: None,
+                    tls: None,
                 },
             );
         }
@@ -685,6 +738,7 @@ mod guard_rail_tests {
                     health_check_path: None,
                     draining: false,
                     send_proxy_protocol: None,
+                    tls: None,
                 },
             );
         }

@@ -21,10 +21,22 @@ use crate::common::*;
 const BALANCER: &str = "127.0.0.2";
 
 /// A child process (HAProxy, nginx) killed when dropped.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     name: &'static str,
     log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Sends `signal` (e.g. "HUP": nginx reloads its configuration and certificates).
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.name);
+    }
 }
 
 impl Drop for Daemon {
@@ -38,7 +50,7 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Daemon {
+pub(crate) fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Daemon {
     let log = dir.join(format!("{name}.log"));
     let child = cmd
         .stdin(Stdio::null())
@@ -51,7 +63,7 @@ fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Daemon {
     Daemon { child, name, log }
 }
 
-async fn wait_listening(addr: SocketAddr) {
+pub(crate) async fn wait_listening(addr: SocketAddr) {
     wait_for(
         Duration::from_secs(10),
         &format!("{addr} listening"),

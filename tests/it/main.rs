@@ -10,6 +10,7 @@ mod common;
 mod access_log;
 mod acme;
 mod api_errors;
+mod backend_tls;
 mod cluster;
 mod dashboard;
 mod deploy;

@@ -13,6 +13,7 @@ use super::super::client_io::ClientIo;
 use super::super::deadline::IoDeadline;
 use super::super::request_id::RequestId;
 use super::buffers;
+use crate::proxy::backend_io::BackendIo;
 
 /// Closing with a request body unread: the rest is read and dropped for up to this long
 /// between reads, and this long in all (nginx's `lingering_timeout`, `lingering_time`), so the
@@ -47,7 +48,7 @@ pub(super) struct Client {
     pub(super) linger: bool,
     /// A backend connection that started with this client's PROXY protocol header
     /// (`send_proxy_protocol`): kept for this client's next request, never pooled.
-    pub(super) private_upstream: Option<(SocketAddr, tokio::net::TcpStream)>,
+    pub(super) private_upstream: Option<((SocketAddr, u64), BackendIo)>,
     /// For the access log: the TLS facts, bytes sent so far.
     pub(super) ssl: Option<std::sync::Arc<pingora_core::protocols::tls::SslDigest>>,
     pub(super) sni: Option<std::sync::Arc<str>>,

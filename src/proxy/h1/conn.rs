@@ -97,6 +97,12 @@ impl VhostApp {
                     _ => return End::Close,
                 }
             };
+            // A pool with an HTTP/2 backend: Pingora's proxy speaks HTTP/2 upstream, this
+            // loop does not. One flag test while no backend is HTTP/2.
+            if self.data.routes.load().needs_http2(&head.host) {
+                let end = RequestEnd::Length(head.content_length as u64);
+                return End::HandOver("backend-http2", Some((head.head_len, end)));
+            }
             served += 1;
             // Draining: this answer says `Connection: close`, so a pooled client does not
             // send its next request down a connection about to close.

@@ -8,18 +8,20 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::super::backend_io::BackendIo;
 use super::super::deadline::IoDeadline;
 use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::rules::MAX_ATTEMPTS;
 use super::super::send_proxy::ProxyHeader;
-use super::super::table::Target;
+use super::super::table::{Target, Upstream};
 use super::buffers;
 use super::client::Client;
 use super::parse::RequestHead;
 use super::{Outcome, VhostApp, MAX_HEAD};
 use crate::live::{BackendRuntime, InFlight};
 use crate::proxy_protocol::Version;
+use crate::upstream_tls::{HandshakeFailure, UpstreamTls};
 
 /// Request bodies up to this size are read before sending, so a failed attempt can be sent
 /// again (to a fresh connection or another backend). Larger bodies stream, without retry.
@@ -49,6 +51,8 @@ pub(super) enum AttemptError {
     Client,
     /// Could not open a connection to the backend.
     Connect,
+    /// Connected, but no TLS session with it.
+    Tls(HandshakeFailure),
     /// The backend's address did not resolve when the table was built: nothing to count
     /// against the backend's health, but another backend may serve.
     NoAddress,
@@ -133,11 +137,7 @@ impl VhostApp {
             client.trace.connect_us = None;
             let attempt_started = client.trace.timing.then(Instant::now);
             let result = match addr {
-                Some(addr) => {
-                    let to = (addr, upstream.send_proxy);
-                    self.attempt(client, head, to, &upstream.runtime, replayable)
-                        .await
-                }
+                Some(addr) => self.attempt(client, head, addr, upstream, replayable).await,
                 None => Err(AttemptError::NoAddress),
             };
             client.trace.upstream_us = attempt_started.map(|t| t.elapsed().as_micros() as u64);
@@ -151,6 +151,7 @@ impl VhostApp {
                     continue;
                 }
                 Err(AttemptError::Connect) => AttemptFailure::Connect,
+                Err(AttemptError::Tls(kind)) => AttemptFailure::Tls(kind),
                 Err(AttemptError::NoAddress) => AttemptFailure::NoAddress,
                 Err(AttemptError::Timeout) => AttemptFailure::Timeout,
                 Err(AttemptError::Upstream { fault, .. }) => {
@@ -169,23 +170,31 @@ impl VhostApp {
         }
     }
 
-    /// One attempt on one backend (its address, and the PROXY protocol header it wants):
-    /// send the request, relay the response.
+    /// One attempt on one backend at `addr` (with the PROXY protocol header and the TLS it
+    /// wants): send the request, relay the response.
     async fn attempt(
         &self,
         client: &mut Client,
         head: &RequestHead,
-        (addr, send_proxy): (SocketAddr, Option<Version>),
-        runtime: &BackendRuntime,
+        addr: SocketAddr,
+        target: &Upstream,
         replayable: bool,
     ) -> Result<(u16, Outcome), AttemptError> {
+        let runtime: &BackendRuntime = &target.runtime;
+        let send_proxy = target.send_proxy;
+        let tls = match &target.tls {
+            None => None,
+            Some(Ok(tls)) => Some(&**tls),
+            Some(Err(_)) => return Err(AttemptError::Tls(HandshakeFailure::Setup)),
+        };
+        let key = (addr, target.tls_id());
         let started = client.trace.timing.then(Instant::now);
         let (mut upstream, reused) = match send_proxy {
-            None => match pool::take(addr) {
+            None => match pool::take(addr, key.1) {
                 Some(conn) => (conn, true),
-                None => (self.connect(addr).await?, false),
+                None => (self.connect(client, addr, None, tls).await?, false),
             },
-            Some(version) => self.connect_proxied(client, addr, version).await?,
+            Some(version) => self.connect_proxied(client, key, version, tls).await?,
         };
         // A kept connection took no connect time.
         client.trace.connect_us = match (started, reused) {
@@ -235,8 +244,8 @@ impl VhostApp {
         outcome::record_response(status, runtime);
         if upstream_reusable {
             match send_proxy {
-                None => pool::put(addr, upstream),
-                Some(_) => client.private_upstream = Some((addr, upstream)),
+                None => pool::put(addr, key.1, upstream),
+                Some(_) => client.private_upstream = Some((key, upstream)),
             }
         }
         Ok((status, outcome))
@@ -248,7 +257,7 @@ impl VhostApp {
         &self,
         client: &mut Client,
         head: &RequestHead,
-        upstream: &mut TcpStream,
+        upstream: &mut BackendIo,
         reused: bool,
         replayable: bool,
     ) -> Result<(), AttemptError> {
@@ -260,8 +269,13 @@ impl VhostApp {
         // A large body streams. A backend that answers before taking all of it (a 413 for an
         // upload that is too large) may keep its connection open without reading: stop
         // sending as soon as its answer (or its close) is there, instead of waiting for the
-        // read timeout. Peeked, not read: readiness alone can be stale.
-        let (upstream_rd, mut upstream_wr) = upstream.split();
+        // read timeout. Peeked, not read: readiness alone can be stale. (Over TLS the socket
+        // cannot be peeked while the session writes: a write error or the read timeout ends it.)
+        let tcp = match upstream {
+            BackendIo::Plain(tcp) => tcp,
+            tls => return self.stream_body(client, head, tls, reused).await,
+        };
+        let (upstream_rd, mut upstream_wr) = tcp.split();
         let mut probe = [0u8; 1];
         tokio::select! {
             biased;
@@ -314,35 +328,55 @@ impl VhostApp {
     async fn connect_proxied(
         &self,
         client: &mut Client,
-        addr: SocketAddr,
+        key: (SocketAddr, u64),
         version: Version,
-    ) -> Result<(TcpStream, bool), AttemptError> {
+        tls: Option<&UpstreamTls>,
+    ) -> Result<(BackendIo, bool), AttemptError> {
         if let Some((kept, conn)) = client.private_upstream.take() {
-            if kept == addr && pool::still_open(&conn) {
+            if kept == key && pool::still_open(&conn) {
                 return Ok((conn, true));
             }
         }
-        let mut conn = self.connect(addr).await?;
         let header = ProxyHeader::new(version, client.client_addr, client.stream.local_addr());
-        let timeout = self.read_timeout;
-        write_upstream(
-            &mut conn,
-            header.as_bytes(),
-            &mut client.deadline,
-            timeout,
-            false,
-        )
-        .await?;
+        let conn = self.connect(client, key.0, Some(&header), tls).await?;
         Ok((conn, false))
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, AttemptError> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(conn)) => {
-                let _ = conn.set_nodelay(true);
-                Ok(conn)
-            }
-            _ => Err(AttemptError::Connect),
+    /// A new connection: TCP, the PROXY protocol header if one is given, the TLS handshake if
+    /// the backend wants TLS. Connect and handshake are each bounded by the connect timeout.
+    async fn connect(
+        &self,
+        client: &mut Client,
+        addr: SocketAddr,
+        header: Option<&ProxyHeader>,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<BackendIo, AttemptError> {
+        let mut tcp =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(conn)) => {
+                    let _ = conn.set_nodelay(true);
+                    conn
+                }
+                _ => return Err(AttemptError::Connect),
+            };
+        if let Some(header) = header {
+            let timeout = self.read_timeout;
+            write_upstream(
+                &mut tcp,
+                header.as_bytes(),
+                &mut client.deadline,
+                timeout,
+                false,
+            )
+            .await?;
+        }
+        let Some(tls) = tls else {
+            return Ok(BackendIo::Plain(tcp));
+        };
+        match tokio::time::timeout(self.connect_timeout, tls.handshake(tcp)).await {
+            Ok(Ok(session)) => Ok(BackendIo::Tls(Box::new(session))),
+            Ok(Err(e)) => Err(AttemptError::Tls(e.kind)),
+            Err(_) => Err(AttemptError::Tls(HandshakeFailure::Timeout)),
         }
     }
 }

@@ -2,8 +2,8 @@
 //! then the body by its framing (length, chunked, until close), flushing as it comes.
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
+use super::super::backend_io::BackendIo;
 use super::super::chunked::ChunkedTracker;
 use super::client::Client;
 use super::forward::{AttemptError, UpstreamFault};
@@ -17,7 +17,7 @@ impl VhostApp {
         &self,
         client: &mut Client,
         head: &RequestHead,
-        upstream: &mut TcpStream,
+        upstream: &mut BackendIo,
         resp: &mut Vec<u8>,
         (reused, replayable, close_client): (bool, bool, bool),
     ) -> Result<(u16, bool, Outcome), AttemptError> {
@@ -199,7 +199,7 @@ impl VhostApp {
     async fn relay_some(
         &self,
         client: &mut Client,
-        upstream: &mut TcpStream,
+        upstream: &mut BackendIo,
         chunk: &mut [u8],
     ) -> Option<usize> {
         let n = match client

@@ -85,6 +85,25 @@ impl TestCa {
         }
     }
 
+    /// A server certificate for `names` that expired yesterday.
+    pub fn issue_expired(&self, names: &[&str]) -> TestCert {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(30);
+        params.not_after = now - time::Duration::days(1);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("issue certificate");
+        TestCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
     /// Writes `<stem>.crt` and `<stem>.key` into `dir`; returns their paths.
     pub fn write_files(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
         TestCert {

@@ -12,6 +12,9 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
+mod backend_tls;
+pub use backend_tls::{backend_address, ca_certificates, client_identity, host_of, BackendTls};
+
 /// Longest backend id and tag (a Kubernetes-like name: one DNS label's length).
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest domain name and backend host name (RFC 1035).
