@@ -332,6 +332,12 @@ pub struct MetricsConfig {
     /// default None: metrics only at /api/v1/metrics on the management API
     #[serde(deserialize_with = "opt_listen_addr")]
     pub listen_addr: Option<SocketAddr>,
+    /// default 500, 0..=100000: domains with series of their own (the rest: domain="_other")
+    #[serde(deserialize_with = "int::<_, _, 0, 100000>")]
+    pub max_domain_series: usize,
+    /// default 500, 0..=100000: backends with series of their own (the rest: backend="_other")
+    #[serde(deserialize_with = "int::<_, _, 0, 100000>")]
+    pub max_backend_series: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,6 +543,8 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen_addr: None,
+            max_domain_series: 500,
+            max_backend_series: 500,
         }
     }
 }

@@ -202,13 +202,28 @@ impl ControlPlane {
                 },
             ),
         );
-        tasks.spawn("metrics sampler", {
-            let metrics = self.metrics.clone();
+        let data = self.data.clone();
+        self.metrics
+            .set_renderer(move |out: &mut String| data.render_metrics(out));
+        tasks.spawn_fallible("metrics sampler", {
+            let (metrics, data) = (self.metrics.clone(), self.data.clone());
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut seconds = 0u64;
                 loop {
                     tick.tick().await;
                     metrics.sample();
+                    seconds += 1;
+                    if seconds.is_multiple_of(crate::observability::traffic::STEP_SECS) {
+                        // A pass over every route (100,000 at scale): off the runtime.
+                        let (m, d) = (metrics.clone(), data.clone());
+                        tokio::task::spawn_blocking(move || {
+                            m.history
+                                .sample(crate::clock::coarse_unix_ms(), d.traffic_snapshot())
+                        })
+                        .await
+                        .map_err(|e| format!("sampling the traffic series: {e}"))?;
+                    }
                 }
             }
         });

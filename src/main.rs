@@ -191,6 +191,10 @@ fn run(
     create_private_dir(&data_dir)?;
 
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    pingora_vhost::observability::traffic::configure(
+        cfg.metrics.max_domain_series,
+        cfg.metrics.max_backend_series,
+    );
     // Before anything else can receive it: SIGUSR1 would otherwise end the process.
     access_log::install_reopen_signal()?;
     let hc = &cfg.health_check;

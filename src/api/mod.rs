@@ -113,6 +113,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/logs/stream", get(logs::stream))
         .route("/api/v1/metrics", get(system::metrics))
         .route("/api/v1/stats", get(system::stats))
+        .route("/api/v1/stats/series", get(system::series))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

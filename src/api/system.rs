@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -10,10 +10,11 @@ use axum::Json;
 use axum::extract::Path;
 use axum::http::StatusCode;
 
-use super::views::{ClusterStatusView, HealthView, StatsView};
+use super::views::{ClusterStatusView, HealthView, SeriesTrack, SeriesView, StatsView};
 use super::{ApiError, ApiState};
 use crate::cluster::membership::RemoveRefused;
 use crate::cluster::RemoveError;
+use crate::observability::traffic;
 
 pub async fn health(State(state): State<ApiState>) -> Json<HealthView> {
     Json(HealthView::from(&state.node.status()))
@@ -52,6 +53,50 @@ pub async fn stats(State(state): State<ApiState>) -> Json<StatsView> {
         requests_in_flight: state.data.requests_in_flight.load(Ordering::Relaxed).max(0),
         routes: state.data.routes.load().len(),
     })
+}
+
+/// `GET /api/v1/stats/series`: the last 15 minutes of the per-domain and per-backend series
+/// this node keeps (one point per 5 s), for the dashboard's charts: the busiest `limit`
+/// (default 6, at most 50) of each, or one named by `domain=` / `backend=`.
+pub async fn series(
+    State(state): State<ApiState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<SeriesView>, ApiError> {
+    let (mut limit, mut domain, mut backend) = (6usize, None, None);
+    for (key, value) in query {
+        match key.as_str() {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=50).contains(n))
+                    .ok_or_else(|| ApiError::field("limit", "must be an integer in 1..=50"))?
+            }
+            "domain" => domain = Some(value),
+            "backend" => backend = Some(value),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "query parameter `{other}` is not known here (allowed: limit, domain, backend)"
+                )))
+            }
+        }
+    }
+    let history = &state.metrics.history;
+    let pick = |kind, only: &Option<String>, other_given: bool| {
+        if other_given && only.is_none() {
+            return Vec::new();
+        }
+        history
+            .busiest(kind, limit, only.as_deref())
+            .into_iter()
+            .map(|(name, points)| SeriesTrack { name, points })
+            .collect()
+    };
+    Ok(Json(SeriesView {
+        step_secs: traffic::STEP_SECS,
+        domains: pick(traffic::Kind::Domain, &domain, backend.is_some()),
+        backends: pick(traffic::Kind::Backend, &backend, domain.is_some()),
+    }))
 }
 
 fn refresh_gauges(state: &ApiState) {

@@ -380,3 +380,20 @@ pub struct RenewView {
     pub domain: String,
     pub renew_requested: bool,
 }
+
+/// `GET /api/v1/stats/series` (docs/api.md): the last 15 minutes of traffic per domain and
+/// per backend, as kept by this node.
+#[derive(Debug, Serialize)]
+pub struct SeriesView {
+    pub step_secs: u64,
+    pub domains: Vec<SeriesTrack>,
+    pub backends: Vec<SeriesTrack>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SeriesTrack {
+    pub name: String,
+    /// Oldest first: `unix_ms`, `requests_per_sec`, `errors_per_sec` (5xx), `p50_ms` and
+    /// `p99_ms` (null when the step had no request).
+    pub points: Vec<crate::observability::traffic::Point>,
+}

@@ -17,6 +17,7 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::observability::traffic::{Kind, Series};
 use addrs::AddressBook;
 use gate::PeerViewGate;
 use health::BackendHealth;
@@ -70,6 +71,8 @@ pub struct BackendRuntime {
     /// Set by the data plane when a request saw something a probe should confirm at once (a
     /// failed TLS handshake); cleared by the prober when it takes the request.
     probe_asked: AtomicBool,
+    /// Its answers and their durations (`observability::traffic`, bounded series).
+    pub traffic: Series,
 }
 
 impl BackendRuntime {
@@ -83,6 +86,7 @@ impl BackendRuntime {
             failures: AtomicU64::new(0),
             health: BackendHealth::default(),
             probe_asked: AtomicBool::new(false),
+            traffic: Series::new(Kind::Backend),
         }
     }
 

@@ -33,9 +33,16 @@ pub struct Metrics {
     /// was behind and the request went on without waiting; write_error: the output failed).
     pub access_log_lines: prometheus::IntCounter,
     pub access_log_dropped: IntCounterVec,
+    /// Series rendered by their owner at each scrape (the data plane's, see `set_renderer`).
+    renderer: std::sync::OnceLock<Renderer>,
+    /// The last 15 minutes of the per-domain and per-backend series, for the dashboard.
+    pub history: super::traffic::History,
     /// (when, requests so far, 5xx so far), one per second for the last minute.
     samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64, u64)>>,
 }
+
+/// Renders series another module owns into the scrape text.
+type Renderer = Box<dyn Fn(&mut String) + Send + Sync>;
 
 /// Request rates over a recent window, for `/api/v1/stats` and the dashboard.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -151,7 +158,21 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        // Both reasons exist from the start, at 0: an alert on them needs no absent series.
+        // Series that exist from the start, at 0: an alert or a dashboard panel on them needs
+        // no absent series.
+        connect_failures.with_label_values(&[super::traffic::OTHER]);
+        for reason in [
+            "certificate_expired",
+            "certificate_wrong_name",
+            "certificate_unknown_issuer",
+            "client_certificate",
+            "no_http2",
+            "timeout",
+            "handshake",
+            "setup",
+        ] {
+            upstream_tls_failures.with_label_values(&[reason]);
+        }
         for reason in ["queue_full", "write_error"] {
             access_log_dropped.with_label_values(&[reason]);
         }
@@ -201,6 +222,8 @@ impl Metrics {
             access_log_lines,
             access_log_dropped,
             samples: Default::default(),
+            renderer: Default::default(),
+            history: Default::default(),
         })
     }
 
@@ -330,6 +353,11 @@ impl Metrics {
             .collect()
     }
 
+    /// Adds series that another module renders at each scrape (set once, at start).
+    pub fn set_renderer(&self, render: impl Fn(&mut String) + Send + Sync + 'static) {
+        let _ = self.renderer.set(Box::new(render));
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -340,6 +368,9 @@ impl Metrics {
             text.push_str(&format!(
                 "pingora_vhost_requests_total{{code=\"{code}\"}} {n}\n"
             ));
+        }
+        if let Some(render) = self.renderer.get() {
+            render(&mut text);
         }
         text
     }

@@ -25,7 +25,7 @@ pub mod tickets;
 pub mod tls;
 pub mod tls_accept;
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use arc_swap::ArcSwap;
 
 use crate::live::Live;
 use crate::observability::access_log::AccessLog;
+use crate::observability::traffic;
 use crate::state::{Changes, State};
 use table::RoutingTable;
 use tickets::Tickets;
@@ -51,6 +52,10 @@ pub struct DataPlane {
     pub requests_in_flight: AtomicI64,
     /// Client connections open right now: shutdown waits for them to drain too.
     pub connections_open: AtomicI64,
+    /// ... of which came in on the HTTPS listener.
+    pub https_connections_open: AtomicI64,
+    /// TLS handshakes of client connections: done, failed (or timed out).
+    pub tls_handshakes: [AtomicU64; 2],
     /// Where both request paths leave their access log records (off unless configured).
     pub access_log: AccessLog,
     /// TLS session tickets, sealed with the cluster's shared keys.
@@ -68,10 +73,77 @@ impl DataPlane {
             live: Arc::new(Live::default()),
             requests_in_flight: AtomicI64::new(0),
             connections_open: AtomicI64::new(0),
+            https_connections_open: AtomicI64::new(0),
+            tls_handshakes: Default::default(),
             access_log: AccessLog::off(),
             tickets: Arc::new(Tickets::new(DEFAULT_TICKET_ROTATION)),
             compiler: Mutex::new(table::Compiler::default()),
         }
+    }
+
+    /// The data plane's own series in Prometheus' text format: per-domain and per-backend
+    /// traffic (bounded, `observability::traffic`), connections per listener, handshakes.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let table = self.routes.load();
+        traffic::render(
+            out,
+            &mut |f| {
+                for route in table.routes() {
+                    if let Some(c) = route.traffic.own() {
+                        f(&route.domain, c);
+                    }
+                }
+            },
+            &mut |f| {
+                self.live.backends.for_each(|rt| {
+                    if let Some(c) = rt.traffic.own() {
+                        f(&rt.id, c);
+                    }
+                })
+            },
+        );
+        let all = self.connections_open.load(Ordering::Relaxed).max(0);
+        let https = self.https_connections_open.load(Ordering::Relaxed).max(0);
+        let _ = writeln!(
+            out,
+            "# HELP pingora_vhost_connections_active Client connections open, by listener"
+        );
+        let _ = writeln!(out, "# TYPE pingora_vhost_connections_active gauge");
+        let _ = writeln!(
+            out,
+            "pingora_vhost_connections_active{{listener=\"http\"}} {}",
+            (all - https).max(0)
+        );
+        let _ = writeln!(
+            out,
+            "pingora_vhost_connections_active{{listener=\"https\"}} {https}"
+        );
+        let _ = writeln!(out, "# HELP pingora_vhost_tls_handshakes_total TLS handshakes with clients on the HTTPS listener, by result (ok, failed: an error or no ClientHello in time)");
+        let _ = writeln!(out, "# TYPE pingora_vhost_tls_handshakes_total counter");
+        for (i, result) in ["ok", "failed"].iter().enumerate() {
+            let n = self.tls_handshakes[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "pingora_vhost_tls_handshakes_total{{result=\"{result}\"}} {n}"
+            );
+        }
+    }
+
+    /// Points of the last 15 minutes' charts: every domain and backend with a series.
+    pub fn traffic_snapshot(&self) -> Vec<(traffic::Kind, String, traffic::Snapshot)> {
+        let mut out = Vec::new();
+        for route in self.routes.load().routes() {
+            if let Some(c) = route.traffic.own() {
+                out.push((traffic::Kind::Domain, route.domain.clone(), c.snapshot()));
+            }
+        }
+        self.live.backends.for_each(|rt| {
+            if let Some(c) = rt.traffic.own() {
+                out.push((traffic::Kind::Backend, rt.id.clone(), c.snapshot()));
+            }
+        });
+        out
     }
 
     pub fn with_access_log(mut self, access_log: AccessLog) -> Self {

@@ -67,7 +67,7 @@ pub fn record_failure(failure: AttemptFailure, runtime: &BackendRuntime, metrics
         runtime
             .failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics.upstream_connect_failure(&runtime.id);
+        metrics.upstream_connect_failure(runtime.traffic.label(&runtime.id));
     }
     if let AttemptFailure::Tls(kind) = failure {
         metrics.upstream_tls_failure(kind.label());
@@ -105,6 +105,7 @@ fn eject(runtime: &BackendRuntime, after: &str) {
 /// A response head arrived from the backend: a 5xx is a soft failure, anything else closes
 /// its breaker.
 pub fn record_response(status: u16, runtime: &BackendRuntime) {
+    runtime.traffic.counters().count_status(status);
     let breaker = &runtime.health.breaker;
     if (500..600).contains(&status) {
         match breaker.record_failure(Failure::Soft, now_ms()) {

@@ -225,16 +225,15 @@ impl ProxyHttp for VhostProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
-        if self.data.access_log.is_on() {
-            ctx.log = Some(LogTimes {
-                started: Instant::now(),
-                unix_ms: clock::coarse_unix_ms(),
-                attempt_started: None,
-                backend_addr: None,
-                connect_us: None,
-                upstream_us: None,
-            });
-        }
+        // Timed always: the access log and the traffic series (`observability::traffic`).
+        ctx.log = Some(LogTimes {
+            started: Instant::now(),
+            unix_ms: clock::coarse_unix_ms(),
+            attempt_started: None,
+            backend_addr: None,
+            connect_us: None,
+            upstream_us: None,
+        });
         if self.request_ids {
             // The first one counts, as on the lean path; it replaces the others upstream.
             let client_id = session.req_header().headers.get("x-request-id");
@@ -605,7 +604,10 @@ impl ProxyHttp for VhostProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         if let Some(log) = ctx.log.take() {
-            self.log_request(session, ctx, log);
+            self.count_traffic(session, ctx, &log);
+            if self.data.access_log.is_on() {
+                self.log_request(session, ctx, log);
+            }
         }
         ctx.release_current();
         if ctx.counted {
@@ -619,7 +621,53 @@ impl ProxyHttp for VhostProxy {
     }
 }
 
+/// A request's bytes in and out, heads counted as HTTP/1.1 would write them (HTTP/2
+/// compresses its own).
+fn wire_bytes(session: &Session, ctx: &Ctx) -> (u64, u64) {
+    let head_len = |headers: &http::HeaderMap| {
+        headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + 2
+    };
+    let req = session.req_header();
+    let bytes_in = (req.method.as_str().len()
+        + req.raw_path().len()
+        + " HTTP/1.1\r\n".len()
+        + head_len(&req.headers)) as u64
+        + ctx.body_bytes;
+    let bytes_out = session.response_written().map_or(0, |r| {
+        (session.as_downstream().body_bytes_sent()
+            + "HTTP/1.1 200 OK\r\n".len()
+            + head_len(&r.headers)) as u64
+    });
+    (bytes_in, bytes_out)
+}
+
 impl VhostProxy {
+    /// Counts a proxied request in its domain's traffic series and the last attempt's time in
+    /// its backend's (earlier attempts' are counted when they fail).
+    fn count_traffic(&self, session: &Session, ctx: &Ctx, log: &LogTimes) {
+        let Some(target) = &ctx.route else {
+            return;
+        };
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (bytes_in, bytes_out) = wire_bytes(session, ctx);
+        let duration_us = log.started.elapsed().as_micros() as u64;
+        target
+            .route
+            .traffic
+            .counters()
+            .record(status, bytes_in, bytes_out, duration_us);
+        let upstream_us = log
+            .upstream_us
+            .or_else(|| log.attempt_started.map(|t| t.elapsed().as_micros() as u64));
+        if let (Some(u), Some(us)) = (&ctx.current, upstream_us) {
+            u.runtime.traffic.counters().observe(us);
+        }
+    }
+
     /// The access log record of a request on this path (none when its domain's log is off).
     fn log_request(&self, session: &Session, ctx: &Ctx, log: LogTimes) {
         let looked_up;
@@ -675,24 +723,7 @@ impl VhostProxy {
         record.tls_version = tls_version;
         record.client_port = client.map_or(0, |a| a.port());
         record.attempts = ctx.tried.len() as u16;
-        // Heads as HTTP/1.1 would write them (HTTP/2 compresses its own).
-        let head_len = |headers: &http::HeaderMap| {
-            headers
-                .iter()
-                .map(|(n, v)| n.as_str().len() + v.len() + 4)
-                .sum::<usize>()
-                + 2
-        };
-        record.bytes_in = (req.method.as_str().len()
-            + req.raw_path().len()
-            + " HTTP/1.1\r\n".len()
-            + head_len(&req.headers)) as u64
-            + ctx.body_bytes;
-        record.bytes_out = response.map_or(0, |r| {
-            (session.as_downstream().body_bytes_sent()
-                + "HTTP/1.1 200 OK\r\n".len()
-                + head_len(&r.headers)) as u64
-        });
+        (record.bytes_in, record.bytes_out) = wire_bytes(session, ctx);
         record.duration_us = log.started.elapsed().as_micros() as u64;
         record.upstream_connect_us = log.connect_us;
         record.upstream_duration_us = log

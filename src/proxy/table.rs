@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::live::{now_ms, BackendRuntime, Live};
+use crate::observability::traffic::{Kind, Series};
 use crate::proxy_protocol::Version;
 use crate::schema::SendProxyProtocol;
 use crate::state::{Changes, State};
@@ -101,6 +102,8 @@ pub struct Route {
     pub access_log: bool,
     /// ... with their query strings.
     pub access_log_query: bool,
+    /// Its traffic series (`observability::traffic`): kept across recompiles of the route.
+    pub traffic: Arc<Series>,
     next: AtomicUsize,
 }
 
@@ -242,6 +245,11 @@ impl RoutingTable {
         self.exact.len() + self.wildcard.len()
     }
 
+    /// Every route (the traffic series are rendered from them).
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.exact.values().chain(self.wildcard.values())
+    }
+
     /// The key authorization to answer for an ACME HTTP-01 `token`.
     pub fn challenge(&self, token: &str) -> Option<&str> {
         self.challenges.get(token).map(String::as_str)
@@ -269,6 +277,9 @@ pub struct Compiler {
     upstreams: HashMap<String, (Arc<Upstream>, Vec<String>)>,
     /// Tag -> ids of the backends carrying it (a pool lists them in id order).
     members: HashMap<String, BTreeSet<String>>,
+    /// Domain -> its traffic series, kept while the domain exists (across full compiles too:
+    /// counters and their slot stay with the domain).
+    traffic: HashMap<String, Arc<Series>>,
 }
 
 impl Compiler {
@@ -276,7 +287,12 @@ impl Compiler {
     /// `changes` (anything, when `changes.all`).
     pub fn compile(&mut self, state: &State, live: &Live, changes: &Changes) -> RoutingTable {
         if changes.all {
-            *self = Compiler::default();
+            let mut traffic = std::mem::take(&mut self.traffic);
+            traffic.retain(|name, _| state.domains.contains_key(name));
+            *self = Compiler {
+                traffic,
+                ..Compiler::default()
+            };
             live.backends.retain(|id| state.backends.contains_key(id));
             let mut tags = HashSet::new();
             for id in state.backends.keys() {
@@ -389,18 +405,25 @@ impl Compiler {
         };
         match state.domains.get(name) {
             Some(d) => {
+                let traffic = self
+                    .traffic
+                    .entry(name.to_string())
+                    .or_insert_with(|| Arc::new(Series::new(Kind::Domain)))
+                    .clone();
                 let route = Arc::new(Route {
                     domain: d.domain.to_string(),
                     tag: d.enabled_backends_tag.to_string(),
                     http_to_https: d.http_to_https,
                     access_log: d.access_log,
                     access_log_query: d.access_log_query,
+                    traffic,
                     next: AtomicUsize::new(0),
                 });
                 map.insert(key.to_string(), route);
             }
             None => {
                 map.remove(key);
+                self.traffic.remove(name);
             }
         }
     }

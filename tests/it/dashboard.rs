@@ -178,12 +178,51 @@ impl Browser {
 
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
     async fn eval(&mut self, expression: &str) -> serde_json::Value {
+        let params = serde_json::json!({
+            "expression": expression, "awaitPromise": true, "returnByValue": true});
+        // A call that lands while the page navigates fails; callers poll, so it reads as null.
+        let Ok(result) = self.call("Runtime.evaluate", params).await else {
+            return serde_json::Value::Null;
+        };
+        if let Some(ex) = result["exceptionDetails"].as_object() {
+            panic!("page script failed: {ex:?}");
+        }
+        result["result"]["value"].clone()
+    }
+
+    /// A PNG screenshot of the element `selector` (as the page draws it, pixels).
+    async fn screenshot(&mut self, selector: &str) -> Vec<u8> {
+        let rect = self
+            .eval(&format!(
+                "(() => {{ const r = document.querySelector({}).getBoundingClientRect(); \
+                 return [r.left + scrollX, r.top + scrollY, r.width, r.height]; }})()",
+                serde_json::json!(selector)
+            ))
+            .await;
+        let n = |i: usize| rect[i].as_f64().unwrap_or(0.0);
+        let params = serde_json::json!({"format": "png", "captureBeyondViewport": true,
+            "clip": {"x": n(0), "y": n(1), "width": n(2), "height": n(3), "scale": 1}});
+        let shot = self
+            .call("Page.captureScreenshot", params)
+            .await
+            .expect("a screenshot");
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64 screenshot")
+    }
+
+    /// One DevTools call; its result.
+    async fn call(
+        &mut self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, serde_json::Value> {
         use futures::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
         self.next_id += 1;
         let id = self.next_id;
-        let call = serde_json::json!({"id": id, "method": "Runtime.evaluate", "params": {
-            "expression": expression, "awaitPromise": true, "returnByValue": true}});
+        let call = serde_json::json!({"id": id, "method": method, "params": params});
         self.ws
             .send(Message::Text(call.to_string().into()))
             .await
@@ -197,10 +236,10 @@ impl Browser {
             let Message::Text(text) = msg else { continue };
             let v: serde_json::Value = serde_json::from_str(&text).expect("DevTools JSON");
             if v["id"] == id {
-                if let Some(ex) = v["result"]["exceptionDetails"].as_object() {
-                    panic!("page script failed: {ex:?}");
+                if !v["error"].is_null() {
+                    return Err(v["error"].clone());
                 }
-                return v["result"]["result"]["value"].clone();
+                return Ok(v["result"].clone());
             }
         }
     }
@@ -403,4 +442,125 @@ async fn dashboard_pages_and_searches_100k_domains() {
         page.eval(&format!("{rows}[0].cells[0].textContent")).await,
         first_of_page_1
     );
+}
+
+/// Pixels of `png` within a small distance of the colour `rgb`.
+fn pixels_like(png_bytes: &[u8], rgb: [u8; 3]) -> usize {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let mut reader = decoder.read_info().expect("a PNG screenshot");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("PNG frame");
+    let channels = info.color_type.samples();
+    buf[..info.buffer_size()]
+        .chunks(channels)
+        .filter(|px| {
+            px.len() >= 3 && (0..3).all(|i| (i32::from(px[i]) - i32::from(rgb[i])).abs() <= 40)
+        })
+        .count()
+}
+
+/// The traffic charts (issue #14 item 8): per domain and per backend, drawn in the page from
+/// the node's own 15-minute history; they show requests, 5xx and latency, move as traffic
+/// flows, and the screenshot of a chart has its line in it (not only the DOM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_charts_draw_domain_and_backend_traffic_and_move_with_it() {
+    let live = Backend::start("LIVE").await;
+    let node = Node::start(NodeOptions::new().extra(&format!(
+        "[[virtual_hosts]]\ndomain = \"busy.test\"\nenabled_backends_tag = \"a\"\n\n\
+         [[virtual_hosts]]\ndomain = \"broken.test\"\nenabled_backends_tag = \"b\"\n\n\
+         [[backends]]\nid = \"web-live\"\naddress = \"{}\"\ntags = [\"a\"]\n\n\
+         [[backends]]\nid = \"web-dead\"\naddress = \"{}\"\ntags = [\"b\"]\n",
+        live.address(),
+        dead_address()
+    )))
+    .await;
+    node.wait_route("busy.test", "/", "LIVE").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (client, stop) = (node.proxy_client(), stop.clone());
+        tokio::spawn(async move {
+            // Bounded: the test stops it, and it ends by itself after a minute anyway.
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+            {
+                let _ = client.get("busy.test", "/slow?ms=4").await;
+                let _ = client.get("broken.test", "/").await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    let mut page =
+        Browser::open(&format!("http://{}/dashboard#token={TOKEN}", node.api_addr)).await;
+    let chart = |box_id: &str, name: &str, svg: &str| {
+        format!("document.querySelector('#{box_id} .chart[data-name=\"{name}\"] svg.{svg}')")
+    };
+    let lines = |box_id: &str, name: &str, svg: &str| {
+        format!(
+            "({}?.querySelectorAll('polyline').length ?? 0)",
+            chart(box_id, name, svg)
+        )
+    };
+    // Requests and 5xx lines per domain; latency per backend.
+    page.wait_until(
+        &format!("{} >= 1", lines("domain-charts", "busy.test", "rate")),
+        "the busy domain's request chart",
+    )
+    .await;
+    page.wait_until(
+        &format!("{} === 2", lines("domain-charts", "broken.test", "rate")),
+        "the broken domain's 5xx line",
+    )
+    .await;
+    page.wait_until(
+        &format!("{} >= 1", lines("backend-charts", "web-live", "latency")),
+        "the backend's latency chart",
+    )
+    .await;
+    // It moves: the next 5 s point changes the line.
+    let points = format!(
+        "{}.querySelector('polyline').getAttribute('points')",
+        chart("domain-charts", "busy.test", "rate")
+    );
+    let before = page.eval(&points).await;
+    page.wait_until(
+        &format!("{points} !== {before}"),
+        "the chart to move with the next point",
+    )
+    .await;
+    // The pixels: the request line (#0969da) is drawn in the chart's area.
+    let shot = page
+        .screenshot(".chart[data-name=\"busy.test\"] svg.rate")
+        .await;
+    let blue = pixels_like(&shot, [0x09, 0x69, 0xda]);
+    assert!(blue >= 20, "the request line is on screen: {blue} pixels");
+    let shot = page
+        .screenshot(".chart[data-name=\"broken.test\"] svg.rate")
+        .await;
+    let red = pixels_like(&shot, [0xcf, 0x22, 0x2e]);
+    assert!(red >= 20, "the 5xx line is on screen: {red} pixels");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.unwrap();
+
+    // The API behind it.
+    let (status, s) = node.api_get("/api/v1/stats/series?domain=busy.test").await;
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["step_secs"], 5);
+    assert_eq!(s["domains"][0]["name"], "busy.test");
+    assert!(
+        s["backends"].as_array().is_some_and(|b| b.is_empty()),
+        "{s}"
+    );
+    let last = s["domains"][0]["points"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(last["requests_per_sec"].as_f64().unwrap() > 0.0, "{last}");
+    // 4 ms requests: in the (2.5 ms, 5 ms] bucket or above.
+    assert!(last["p50_ms"].as_f64().unwrap() >= 2.5, "{last}");
+    let (status, e) = node.api_get("/api/v1/stats/series?limit=0").await;
+    assert_eq!(status, 400, "{e}");
 }

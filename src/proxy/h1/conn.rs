@@ -193,7 +193,9 @@ impl VhostApp {
 
     /// Answers one request; returns the status sent (0 when none) and what comes next.
     async fn handle(&self, client: &mut Client, head: &RequestHead) -> (u16, Outcome) {
-        let started = self.data.access_log.is_on().then(Instant::now);
+        // Timed always: the traffic series' latency histograms (`observability::traffic`).
+        let started = Instant::now();
+        let logging = self.data.access_log.is_on();
         // Read the request target (and, when the request is logged, its text) before the
         // client buffer moves on.
         let (decision, record) = {
@@ -201,18 +203,30 @@ impl VhostApp {
             let table = self.data.routes.load();
             let decision =
                 Decision::for_request(&table, &head.host, target, client.tls, self.https_port);
-            let record = started.and_then(|_| start_record(client, head, &table, &decision));
+            let record = logging
+                .then(|| start_record(client, head, &table, &decision))
+                .flatten();
             (decision, record)
         };
         client.trace = Trace {
-            timing: record.is_some(),
+            timing: true,
             ..Trace::default()
         };
         let sent_before = client.sent;
         let (status, outcome, route) = self.answer_decision(client, head, decision).await;
-        if let (Some(mut record), Some(started)) = (record, started) {
+        let bytes_in = (head.head_len + head.content_length) as u64;
+        if let Some(route) = &route {
+            let duration_us = started.elapsed().as_micros() as u64;
+            let sent = client.sent - sent_before;
+            route
+                .route
+                .traffic
+                .counters()
+                .record(status, bytes_in, sent, duration_us);
+        }
+        if let Some(mut record) = record {
             let trace = client.trace;
-            if let (Some(route), Some(i)) = (route, trace.backend) {
+            if let (Some(route), Some(i)) = (&route, trace.backend) {
                 if let Some(u) = route.upstreams.get(i) {
                     record.set_backend(u.id.as_bytes(), trace.backend_addr);
                 }
@@ -220,7 +234,7 @@ impl VhostApp {
             record.attempts = trace.attempts;
             record.upstream_connect_us = trace.connect_us;
             record.upstream_duration_us = trace.upstream_us;
-            record.bytes_in = (head.head_len + head.content_length) as u64;
+            record.bytes_in = bytes_in;
             finish_record(record, client, status, sent_before, started, &self.data);
         }
         (status, outcome)

@@ -141,6 +141,9 @@ impl VhostApp {
                 None => Err(AttemptError::NoAddress),
             };
             client.trace.upstream_us = attempt_started.map(|t| t.elapsed().as_micros() as u64);
+            if let (Some(us), Some(_)) = (client.trace.upstream_us, addr) {
+                upstream.runtime.traffic.counters().observe(us);
+            }
             let can_retry = attempts < MAX_ATTEMPTS && n_tried < MAX_ATTEMPTS;
             let failure = match result {
                 Ok(done) => return done,

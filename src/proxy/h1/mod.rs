@@ -135,11 +135,16 @@ impl ServerApp for VhostApp {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = Counted::new(&self.data.connections_open);
+        let mut _https_open = None;
         let stream = match &self.tls {
             Some(tls) if tls.is_mine(&stream) => {
+                _https_open = Some(Counted::new(&self.data.https_connections_open));
                 // A PROXY protocol header comes before the ClientHello.
                 let stream = self.edge.before_tls(stream, self.client_timeout).await?;
-                tls.handshake(stream).await?
+                let done = tls.handshake(stream).await;
+                let counter = &self.data.tls_handshakes[usize::from(done.is_none())];
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                done?
             }
             _ => stream,
         };
