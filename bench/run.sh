@@ -31,6 +31,12 @@
 #   BENCH_RESULTS=path     markdown output (default bench/results/latest.md)
 #   BENCH_KEEP_TMP=1       keep the temp dir (configs, logs, raw wrk output) for debugging
 #   BENCH_ACCESS_LOG=1     also run nginx-log and pingora-vhost-log (see above)
+#   BENCH_EDGE=1           also run the production-edge variants (issue #14):
+#                          nginx-tlsup / pingora-vhost-tlsup: TLS to the origin with keep-alive
+#                          (nginx: proxy_pass https:// + proxy_ssl_session_reuse on + an upstream
+#                          keepalive pool); pingora-vhost-front / pingora-vhost-pp: behind an
+#                          HAProxy in TCP mode (on the load CPU), without and with PROXY
+#                          protocol v2 (`send-proxy-v2`; [proxy.proxy_protocol] trusted)
 #   BENCH_PV_LOG_FORMAT=json  format of pingora-vhost-log's access log (json | combined)
 
 set -euo pipefail
@@ -49,6 +55,7 @@ HOST_HEADER="bench.local"
 
 PROXIES=(nginx haproxy pingora-vhost)
 [ "${BENCH_ACCESS_LOG:-0}" = 1 ] && PROXIES+=(nginx-log pingora-vhost-log)
+[ "${BENCH_EDGE:-0}" = 1 ] && PROXIES+=(nginx-tlsup pingora-vhost-tlsup pingora-vhost-front pingora-vhost-pp)
 PV_LOG_FORMAT="${BENCH_PV_LOG_FORMAT:-json}"
 SKIP_BUILD=0
 
@@ -63,8 +70,8 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || { echo "run.sh: --only needs a list" >&2; exit 2; }
             IFS=, read -r -a PROXIES <<< "$2"; shift
             for p in "${PROXIES[@]}"; do
-                case "$p" in nginx|haproxy|pingora-vhost|nginx-log|pingora-vhost-log) ;;
-                    *) echo "run.sh: --only: unknown proxy '$p' (nginx, haproxy, pingora-vhost, nginx-log, pingora-vhost-log)" >&2; exit 2 ;;
+                case "$p" in nginx|haproxy|pingora-vhost|nginx-log|pingora-vhost-log|nginx-tlsup|pingora-vhost-tlsup|pingora-vhost-front|pingora-vhost-pp) ;;
+                    *) echo "run.sh: --only: unknown proxy '$p' (nginx, haproxy, pingora-vhost, nginx-log, pingora-vhost-log, nginx-tlsup, pingora-vhost-tlsup, pingora-vhost-front, pingora-vhost-pp)" >&2; exit 2 ;;
                 esac
             done ;;
         --skip-build) SKIP_BUILD=1 ;;
@@ -80,7 +87,10 @@ for v in DURATION WARMUP RUNS CONNECTIONS PORT_BASE; do
     esac
 done
 has_proxy() { local p; for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
-RUN_PV=0; { has_proxy pingora-vhost || has_proxy pingora-vhost-log; } && RUN_PV=1
+RUN_PV=0
+for p in pingora-vhost pingora-vhost-log pingora-vhost-tlsup pingora-vhost-front pingora-vhost-pp; do
+    has_proxy "$p" && RUN_PV=1
+done
 ALL3=0; has_proxy nginx && has_proxy haproxy && [ "$RUN_PV" -eq 1 ] && ALL3=1
 BASE2=0; has_proxy nginx && has_proxy haproxy && BASE2=1
 
@@ -315,6 +325,13 @@ take_port HAPROXY_HTTP; take_port HAPROXY_HTTPS
 take_port PV_HTTP; take_port PV_HTTPS; take_port PV_API; take_port PV_RPC; take_port PV_GOSSIP
 take_port NGINXL_HTTP;  take_port NGINXL_HTTPS
 take_port PVL_HTTP; take_port PVL_HTTPS; take_port PVL_API; take_port PVL_RPC; take_port PVL_GOSSIP
+take_port ORIGIN_TLS_PORT
+take_port NGINXT_HTTP; take_port NGINXT_HTTPS
+take_port PVT_HTTP; take_port PVT_HTTPS; take_port PVT_API; take_port PVT_RPC; take_port PVT_GOSSIP
+take_port PVF_HTTP; take_port PVF_HTTPS; take_port PVF_API; take_port PVF_RPC; take_port PVF_GOSSIP
+take_port PVF_FRONT_HTTP; take_port PVF_FRONT_HTTPS
+take_port PVP_HTTP; take_port PVP_HTTPS; take_port PVP_API; take_port PVP_RPC; take_port PVP_GOSSIP
+take_port PVP_FRONT_HTTP; take_port PVP_FRONT_HTTPS
 
 wait_port() {
     # wait_port PORT PID NAME [TIMEOUT_S]
@@ -401,6 +418,10 @@ start_origin() {
     keepalive_timeout 300s;
     server {
         listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+        # For the TLS-to-backend variants (BENCH_EDGE): the same answer over TLS.
+        listen 127.0.0.1:$ORIGIN_TLS_PORT ssl backlog=4096;
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
         location / {
             default_type text/plain;
             return 200 "ok\n";
@@ -425,15 +446,22 @@ start_nginx() {
     nginx_variant nginx "$NGINX_HTTP" "$NGINX_HTTPS" "access_log off;"
 }
 
+# nginx with TLS to the origin: sessions reused, connections kept in the upstream pool.
+start_nginx_tlsup() {
+    nginx_variant nginx-tlsup "$NGINXT_HTTP" "$NGINXT_HTTPS" "access_log off;" \
+        "127.0.0.1:$ORIGIN_TLS_PORT" "https" "proxy_ssl_session_reuse on; proxy_ssl_server_name on; proxy_ssl_name $HOST_HEADER;"
+}
+
 # The same nginx with its access log on, buffered as production setups do.
 start_nginx_log() {
     nginx_variant nginx-log "$NGINXL_HTTP" "$NGINXL_HTTPS" \
         "access_log $TMP/nginx-log/access.log combined buffer=64k;"
 }
 
-# nginx_variant NAME HTTP_PORT HTTPS_PORT ACCESS_LOG_DIRECTIVE
+# nginx_variant NAME HTTP_PORT HTTPS_PORT ACCESS_LOG_DIRECTIVE [UPSTREAM SCHEME EXTRA]
 nginx_variant() {
     local name="$1" http="$2" https="$3" access_log="$4"
+    local upstream="${5:-127.0.0.1:$ORIGIN_PORT}" scheme="${6:-http}" extra="${7:-}"
     local d="$TMP/$name"; mkdir -p "$d"
     {
         nginx_common "$d"
@@ -444,7 +472,7 @@ nginx_variant() {
     keepalive_requests 100000000;
     keepalive_timeout 300s;
     upstream origin {
-        server 127.0.0.1:$ORIGIN_PORT;
+        server $upstream;
         keepalive 64;
         keepalive_requests 100000000;
         keepalive_timeout 300s;
@@ -456,7 +484,8 @@ nginx_variant() {
         ssl_certificate $CERT;
         ssl_certificate_key $KEY;
         location / {
-            proxy_pass http://origin;
+            proxy_pass $scheme://origin;
+            $extra
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host \$host;
@@ -533,9 +562,65 @@ start_pingora_vhost_log() {
             "$TMP/pingora-vhost-log/access.log" "$PV_LOG_FORMAT")"
 }
 
-# pv_variant NAME HTTP HTTPS API RPC GOSSIP EXTRA_CONFIG
+# TLS to the origin (not verified, as nginx's default proxy_ssl_verify off; the name is
+# sent as SNI), connections kept alive.
+start_pingora_vhost_tlsup() {
+    pv_variant pingora-vhost-tlsup "$PVT_HTTP" "$PVT_HTTPS" "$PVT_API" "$PVT_RPC" "$PVT_GOSSIP" "" \
+        "https://127.0.0.1:$ORIGIN_TLS_PORT" \
+        "$(printf '[backends.tls]\nserver_name = "%s"\nverify = false\n' "$HOST_HEADER")"
+}
+
+# Behind an HAProxy in TCP mode, without PROXY protocol: the baseline of pingora-vhost-pp.
+start_pingora_vhost_front() {
+    pv_variant pingora-vhost-front "$PVF_HTTP" "$PVF_HTTPS" "$PVF_API" "$PVF_RPC" "$PVF_GOSSIP" ""
+    local pid="$PROXY_PID"
+    start_front pingora-vhost-front "$PVF_FRONT_HTTP" "$PVF_FRONT_HTTPS" "$PVF_HTTP" "$PVF_HTTPS" ""
+    PROXY_PID="$pid"
+}
+
+# The same HAProxy sends PROXY protocol v2, which pingora-vhost requires from it.
+start_pingora_vhost_pp() {
+    pv_variant pingora-vhost-pp "$PVP_HTTP" "$PVP_HTTPS" "$PVP_API" "$PVP_RPC" "$PVP_GOSSIP" \
+        "$(printf '[proxy.proxy_protocol]\ntrusted = ["127.0.0.1/32"]\n')"
+    local pid="$PROXY_PID"
+    start_front pingora-vhost-pp "$PVP_FRONT_HTTP" "$PVP_FRONT_HTTPS" "$PVP_HTTP" "$PVP_HTTPS" "send-proxy-v2"
+    PROXY_PID="$pid"
+}
+
+# start_front NAME FRONT_HTTP FRONT_HTTPS TO_HTTP TO_HTTPS SERVER_OPTION: an HAProxy in TCP
+# mode on the load CPU in front of NAME; wrk talks to it, the CPU measured is NAME's own.
+start_front() {
+    local name="$1" fhttp="$2" fhttps="$3" thttp="$4" thttps="$5" opt="$6"
+    local d="$TMP/$name-front"; mkdir -p "$d"
+    {
+        echo "global"
+        echo "    nbthread 1"
+        echo "    maxconn $MAXCONN"
+        echo "defaults"
+        echo "    mode tcp"
+        echo "    timeout connect 5s"
+        echo "    timeout client 300s"
+        echo "    timeout server 300s"
+        echo "listen http"
+        echo "    bind 127.0.0.1:$fhttp"
+        echo "    server pv 127.0.0.1:$thttp $opt"
+        echo "listen https"
+        echo "    bind 127.0.0.1:$fhttps"
+        echo "    server pv 127.0.0.1:$thttps $opt"
+    } > "$d/haproxy.cfg"
+    haproxy -c -q -f "$d/haproxy.cfg" >"$TMP/$name-front.log" 2>&1 \
+        || { show_log "$name-front"; die "$name front config invalid"; }
+    "${PIN_LOAD[@]}" haproxy -db -f "$d/haproxy.cfg" >>"$TMP/$name-front.log" 2>&1 &
+    local pid=$!; STARTED_PIDS+=("$pid")
+    wait_port "$fhttp" "$pid" "$name-front"
+    wait_port "$fhttps" "$pid" "$name-front"
+    PROXY_HTTP="$fhttp"; PROXY_HTTPS="$fhttps"
+}
+
+# pv_variant NAME HTTP HTTPS API RPC GOSSIP EXTRA_CONFIG [BACKEND_ADDRESS BACKEND_EXTRA]
 pv_variant() {
     local name="$1" http="$2" https="$3" api="$4" rpc="$5" gossip="$6" extra="$7"
+    local backend="${8:-127.0.0.1:$ORIGIN_PORT}" backend_extra="${9:-}"
     local d="$TMP/$name"; mkdir -p "$d/data"
     PV_TOKEN="bench-$(openssl rand -hex 16)"
     cat > "$d/config.toml" <<EOF
@@ -583,8 +668,9 @@ key_path = "$KEY"
 
 [[backends]]
 id = "origin"
-address = "127.0.0.1:$ORIGIN_PORT"
+address = "$backend"
 tags = ["a"]
+$backend_extra
 EOF
     (cd "$d" && exec "$PV_BIN" --config "$d/config.toml" --check) >"$TMP/$name.log" 2>&1 \
         || { show_log "$name"; die "$name --check rejected $d/config.toml"; }
@@ -954,6 +1040,40 @@ md_access_log_ratios() {
     echo
 }
 
+# md_edge_ratios PROTO: issue #14's edge targets, medians of per-round ratios.
+md_edge_ratios() {
+    local proto="$1" med list ok
+    { has_proxy pingora-vhost-tlsup && has_proxy nginx-tlsup; } || has_proxy pingora-vhost-pp || return 0
+    echo "| production edge ($proto) | median of per-round ratios | target | verdict | per round |"
+    echo "|---|---:|---|---|---|"
+    if has_proxy pingora-vhost-tlsup && has_proxy nginx-tlsup; then
+        read -r med list <<< "$(paired_median pingora-vhost-tlsup nginx-tlsup "$proto")"
+        ok="$(awk -v v="$med" 'BEGIN { print ((v <= 1.0) ? 1 : 0) }')"
+        echo "| CPU/req, TLS to the origin: pingora-vhost-tlsup / nginx-tlsup | $med | <= 1.00 | $(verdict "$ok") | $list |"
+    fi
+    if has_proxy pingora-vhost-pp && has_proxy pingora-vhost-front; then
+        read -r med list <<< "$(paired_rps_median pingora-vhost-pp pingora-vhost-front "$proto")"
+        ok="$(awk -v v="$med" 'BEGIN { print ((v >= 0.95) ? 1 : 0) }')"
+        echo "| req/s with PROXY v2 / without, both behind HAProxy: pingora-vhost-pp / pingora-vhost-front | $med | >= 0.95 | $(verdict "$ok") | $list |"
+        read -r med list <<< "$(paired_median pingora-vhost-pp pingora-vhost-front "$proto")"
+        echo "| CPU/req pingora-vhost-pp / pingora-vhost-front | $med | | | $list |"
+    fi
+    echo
+}
+
+# paired_rps_median A B PROTO -> median over rounds of req/s A / req/s B, and the list.
+paired_rps_median() {
+    awk -v a="${ALL_RPS[$1/$3]}" -v b="${ALL_RPS[$2/$3]}" '
+        BEGIN {
+            gsub(/,/, "", a); gsub(/,/, "", b)
+            n = split(a, A, " "); split(b, B, " ")
+            for (i = 1; i <= n; i++) { c[i] = A[i] / B[i]; l = l sprintf("%s%.2f", (i > 1) ? " " : "", c[i]) }
+            for (i = 2; i <= n; i++)
+                for (j = i; j > 1 && c[j - 1] > c[j]; j--) { t = c[j]; c[j] = c[j - 1]; c[j - 1] = t }
+            printf "%.2f %s\n", (n % 2) ? c[(n + 1) / 2] : (c[n / 2] + c[n / 2 + 1]) / 2, l
+        }'
+}
+
 report() {
     echo "# pingora-vhost benchmark results"
     echo
@@ -978,6 +1098,7 @@ report() {
         md_ratios "$proto"
         echo
         md_access_log_ratios "$proto"
+        md_edge_ratios "$proto"
     done
     if [ "$IDLE_CONNS" -gt 0 ]; then
         echo "## Memory per idle keep-alive connection"
@@ -1042,6 +1163,7 @@ text_report() {
     done
     for proto in http https; do
         md_access_log_ratios "$proto"
+        md_edge_ratios "$proto"
     done
 }
 

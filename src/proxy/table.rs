@@ -861,3 +861,126 @@ mod guard_rail_tests {
         assert!(!pick.guard_rail);
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use crate::schema::BackendTls;
+    use crate::state::{apply, Backend, BackendPatch, Command, Domain, TlsMode};
+
+    fn backend(id: &str, tag: &str, tls: Option<BackendTls>) -> Backend {
+        Backend {
+            id: id.into(),
+            address: "127.0.0.1:8443".into(),
+            tags: vec![tag.into()],
+            health_check_path: None,
+            draining: false,
+            send_proxy_protocol: None,
+            tls: tls.map(Box::new),
+        }
+    }
+
+    fn domain(name: &str, tag: &str) -> Domain {
+        Domain {
+            domain: name.into(),
+            enabled_backends_tag: tag.into(),
+            http_to_https: false,
+            tls: TlsMode::None,
+            access_log: true,
+            access_log_query: true,
+            cert: None,
+        }
+    }
+
+    fn recompile(c: &mut Compiler, s: &mut State, live: &Live, cmd: Command) -> RoutingTable {
+        apply(s, &cmd).unwrap();
+        let mut changes = Changes::default();
+        changes.add(&cmd);
+        c.compile(s, live, &changes)
+    }
+
+    /// A pool with an HTTP/2 backend sends its domains to Pingora's proxy; others stay lean.
+    #[test]
+    fn http2_backends_mark_their_tags_only() {
+        let live = Live::default();
+        let mut s = State::default();
+        let mut c = Compiler::default();
+        let h2 = BackendTls {
+            http2: true,
+            verify: false,
+            ..BackendTls::default()
+        };
+        for cmd in [
+            Command::CreateBackend(backend("plain", "a", None)),
+            Command::CreateBackend(backend("h2", "b", Some(h2))),
+            Command::CreateDomain(domain("a.test", "a")),
+            Command::CreateDomain(domain("b.test", "b")),
+        ] {
+            recompile(&mut c, &mut s, &live, cmd);
+        }
+        let t = c.compile(&s, &live, &Changes::everything());
+        assert!(!t.needs_http2("a.test"));
+        assert!(t.needs_http2("b.test"));
+        assert!(!t.needs_http2("unknown.test"));
+        let t = recompile(&mut c, &mut s, &live, Command::DeleteBackend("h2".into()));
+        assert!(
+            !t.needs_http2("b.test"),
+            "the tag's last HTTP/2 backend is gone"
+        );
+    }
+
+    /// A backend reached another way (TLS setting, address) is probed again at once; a change
+    /// that does not touch how it is reached (tags) is not.
+    #[test]
+    fn a_backend_reached_differently_asks_for_a_probe() {
+        let live = Live::default();
+        let mut s = State::default();
+        let mut c = Compiler::default();
+        recompile(
+            &mut c,
+            &mut s,
+            &live,
+            Command::CreateBackend(backend("x", "a", None)),
+        );
+        let rt = live.backends.get("x").unwrap();
+        assert!(!rt.take_probe_request(), "a new backend is probed as one");
+        let update = |patch: BackendPatch| Command::UpdateBackend {
+            id: "x".into(),
+            patch,
+        };
+        recompile(
+            &mut c,
+            &mut s,
+            &live,
+            update(BackendPatch {
+                tags: Some(vec!["a".into(), "b".into()]),
+                ..Default::default()
+            }),
+        );
+        assert!(!rt.take_probe_request());
+        let tls = BackendTls {
+            verify: false,
+            ..BackendTls::default()
+        };
+        recompile(
+            &mut c,
+            &mut s,
+            &live,
+            update(BackendPatch {
+                tls: Some(Some(Box::new(tls))),
+                ..Default::default()
+            }),
+        );
+        assert!(rt.take_probe_request(), "TLS turned on");
+        recompile(
+            &mut c,
+            &mut s,
+            &live,
+            update(BackendPatch {
+                address: Some("127.0.0.1:9443".into()),
+                ..Default::default()
+            }),
+        );
+        assert!(rt.take_probe_request(), "a new address");
+    }
+}
