@@ -29,7 +29,11 @@ const CASES: &[(&str, &str, bool)] = &[
     ("address", "my_host:80", false),
     ("address", "127.0.0.1:+80", false),
     ("address", "x:0", false),
-    ("address", "http://x:1", false),
+    // A scheme says plain or TLS to the backend; no other scheme, no path.
+    ("address", "http://x:1", true),
+    ("address", "https://x:1", true),
+    ("address", "ftp://x:1", false),
+    ("address", "https://x:1/api", false),
     ("health_check_path", "/ready", true),
     ("health_check_path", "", true),
     ("health_check_path", "ready", false),
