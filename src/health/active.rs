@@ -161,7 +161,7 @@ async fn probe_raw(
             );
         }
     }
-    let mut conn = match tls {
+    let conn = match tls {
         None => BackendStream::Plain(tcp),
         Some(tls) => match tls.handshake(tcp).await {
             Ok(session) => BackendStream::Tls(Box::new(session)),
@@ -174,6 +174,13 @@ async fn probe_raw(
             BackendStream::Tls(_) => (true, "TLS handshake succeeded".to_string()),
         };
     }
+    // A backend spoken to in HTTP/2 (it selected `h2`) is asked in HTTP/2.
+    let mut conn = match (conn, tls) {
+        (BackendStream::Tls(session), Some(tls)) if tls.http2 => {
+            return probe_h2(*session, address, path).await;
+        }
+        (conn, _) => conn,
+    };
     // The `Host` of requests: the address's host (and port), as for a plain probe.
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     if let Err(e) = conn.write_all(request.as_bytes()).await {
@@ -196,6 +203,49 @@ async fn probe_raw(
         Some(code) if (200..400).contains(&code) => (true, format!("GET {path} answered {code}")),
         Some(code) => (false, format!("GET {path} answered {code}")),
         None => (false, format!("GET {path} failed: no HTTP answer")),
+    }
+}
+
+/// An HTTP/2 probe: `GET path` with `:authority` the backend's address, the status only.
+async fn probe_h2(
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    address: &str,
+    path: &str,
+) -> (bool, String) {
+    let (client, connection) = match h2::client::handshake(stream).await {
+        Ok(pair) => pair,
+        Err(e) => return (false, format!("GET {path}: HTTP/2 handshake failed: {e}")),
+    };
+    // The connection is driven while the request is under way, and dropped with it.
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let result = async {
+        let request = http::Request::get(format!("https://{address}{path}"))
+            .body(())
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let mut client = client
+            .ready()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let (response, _) = client
+            .send_request(request, true)
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = response
+            .await
+            .map_err(|e| format!("GET {path} failed: {e}"))?
+            .status()
+            .as_u16();
+        Ok::<u16, String>(status)
+    }
+    .await;
+    driver.abort();
+    match result {
+        Ok(code) if (200..400).contains(&code) => {
+            (true, format!("GET {path} answered {code} (HTTP/2)"))
+        }
+        Ok(code) => (false, format!("GET {path} answered {code} (HTTP/2)")),
+        Err(e) => (false, e),
     }
 }
 

@@ -316,6 +316,18 @@ async fn tls_to_nginx_backends_verifies_names_expiry_and_client_certificates_on_
     )
     .await;
     node.add_domain("h2.test", "h2").await;
+    // Its probe asks in HTTP/2 too (an HTTP/1.1 request on an h2 connection would fail it).
+    let detail = wait_for(
+        Duration::from_secs(10),
+        "the h2 backend's probe",
+        || async {
+            let (_, b) = node.api_get("/api/v1/backends/h2").await;
+            let detail = b["health"]["last_check_detail"].as_str()?.to_string();
+            (!detail.is_empty()).then_some(detail)
+        },
+    )
+    .await;
+    assert_eq!(detail, "GET /health answered 200 (HTTP/2)");
     for version in ["HTTP/1.1", "HTTP/1.0"] {
         let answer = wait_for(Duration::from_secs(10), "h2 route", || async {
             let a = get(&node, "h2.test", version).await;
