@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::*;
-use crate::edge::{spawn, wait_listening, Daemon};
+use crate::edge::{spawn_nginx, wait_listening, Daemon};
 
 struct Ports {
     good: u16,
@@ -57,16 +56,7 @@ fn nginx(dir: &Path, ca: &TestCa, p: &Ports) -> Daemon {
         e = server(p.expired, "expiring", ""),
         f = server(p.h2, "good", "#h2"),
     );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    spawn(
-        "nginx",
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf")),
-        dir,
-    )
+    spawn_nginx(dir, &conf)
 }
 
 /// One request on a new connection (`Connection: close`), the whole answer.

@@ -419,6 +419,11 @@ http {{
 "#,
         dir = dir.display()
     );
+    spawn_nginx(dir, &conf)
+}
+
+/// An nginx running `conf` with `dir` as its prefix (config, pid file, logs).
+pub(crate) fn spawn_nginx(dir: &Path, conf: &str) -> Daemon {
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     spawn(
         "nginx",

@@ -65,34 +65,33 @@ pub fn test_ca(name: &str) -> TestCa {
     }
 }
 
+fn owned(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
 impl TestCa {
     /// A certificate for `names`, usable by a server and by a client.
     pub fn issue(&self, names: &[&str]) -> TestCert {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        let mut params = rcgen::CertificateParams::new(owned(names)).expect("params");
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("issue certificate");
-        TestCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
+        self.sign(params)
     }
 
     /// A server certificate for `names` that expired yesterday.
     pub fn issue_expired(&self, names: &[&str]) -> TestCert {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        let mut params = rcgen::CertificateParams::new(owned(names)).expect("params");
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(30);
         params.not_after = now - time::Duration::days(1);
+        self.sign(params)
+    }
+
+    /// A certificate with `params` and a fresh key, signed by this CA.
+    fn sign(&self, params: rcgen::CertificateParams) -> TestCert {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
