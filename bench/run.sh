@@ -44,6 +44,9 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
+BENCH_PROG=run.sh
+# shellcheck source=bench/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 DURATION="${BENCH_DURATION:-8}"
 WARMUP="${BENCH_WARMUP:-2}"
@@ -60,9 +63,7 @@ PROXIES=(nginx haproxy pingora-vhost)
 PV_LOG_FORMAT="${BENCH_PV_LOG_FORMAT:-json}"
 SKIP_BUILD=0
 
-usage() {
-    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
-}
+usage() { bench_usage "${BASH_SOURCE[0]}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -82,11 +83,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-for v in DURATION WARMUP RUNS CONNECTIONS PORT_BASE; do
-    case "${!v}" in
-        ''|*[!0-9]*) echo "run.sh: BENCH_$v must be a non-negative integer, got '${!v}'" >&2; exit 2 ;;
-    esac
-done
+require_uints DURATION WARMUP RUNS CONNECTIONS PORT_BASE
 has_proxy() { local p; for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 RUN_PV=0
 for p in pingora-vhost pingora-vhost-log pingora-vhost-tlsup pingora-vhost-front pingora-vhost-pp; do
@@ -99,231 +96,25 @@ BASE2=0; has_proxy nginx && has_proxy haproxy && BASE2=1
 [ "$RUNS" -ge 1 ] || { echo "run.sh: BENCH_RUNS must be >= 1" >&2; exit 2; }
 [ "$CONNECTIONS" -ge 1 ] || { echo "run.sh: BENCH_CONNECTIONS must be >= 1" >&2; exit 2; }
 
-log()  { printf '[bench] %s\n' "$*" >&2; }
-die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+require_root
 
-if [ "$(id -u)" -ne 0 ]; then
-    die "run as root (it installs packages with apt-get and binds loopback ports)"
-fi
-
-# ---------------------------------------------------------------------------------------
-# Prerequisites
-# ---------------------------------------------------------------------------------------
-export PATH="$PATH:/usr/sbin:/sbin"
-export DEBIAN_FRONTEND=noninteractive
-APT_UPDATED=0
-
-apt_install() {
-    # apt_install PKG... ; does not let package install scripts start system services
-    if [ "$APT_UPDATED" -eq 0 ]; then
-        log "apt-get update"
-        apt-get update -qq >&2
-        APT_UPDATED=1
-    fi
-    local made_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    log "apt-get install $*"
-    local rc=0
-    apt-get install -y -qq --no-install-recommends "$@" >&2 || rc=$?
-    if [ "$made_policy" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-    return "$rc"
-}
-
-need_cmd() {
-    # need_cmd CMD PKG [FALLBACK_PKG]
-    local cmd="$1" pkg="$2" alt="${3:-}"
-    command -v "$cmd" >/dev/null 2>&1 && return 0
-    apt_install "$pkg" || { [ -n "$alt" ] && apt_install "$alt"; } || true
-    command -v "$cmd" >/dev/null 2>&1 || die "cannot install '$cmd' (package $pkg${alt:+ or $alt})"
-}
-
-command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this script targets Debian"
-need_cmd nginx nginx nginx-light
-need_cmd haproxy haproxy
-need_cmd wrk wrk
-need_cmd openssl openssl
-need_cmd curl curl
-need_cmd taskset util-linux
-need_cmd timeout coreutils
-need_cmd getconf libc-bin
-need_cmd awk mawk
-
-CLK_TCK="$(getconf CLK_TCK)"
-
+need_base_tools
 # Enough file descriptors for CONNECTIONS client + upstream connections in each proxy, and
 # the idle connections of the memory measurement.
-MAXCONN=$(( CONNECTIONS * 2 + IDLE_CONNS + 1024 ))
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MAXCONN * 2 + 64)) ]; then
-    die "open-file limit $(ulimit -n) too low for $CONNECTIONS connections"
-fi
+raise_fd_limit $(( CONNECTIONS * 2 + IDLE_CONNS + 1024 ))
 
-# ---------------------------------------------------------------------------------------
-# Build pingora-vhost
-# ---------------------------------------------------------------------------------------
-PV_BIN="${BENCH_PV_BIN:-${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/pingora-vhost}"
-if [ "$RUN_PV" -eq 1 ]; then
-    if [ "$SKIP_BUILD" -eq 0 ]; then
-        if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
-            export PATH="$HOME/.cargo/bin:$PATH"
-        fi
-        command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain with rustup), or use --only-baselines"
-        need_cmd cmake cmake            # pingora-core builds zlib-ng
-        need_cmd cc gcc
-        need_cmd make make
-        log "cargo build --release (in $REPO_DIR)"
-        (cd "$REPO_DIR" && cargo build --release) >&2 || die "cargo build --release failed"
-    fi
-    [ -x "$PV_BIN" ] || die "pingora-vhost binary not found at $PV_BIN"
-fi
+# Build pingora-vhost (or only check the binary with --skip-build).
+if [ "$RUN_PV" -eq 1 ]; then ensure_pv_binary "$SKIP_BUILD"; fi
 
-# ---------------------------------------------------------------------------------------
 # CPU pinning: wrk + origin on one CPU, the proxy under test alone on another.
-# ---------------------------------------------------------------------------------------
-expand_cpulist() {
-    # "0-2,5" -> "0 1 2 5"
-    local IFS=, part out=""
-    for part in $1; do
-        if [[ "$part" == *-* ]]; then
-            out="$out $(seq "${part%-*}" "${part#*-}" | tr '\n' ' ')"
-        else
-            out="$out $part"
-        fi
-    done
-    echo $out
-}
-ALLOWED_CPUS=($(expand_cpulist "$(taskset -pc $$ | sed 's/.*: *//')"))
-PIN=0
-if [ "${#ALLOWED_CPUS[@]}" -ge 2 ]; then
-    CPU_LOAD="${BENCH_CPU_LOAD:-${ALLOWED_CPUS[0]}}"
-    CPU_PROXY="${BENCH_CPU_PROXY:-${ALLOWED_CPUS[1]}}"
-    PIN=1
-else
-    log "fewer than 2 CPUs available: running without CPU pinning"
-    CPU_LOAD="-"; CPU_PROXY="-"
-fi
-# Command prefixes (arrays, so `exec` and `$!` reach the real program, not a shell function).
-PIN_LOAD=(); PIN_PROXY=()
-if [ "$PIN" -eq 1 ]; then PIN_LOAD=(taskset -c "$CPU_LOAD"); PIN_PROXY=(taskset -c "$CPU_PROXY"); fi
-
-# ---------------------------------------------------------------------------------------
-# Temp dir, process bookkeeping, cleanup
-# ---------------------------------------------------------------------------------------
-TMP="$(mktemp -d /tmp/pv-bench.XXXXXX)"
-chmod 755 "$TMP"
-STARTED_PIDS=()
-
-# Print PID and all its descendants (from /proc; no procps needed).
-proc_tree() {
-    local root="$1"
-    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$root" '
-        { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " "); parent[pid] = f[2] }
-        END {
-            n = 1; q[1] = root; seen[root] = 1; out = root
-            for (i = 1; i <= n; i++)
-                for (p in parent)
-                    if (parent[p] == q[i] && !(p in seen)) { seen[p] = 1; q[++n] = p; out = out " " p }
-            print out
-        }'
-}
-
-# Sum utime+stime (clock ticks) of PID and all its descendants. Per-process stat already
-# includes all threads of that process.
-tree_ticks() {
-    local root="$1"
-    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$root" '
-        { pid = $1; line = $0; sub(/^.*\) /, "", line); split(line, f, " ")
-          parent[pid] = f[2]; ticks[pid] = f[12] + f[13] }
-        END {
-            if (!(root in ticks)) { print -1; exit }
-            n = 1; q[1] = root; seen[root] = 1; sum = ticks[root]
-            for (i = 1; i <= n; i++)
-                for (p in parent)
-                    if (parent[p] == q[i] && !(p in seen)) { seen[p] = 1; q[++n] = p; sum += ticks[p] }
-            print sum
-        }'
-}
-
-# Busy clock ticks of the whole machine (all CPUs; /proc/stat is not per container):
-# user + nice + system + steal. irq/softirq are left out: loopback traffic of the benchmark
-# itself lands there.
-machine_busy_ticks() {
-    awk 'NR == 1 { print $2 + $3 + $4 + $9; exit }' /proc/stat
-}
-# CPU ticks of this shell's reaped children (wrk, via timeout/taskset, ends up here).
-children_ticks() {
-    local line
-    line="$(cat /proc/$$/stat)"; line="${line##*) }"
-    awk -v l="$line" 'BEGIN { split(l, f, " "); print f[14] + f[15] }'
-}
-NCPU_MACHINE="$(grep -c '^cpu[0-9]' /proc/stat)"
-
-kill_tree() {
-    local root="$1" pids p i
-    [ -d "/proc/$root" ] || return 0
-    pids="$(proc_tree "$root")"
-    kill -TERM "$root" 2>/dev/null || true
-    for i in $(seq 1 30); do
-        [ -d "/proc/$root" ] || break
-        # reap if it is our child
-        sleep 0.1
-    done
-    for p in $pids; do
-        [ -d "/proc/$p" ] && kill -KILL "$p" 2>/dev/null || true
-    done
-    wait "$root" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM ERR
-    set +e   # never stop half-way through the cleanup
-    local i
-    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
-        kill_tree "${STARTED_PIDS[$i]}"
-    done
-    if [ "${BENCH_KEEP_TMP:-0}" = "1" ]; then
-        log "kept temp dir $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-set -E
-trap 'log "command failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() {
-    local pid="$1" i
-    for i in "${!STARTED_PIDS[@]}"; do
-        [ "${STARTED_PIDS[$i]}" = "$pid" ] && unset 'STARTED_PIDS[i]'
-    done
-    STARTED_PIDS=("${STARTED_PIDS[@]}")
-}
+setup_pinning
+# Temp dir; everything started is killed on exit.
+bench_tmp_init
 
 # ---------------------------------------------------------------------------------------
 # Ports
 # ---------------------------------------------------------------------------------------
-NEXT_PORT="$PORT_BASE"
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# take_port VAR: next port from NEXT_PORT with no TCP listener on 127.0.0.1
-take_port() {
-    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
-    [ "$NEXT_PORT" -le 65535 ] || die "no free port at or above $PORT_BASE"
-    printf -v "$1" '%s' "$NEXT_PORT"
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-
-take_port ORIGIN_PORT
-take_port NGINX_HTTP;  take_port NGINX_HTTPS
-take_port HAPROXY_HTTP; take_port HAPROXY_HTTPS
-take_port PV_HTTP; take_port PV_HTTPS; take_port PV_API; take_port PV_RPC; take_port PV_GOSSIP
+take_base_ports
 take_port NGINXL_HTTP;  take_port NGINXL_HTTPS
 take_port PVL_HTTP; take_port PVL_HTTPS; take_port PVL_API; take_port PVL_RPC; take_port PVL_GOSSIP
 take_port ORIGIN_TLS_PORT
@@ -334,119 +125,12 @@ take_port PVF_FRONT_HTTP; take_port PVF_FRONT_HTTPS
 take_port PVP_HTTP; take_port PVP_HTTPS; take_port PVP_API; take_port PVP_RPC; take_port PVP_GOSSIP
 take_port PVP_FRONT_HTTP; take_port PVP_FRONT_HTTPS
 
-wait_port() {
-    # wait_port PORT PID NAME [TIMEOUT_S]
-    local port="$1" pid="$2" name="$3" t="${4:-30}" i
-    for i in $(seq 1 $((t * 10))); do
-        port_busy "$port" && return 0
-        [ -d "/proc/$pid" ] || { show_log "$name"; die "$name exited before listening on $port"; }
-        sleep 0.1
-    done
-    show_log "$name"; die "$name did not listen on 127.0.0.1:$port within ${t}s"
-}
-
-show_log() {
-    local f="$TMP/$1.log"
-    [ -f "$f" ] && { log "--- last lines of $f ---"; tail -n 30 "$f" >&2; }
-    return 0
-}
-
-# wait_http NAME PID TIMEOUT_S EXPECT_BODY curl-args...  -> waits for a 200 (and body if given)
-wait_http() {
-    local name="$1" pid="$2" t="$3" body="$4"; shift 4
-    local i out code
-    for i in $(seq 1 $((t * 5))); do
-        out="$(curl -sk --max-time 2 -o "$TMP/probe.body" -w '%{http_code}' "$@" 2>/dev/null || true)"
-        if [ "$out" = "200" ]; then
-            if [ -z "$body" ] || [ "$(cat "$TMP/probe.body")" = "$body" ]; then return 0; fi
-        fi
-        code="$out"
-        [ -d "/proc/$pid" ] || { show_log "$name"; die "$name exited while waiting for $*"; }
-        sleep 0.2
-    done
-    show_log "$name"
-    die "$name: no 200 from curl $* within ${t}s (last status: ${code:-none})"
-}
+make_cert
 
 # ---------------------------------------------------------------------------------------
-# Certificate (shared by all three proxies)
+# Proxies beyond nginx, HAProxy and pingora-vhost (bench/lib.sh). Each start_* sets
+# PROXY_PID, PROXY_HTTP, PROXY_HTTPS.
 # ---------------------------------------------------------------------------------------
-CERT="$TMP/cert.pem"; KEY="$TMP/key.pem"; COMBINED="$TMP/combined.pem"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$KEY" -out "$CERT" -days 2 -subj "/CN=$HOST_HEADER" \
-    -addext "subjectAltName=DNS:$HOST_HEADER,DNS:localhost,IP:127.0.0.1" >/dev/null 2>&1 \
-    || die "openssl could not make the self-signed certificate"
-cat "$CERT" "$KEY" > "$COMBINED"
-chmod 644 "$CERT" "$KEY" "$COMBINED"
-
-# ---------------------------------------------------------------------------------------
-# Origin: its own nginx, 1 worker, `return 200 "ok\n"`, keep-alive.
-# ---------------------------------------------------------------------------------------
-nginx_common() {
-    # nginx_common DIR -> top-level + temp paths so nothing outside DIR is touched
-    local d="$1"
-    cat <<EOF
-worker_processes 1;
-daemon off;
-master_process on;
-user root;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-worker_rlimit_nofile $((MAXCONN * 2 + 64));
-events { worker_connections $MAXCONN; }
-EOF
-}
-nginx_temp_paths() {
-    local d="$1"
-    cat <<EOF
-    client_body_temp_path $d/client_body;
-    proxy_temp_path $d/proxy;
-    fastcgi_temp_path $d/fastcgi;
-    uwsgi_temp_path $d/uwsgi;
-    scgi_temp_path $d/scgi;
-EOF
-}
-
-start_origin() {
-    local d="$TMP/origin"; mkdir -p "$d"
-    {
-        nginx_common "$d"
-        echo "http {"
-        nginx_temp_paths "$d"
-        cat <<EOF
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        # For the TLS-to-backend variants (BENCH_EDGE): the same answer over TLS.
-        listen 127.0.0.1:$ORIGIN_TLS_PORT ssl backlog=4096;
-        ssl_certificate $CERT;
-        ssl_certificate_key $KEY;
-        location / {
-            default_type text/plain;
-            return 200 "ok\n";
-        }
-    }
-}
-EOF
-    } > "$d/nginx.conf"
-    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/origin.log" 2>&1 || { show_log origin; die "origin nginx config invalid"; }
-    "${PIN_LOAD[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/origin.log" 2>&1 &
-    ORIGIN_PID=$!
-    STARTED_PIDS+=("$ORIGIN_PID")
-    wait_port "$ORIGIN_PORT" "$ORIGIN_PID" origin
-    wait_http origin "$ORIGIN_PID" 10 "ok" "http://127.0.0.1:$ORIGIN_PORT/"
-    log "origin nginx on 127.0.0.1:$ORIGIN_PORT (pid $ORIGIN_PID)"
-}
-
-# ---------------------------------------------------------------------------------------
-# Proxies. Each start_* sets PROXY_PID, PROXY_HTTP, PROXY_HTTPS.
-# ---------------------------------------------------------------------------------------
-start_nginx() {
-    nginx_variant nginx "$NGINX_HTTP" "$NGINX_HTTPS" "access_log off;"
-}
-
 # nginx with TLS to the origin: sessions reused, connections kept in the upstream pool.
 start_nginx_tlsup() {
     nginx_variant nginx-tlsup "$NGINXT_HTTP" "$NGINXT_HTTPS" "access_log off;" \
@@ -457,103 +141,6 @@ start_nginx_tlsup() {
 start_nginx_log() {
     nginx_variant nginx-log "$NGINXL_HTTP" "$NGINXL_HTTPS" \
         "access_log $TMP/nginx-log/access.log combined buffer=64k;"
-}
-
-# nginx_variant NAME HTTP_PORT HTTPS_PORT ACCESS_LOG_DIRECTIVE [UPSTREAM SCHEME EXTRA]
-nginx_variant() {
-    local name="$1" http="$2" https="$3" access_log="$4"
-    local upstream="${5:-127.0.0.1:$ORIGIN_PORT}" scheme="${6:-http}" extra="${7:-}"
-    local d="$TMP/$name"; mkdir -p "$d"
-    {
-        nginx_common "$d"
-        echo "http {"
-        nginx_temp_paths "$d"
-        cat <<EOF
-    $access_log
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    upstream origin {
-        server $upstream;
-        keepalive 64;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        listen 127.0.0.1:$http backlog=4096;
-        listen 127.0.0.1:$https ssl backlog=4096;
-        server_name $HOST_HEADER;
-        ssl_certificate $CERT;
-        ssl_certificate_key $KEY;
-        location / {
-            proxy_pass $scheme://origin;
-            $extra
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$remote_addr;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header X-Forwarded-Host \$host;
-            # pingora-vhost gives every request an id (kept from the client when valid), sends
-            # it on and returns it: nginx does the same work here.
-            proxy_set_header X-Request-Id \$request_id;
-            add_header X-Request-Id \$request_id always;
-        }
-    }
-}
-EOF
-    } > "$d/nginx.conf"
-    nginx -t -q -p "$d" -c "$d/nginx.conf" >"$TMP/$name.log" 2>&1 || { show_log "$name"; die "$name config invalid"; }
-    "${PIN_PROXY[@]}" nginx -p "$d" -c "$d/nginx.conf" >>"$TMP/$name.log" 2>&1 &
-    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
-    PROXY_HTTP="$http"; PROXY_HTTPS="$https"
-    wait_port "$http" "$PROXY_PID" "$name"
-    wait_port "$https" "$PROXY_PID" "$name"
-}
-
-start_haproxy() {
-    local d="$TMP/haproxy"; mkdir -p "$d"
-    cat > "$d/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    maxconn $MAXCONN
-    tune.ssl.default-dh-param 2048
-
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 300s
-
-frontend fe
-    bind 127.0.0.1:$HAPROXY_HTTP
-    bind 127.0.0.1:$HAPROXY_HTTPS ssl crt $COMBINED
-    option forwardfor
-    http-request set-header X-Forwarded-Proto https if { ssl_fc }
-    http-request set-header X-Forwarded-Proto http if !{ ssl_fc }
-    http-request set-header X-Forwarded-Host %[req.hdr(host)]
-    # Request ids, as pingora-vhost and nginx above.
-    unique-id-format %{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
-    http-request set-header X-Request-Id %[unique-id]
-    http-response set-header X-Request-Id %[unique-id]
-    default_backend be
-
-backend be
-    http-reuse always
-    server origin 127.0.0.1:$ORIGIN_PORT pool-max-conn 64
-EOF
-    haproxy -c -q -f "$d/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 || { show_log haproxy; die "haproxy config invalid"; }
-    "${PIN_PROXY[@]}" haproxy -db -f "$d/haproxy.cfg" >>"$TMP/haproxy.log" 2>&1 &
-    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
-    PROXY_HTTP="$HAPROXY_HTTP"; PROXY_HTTPS="$HAPROXY_HTTPS"
-    wait_port "$HAPROXY_HTTP" "$PROXY_PID" haproxy
-    wait_port "$HAPROXY_HTTPS" "$PROXY_PID" haproxy
-}
-
-start_pingora_vhost() {
-    pv_variant pingora-vhost "$PV_HTTP" "$PV_HTTPS" "$PV_API" "$PV_RPC" "$PV_GOSSIP" ""
 }
 
 # The same with the access log on (to a file, as nginx-log).
@@ -618,141 +205,38 @@ start_front() {
     PROXY_HTTP="$fhttp"; PROXY_HTTPS="$fhttps"
 }
 
-# pv_variant NAME HTTP HTTPS API RPC GOSSIP EXTRA_CONFIG [BACKEND_ADDRESS BACKEND_EXTRA]
-pv_variant() {
-    local name="$1" http="$2" https="$3" api="$4" rpc="$5" gossip="$6" extra="$7"
-    local backend="${8:-127.0.0.1:$ORIGIN_PORT}" backend_extra="${9:-}"
-    local d="$TMP/$name"; mkdir -p "$d/data"
-    PV_TOKEN="bench-$(openssl rand -hex 16)"
-    cat > "$d/config.toml" <<EOF
-[proxy]
-listen_addr = "127.0.0.1:$https"
-listen_addr_http = "127.0.0.1:$http"
-management_api_addr = "127.0.0.1:$api"
-threads = 1
-shutdown_grace_secs = 1
-# wrk sends the URL host (127.0.0.1) as SNI, so the default certificate is the one it
-# negotiates: make it the same cert as the virtual host's (and as nginx/HAProxy use).
-default_cert_path = "$CERT"
-default_key_path = "$KEY"
-
-[api]
-token = "$PV_TOKEN"
-
-[cluster]
-node_id = 1
-data_dir = "$d/data"
-rpc_addr = "127.0.0.1:$rpc"
-gossip_addr = "127.0.0.1:$gossip"
-seeds = []
-bootstrap_expect = 1
-
-[logging]
-level = "warn"
-
-$extra
-
-[health_check]
-interval_secs = 2
-timeout_secs = 1
-healthy_threshold = 1
-unhealthy_threshold = 3
-path = "/"
-
-[[virtual_hosts]]
-domain = "$HOST_HEADER"
-enabled_backends_tag = "a"
-http_to_https = false
-tls = "manual"
-cert_path = "$CERT"
-key_path = "$KEY"
-
-[[backends]]
-id = "origin"
-address = "$backend"
-tags = ["a"]
-$backend_extra
-EOF
-    (cd "$d" && exec "$PV_BIN" --config "$d/config.toml" --check) >"$TMP/$name.log" 2>&1 \
-        || { show_log "$name"; die "$name --check rejected $d/config.toml"; }
-    (cd "$d" && exec "${PIN_PROXY[@]}" "$PV_BIN" --config "$d/config.toml") >>"$TMP/$name.log" 2>&1 &
-    PROXY_PID=$!; STARTED_PIDS+=("$PROXY_PID")
-    PROXY_HTTP="$http"; PROXY_HTTPS="$https"
-    wait_port "$http" "$PROXY_PID" "$name" 60
-    wait_port "$https" "$PROXY_PID" "$name" 60
-    wait_http "$name" "$PROXY_PID" 60 "" "http://127.0.0.1:$api/api/v1/health"
-}
-
-# Waits until PROXY serves the origin's "ok" for Host: bench.local over HTTP and HTTPS.
-wait_proxy_ready() {
-    local name="$1"
-    wait_http "$name" "$PROXY_PID" 60 "ok" -H "Host: $HOST_HEADER" "http://127.0.0.1:$PROXY_HTTP/"
-    wait_http "$name" "$PROXY_PID" 60 "ok" --resolve "$HOST_HEADER:$PROXY_HTTPS:127.0.0.1" "https://$HOST_HEADER:$PROXY_HTTPS/"
-    wait_http "$name" "$PROXY_PID" 60 "ok" -H "Host: $HOST_HEADER" "https://127.0.0.1:$PROXY_HTTPS/"
-}
-
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
 declare -A RPS P50 P99 CPU_US CPU_PCT ORIGIN_PCT OTHER_PCT REQS NOTES NOISY BEST_RAW ALL_RPS
 NOISY_RUNS=0
 
-to_ms() {
-    # wrk latency "812.00us" / "1.23ms" / "1.01s" / "2.00m" -> ms
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
-        printf "%.3f", n }'
-}
-
-# measure NAME PROTO URL
 # run_once NAME PROTO URL RAW: one measured wrk run; sets the R_* globals.
 run_once() {
     local name="$1" proto="$2" url="$3" raw="$4" key="$1/$2"
-    local t0 t1 w0 w1 o0 o1 m0 m1 c0 c1 reqs rps p50 p99 non2xx sockerr
-    c0="$(children_ticks)"
-    m0="$(machine_busy_ticks)"
-    o0="$(tree_ticks "$ORIGIN_PID")"
-    t0="$(tree_ticks "$PROXY_PID")"
-    w0="$(date +%s.%N)"
-    "${PIN_LOAD[@]}" timeout $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
-        -H "Host: $HOST_HEADER" "$url" >"$raw" 2>&1 || { cat "$raw" >&2; die "$key: wrk failed"; }
-    w1="$(date +%s.%N)"
-    t1="$(tree_ticks "$PROXY_PID")"
-    o1="$(tree_ticks "$ORIGIN_PID")"
-    m1="$(machine_busy_ticks)"
-    c1="$(children_ticks)"
-    [ "$t0" -ge 0 ] && [ "$t1" -ge 0 ] || { show_log "$name"; die "$name died during the run"; }
-
-    reqs="$(awk '/requests in/ { print $1; exit }' "$raw")"
-    rps="$(awk '/^Requests\/sec:/ { print $2; exit }' "$raw")"
-    p50="$(awk '$1 == "50%" { print $2; exit }' "$raw")"
-    p99="$(awk '$1 == "99%" { print $2; exit }' "$raw")"
-    non2xx="$(awk '/Non-2xx or 3xx responses:/ { print $NF; exit }' "$raw")"
-    sockerr="$(awk '/Socket errors:/ { sub(/.*Socket errors: /, ""); print; exit }' "$raw")"
-    [ -n "$reqs" ] && [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] \
+    measure_client "$name" "$raw" $((DURATION + 30)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+        -H "Host: $HOST_HEADER" "$url"
+    [ "$M_RC" -eq 0 ] || { cat "$raw" >&2; die "$key: wrk failed"; }
+    parse_wrk "$raw"
+    [ -n "$W_REQS" ] && [ -n "$W_RPS" ] && [ -n "$W_P50" ] && [ -n "$W_P99" ] \
         || { cat "$raw" >&2; die "$key: could not parse wrk output"; }
-    [ "$reqs" -gt 0 ] || { cat "$raw" >&2; die "$key: wrk completed no request"; }
+    [ "$W_REQS" -gt 0 ] || { cat "$raw" >&2; die "$key: wrk completed no request"; }
 
-    R_REQS="$reqs"
-    R_RPS="$(awk -v r="$rps" 'BEGIN { printf "%.0f", r }')"
-    R_P50="$(to_ms "$p50")"
-    R_P99="$(to_ms "$p99")"
-    R_CPU_US="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')"
-    R_CPU_PCT="$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
-    R_ORIGIN_PCT="$(awk -v d=$((o1 - o0)) -v hz="$CLK_TCK" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", 100 * d / hz / (b - a) }')"
+    R_REQS="$W_REQS"
+    R_RPS="$(awk -v r="$W_RPS" 'BEGIN { printf "%.0f", r }')"
+    R_P50="$(to_ms "$W_P50")"
+    R_P99="$(to_ms "$W_P99")"
+    R_CPU_US="$(cpu_us "$M_TICKS" "$W_REQS")"
+    R_CPU_PCT="$M_PROXY_PCT"
+    R_ORIGIN_PCT="$M_ORIGIN_PCT"
     # CPU used on this machine by anything but the proxy, the origin and wrk, as % of all CPUs.
-    R_OTHER_PCT="$(awk -v d=$(( (m1 - m0) - (t1 - t0) - (o1 - o0) - (c1 - c0) )) -v hz="$CLK_TCK" \
-        -v n="$NCPU_MACHINE" -v a="$w0" -v b="$w1" 'BEGIN { x = 100 * d / hz / (b - a) / n; if (x < 0) x = 0; printf "%.0f", x }')"
-    R_NOISY=0
+    R_OTHER_PCT="$M_OTHER_PCT"
+    R_NOISY="$M_NOISY"
     R_NOTE=""
-    if [ "$R_OTHER_PCT" -gt 10 ]; then
-        R_NOISY=1
-        R_NOTE="NOISY: other load ${R_OTHER_PCT}% of the machine; "
-    fi
+    [ "$R_NOISY" -eq 1 ] && R_NOTE="NOISY: other load ${R_OTHER_PCT}% of the machine; "
     R_ERRORS=""
-    [ -n "$non2xx" ] && R_ERRORS="${R_ERRORS}non-2xx/3xx: $non2xx; "
-    [ -n "$sockerr" ] && R_ERRORS="${R_ERRORS}socket errors: $sockerr; "
+    [ -n "$W_NON2XX" ] && R_ERRORS="${R_ERRORS}non-2xx/3xx: $W_NON2XX; "
+    [ -n "$W_SOCKERR" ] && R_ERRORS="${R_ERRORS}socket errors: $W_SOCKERR; "
     return 0
 }
 
@@ -798,39 +282,7 @@ finish_measure() {
     fi
 }
 
-declare -A PID_OF HTTP_OF HTTPS_OF ERRORS_OF ALL_CPU BEST_NOTE
-
-# use_proxy NAME: make NAME the proxy under test; every other proxy is paused (SIGSTOP) so
-# that it cannot take CPU time from the one being measured.
-use_proxy() {
-    local p q
-    for p in "${PROXIES[@]}"; do
-        [ "$p" = "$1" ] && continue
-        for q in $(proc_tree "${PID_OF[$p]}"); do kill -STOP "$q" 2>/dev/null || true; done
-    done
-    for q in $(proc_tree "${PID_OF[$1]}"); do kill -CONT "$q" 2>/dev/null || true; done
-    PROXY_PID="${PID_OF[$1]}"; PROXY_HTTP="${HTTP_OF[$1]}"; PROXY_HTTPS="${HTTPS_OF[$1]}"
-    sleep 0.5
-}
-
-start_all_proxies() {
-    local p
-    for p in "${PROXIES[@]}"; do
-        log "=== start $p ==="
-        "start_${p//-/_}"
-        wait_proxy_ready "$p"
-        PID_OF[$p]="$PROXY_PID"; HTTP_OF[$p]="$PROXY_HTTP"; HTTPS_OF[$p]="$PROXY_HTTPS"
-    done
-}
-
-stop_all_proxies() {
-    local p q
-    for p in "${PROXIES[@]}"; do
-        for q in $(proc_tree "${PID_OF[$p]}"); do kill -CONT "$q" 2>/dev/null || true; done
-        kill_tree "${PID_OF[$p]}"
-        forget_pid "${PID_OF[$p]}"
-    done
-}
+declare -A ERRORS_OF ALL_CPU BEST_NOTE
 
 # Rounds interleave the proxies: run r of every proxy happens in the same stretch of time,
 # so slow drifts in the machine's speed (common on shared VMs) hit all of them alike.
@@ -918,13 +370,6 @@ measure_idle_memory() {
 # ---------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------
-# Share of all CPUs busy over SECONDS (whole machine, all containers on this kernel).
-machine_busy_pct() {
-    local a b
-    a="$(machine_busy_ticks)"; sleep "${1:-1}"; b="$(machine_busy_ticks)"
-    awk -v d=$((b - a)) -v hz="$CLK_TCK" -v n="$NCPU_MACHINE" -v s="${1:-1}" \
-        'BEGIN { printf "%.0f", 100 * d / hz / s / n }'
-}
 BUSY_BEFORE="$(machine_busy_pct 2)"
 if [ "$BUSY_BEFORE" -gt 10 ]; then
     log "WARNING: the machine is already ${BUSY_BEFORE}% busy before the benchmark (other processes," \
@@ -942,21 +387,7 @@ stop_all_proxies
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
-verdict() { # verdict OK_EXPR_RESULT
-    if [ "$1" = 1 ]; then echo "PASS"; else echo "FAIL"; fi; }
-
-NGINX_VER="$( (nginx -v 2>&1 || true) | sed 's/.*nginx\///')"
-HAPROXY_VER="$( (haproxy -v 2>/dev/null || true) | awk 'NR==1 { print $3 }')"
-WRK_VER="$( (wrk -v 2>&1 || true) | awk 'NR==1 { print $2 }')"
-PV_VER="not run"
-if [ "$RUN_PV" -eq 1 ]; then
-    PV_VER="$(timeout 5 "$PV_BIN" --version 2>/dev/null | head -n1 || true)"
-    PV_REV="$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    [ -n "$(git -C "$REPO_DIR" status --porcelain 2>/dev/null | head -n1)" ] && PV_REV="$PV_REV+dirty"
-    PV_VER="${PV_VER:-pingora-vhost} (git $PV_REV)"
-fi
-CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+collect_versions
 
 md_table() {
     local proto="$1" p key
@@ -972,26 +403,11 @@ md_table() {
 # CPU/req over nginx's, and its req/s over the better of nginx and HAProxy, all three measured
 # in the same round (minutes apart at most), so a drift in the VM's speed cancels out.
 paired_ratios() {
-    local proto="$1"
-    awk -v vc="${ALL_CPU[pingora-vhost/$proto]}" -v nc="${ALL_CPU[nginx/$proto]}" \
-        -v vr="${ALL_RPS[pingora-vhost/$proto]}" -v nr="${ALL_RPS[nginx/$proto]}" \
-        -v hr="${ALL_RPS[haproxy/$proto]}" '
-        function median(a, n,   i, j, t) {
-            for (i = 2; i <= n; i++)
-                for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-        }
-        BEGIN {
-            gsub(/,/, "", vr); gsub(/,/, "", nr); gsub(/,/, "", hr)
-            n = split(vc, V, " "); split(nc, N, " "); split(vr, VR, " "); split(nr, NG, " "); split(hr, HA, " ")
-            for (i = 1; i <= n; i++) {
-                c[i] = V[i] / N[i]
-                r[i] = VR[i] / ((NG[i] + 0 > HA[i] + 0) ? NG[i] : HA[i])
-                cl = cl sprintf("%s%.2f", (i > 1) ? " " : "", c[i])
-                rl = rl sprintf("%s%.2f", (i > 1) ? " " : "", r[i])
-            }
-            printf "%.2f %.2f %s|%s\n", median(c, n), median(r, n), cl, rl
-        }'
+    local proto="$1" cpu_med cpu_list rps_med rps_list best
+    best="$(list_pick max "${ALL_RPS[nginx/$proto]}" "${ALL_RPS[haproxy/$proto]}")"
+    read -r cpu_med cpu_list <<< "$(median_of_ratios "${ALL_CPU[pingora-vhost/$proto]}" "${ALL_CPU[nginx/$proto]}")"
+    read -r rps_med rps_list <<< "$(median_of_ratios "${ALL_RPS[pingora-vhost/$proto]}" "$best")"
+    echo "$cpu_med $rps_med $cpu_list|$rps_list"
 }
 
 md_ratios() {
@@ -1026,16 +442,7 @@ md_ratios() {
 
 # paired_median A B PROTO -> median over rounds of CPU/req A / CPU/req B (same round), and
 # the per-round list.
-paired_median() {
-    awk -v a="${ALL_CPU[$1/$3]}" -v b="${ALL_CPU[$2/$3]}" '
-        BEGIN {
-            n = split(a, A, " "); split(b, B, " ")
-            for (i = 1; i <= n; i++) { c[i] = A[i] / B[i]; l = l sprintf("%s%.2f", (i > 1) ? " " : "", c[i]) }
-            for (i = 2; i <= n; i++)
-                for (j = i; j > 1 && c[j - 1] > c[j]; j--) { t = c[j]; c[j] = c[j - 1]; c[j - 1] = t }
-            printf "%.2f %s\n", (n % 2) ? c[(n + 1) / 2] : (c[n / 2] + c[n / 2 + 1]) / 2, l
-        }'
-}
+paired_median() { median_of_ratios "${ALL_CPU[$1/$3]}" "${ALL_CPU[$2/$3]}"; }
 
 # md_access_log_ratios PROTO: issue #14's access-log targets (CPU/req with logs on <= nginx's
 # with its log on; <= 1.10 x ours with logs off), medians of per-round ratios.
@@ -1079,17 +486,7 @@ md_edge_ratios() {
 }
 
 # paired_rps_median A B PROTO -> median over rounds of req/s A / req/s B, and the list.
-paired_rps_median() {
-    awk -v a="${ALL_RPS[$1/$3]}" -v b="${ALL_RPS[$2/$3]}" '
-        BEGIN {
-            gsub(/,/, "", a); gsub(/,/, "", b)
-            n = split(a, A, " "); split(b, B, " ")
-            for (i = 1; i <= n; i++) { c[i] = A[i] / B[i]; l = l sprintf("%s%.2f", (i > 1) ? " " : "", c[i]) }
-            for (i = 2; i <= n; i++)
-                for (j = i; j > 1 && c[j - 1] > c[j]; j--) { t = c[j]; c[j] = c[j - 1]; c[j - 1] = t }
-            printf "%.2f %s\n", (n % 2) ? c[(n + 1) / 2] : (c[n / 2] + c[n / 2 + 1]) / 2, l
-        }'
-}
+paired_rps_median() { median_of_ratios "${ALL_RPS[$1/$3]}" "${ALL_RPS[$2/$3]}"; }
 
 report() {
     echo "# pingora-vhost benchmark results"

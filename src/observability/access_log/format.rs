@@ -153,6 +153,17 @@ fn json_ascii(out: &mut Vec<u8>, s: &[u8]) {
 /// UTF-8 is written as `\u00XX` (its Latin-1 reading), so the line stays valid JSON.
 pub fn json_string(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
+    // Almost every field is printable ASCII with nothing to escape: one pass that the
+    // compiler vectorizes (no early exit), then one copy. The byte-by-byte escaper below was
+    // the writer thread's top symbol under load.
+    let plain = s.iter().fold(true, |ok, &b| {
+        ok & (b >= 0x20) & (b < 0x7f) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.extend_from_slice(s);
+        out.push(b'"');
+        return;
+    }
     let mut rest = s;
     while !rest.is_empty() {
         match std::str::from_utf8(rest) {
