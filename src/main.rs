@@ -10,7 +10,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora_core::listeners::ListenerConfig;
-use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
@@ -235,10 +235,13 @@ fn run(
             store::open(&data_dir, publisher.clone()).context("opening the Raft store")?;
         let addresses =
             sm.with_state(|s| s.backends.values().map(|b| b.address.to_string()).collect());
-        resolve::prime(&data.live, &cfg.resolver, addresses, PRIME_LIMIT);
-        let stored = data.live.addrs.stored();
-        sm.with_state(|s| data.publish_routes(s));
-        data.live.addrs.published(stored);
+        // Opening compiled the table once; again only if names were looked up (a full
+        // compile is most of a restart at 100,000 domains).
+        if resolve::prime(&data.live, &cfg.resolver, addresses, PRIME_LIMIT) {
+            let stored = data.live.addrs.stored();
+            sm.with_state(|s| data.publish_routes(s));
+            data.live.addrs.published(stored);
+        }
         Some((log, sm))
     };
 
@@ -305,17 +308,18 @@ fn run(
     .context("TLS settings")?;
     let app = VhostApp::new(proxy, &server.configuration).with_tls(tls);
     let mut proxy_service = Service::new("proxy".to_string(), app);
-    // No read buffer under the connections (Pingora's default is 64 KiB each): the lean
-    // path reads plain sockets itself, and rustls reads TLS records into its own buffer.
-    let unbuffered_reads = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+    // No buffers under the connections (Pingora's default is 64 KiB to read, 1460 bytes to
+    // write, each held for the connection's life): the lean path reads and writes plain
+    // sockets itself, and rustls keeps TLS records in its own buffers and writes them with
+    // one vectored write.
+    let unbuffered = L4BufferSettings::unbuffered();
     proxy_service.add_listener(
-        ListenerConfig::tcp(cfg.proxy.listen_addr_http.to_string()).l4_buffer(unbuffered_reads),
+        ListenerConfig::tcp(cfg.proxy.listen_addr_http.to_string()).l4_buffer(unbuffered),
     );
     // TLS is handshaken by the app (`proxy::tls_accept`): session tickets need our own
     // rustls config.
-    proxy_service.add_listener(
-        ListenerConfig::tcp(cfg.proxy.listen_addr.to_string()).l4_buffer(unbuffered_reads),
-    );
+    proxy_service
+        .add_listener(ListenerConfig::tcp(cfg.proxy.listen_addr.to_string()).l4_buffer(unbuffered));
 
     let mut control = background_service(
         "control plane",

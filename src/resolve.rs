@@ -185,13 +185,14 @@ impl Lookups {
 /// One bounded pass before the data plane starts, on a runtime of its own (the control
 /// plane's does not exist yet): a restarted node must not answer 503 for backends named by
 /// host name in the moment before its resolver task runs. Names that take longer are left
-/// to that task.
-pub fn prime(live: &Live, cfg: &ResolverConfig, addresses: Vec<String>, limit: Duration) {
+/// to that task. Says whether any name was looked up (the routing table then needs compiling
+/// again).
+pub fn prime(live: &Live, cfg: &ResolverConfig, addresses: Vec<String>, limit: Duration) -> bool {
     if !addresses
         .iter()
         .any(|a| matches!(target(a), Some(Target::Name { .. })))
     {
-        return;
+        return false;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -200,7 +201,7 @@ pub fn prime(live: &Live, cfg: &ResolverConfig, addresses: Vec<String>, limit: D
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("backend names not looked up before start: {e}");
-            return;
+            return false;
         }
     };
     runtime.block_on(async {
@@ -214,6 +215,7 @@ pub fn prime(live: &Live, cfg: &ResolverConfig, addresses: Vec<String>, limit: D
             );
         }
     });
+    true
 }
 
 /// Runs for ever. `addresses` lists the backend addresses of the current state;

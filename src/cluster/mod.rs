@@ -6,6 +6,7 @@ pub mod membership;
 pub mod network;
 pub mod pki;
 pub mod rpc;
+pub mod snapshot_wire;
 pub mod store;
 pub mod tls;
 pub mod writes;

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::snapshot_wire;
 use super::tls::{dial_name, parse_dial_name, ClusterTls};
 use super::{NodeId, TypeConfig};
 use crate::clock;
@@ -40,7 +41,7 @@ pub const AUTH_HEADER: &str = "x-pingora-vhost-auth";
 /// Largest request body the cluster RPC accepts (`rpc.rs`). Everything sent is kept under it:
 /// log entries are bounded at proposal ([`MAX_ENTRY_BYTES`]), an append carries at most
 /// [`APPEND_BUDGET_BYTES`] of entries (the rest goes in the next one), and a snapshot goes in
-/// chunks of [`SNAPSHOT_CHUNK_BYTES`] (a JSON byte array takes up to 4 bytes per byte).
+/// chunks of [`SNAPSHOT_CHUNK_BYTES`] (its bytes as they are, `snapshot_wire`).
 pub const MAX_RPC_BODY: usize = 32 * 1024 * 1024;
 /// Largest single log entry (JSON). API bodies are at most 2 MiB, and large seeds are split.
 pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
@@ -49,8 +50,12 @@ pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
 /// decode, store and answer 8 MiB, so a large seed was sent again and again and never
 /// committed. The rest of a batch follows at once in the next append.
 pub const APPEND_BUDGET_BYTES: usize = 512 * 1024;
-/// Snapshot chunk size (bytes of snapshot data per install-snapshot RPC).
-pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Snapshot chunk size (bytes of snapshot data per install-snapshot RPC): 32 MB at 100,000
+/// domains goes in two.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
+/// A peer without the binary chunk route (an older version, during a rolling upgrade) gets
+/// each chunk as JSON pieces of this many bytes (up to 4 bytes of JSON per byte).
+const LEGACY_SNAPSHOT_PIECE: usize = 4 * 1024 * 1024;
 
 /// In mixed mode, how long a peer found to speak only plaintext is called in plaintext before
 /// TLS is tried again.
@@ -104,6 +109,12 @@ fn tls_client(config: &rustls::ClientConfig) -> reqwest::Client {
         .unwrap_or_default()
 }
 
+const JSON: &str = "application/json";
+
+/// A request body and its content type.
+#[derive(Clone, Copy)]
+struct Body<'a>(&'a [u8], &'static str);
+
 /// How one attempt went out.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wire {
@@ -155,11 +166,24 @@ impl HttpNetwork {
     ) -> Result<Resp, reqwest::Error> {
         // Serializing a derived Serialize into a Vec does not fail; sign exactly these bytes.
         let body = serde_json::to_vec(body).unwrap_or_default();
+        self.post_body(peer, addr, path, Body(&body, JSON), timeout)
+            .await
+    }
+
+    /// POSTs bytes already encoded (`body.1` is their content type); decodes a JSON answer.
+    async fn post_body<Resp: DeserializeOwned>(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        path: &str,
+        body: Body<'_>,
+        timeout: Duration,
+    ) -> Result<Resp, reqwest::Error> {
         let end = Instant::now() + timeout;
         match self.tls.mode {
-            RpcTls::Required => self.send(Wire::Tls, peer, addr, path, &body, end).await,
-            RpcTls::Off => self.send(Wire::Plain, peer, addr, path, &body, end).await,
-            RpcTls::Mixed => self.send_mixed(peer, addr, path, &body, end).await,
+            RpcTls::Required => self.send(Wire::Tls, peer, addr, path, body, end).await,
+            RpcTls::Off => self.send(Wire::Plain, peer, addr, path, body, end).await,
+            RpcTls::Mixed => self.send_mixed(peer, addr, path, body, end).await,
         }
     }
 
@@ -168,7 +192,7 @@ impl HttpNetwork {
         peer: NodeId,
         addr: &str,
         path: &str,
-        body: &[u8],
+        body: Body<'_>,
         end: Instant,
     ) -> Result<Resp, reqwest::Error> {
         if self.plaintext_remembered(addr) {
@@ -247,7 +271,7 @@ impl HttpNetwork {
         peer: NodeId,
         addr: &str,
         path: &str,
-        body: &[u8],
+        body: Body<'_>,
         end: Instant,
     ) -> Result<Resp, reqwest::Error> {
         let (client, url) = match wire {
@@ -261,11 +285,12 @@ impl HttpNetwork {
                 },
             ),
         };
+        let Body(body, content_type) = body;
         let auth = auth_header(&self.keys, "POST", path, body);
         client
             .post(url)
             .header(AUTH_HEADER, auth)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .timeout(
                 end.saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1)),
@@ -283,6 +308,17 @@ pub struct PeerClient {
     net: HttpNetwork,
     target: NodeId,
     addr: String,
+    /// The peer answered 404 to a binary snapshot chunk: it predates them.
+    legacy_snapshots: bool,
+}
+
+/// A call that got no answer from the peer's Raft: not reachable, or the transport failed.
+fn transport_error<E: std::error::Error>(e: reqwest::Error) -> RPCError<NodeId, BasicNode, E> {
+    if e.is_connect() {
+        RPCError::Unreachable(Unreachable::new(&e))
+    } else {
+        RPCError::Network(NetworkError::new(&e))
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
@@ -293,6 +329,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             net: self.clone(),
             target,
             addr: node.addr.clone(),
+            legacy_snapshots: false,
         }
     }
 }
@@ -309,18 +346,52 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        self.call_body(path, Body(&body, JSON), option).await
+    }
+
+    async fn call_body<Resp, E>(
+        &self,
+        path: &str,
+        body: Body<'_>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let res: Result<Resp, E> = self
             .net
-            .post(self.target, &self.addr, path, req, option.hard_ttl())
+            .post_body(self.target, &self.addr, path, body, option.hard_ttl())
             .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
+            .map_err(transport_error::<E>)?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// A snapshot chunk as JSON pieces on the old route, for a peer without the binary one.
+    async fn install_snapshot_legacy(
+        &self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let mut answer = None;
+        for part in legacy_pieces(&rpc, LEGACY_SNAPSHOT_PIECE) {
+            let resp: InstallSnapshotResponse<NodeId> =
+                self.call("/raft/snapshot", &part, option).await?;
+            // A higher vote ends the transfer: the caller sees it.
+            if resp.vote > rpc.vote {
+                return Ok(resp);
+            }
+            answer = Some(resp);
+        }
+        answer.ok_or_else(|| {
+            RPCError::Network(NetworkError::new(&std::io::Error::other(
+                "empty snapshot chunk",
+            )))
+        })
     }
 }
 
@@ -352,7 +423,32 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call("/raft/snapshot", &rpc, &option).await
+        if self.legacy_snapshots {
+            return self.install_snapshot_legacy(rpc, &option).await;
+        }
+        let body = snapshot_wire::encode(rpc.clone());
+        let sent = self
+            .net
+            .post_body(
+                self.target,
+                &self.addr,
+                "/raft/snapshot-chunk",
+                Body(&body, snapshot_wire::CONTENT_TYPE),
+                option.hard_ttl(),
+            )
+            .await;
+        let res: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+            match sent {
+                Ok(res) => res,
+                // An older peer: no such route. Remembered for this client (openraft makes a new
+                // one when the peer's address changes or it is rebuilt).
+                Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {
+                    self.legacy_snapshots = true;
+                    return self.install_snapshot_legacy(rpc, &option).await;
+                }
+                Err(e) => return Err(transport_error(e)),
+            };
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(
@@ -362,6 +458,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call("/raft/vote", &rpc, &option).await
     }
+}
+
+/// A snapshot chunk as requests of at most `piece` bytes of data each, at their offsets; only
+/// the last is `done` (if the chunk was). A chunk without data is one request.
+fn legacy_pieces(
+    rpc: &InstallSnapshotRequest<TypeConfig>,
+    piece: usize,
+) -> Vec<InstallSnapshotRequest<TypeConfig>> {
+    let pieces: Vec<&[u8]> = if rpc.data.is_empty() {
+        vec![&rpc.data[..]]
+    } else {
+        rpc.data.chunks(piece).collect()
+    };
+    let last = pieces.len() - 1;
+    let mut offset = rpc.offset;
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let part = InstallSnapshotRequest {
+                vote: rpc.vote,
+                meta: rpc.meta.clone(),
+                offset,
+                data: data.to_vec(),
+                done: rpc.done && i == last,
+            };
+            offset += data.len() as u64;
+            part
+        })
+        .collect()
 }
 
 /// How many leading entries fit in `budget` bytes of JSON (at least one: a single entry is
@@ -379,7 +505,46 @@ fn prefix_within<T: Serialize>(entries: &[T], budget: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_within;
+    use super::{legacy_pieces, prefix_within};
+    use openraft::raft::InstallSnapshotRequest;
+    use openraft::{SnapshotMeta, Vote};
+
+    #[test]
+    fn a_chunk_for_an_older_peer_goes_in_pieces_at_their_offsets() {
+        let chunk = |offset: u64, len: usize, done: bool| InstallSnapshotRequest {
+            vote: Vote::new_committed(2, 1),
+            meta: SnapshotMeta::default(),
+            offset,
+            data: (0..len).map(|i| i as u8).collect(),
+            done,
+        };
+        // (chunk offset, length, done, piece size) -> (offset, length, done) of each piece
+        type Piece = (u64, usize, bool);
+        type Case = ((u64, usize, bool, usize), &'static [Piece]);
+        let cases: &[Case] = &[
+            (
+                (0, 10, true, 4),
+                &[(0, 4, false), (4, 4, false), (8, 2, true)],
+            ),
+            ((100, 8, false, 4), &[(100, 4, false), (104, 4, false)]),
+            ((0, 4, true, 4), &[(0, 4, true)]),
+            ((7, 0, true, 4), &[(7, 0, true)]),
+        ];
+        for &((offset, len, done, piece), want) in cases {
+            let whole = chunk(offset, len, done);
+            let pieces = legacy_pieces(&whole, piece);
+            let got: Vec<Piece> = pieces
+                .iter()
+                .map(|p| (p.offset, p.data.len(), p.done))
+                .collect();
+            assert_eq!(got, want, "chunk at {offset}, {len} bytes, done {done}");
+            let joined: Vec<u8> = pieces.iter().flat_map(|p| p.data.clone()).collect();
+            assert_eq!(
+                joined, whole.data,
+                "the pieces are the chunk's bytes in order"
+            );
+        }
+    }
 
     #[test]
     fn appends_are_cut_at_the_budget() {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{FromRef, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -51,6 +52,7 @@ pub fn router(node: Arc<ClusterNode>, metrics: Arc<Metrics>) -> Router {
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
+        .route("/raft/snapshot-chunk", post(snapshot_chunk))
         .route("/cluster/write", post(forwarded_write))
         .route("/cluster/pre-vote", post(pre_vote))
         .route("/cluster/join-challenge", post(join_challenge))
@@ -216,6 +218,15 @@ async fn snapshot(
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
 ) -> impl IntoResponse {
     Json(node.raft.install_snapshot(req).await)
+}
+
+/// A snapshot chunk with its data as bytes (`snapshot_wire`); `/raft/snapshot` is the JSON
+/// form older versions send.
+async fn snapshot_chunk(State(node): State<Arc<ClusterNode>>, body: Bytes) -> Response {
+    match super::snapshot_wire::decode(&body) {
+        Ok(req) => Json(node.raft.install_snapshot(req).await).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 /// A follower forwarded a client write: run it here (we believe we are leader; if not the

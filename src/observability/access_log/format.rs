@@ -157,7 +157,7 @@ pub fn json_string(out: &mut Vec<u8>, s: &[u8]) {
     // compiler vectorizes (no early exit), then one copy. The byte-by-byte escaper below was
     // the writer thread's top symbol under load.
     let plain = s.iter().fold(true, |ok, &b| {
-        ok & (b >= 0x20) & (b < 0x7f) & (b != b'"') & (b != b'\\')
+        ok & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
     });
     if plain {
         out.extend_from_slice(s);

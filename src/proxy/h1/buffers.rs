@@ -11,11 +11,39 @@ use std::cell::RefCell;
 pub const REQUEST_BUF: usize = 8 * 1024;
 /// What a response is relayed through.
 pub const RESPONSE_BUF: usize = 16 * 1024;
+/// Room for what is built per request: the upstream request head, a rewritten response head.
+pub const HEAD_ROOM: usize = 2048;
+/// A head buffer that grew past this is not kept.
+const HEAD_ROOM_KEPT_MAX: usize = 4 * HEAD_ROOM;
 /// Buffers of each size kept per thread.
 const KEPT: usize = 256;
 
 thread_local! {
     static FREE: RefCell<[Vec<Vec<u8>>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+    static HEADS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer with room for a head ([`HEAD_ROOM`] bytes at least).
+pub fn take_head() -> Vec<u8> {
+    HEADS
+        .try_with(|free| free.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(HEAD_ROOM))
+}
+
+/// Gives a head buffer back (emptied); one that never got room, or grew large, is dropped.
+pub fn give_head(mut buf: Vec<u8>) {
+    if !(HEAD_ROOM..=HEAD_ROOM_KEPT_MAX).contains(&buf.capacity()) {
+        return;
+    }
+    buf.clear();
+    let _ = HEADS.try_with(|free| {
+        let mut free = free.borrow_mut();
+        if free.len() < KEPT {
+            free.push(buf);
+        }
+    });
 }
 
 fn list(size: usize) -> Option<usize> {
@@ -74,5 +102,21 @@ mod tests {
         }
         let kept = FREE.with(|f| f.borrow()[0].len());
         assert_eq!(kept, KEPT);
+    }
+
+    #[test]
+    fn head_buffers_come_back_empty_and_only_when_of_a_kept_size() {
+        let mut a = take_head();
+        assert!(a.is_empty() && a.capacity() >= HEAD_ROOM);
+        a.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let ptr = a.as_ptr();
+        give_head(a);
+        let b = take_head();
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 0), "the same buffer, emptied");
+        // Never used (no room) or grown big: dropped, not kept.
+        give_head(Vec::new());
+        give_head(Vec::with_capacity(HEAD_ROOM_KEPT_MAX * 2));
+        let c = take_head();
+        assert!(c.capacity() >= HEAD_ROOM && c.capacity() <= HEAD_ROOM_KEPT_MAX);
     }
 }

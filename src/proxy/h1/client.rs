@@ -87,7 +87,7 @@ impl Client {
             client_addr,
             client_ip,
             trusted_forwarder: false,
-            out: Vec::with_capacity(2048),
+            out: buffers::take_head(),
             resp_head: Vec::new(),
             head_request: false,
             deadline: IoDeadline::default(),
@@ -142,6 +142,8 @@ impl Client {
     pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
         if self.filled == 0 {
             buffers::give(std::mem::take(&mut self.buf));
+            buffers::give_head(std::mem::take(&mut self.out));
+            buffers::give_head(std::mem::take(&mut self.resp_head));
             match &mut self.stream {
                 // Readiness comes from the reactor: no system call more per request.
                 ClientIo::Tcp(tcp, _) => tcp.readable().await?,
@@ -153,6 +155,7 @@ impl Client {
                         return Ok(0);
                     }
                     self.buf = buffers::take(buffers::REQUEST_BUF);
+                    self.out = buffers::take_head();
                     self.buf[0] = first[0];
                     self.filled = 1;
                     return Ok(1);
@@ -161,6 +164,9 @@ impl Client {
         }
         if self.buf.is_empty() {
             self.buf = buffers::take(buffers::REQUEST_BUF);
+        }
+        if self.out.capacity() == 0 {
+            self.out = buffers::take_head();
         }
         if self.filled == self.buf.len() {
             let grown = (self.buf.len() * 2).min(limit.max(self.buf.len()));

@@ -51,15 +51,19 @@ impl VhostApp {
                     ) {
                         Parsed::Request(head) => break head,
                         Parsed::HandOver(reason, Some((head_len, RequestEnd::Chunked))) => {
-                            if let Err(end) = self.check_chunked_start(client, head_len).await {
+                            if let Err(end) =
+                                Box::pin(self.check_chunked_start(client, head_len)).await
+                            {
                                 return end;
                             }
                             return End::HandOver(reason, Some((head_len, RequestEnd::Chunked)));
                         }
                         Parsed::HandOver(reason, one) => return End::HandOver(reason, one),
-                        Parsed::Refuse(refusal) => return self.refuse(client, refusal).await,
+                        Parsed::Refuse(refusal) => {
+                            return Box::pin(self.refuse(client, refusal)).await
+                        }
                         Parsed::Partial if client.filled >= MAX_HEAD => {
-                            return self.refuse(client, Refusal::HeadTooLarge).await
+                            return Box::pin(self.refuse(client, Refusal::HeadTooLarge)).await
                         }
                         Parsed::Partial => {}
                     }
@@ -91,7 +95,7 @@ impl VhostApp {
                 match read {
                     Ok(n) if n > 0 => {}
                     _ if client.filled >= MAX_HEAD => {
-                        return self.refuse(client, Refusal::HeadTooLarge).await
+                        return Box::pin(self.refuse(client, Refusal::HeadTooLarge)).await
                     }
                     // End of stream or error.
                     _ => return End::Close,

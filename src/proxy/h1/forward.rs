@@ -195,9 +195,12 @@ impl VhostApp {
         let (mut upstream, reused) = match send_proxy {
             None => match pool::take(addr, key.1) {
                 Some(conn) => (conn, true),
-                None => (self.connect(client, addr, None, tls).await?, false),
+                None => (
+                    Box::pin(self.connect(client, addr, None, tls)).await?,
+                    false,
+                ),
             },
-            Some(version) => self.connect_proxied(client, key, version, tls).await?,
+            Some(version) => Box::pin(self.connect_proxied(client, key, version, tls)).await?,
         };
         // A kept connection took no connect time.
         client.trace.connect_us = match (started, reused) {
@@ -276,7 +279,7 @@ impl VhostApp {
         // cannot be peeked while the session writes: a write error or the read timeout ends it.)
         let tcp = match upstream {
             BackendIo::Plain(tcp) => tcp,
-            tls => return self.stream_body(client, head, tls, reused).await,
+            tls => return Box::pin(self.stream_body(client, head, tls, reused)).await,
         };
         let (upstream_rd, mut upstream_wr) = tcp.split();
         let mut probe = [0u8; 1];

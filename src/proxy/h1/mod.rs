@@ -127,6 +127,40 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// A connection counted as open (and as an HTTPS one), for as long as its task holds this.
+struct OpenConnection {
+    data: Arc<DataPlane>,
+    https: bool,
+}
+
+impl OpenConnection {
+    fn new(data: &Arc<DataPlane>) -> Self {
+        data.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            data: data.clone(),
+            https: false,
+        }
+    }
+
+    fn https(&mut self) {
+        self.data
+            .https_connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        self.https = true;
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.data.connections_open.fetch_sub(1, Ordering::Relaxed);
+        if self.https {
+            self.data
+                .https_connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[async_trait]
 impl ServerApp for VhostApp {
     async fn process_new(
@@ -134,11 +168,10 @@ impl ServerApp for VhostApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = Counted::new(&self.data.connections_open);
-        let mut _https_open = None;
+        let mut open = OpenConnection::new(&self.data);
         let stream = match &self.tls {
             Some(tls) if tls.is_mine(&stream) => {
-                _https_open = Some(Counted::new(&self.data.https_connections_open));
+                open.https();
                 // A PROXY protocol header comes before the ClientHello.
                 let stream = self.edge.before_tls(stream, self.client_timeout).await?;
                 let done = tls.handshake(stream).await;
@@ -149,7 +182,7 @@ impl ServerApp for VhostApp {
             _ => stream,
         };
         // For the access log, on both paths, for as long as the connection is served.
-        let _sni = self
+        let sni = self
             .data
             .access_log
             .is_on()
@@ -158,35 +191,17 @@ impl ServerApp for VhostApp {
             self.metrics.handed_over("h2");
             return self.fallback.process_new(stream, shutdown).await;
         }
-        let io = ClientIo::from_accepted(stream)?;
-        let mut client = Client::new(io, self.client_timeout);
-        // TLS connections had their PROXY protocol header read before the handshake.
-        if !client.tls {
-            self.proxy_protocol(&mut client).await?;
-        }
-        client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
-        while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
-            self.metrics.handed_over(reason);
-            let (stream, unread) = client.into_parts();
-            let Some((head_len, end)) = one else {
-                // An upgrade (a tunnel after a 101), or a request Pingora's parser refuses:
-                // Pingora's proxy may read past its end, so the connection ends with it.
-                let replayed = Replayed::new(unread, stream);
-                self.serve_one_by_pingora(replayed, false, shutdown).await;
-                return None;
-            };
-            let replayed = Replayed::one_request(unread, stream, head_len, end);
-            let (stream, unread) = self.serve_one_by_pingora(replayed, true, shutdown).await?;
-            // Back to the lean loop for the next request (pipelined or not).
-            client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
-            client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
-        }
-        // Bounded: closing a TLS connection flushes, and a client that stopped reading
-        // would hold it.
-        let _ = tokio::time::timeout(self.client_timeout, client.stream.close()).await;
-        if client.linger {
-            client.drain_unread().await;
-        }
+        // The connection goes on in a task of its own, sized for the HTTP/1 loop: this one
+        // (Pingora's, with its TLS accept state inline, and ours around the handshake) is
+        // ~20 KiB, and an idle keep-alive connection would hold it for as long as it lives.
+        // Same thread: each worker thread runs its own runtime (no work stealing), and the
+        // SNI registration is per thread.
+        let (app, shutdown) = (self.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let _sni = sni;
+            app.serve_connection(stream, &shutdown).await
+        });
         None
     }
 
@@ -196,6 +211,48 @@ impl ServerApp for VhostApp {
 }
 
 impl VhostApp {
+    /// Serves an accepted (and handshaken) connection on the lean loop until it ends or
+    /// Pingora's proxy takes it for good.
+    async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let Some(io) = ClientIo::from_accepted(stream) else {
+            return;
+        };
+        let mut client = Client::new(io, self.client_timeout);
+        // TLS connections had their PROXY protocol header read before the handshake.
+        if !client.tls && Box::pin(self.proxy_protocol(&mut client)).await.is_none() {
+            return;
+        }
+        client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
+        while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
+            self.metrics.handed_over(reason);
+            let (stream, unread) = client.into_parts();
+            let Some((head_len, end)) = one else {
+                // An upgrade (a tunnel after a 101), or a request Pingora's parser refuses:
+                // Pingora's proxy may read past its end, so the connection ends with it.
+                let replayed = Replayed::new(unread, stream);
+                Box::pin(self.serve_one_by_pingora(replayed, false, shutdown)).await;
+                return;
+            };
+            let replayed = Replayed::one_request(unread, stream, head_len, end);
+            // Boxed, as every rare and large await here: the task's size is what an idle
+            // keep-alive connection costs.
+            let Some((stream, unread)) =
+                Box::pin(self.serve_one_by_pingora(replayed, true, shutdown)).await
+            else {
+                return;
+            };
+            // Back to the lean loop for the next request (pipelined or not).
+            client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
+            client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
+        }
+        // Bounded: closing a TLS connection flushes, and a client that stopped reading
+        // would hold it.
+        let _ = tokio::time::timeout(self.client_timeout, client.stream.close()).await;
+        if client.linger {
+            Box::pin(client.drain_unread()).await;
+        }
+    }
+
     /// A plain connection's PROXY protocol header (`edge`): `None` closes the connection.
     async fn proxy_protocol(&self, client: &mut Client) -> Option<()> {
         let Some(expect) = self.edge.expect(client.ip()) else {

@@ -23,6 +23,10 @@ impl VhostApp {
     ) -> Result<(u16, bool, Outcome), AttemptError> {
         let failed = |fault: UpstreamFault| AttemptError::Upstream { fault, reused };
         let mut filled = 0;
+        if client.resp_head.capacity() == 0 {
+            // Given back while the connection was idle (`Client::read_more`).
+            client.resp_head = super::buffers::take_head();
+        }
         let parsed = loop {
             if filled > 0 {
                 match parse_response(
