@@ -436,10 +436,7 @@ pub async fn run(
                     .await
                     .expect("planning the health probes panicked");
                     plan = next;
-                    if !gained.is_empty() {
-                        tracing::debug!(count = gained.len(), "probing newly owned backends now");
-                    }
-                    for t in gained {
+                    for t in at_once(gained, &live) {
                         if pending.insert(t.id.clone()) {
                             queue.push_back(t);
                         }
@@ -504,6 +501,40 @@ pub async fn run(
         }
     }
 }
+
+/// Of the backends a node has just become a prober of, those probed at once rather than at
+/// their slot in the schedule (within one interval): all of them up to [`AT_ONCE_MAX`]; beyond
+/// that only those their other probers report down (taken over as "down", they are routed
+/// around until a probe of this node's own sees them healthy). A node starting with 67,000
+/// backends to probe spent its first seconds on nothing else (a quarter of both cores of the
+/// benchmark machine, and its catch-up with the leader slowed).
+fn at_once(gained: Vec<Arc<Target>>, live: &Live) -> Vec<Arc<Target>> {
+    if gained.len() <= AT_ONCE_MAX {
+        if !gained.is_empty() {
+            tracing::debug!(count = gained.len(), "probing newly owned backends now");
+        }
+        return gained;
+    }
+    let total = gained.len();
+    let now: Vec<Arc<Target>> = gained
+        .into_iter()
+        .filter(|t| {
+            live.backends
+                .get(&t.id)
+                .is_some_and(|rt| rt.health.peer_down())
+        })
+        .collect();
+    tracing::info!(
+        total,
+        now = now.len(),
+        "newly owned backends: those reported down probed now, the rest at their slots over the interval"
+    );
+    now
+}
+
+/// A start or take-over that gains more backends than this probes most of them at their
+/// slots, not at once (`at_once`).
+const AT_ONCE_MAX: usize = 512;
 
 /// Works out which backends this node probes now (CPU-bound at 100,000 backends: run it off
 /// the async runtime). Returns the backends it has just become a prober of.
@@ -572,4 +603,45 @@ fn replan(
     plan.scheduled = items.iter().map(|(_, t)| t.id.clone()).collect();
     plan.schedule = Some(Schedule::new(interval.as_millis() as u64, items));
     gained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixtures::backend;
+
+    fn targets(n: usize) -> Vec<Arc<Target>> {
+        (0..n)
+            .map(|i| Arc::new(Target::of(&backend(&format!("b{i}"), &["a"]))))
+            .collect()
+    }
+
+    #[test]
+    fn a_few_new_backends_are_probed_at_once_many_only_those_reported_down() {
+        let live = Live::default();
+        for t in targets(AT_ONCE_MAX + 100) {
+            live.backends.ensure(&t.id);
+        }
+        // A take-over of a few: all at once.
+        assert_eq!(at_once(targets(AT_ONCE_MAX), &live).len(), AT_ONCE_MAX);
+        assert!(at_once(Vec::new(), &live).is_empty());
+        // A start with many: none at once (their slots spread them over the interval) ...
+        assert!(at_once(targets(AT_ONCE_MAX + 100), &live).is_empty());
+        // ... except those a peer reports down, which stay routed around until probed here.
+        live.backends
+            .get("b7")
+            .unwrap()
+            .health
+            .set_peers_down(vec![2]);
+        live.backends
+            .get("b600")
+            .unwrap()
+            .health
+            .set_peers_down(vec![3]);
+        let now: Vec<String> = at_once(targets(AT_ONCE_MAX + 100), &live)
+            .iter()
+            .map(|t| t.id.clone())
+            .collect();
+        assert_eq!(now, ["b7", "b600"]);
+    }
 }
