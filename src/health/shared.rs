@@ -29,8 +29,10 @@ const DOWN: &str = "down";
 const EJECTED: &str = "ejected ";
 const TICK: Duration = Duration::from_millis(100);
 /// Without a change signalled (`live::verdict_epoch`), the pass over every backend still runs
-/// this often: a missed signal delays a verdict by this much at most.
-const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
+/// this often: a safety net (every input of a verdict signals its changes, and ejection
+/// deadlines are passes of their own). At 100,000 backends a pass takes ~45 ms of a core:
+/// once a second that was most of an idle node's CPU (bench/README.md, #15).
+const FULL_PASS_EVERY: Duration = Duration::from_secs(15);
 /// No peer's ejection deadline is believed further out than this (the longest a config
 /// allows): a bad value cannot hold a backend out for ever.
 const MAX_EJECTION_AHEAD_MS: u64 = 86_400_000;
