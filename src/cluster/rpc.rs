@@ -213,10 +213,15 @@ async fn vote(
     Json(node.raft.vote(req).await)
 }
 
+/// A snapshot chunk in openraft's JSON form: what versions before `/raft/snapshot-chunk`
+/// send (a rolling upgrade), or this version to a peer that answered 404 there.
 async fn snapshot(
     State(node): State<Arc<ClusterNode>>,
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
 ) -> impl IntoResponse {
+    if req.offset == 0 {
+        tracing::info!("snapshot received as JSON (the leader runs an older version)");
+    }
     Json(node.raft.install_snapshot(req).await)
 }
 

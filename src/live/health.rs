@@ -87,9 +87,17 @@ pub struct HealthReport {
     pub checks_failed: u64,
 }
 
+/// Whether an active state change changes what this node publishes (only "down" is).
+fn changes_verdict(before: u8, after: u8) -> bool {
+    (before == DOWN) != (after == DOWN)
+}
+
 impl BackendHealth {
     fn set_active(&self, state: u8, order: Ordering) {
-        if self.active.swap(state, order) != state {
+        // Only "down" is published: unknown -> up (every backend's first probe) changes no
+        // verdict, and signalling it made the exchange pass over all 100,000 backends every
+        // tick while a first round of probes was spread over the interval.
+        if changes_verdict(self.active.swap(state, order), state) {
             super::verdicts_changed();
         }
     }
@@ -352,8 +360,26 @@ mod tests {
                     until_unix_ms: 5_000,
                 }])
         });
-        bumped("verdict forgotten", &|| h.forget_active());
         bumped("assumed down", &|| h.assume_down());
+        bumped("verdict forgotten", &|| h.forget_active());
+        // What changes no verdict is not signalled: a first probe success (unknown -> up).
+        // (A table, not the epoch: other tests bump the global epoch meanwhile.)
+        for (before, after, signalled) in [
+            (UNKNOWN, UP, false),
+            (UP, UNKNOWN, false),
+            (UP, UP, false),
+            (UNKNOWN, DOWN, true),
+            (UP, DOWN, true),
+            (DOWN, UP, true),
+            (DOWN, UNKNOWN, true),
+            (DOWN, DOWN, false),
+        ] {
+            assert_eq!(
+                changes_verdict(before, after),
+                signalled,
+                "{before} -> {after}"
+            );
+        }
     }
 
     #[test]

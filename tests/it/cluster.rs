@@ -1022,6 +1022,12 @@ async fn follower_catches_up_by_snapshot_after_compaction() {
          enough\n{}",
         n.logs()
     );
+    // ... as bytes (`/raft/snapshot-chunk`), not in the JSON form kept for older peers.
+    assert!(
+        !log.contains("snapshot received as JSON"),
+        "node {away} got the snapshot in the JSON form meant for older versions\n{}",
+        n.logs()
+    );
     let names_there = domain_names(n).await;
     for d in &names {
         assert!(
