@@ -2,7 +2,7 @@
 //! retry on failed connects, forwarding headers and the plain-text error answers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ pub struct Ctx {
     /// Pool indexes this request already tried.
     tried: Vec<usize>,
     current: Option<Arc<Upstream>>,
+    /// The current attempt's connector: it says whether it handed out a pooled connection.
+    connector: Option<Arc<BackendConnector>>,
     in_flight: InFlight<Arc<BackendRuntime>>,
     /// Set when we decide the answer ourselves (status, plain-text reason).
     failure: Option<(u16, String)>,
@@ -368,11 +370,14 @@ impl ProxyHttp for VhostProxy {
         };
         // Chunk sizes with leading zeros are read as nginx reads them (`backend_conn`); a
         // backend that wants the PROXY protocol gets its header first.
-        peer.options.custom_l4 = Some(Arc::new(BackendConnector {
+        let connector = Arc::new(BackendConnector {
             connect_timeout: self.connect_timeout,
             proxy_header,
             tls,
-        }));
+            reused: AtomicBool::new(false),
+        });
+        peer.options.custom_l4 = Some(connector.clone());
+        ctx.connector = Some(connector);
         ctx.in_flight.set(upstream.runtime.clone());
         ctx.current = Some(upstream);
         Ok(Box::new(peer))
@@ -421,7 +426,13 @@ impl ProxyHttp for VhostProxy {
         }
         let retriable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated();
-        if client_reused && retriable {
+        // Pingora reuses no connection of our connector itself; the connector's pool does.
+        let reused = client_reused
+            || ctx
+                .connector
+                .as_ref()
+                .is_some_and(|c| c.reused.load(Ordering::Relaxed));
+        if reused && retriable {
             // A pooled connection the backend had already closed (keep-alive limit, idle
             // timeout): not the backend's fault. Retry, the same backend allowed.
             ctx.tried.pop();
@@ -540,6 +551,11 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(log) = &mut ctx.log {
+            let reused = reused
+                || ctx
+                    .connector
+                    .as_ref()
+                    .is_some_and(|c| c.reused.load(Ordering::Relaxed));
             log.connect_us = match (reused, log.attempt_started) {
                 (false, Some(t)) => Some(t.elapsed().as_micros() as u64),
                 _ => Some(0),

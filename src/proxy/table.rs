@@ -13,6 +13,8 @@ use crate::schema::SendProxyProtocol;
 use crate::state::{Changes, State};
 use crate::upstream_tls::UpstreamTls;
 
+use super::name_map::NameMap;
+
 /// One backend as the proxy sees it.
 #[derive(Debug)]
 pub struct Upstream {
@@ -160,15 +162,15 @@ impl Target {
     }
 }
 
-/// One immutable snapshot, swapped whole into the data plane. Its maps are persistent
-/// (`imbl`): the next table shares every entry a write did not touch, so cloning a table is
-/// O(1) and an update costs what it changes.
+/// One immutable snapshot, swapped whole into the data plane. Cloning a table is O(1) and an
+/// update costs what it changes: its name maps are flat tables for lookups with the recent
+/// writes in a persistent overlay (`name_map`).
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
-    exact: imbl::HashMap<String, Arc<Route>>,
+    exact: NameMap<Arc<Route>>,
     /// "*.example.com" stored as "example.com".
-    wildcard: imbl::HashMap<String, Arc<Route>>,
-    pools: imbl::HashMap<String, Pool>,
+    wildcard: NameMap<Arc<Route>>,
+    pools: NameMap<Pool>,
     /// Tags whose pool has a backend spoken to in HTTP/2: their requests go to Pingora's proxy.
     http2_tags: imbl::HashSet<String>,
     /// The pool of a tag no backend carries.
@@ -180,9 +182,9 @@ pub struct RoutingTable {
 impl Default for RoutingTable {
     fn default() -> Self {
         Self {
-            exact: imbl::HashMap::new(),
-            wildcard: imbl::HashMap::new(),
-            pools: imbl::HashMap::new(),
+            exact: NameMap::default(),
+            wildcard: NameMap::default(),
+            pools: NameMap::default(),
             http2_tags: imbl::HashSet::new(),
             no_pool: Arc::from(Vec::new()),
             challenges: Arc::default(),
@@ -237,7 +239,7 @@ impl RoutingTable {
         self.pools
             .iter()
             .filter(|(_, pool)| pool.iter().any(|u| u.usable(now, View::Merged)))
-            .map(|(tag, _)| tag.as_str())
+            .map(|(tag, _)| tag)
             .collect()
     }
 
@@ -320,6 +322,9 @@ impl Compiler {
                 self.set_challenges(state);
             }
         }
+        self.table.exact.settle();
+        self.table.wildcard.settle();
+        self.table.pools.settle();
         self.table.clone()
     }
 
@@ -394,7 +399,7 @@ impl Compiler {
             self.members.remove(tag);
             self.table.pools.remove(tag);
         } else {
-            self.table.pools.insert(tag.to_string(), Arc::from(pool));
+            self.table.pools.insert(tag, Arc::from(pool));
         }
     }
 
@@ -419,7 +424,7 @@ impl Compiler {
                     traffic,
                     next: AtomicUsize::new(0),
                 });
-                map.insert(key.to_string(), route);
+                map.insert(key, route);
             }
             None => {
                 map.remove(key);

@@ -48,6 +48,8 @@ struct ScriptedOrigin {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Request lines, as each head arrives (before the body is read).
+    heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -76,6 +78,16 @@ async fn read_some(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
 }
 
 async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Received> {
+    read_request_noting_heads(conn, buf, &Mutex::new(Vec::new())).await
+}
+
+/// As `read_request`, adding each head's request line to `heads` as soon as the head is
+/// read (before its body).
+async fn read_request_noting_heads(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    heads: &Mutex<Vec<String>>,
+) -> Option<Received> {
     let body_start = loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
             break end + 4;
@@ -83,6 +95,10 @@ async fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Receive
         read_some(conn, buf).await?;
     };
     let head = String::from_utf8_lossy(&buf[..body_start]).to_string();
+    heads
+        .lock()
+        .unwrap()
+        .push(head.lines().next().unwrap_or("").to_string());
     let chunked =
         header_value(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
     let length: usize = header_value(&head, "content-length")
@@ -112,7 +128,8 @@ impl ScriptedOrigin {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let (c, r) = (connections.clone(), received.clone());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (c, r, h) = (connections.clone(), received.clone(), heads.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut conn, _)) = listener.accept().await else {
@@ -122,11 +139,11 @@ impl ScriptedOrigin {
                 // connection (probes come on connections of their own, at any moment) is
                 // taken off again when its first request shows it is one.
                 c.fetch_add(1, Ordering::SeqCst);
-                let (script, r, c) = (script.clone(), r.clone(), c.clone());
+                let (script, r, c, h) = (script.clone(), r.clone(), c.clone(), h.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut first = true;
-                    while let Some(req) = read_request(&mut conn, &mut buf).await {
+                    while let Some(req) = read_request_noting_heads(&mut conn, &mut buf, &h).await {
                         if std::mem::take(&mut first) && req.is_probe() {
                             c.fetch_sub(1, Ordering::SeqCst);
                         }
@@ -151,8 +168,18 @@ impl ScriptedOrigin {
             addr,
             connections,
             received,
+            heads,
             task,
         }
+    }
+
+    /// Whether a request head with this path has arrived (its body perhaps not yet).
+    fn head_arrived(&self, path: &str) -> bool {
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.split(' ').nth(1) == Some(path))
     }
 
     /// Connections that carried client requests (not the node's health probes).

@@ -2,6 +2,8 @@
 //!
 //! Each test starts its own node (own ports, own temp dir) so tests run in parallel.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -1102,6 +1104,127 @@ async fn http_to_https_redirects_except_acme_challenges() {
         r.status,
         r.body
     );
+}
+
+/// An origin that counts the connections it accepts and answers each request on them
+/// `200 ok` (reading its body first); after `close_after` answers on one connection it reads
+/// the next request and closes the connection without answering: a backend whose keep-alive
+/// timeout fired as the request arrived, the worst moment for a pooled connection.
+async fn counting_origin(close_after: usize) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = bind_loopback().await;
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = 0;
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let chunked = head.contains("transfer-encoding: chunked");
+                    let body_end = |buf: &[u8]| {
+                        if chunked {
+                            buf[end + 4..]
+                                .windows(5)
+                                .position(|w| w == b"0\r\n\r\n")
+                                .map(|at| end + 4 + at + 5)
+                        } else {
+                            (buf.len() >= end + 4 + length).then_some(end + 4 + length)
+                        }
+                    };
+                    let used = loop {
+                        if let Some(used) = body_end(&buf) {
+                            break used;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..used);
+                    if answered == close_after {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// HTTP/2 requests go through Pingora's proxy, whose own pool cannot hold our backend
+/// connections (#16: one new backend connection per request before): they come back to the
+/// worker's pool between exchanges, and a pooled connection the backend closes as a request
+/// arrives costs no failed idempotent request (it is sent again on a new connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_reuse_backend_connections() {
+    let (keeps, kept_conns) = counting_origin(usize::MAX).await;
+    let (closes, closing_conns) = counting_origin(5).await;
+    let node = Node::start_default().await;
+    node.add_backend("keeps", &keeps, &["k"]).await;
+    node.add_backend("closes", &closes, &["c"]).await;
+    let cert = self_signed(&["k.test", "c.test"]);
+    for (domain, tag) in [("k.test", "k"), ("c.test", "c")] {
+        node.create(
+            "/api/v1/domains",
+            json!({"domain": domain, "enabled_backends_tag": tag, "tls": "manual",
+                   "cert_pem": cert.cert_pem, "key_pem": cert.key_pem}),
+        )
+        .await;
+    }
+    for (domain, conns) in [("k.test", &kept_conns), ("c.test", &closing_conns)] {
+        let client = node.https_client(domain);
+        let url = format!("https://{domain}:{}/", node.https_addr.port());
+        wait_for(Duration::from_secs(15), &format!("{domain} served"), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let r = client.get(&url).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        })
+        .await;
+        let before = conns.load(Ordering::SeqCst);
+        for i in 0..60 {
+            let r = if i % 3 == 0 && domain == "k.test" {
+                client.post(&url).body("a body of some bytes").send().await
+            } else {
+                client.get(&url).send().await
+            }
+            .unwrap_or_else(|e| panic!("{domain} request {i}: {e}"));
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            assert_eq!(r.status(), 200, "{domain} request {i}");
+            assert_eq!(r.text().await.unwrap(), "ok");
+        }
+        let opened = conns.load(Ordering::SeqCst) - before;
+        // c.test: a new connection after every 5 answers (and a retried request).
+        let at_most = if domain == "k.test" { 3 } else { 60 / 5 + 3 };
+        assert!(
+            opened <= at_most,
+            "{domain}: 60 requests opened {opened} backend connections (at most {at_most})"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -728,6 +728,16 @@ timeout_secs = 1
         tls_send(client.get(url)).await
     }
 
+    /// A client for `https://<sni_host>:<https port>` that keeps its connection (HTTP/2 when
+    /// the node offers it), accepting any certificate.
+    pub fn https_client(&self, sni_host: &str) -> reqwest::Client {
+        base_client_builder()
+            .danger_accept_invalid_certs(true)
+            .resolve(sni_host, self.https_addr)
+            .build()
+            .expect("https client")
+    }
+
     /// GET over TLS to `https://127.0.0.1:<port>` (no SNI is sent for an IP address) with the
     /// given Host header, HTTP/1.1.
     pub async fn https_get_no_sni(
