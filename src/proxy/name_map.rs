@@ -76,6 +76,21 @@ impl<V: Clone> NameMap<V> {
     }
 
     pub fn insert(&mut self, name: &str, value: V) {
+        let hasher = &self.hasher;
+        if let Some(base) = unshared(&mut self.base, &self.recent) {
+            // Nobody reads this table yet (a table compiled from scratch): straight in.
+            let hash = hasher.hash_one(name);
+            match base.find_mut(hash, |(k, _)| &**k == name) {
+                Some((_, v)) => *v = value,
+                None => {
+                    base.insert_unique(hash, (Box::from(name), value), |(k, _)| {
+                        hasher.hash_one(&**k)
+                    });
+                    self.len += 1;
+                }
+            }
+            return;
+        }
         if !self.contains_key(name) {
             self.len += 1;
         }
@@ -84,6 +99,14 @@ impl<V: Clone> NameMap<V> {
     }
 
     pub fn remove(&mut self, name: &str) {
+        if let Some(base) = unshared(&mut self.base, &self.recent) {
+            let hash = self.hasher.hash_one(name);
+            if let Ok(entry) = base.find_entry(hash, |(k, _)| &**k == name) {
+                entry.remove();
+                self.len -= 1;
+            }
+            return;
+        }
         if !self.contains_key(name) {
             return;
         }
@@ -150,12 +173,25 @@ impl<V: Clone> NameMap<V> {
     }
 }
 
+/// The flat table, when no clone shares it and no write is pending in the overlay.
+fn unshared<'a, V: Clone>(
+    base: &'a mut Arc<HashTable<(Box<str>, V)>>,
+    recent: &Overlay<V>,
+) -> Option<&'a mut HashTable<(Box<str>, V)>> {
+    if recent.is_empty() {
+        Arc::get_mut(base)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
     fn sorted(m: &NameMap<u32>) -> BTreeMap<String, u32> {
+        assert_eq!(m.iter().count(), m.len());
         m.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
@@ -167,6 +203,8 @@ mod tests {
         let mut m = NameMap::default();
         let mut model = BTreeMap::new();
         let mut rebuilds = 0;
+        // A published clone, as the data plane holds one: writes then go to the overlay.
+        let mut published = (m.clone(), model.clone());
         let mut x: u64 = 1;
         for step in 0..20_000u32 {
             x = x
@@ -186,6 +224,12 @@ mod tests {
                 if before > 0 && m.pending() == 0 {
                     rebuilds += 1;
                 }
+                assert_eq!(
+                    sorted(&published.0),
+                    published.1,
+                    "a clone keeps what it saw"
+                );
+                published = (m.clone(), model.clone());
             }
             assert_eq!(m.get(&key), model.get(&key), "step {step}");
             assert_eq!(m.len(), model.len(), "step {step}");
@@ -224,8 +268,12 @@ mod tests {
         for i in 0..10_000 {
             m.insert(&format!("d{i}"), i);
         }
-        m.settle();
-        assert_eq!(m.pending(), 0, "a bulk load folds at once");
+        assert_eq!(
+            m.pending(),
+            0,
+            "a table nobody reads yet is written in place"
+        );
+        let published = m.clone();
         for i in 0..300 {
             m.insert(&format!("new{i}"), i);
             m.settle();
@@ -238,5 +286,11 @@ mod tests {
         }
         assert!(m.pending() < 30);
         assert_eq!(m.len(), 10_330);
+        assert_eq!(
+            published.len(),
+            10_000,
+            "the published clone saw none of it"
+        );
+        assert!(published.get("new0").is_none());
     }
 }
