@@ -160,6 +160,11 @@ static BACKENDS: LazyLock<Slots> = LazyLock::new(|| Slots {
 /// Default of `[metrics] max_domain_series` and `max_backend_series`.
 pub const DEFAULT_MAX_SERIES: usize = 500;
 
+/// How many series of `kind` own a slot (changes whenever one claims or gives one back).
+pub fn slots_used(kind: Kind) -> usize {
+    slots(kind).used.load(Ordering::Acquire)
+}
+
 fn slots(kind: Kind) -> &'static Slots {
     match kind {
         Kind::Domain => &DOMAINS,
