@@ -9,6 +9,10 @@
 //! (heads, `Content-Length`, chunked, informational answers, answers without a body) and
 //! rewrites nothing else. Whenever it cannot be sure of the framing it stops rewriting for the
 //! rest of the connection, which is exactly what Pingora sees without it.
+//!
+//! It also keeps the connections alive between requests, which Pingora's own pool cannot do
+//! for a virtual socket (see [`NormalizingStream`]): the stream follows the requests too, and
+//! goes back to the worker's pool when dropped between two exchanges.
 
 use std::fmt;
 use std::io;
