@@ -17,6 +17,31 @@ use super::tickets::Tickets;
 /// Sessions kept per node for TLS 1.2 session ids, and for resumption when tickets are off.
 const SESSION_CACHE: usize = 20_000;
 
+/// ring's suites, AES-128-GCM with SHA-256 first, then AES-256-GCM, then ChaCha20 (for each
+/// protocol version). OpenSSL-based clients list `TLS_AES_256_GCM_SHA384` first, whose key
+/// schedule hashes with SHA-384; ring runs SHA-384/512 as plain-C rounds on AMD CPUs (its
+/// vector code is taken on Intel only) but SHA-256 with the CPU's SHA instructions, which made
+/// SHA-512 8 % of a resumed handshake's CPU (bench/README.md, session 12). AES-128-GCM is
+/// mandatory for every TLS 1.3 client, so each gets it; a client that offers only ChaCha20
+/// still gets ChaCha20. Go's TLS server makes the same choice.
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite as cs;
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
 pub struct TlsListener {
     port: u16,
     acceptor: Acceptor,
@@ -32,12 +57,12 @@ impl TlsListener {
         tickets: Option<Arc<Tickets>>,
         timeout: Duration,
     ) -> Result<Self, rustls::Error> {
-        let mut config = ServerConfig::builder_with_protocol_versions(&[
-            &rustls::version::TLS12,
-            &rustls::version::TLS13,
-        ])
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(certs);
+        // Our order, not the client's: AES-128-GCM with SHA-256 first (see `provider`).
+        config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
         if let Some(tickets) = tickets {
@@ -70,5 +95,26 @@ impl TlsListener {
             }
             Err(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same suites as ring's defaults, only in our order.
+    #[test]
+    fn every_default_suite_is_kept_aes_128_gcm_first() {
+        let ours: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut theirs: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        theirs.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, theirs);
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     }
 }

@@ -119,3 +119,60 @@ async fn a_session_ticket_from_one_node_resumes_on_another() {
         assert!(!body.to_string().contains("secret_hex"), "{path}: {body}");
     }
 }
+
+/// The server picks TLS_AES_128_GCM_SHA256 when the client offers it, whatever the client's
+/// order (its SHA-256 key schedule runs on the CPU's SHA instructions; docs/tls.md), and a
+/// client that offers only another suite still gets that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_chooses_aes_128_gcm_when_offered() {
+    let backend = Backend::start("A").await;
+    let node = Node::start_default().await;
+    node.add_backend("a1", &backend.address(), &["a"]).await;
+    add_domain(&node, &self_signed(&[HOST])).await;
+    let connect = node.https_addr.to_string();
+    for (offered, expected) in [
+        (
+            "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        ("TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"),
+    ] {
+        let out = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                HOST,
+                "-tls1_3",
+            ])
+            .args(["-ciphersuites", offered])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(15), out)
+            .await
+            .expect("s_client finished within 15 s")
+            .expect("openssl s_client runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("Cipher is {expected}")),
+            "offered {offered}: expected {expected}:\n{text}"
+        );
+    }
+    // TLS 1.2 the same way.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &connect, "-servername", HOST, "-tls1_2"])
+        .args(["-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("openssl s_client runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("AES128-GCM-SHA256"), "TLS 1.2:\n{text}");
+}
