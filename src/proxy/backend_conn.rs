@@ -371,13 +371,7 @@ impl ResponseFraming {
                 RequestPhase::Idle => self.request = RequestPhase::Head(Vec::new()),
                 RequestPhase::Head(seen) => {
                     let before = seen.len();
-                    let from = before.saturating_sub(3);
-                    seen.extend_from_slice(rest);
-                    let end = seen[from..]
-                        .windows(4)
-                        .position(|w| w == b"\r\n\r\n")
-                        .map(|at| from + at + 4);
-                    let Some(end) = end else {
+                    let Some(end) = extend_head(seen, rest) else {
                         if seen.len() > MAX_HEAD {
                             self.request = RequestPhase::Unknown;
                         }
@@ -463,13 +457,7 @@ impl ResponseFraming {
                 }
                 Phase::Head(seen) => {
                     let before = seen.len();
-                    let from = before.saturating_sub(3);
-                    seen.extend_from_slice(&data[read..]);
-                    let end = seen[from..]
-                        .windows(4)
-                        .position(|w| w == b"\r\n\r\n")
-                        .map(|at| from + at + 4);
-                    let Some(end) = end else {
+                    let Some(end) = extend_head(seen, &data[read..]) else {
                         if seen.len() > MAX_HEAD {
                             // Pingora refuses it anyway.
                             self.phase = Phase::Relay;
@@ -565,6 +553,17 @@ impl ResponseFraming {
             Some(BodyFraming::None) | None => Phase::Relay,
         }
     }
+}
+
+/// Appends `bytes` to the head read so far; returns where the head ends (after its blank
+/// line) once it does. Only the new bytes and the 3 before them are searched.
+fn extend_head(seen: &mut Vec<u8>, bytes: &[u8]) -> Option<usize> {
+    let from = seen.len().saturating_sub(3);
+    seen.extend_from_slice(bytes);
+    seen[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| from + at + 4)
 }
 
 /// How a message's body is delimited, by its headers.

@@ -79,6 +79,13 @@ struct LogTimes {
 }
 
 impl Ctx {
+    /// The current attempt got a connection from our pool (Pingora counts it as new).
+    fn pooled_connection(&self) -> bool {
+        self.connector
+            .as_ref()
+            .is_some_and(|c| c.reused.load(Ordering::Relaxed))
+    }
+
     fn release_current(&mut self) {
         self.current = None;
         self.in_flight.clear();
@@ -427,11 +434,7 @@ impl ProxyHttp for VhostProxy {
         let retriable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated();
         // Pingora reuses no connection of our connector itself; the connector's pool does.
-        let reused = client_reused
-            || ctx
-                .connector
-                .as_ref()
-                .is_some_and(|c| c.reused.load(Ordering::Relaxed));
+        let reused = client_reused || ctx.pooled_connection();
         if reused && retriable {
             // A pooled connection the backend had already closed (keep-alive limit, idle
             // timeout): not the backend's fault. Retry, the same backend allowed.
@@ -551,11 +554,7 @@ impl ProxyHttp for VhostProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(log) = &mut ctx.log {
-            let reused = reused
-                || ctx
-                    .connector
-                    .as_ref()
-                    .is_some_and(|c| c.reused.load(Ordering::Relaxed));
+            let reused = reused || ctx.pooled_connection();
             log.connect_us = match (reused, log.attempt_started) {
                 (false, Some(t)) => Some(t.elapsed().as_micros() as u64),
                 _ => Some(0),
