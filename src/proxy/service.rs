@@ -553,8 +553,8 @@ impl ProxyHttp for VhostProxy {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        let reused = reused || ctx.pooled_connection();
         if let Some(log) = &mut ctx.log {
-            let reused = reused || ctx.pooled_connection();
             log.connect_us = match (reused, log.attempt_started) {
                 (false, Some(t)) => Some(t.elapsed().as_micros() as u64),
                 _ => Some(0),
