@@ -182,14 +182,7 @@ impl ChunkedTracker {
         let mut i = 0;
         while i < data.len() {
             if self.phase == Phase::Data {
-                let take =
-                    (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-                out.extend_from_slice(&data[i..i + take]);
-                i += take;
-                self.remaining -= take as u64;
-                if self.remaining == 0 {
-                    self.phase = Phase::DataCr;
-                }
+                i += self.copy_data(&data[i..], out);
                 continue;
             }
             let b = data[i];
@@ -200,6 +193,43 @@ impl ChunkedTracker {
             if !matches!(before, Phase::Size { any: true, significant: 0 } if b == b'0') {
                 out.push(b);
             }
+            i += 1;
+            if ended.is_some() {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl ChunkedTracker {
+    /// In a chunk's data: copies what of `data` belongs to it to `out`; returns how much.
+    fn copy_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
+        let take = data
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        out.extend_from_slice(&data[..take]);
+        self.remaining -= take as u64;
+        if self.remaining == 0 {
+            self.phase = Phase::DataCr;
+        }
+        take
+    }
+
+    /// As `feed`, and appends the chunks' data only (no size lines, no trailers) to `out`:
+    /// a chunked HTTP/1.1 body turned into the bytes an HTTP/2 client gets in DATA frames.
+    pub fn feed_decoded(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Option<usize>, MalformedChunked> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.phase == Phase::Data {
+                i += self.copy_data(&data[i..], out);
+                continue;
+            }
+            let ended = self.feed(&data[i..i + 1])?;
             i += 1;
             if ended.is_some() {
                 return Ok(Some(i));
@@ -292,6 +322,30 @@ mod tests {
         );
         assert_eq!(
             ChunkedTracker::default().feed_normalized(b"zz\r\n", &mut Vec::new()),
+            Err(MalformedChunked)
+        );
+    }
+
+    #[test]
+    fn decoded_bodies_are_the_chunks_data() {
+        let body = b"00003;x=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nT: 0\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for piece in [1, 2, 5, 4096] {
+            let mut t = ChunkedTracker::default();
+            let mut out = Vec::new();
+            let mut ended = None;
+            for (n, chunk) in body.chunks(piece).enumerate() {
+                if let Some(k) = t.feed_decoded(chunk, &mut out).unwrap() {
+                    ended = Some(n * piece + k);
+                    break;
+                }
+            }
+            assert_eq!(ended, Some(end), "pieces of {piece}");
+            assert_eq!(out, b"abc0123456789", "pieces of {piece}");
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            ChunkedTracker::default().feed_decoded(b"3\r\nabcX", &mut out),
             Err(MalformedChunked)
         );
     }

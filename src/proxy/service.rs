@@ -69,13 +69,27 @@ pub struct Ctx {
     log: Option<LogTimes>,
 }
 
-struct LogTimes {
-    started: Instant,
-    unix_ms: u64,
-    attempt_started: Option<Instant>,
-    backend_addr: Option<SocketAddr>,
-    connect_us: Option<u64>,
-    upstream_us: Option<u64>,
+/// When a request and its current attempt started, and what the attempt took.
+pub(super) struct LogTimes {
+    pub(super) started: Instant,
+    pub(super) unix_ms: u64,
+    pub(super) attempt_started: Option<Instant>,
+    pub(super) backend_addr: Option<SocketAddr>,
+    pub(super) connect_us: Option<u64>,
+    pub(super) upstream_us: Option<u64>,
+}
+
+impl LogTimes {
+    pub(super) fn now() -> Self {
+        Self {
+            started: Instant::now(),
+            unix_ms: clock::coarse_unix_ms(),
+            attempt_started: None,
+            backend_addr: None,
+            connect_us: None,
+            upstream_us: None,
+        }
+    }
 }
 
 impl Ctx {
@@ -118,7 +132,7 @@ fn classify(e: &Error) -> Option<AttemptFailure> {
 }
 
 /// Host of the request: `:authority` (h2) or `Host`, normalised for routing.
-fn request_host(req: &RequestHeader) -> String {
+pub(super) fn request_host(req: &RequestHeader) -> String {
     let raw = req
         .uri
         .host()
@@ -135,7 +149,7 @@ fn request_host(req: &RequestHeader) -> String {
 /// the lean path, and those pipelined after them; HTTP/2): refuses what must not be proxied,
 /// and drops what must not reach the backend (header names with `_`, an `Upgrade` that is not
 /// an upgrade request).
-fn check_request(rules: Strictness, req: &mut RequestHeader) -> Result<(), Refusal> {
+pub(super) fn check_request(rules: Strictness, req: &mut RequestHeader) -> Result<(), Refusal> {
     if req.headers.len() > strict::MAX_HEADERS {
         return Err(Refusal::HeadTooLarge);
     }
@@ -235,14 +249,7 @@ impl ProxyHttp for VhostProxy {
         self.data.requests_in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
         // Timed always: the access log and the traffic series (`observability::traffic`).
-        ctx.log = Some(LogTimes {
-            started: Instant::now(),
-            unix_ms: clock::coarse_unix_ms(),
-            attempt_started: None,
-            backend_addr: None,
-            connect_us: None,
-            upstream_us: None,
-        });
+        ctx.log = Some(LogTimes::now());
         if self.request_ids {
             // The first one counts, as on the lean path; it replaces the others upstream.
             let client_id = session.req_header().headers.get("x-request-id");
@@ -619,10 +626,21 @@ impl ProxyHttp for VhostProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         if let Some(log) = ctx.log.take() {
-            self.count_traffic(session, ctx, &log);
-            if self.data.access_log.is_on() {
-                self.log_request(session, ctx, log);
-            }
+            let ssl = session.digest().and_then(|d| d.ssl_digest.clone());
+            let served = Served {
+                req: session.req_header(),
+                response: session.response_written(),
+                body_in: ctx.body_bytes,
+                body_out: session.as_downstream().body_bytes_sent() as u64,
+                client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+                ssl: ssl.as_deref(),
+                host: &ctx.host,
+                route: ctx.route.as_ref(),
+                backend: ctx.current.as_deref(),
+                attempts: ctx.tried.len() as u16,
+                request_id: &ctx.request_id,
+            };
+            served.finish(&self.data, log);
         }
         ctx.release_current();
         if ctx.counted {
@@ -636,61 +654,88 @@ impl ProxyHttp for VhostProxy {
     }
 }
 
-/// A request's bytes in and out, heads counted as HTTP/1.1 would write them (HTTP/2
-/// compresses its own).
-fn wire_bytes(session: &Session, ctx: &Ctx) -> (u64, u64) {
-    let head_len = |headers: &http::HeaderMap| {
-        headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            + 2
-    };
-    let req = session.req_header();
-    let bytes_in = (req.method.as_str().len()
-        + req.raw_path().len()
-        + " HTTP/1.1\r\n".len()
-        + head_len(&req.headers)) as u64
-        + ctx.body_bytes;
-    let bytes_out = session.response_written().map_or(0, |r| {
-        (session.as_downstream().body_bytes_sent()
-            + "HTTP/1.1 200 OK\r\n".len()
-            + head_len(&r.headers)) as u64
-    });
-    (bytes_in, bytes_out)
+/// A request answered on Pingora's proxy or the lean HTTP/2 path (heads in Pingora's types):
+/// what its traffic series and its access log line are made of.
+pub(super) struct Served<'a> {
+    pub(super) req: &'a RequestHeader,
+    pub(super) response: Option<&'a ResponseHeader>,
+    /// Body bytes received and sent.
+    pub(super) body_in: u64,
+    pub(super) body_out: u64,
+    pub(super) client: Option<SocketAddr>,
+    pub(super) ssl: Option<&'a pingora::protocols::tls::SslDigest>,
+    pub(super) host: &'a str,
+    pub(super) route: Option<&'a Target>,
+    /// The backend of the last attempt.
+    pub(super) backend: Option<&'a Upstream>,
+    pub(super) attempts: u16,
+    pub(super) request_id: &'a RequestId,
 }
 
-impl VhostProxy {
+impl Served<'_> {
+    /// Counts the request in its series and, when the access log is on, logs it.
+    pub(super) fn finish(&self, data: &DataPlane, log: LogTimes) {
+        self.count_traffic(&log);
+        if data.access_log.is_on() {
+            self.log_request(data, log);
+        }
+    }
+
+    fn status(&self) -> u16 {
+        self.response.map_or(0, |r| r.status.as_u16())
+    }
+
+    /// Bytes in and out, heads counted as HTTP/1.1 would write them (HTTP/2 compresses its
+    /// own).
+    fn wire_bytes(&self) -> (u64, u64) {
+        let head_len = |headers: &http::HeaderMap| {
+            headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+                + 2
+        };
+        let req = self.req;
+        let bytes_in = (req.method.as_str().len()
+            + req.raw_path().len()
+            + " HTTP/1.1\r\n".len()
+            + head_len(&req.headers)) as u64
+            + self.body_in;
+        let bytes_out = self.response.map_or(0, |r| {
+            self.body_out + ("HTTP/1.1 200 OK\r\n".len() + head_len(&r.headers)) as u64
+        });
+        (bytes_in, bytes_out)
+    }
+
     /// Counts a proxied request in its domain's traffic series and the last attempt's time in
     /// its backend's (earlier attempts' are counted when they fail).
-    fn count_traffic(&self, session: &Session, ctx: &Ctx, log: &LogTimes) {
-        let Some(target) = &ctx.route else {
+    fn count_traffic(&self, log: &LogTimes) {
+        let Some(target) = self.route else {
             return;
         };
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let (bytes_in, bytes_out) = wire_bytes(session, ctx);
+        let (bytes_in, bytes_out) = self.wire_bytes();
         let duration_us = log.started.elapsed().as_micros() as u64;
         target
             .route
             .traffic
             .counters()
-            .record(status, bytes_in, bytes_out, duration_us);
+            .record(self.status(), bytes_in, bytes_out, duration_us);
         let upstream_us = log
             .upstream_us
             .or_else(|| log.attempt_started.map(|t| t.elapsed().as_micros() as u64));
-        if let (Some(u), Some(us)) = (&ctx.current, upstream_us) {
+        if let (Some(u), Some(us)) = (self.backend, upstream_us) {
             u.runtime.traffic.counters().observe(us);
         }
     }
 
-    /// The access log record of a request on this path (none when its domain's log is off).
-    fn log_request(&self, session: &Session, ctx: &Ctx, log: LogTimes) {
+    /// The access log record (none when the domain's log is off).
+    fn log_request(&self, data: &DataPlane, log: LogTimes) {
         let looked_up;
-        let route: Option<&Route> = match &ctx.route {
+        let route: Option<&Route> = match self.route {
             Some(target) => Some(&target.route),
             // Our answers for a known domain (the https redirect) follow its switches too.
-            None if !ctx.host.is_empty() => {
-                looked_up = self.data.routes.load().lookup(&ctx.host);
+            None if !self.host.is_empty() => {
+                looked_up = data.routes.load().lookup(self.host);
                 looked_up.as_ref().map(|t| &*t.route)
             }
             None => None,
@@ -698,26 +743,24 @@ impl VhostProxy {
         if route.is_some_and(|r| !r.access_log) {
             return;
         }
-        let req = session.req_header();
+        let req = self.req;
         let header = |name: http::header::HeaderName| {
             req.headers.get(name).map_or(&b""[..], |v| v.as_bytes())
         };
-        let client = session.client_addr().and_then(|a| a.as_inet());
-        let client_ip = client.map(|a| a.ip().to_string()).unwrap_or_default();
-        let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
-        let tls_version = super::tls::tls_version(ssl);
-        let sni = super::tls::sni_of(ssl);
+        let client_ip = self.client.map(|a| a.ip().to_string()).unwrap_or_default();
+        let tls_version = super::tls::tls_version(self.ssl);
+        let sni = super::tls::sni_of(self.ssl);
         let keep_query = route.is_none_or(|r| r.access_log_query);
         let text = Text {
             client_ip: client_ip.as_bytes(),
             method: req.method.as_str().as_bytes(),
-            host: ctx.host.as_bytes(),
+            host: self.host.as_bytes(),
             path: req.uri.path().as_bytes(),
             query: match req.uri.query() {
                 Some(q) if keep_query => q.as_bytes(),
                 _ => b"",
             },
-            request_id: ctx.request_id.as_bytes(),
+            request_id: self.request_id.as_bytes(),
             user_agent: header(http::header::USER_AGENT),
             referer: header(http::header::REFERER),
             sni: sni.as_deref().unwrap_or("").as_bytes(),
@@ -729,22 +772,21 @@ impl VhostProxy {
             _ => Protocol::Http11,
         };
         let mut record = Record::new(&text, protocol);
-        if let Some(u) = &ctx.current {
+        if let Some(u) = self.backend {
             record.set_backend(u.id.as_bytes(), log.backend_addr);
         }
-        let response = session.response_written();
         record.unix_ms = log.unix_ms;
-        record.status = response.map_or(0, |r| r.status.as_u16());
+        record.status = self.status();
         record.tls_version = tls_version;
-        record.client_port = client.map_or(0, |a| a.port());
-        record.attempts = ctx.tried.len() as u16;
-        (record.bytes_in, record.bytes_out) = wire_bytes(session, ctx);
+        record.client_port = self.client.map_or(0, |a| a.port());
+        record.attempts = self.attempts;
+        (record.bytes_in, record.bytes_out) = self.wire_bytes();
         record.duration_us = log.started.elapsed().as_micros() as u64;
         record.upstream_connect_us = log.connect_us;
         record.upstream_duration_us = log
             .upstream_us
             .or_else(|| log.attempt_started.map(|t| t.elapsed().as_micros() as u64));
-        self.data.access_log.log(record);
+        data.access_log.log(record);
     }
 }
 

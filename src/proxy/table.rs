@@ -173,6 +173,10 @@ pub struct RoutingTable {
     pools: NameMap<Pool>,
     /// Tags whose pool has a backend spoken to in HTTP/2: their requests go to Pingora's proxy.
     http2_tags: imbl::HashSet<String>,
+    /// Tags whose pool has a backend that wants the PROXY protocol header: their HTTP/2
+    /// requests go to Pingora's proxy (a connection that carries one client's header serves
+    /// only that client; the lean HTTP/2 path shares backend connections between clients).
+    send_proxy_tags: imbl::HashSet<String>,
     /// The pool of a tag no backend carries.
     no_pool: Pool,
     /// ACME HTTP-01 answers: token -> key authorization (replicated, so any node answers).
@@ -186,6 +190,7 @@ impl Default for RoutingTable {
             wildcard: NameMap::default(),
             pools: NameMap::default(),
             http2_tags: imbl::HashSet::new(),
+            send_proxy_tags: imbl::HashSet::new(),
             no_pool: Arc::from(Vec::new()),
             challenges: Arc::default(),
         }
@@ -225,6 +230,14 @@ impl RoutingTable {
         }
         self.lookup(host)
             .is_some_and(|t| self.http2_tags.contains(&t.route.tag))
+    }
+
+    /// HTTP/2 requests to `target` may take the lean path: no backend of its pool is spoken
+    /// to in HTTP/2 or wants the PROXY protocol header. No lookup while no backend does.
+    pub fn h2_lean(&self, target: &Target) -> bool {
+        let tag = &target.route.tag;
+        (self.http2_tags.is_empty() || !self.http2_tags.contains(tag))
+            && (self.send_proxy_tags.is_empty() || !self.send_proxy_tags.contains(tag))
     }
 
     pub fn pool(&self, tag: &str) -> &Pool {
@@ -390,10 +403,18 @@ impl Compiler {
             .flatten()
             .filter_map(|id| self.upstreams.get(id).map(|(u, _)| u.clone()))
             .collect();
-        if pool.iter().any(|u| u.http2()) {
-            self.table.http2_tags.insert(tag.to_string());
-        } else {
-            self.table.http2_tags.remove(tag);
+        for (set, any) in [
+            (&mut self.table.http2_tags, pool.iter().any(|u| u.http2())),
+            (
+                &mut self.table.send_proxy_tags,
+                pool.iter().any(|u| u.send_proxy.is_some()),
+            ),
+        ] {
+            if any {
+                set.insert(tag.to_string());
+            } else {
+                set.remove(tag);
+            }
         }
         if pool.is_empty() {
             self.members.remove(tag);
@@ -932,6 +953,44 @@ mod tls_tests {
             !t.needs_http2("b.test"),
             "the tag's last HTTP/2 backend is gone"
         );
+    }
+
+    /// HTTP/2 requests take the lean path unless their pool has an HTTP/2 backend or one
+    /// that wants the PROXY protocol header.
+    #[test]
+    fn the_lean_http2_path_is_for_pools_of_plain_http1_backends() {
+        let live = Live::default();
+        let mut s = State::default();
+        let mut c = Compiler::default();
+        let h2 = BackendTls {
+            http2: true,
+            verify: false,
+            ..BackendTls::default()
+        };
+        let mut proxied = backend("pp", "c", None);
+        proxied.send_proxy_protocol = Some(SendProxyProtocol::V2);
+        for cmd in [
+            Command::CreateBackend(backend("plain", "a", None)),
+            Command::CreateBackend(backend("h2", "b", Some(h2))),
+            Command::CreateBackend(proxied),
+            Command::CreateBackend(backend("plain-c", "c", None)),
+            Command::CreateDomain(domain("a.test", "a")),
+            Command::CreateDomain(domain("b.test", "b")),
+            Command::CreateDomain(domain("c.test", "c")),
+        ] {
+            recompile(&mut c, &mut s, &live, cmd);
+        }
+        let lean = |t: &RoutingTable, host: &str| t.h2_lean(&t.lookup(host).unwrap());
+        let t = c.compile(&s, &live, &Changes::everything());
+        assert!(lean(&t, "a.test"));
+        assert!(!lean(&t, "b.test"));
+        assert!(!lean(&t, "c.test"));
+        let t = recompile(&mut c, &mut s, &live, Command::DeleteBackend("pp".into()));
+        assert!(
+            lean(&t, "c.test"),
+            "the tag's last PROXY protocol backend is gone"
+        );
+        assert!(!lean(&t, "b.test"));
     }
 
     /// A backend reached another way (TLS setting, address) is probed again at once; a change

@@ -1204,6 +1204,7 @@ async fn idle_http2_connections_close_after_the_client_timeout() {
     drop(client);
 }
 
+mod h2;
 mod strict;
 
 /// Graceful shutdown drains connections instead of closing them under a client: one that sat

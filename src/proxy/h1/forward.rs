@@ -28,7 +28,7 @@ use crate::upstream_tls::{HandshakeFailure, UpstreamTls};
 const REPLAY_LIMIT: usize = 64 * 1024;
 const RELAY_CHUNK: usize = 64 * 1024;
 
-async fn write_upstream(
+pub(super) async fn write_upstream(
     upstream: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     deadline: &mut IoDeadline,
@@ -76,7 +76,7 @@ pub(super) enum UpstreamFault {
 
 impl UpstreamFault {
     /// Pingora's names for the same failures, for the 502 body.
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             UpstreamFault::Write => "WriteError",
             UpstreamFault::Read => "ReadError",
@@ -196,7 +196,7 @@ impl VhostApp {
             None => match pool::take(addr, key.1) {
                 Some(conn) => (conn, true),
                 None => (
-                    Box::pin(self.connect(client, addr, None, tls)).await?,
+                    Box::pin(self.connect(&mut client.deadline, addr, None, tls)).await?,
                     false,
                 ),
             },
@@ -344,15 +344,17 @@ impl VhostApp {
             }
         }
         let header = ProxyHeader::new(version, client.client_addr, client.stream.local_addr());
-        let conn = self.connect(client, key.0, Some(&header), tls).await?;
+        let conn = self
+            .connect(&mut client.deadline, key.0, Some(&header), tls)
+            .await?;
         Ok((conn, false))
     }
 
     /// A new connection: TCP, the PROXY protocol header if one is given, the TLS handshake if
     /// the backend wants TLS. Connect and handshake are each bounded by the connect timeout.
-    async fn connect(
+    pub(super) async fn connect(
         &self,
-        client: &mut Client,
+        deadline: &mut IoDeadline,
         addr: SocketAddr,
         header: Option<&ProxyHeader>,
         tls: Option<&UpstreamTls>,
@@ -367,14 +369,7 @@ impl VhostApp {
             };
         if let Some(header) = header {
             let timeout = self.read_timeout;
-            write_upstream(
-                &mut tcp,
-                header.as_bytes(),
-                &mut client.deadline,
-                timeout,
-                false,
-            )
-            .await?;
+            write_upstream(&mut tcp, header.as_bytes(), deadline, timeout, false).await?;
         }
         let Some(tls) = tls else {
             return Ok(BackendIo::Plain(tcp));

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 request path: a lean keep-alive loop over Pingora's listeners.
+//! The lean request path: a keep-alive HTTP/1.1 loop over Pingora's listeners, and HTTP/2
+//! streams (`h2`) forwarded over the same pooled HTTP/1.1 backend connections.
 //!
 //! Pingora accepts the connections (TCP and TLS, graceful upgrade, shutdown). For HTTP/1.1
 //! requests of the common shapes — no body or a `Content-Length` body, no upgrade, no
@@ -33,6 +34,7 @@ mod buffers;
 mod client;
 mod conn;
 mod forward;
+mod h2;
 mod parse;
 mod relay;
 
@@ -188,8 +190,8 @@ impl ServerApp for VhostApp {
             .is_on()
             .then(|| super::tls::register_sni(&stream));
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            self.metrics.handed_over("h2");
-            return self.fallback.process_new(stream, shutdown).await;
+            self.serve_h2(stream, shutdown).await;
+            return None;
         }
         // The connection goes on in a task of its own, sized for the HTTP/1 loop: this one
         // (Pingora's, with its TLS accept state inline, and ours around the handshake) is

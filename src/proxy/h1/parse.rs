@@ -324,29 +324,29 @@ pub(super) fn is_hop_by_hop(name: &str) -> bool {
         || name.eq_ignore_ascii_case("proxy-connection")
 }
 
-/// Parses a response head. When it cannot pass through unchanged (HTTP/1.0, hop-by-hop
-/// headers, or `close_client`), writes the head to send to the client into `out`.
-pub(super) fn parse_response(
-    buf: &[u8],
+/// What a backend's response head says about its body and its connection, and what must
+/// change on its way to a client (both client protocols: HTTP/1.1 here, HTTP/2 in `h2`).
+pub(super) struct ResponseFacts {
+    pub(super) framing: Framing,
+    /// The backend keeps the connection open after this response.
+    pub(super) keep_alive: bool,
+    /// It has hop-by-hop header fields (dropped on the way to the client).
+    pub(super) hop_by_hop: bool,
+    /// `Content-Length` beside `Transfer-Encoding`: the length is dropped (RFC 9112 6.3).
+    pub(super) drop_length: bool,
+    /// It has no `X-Request-Id` and the request had one: ours is added.
+    pub(super) add_request_id: bool,
+}
+
+/// The framing rules for a parsed response head; `None` when they make it invalid
+/// (conflicting or malformed `Content-Length`).
+pub(super) fn response_facts(
+    version: u8,
+    status: u16,
+    headers: &[httparse::Header<'_>],
     head_method: bool,
-    close_client: bool,
     request_id: &[u8],
-    out: &mut Vec<u8>,
-) -> ParsedResponse {
-    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut headers,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return ParsedResponse::Partial,
-        Err(_) => return ParsedResponse::Invalid,
-    };
-    let (Some(version), Some(status)) = (resp.version, resp.code) else {
-        return ParsedResponse::Invalid;
-    };
+) -> Option<ResponseFacts> {
     let mut keep_alive = version == 1;
     let mut hop_by_hop = false;
     let mut length: Option<u64> = None;
@@ -354,7 +354,7 @@ pub(super) fn parse_response(
     let mut other_coding = false;
     // The backend's own X-Request-Id (often the one it was sent) is kept; else ours is added.
     let mut add_request_id = !request_id.is_empty();
-    for h in resp.headers.iter() {
+    for h in headers {
         if add_request_id && h.name.len() == 12 && h.name.eq_ignore_ascii_case("x-request-id") {
             add_request_id = false;
         }
@@ -367,7 +367,7 @@ pub(super) fn parse_response(
             match (parsed, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
-                _ => return ParsedResponse::Invalid,
+                _ => return None,
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; anything but chunked is read until close.
@@ -405,9 +405,49 @@ pub(super) fn parse_response(
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
+    Some(ResponseFacts {
+        framing,
+        keep_alive,
+        hop_by_hop,
+        drop_length: (chunked || other_coding) && length.is_some(),
+        add_request_id,
+    })
+}
+
+/// Parses a response head. When it cannot pass through unchanged (HTTP/1.0, hop-by-hop
+/// headers, or `close_client`), writes the head to send to the client into `out`.
+pub(super) fn parse_response(
+    buf: &[u8],
+    head_method: bool,
+    close_client: bool,
+    request_id: &[u8],
+    out: &mut Vec<u8>,
+) -> ParsedResponse {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return ParsedResponse::Partial,
+        Err(_) => return ParsedResponse::Invalid,
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return ParsedResponse::Invalid;
+    };
+    let Some(ResponseFacts {
+        framing,
+        keep_alive,
+        hop_by_hop,
+        drop_length,
+        add_request_id,
+    }) = response_facts(version, status, resp.headers, head_method, request_id)
+    else {
+        return ParsedResponse::Invalid;
+    };
     let close_client = close_client || framing == Framing::UntilClose;
-    // Transfer-Encoding overrides Content-Length; the client must not see both (RFC 9112 6.3).
-    let drop_length = (chunked || other_coding) && length.is_some();
     let unchanged = version == 1 && !hop_by_hop && !close_client && !drop_length;
     let pass_through = unchanged && !add_request_id;
     if unchanged && add_request_id && buf[..head_len].ends_with(b"\r\n\r\n") {
@@ -451,6 +491,88 @@ pub(super) fn parse_response(
         keep_alive,
         pass_through,
     })
+}
+
+/// A backend's response head parsed for an HTTP/2 client.
+pub(super) enum H2Response {
+    Partial,
+    Invalid,
+    /// A 1xx answer of this many bytes: skipped (an HTTP/2 stream has one response head).
+    Informational(usize),
+    Final {
+        head_len: usize,
+        /// Without the fields HTTP/2 forbids (`Connection` and the others it names,
+        /// `Transfer-Encoding`, `Upgrade`, `TE`), `X-Request-Id` added as for HTTP/1.1.
+        header: pingora_http::ResponseHeader,
+        facts: ResponseFacts,
+    },
+}
+
+/// Parses a response head for an HTTP/2 client: the framing rules of `response_facts`, the
+/// fields as `http` types (a name or value they refuse makes the head invalid: 502).
+pub(super) fn parse_response_for_h2(
+    buf: &[u8],
+    head_method: bool,
+    request_id: &[u8],
+) -> H2Response {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return H2Response::Partial,
+        Err(_) => return H2Response::Invalid,
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return H2Response::Invalid;
+    };
+    // Only an upgrade request may be answered with 101; HTTP/2 has no such request here.
+    if status == 101 {
+        return H2Response::Invalid;
+    }
+    if (100..200).contains(&status) {
+        return H2Response::Informational(head_len);
+    }
+    let Some(facts) = response_facts(version, status, resp.headers, head_method, request_id) else {
+        return H2Response::Invalid;
+    };
+    let Ok(status) = http::StatusCode::from_u16(status) else {
+        return H2Response::Invalid;
+    };
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.headers.reserve(resp.headers.len() + 1);
+    for h in resp.headers.iter() {
+        let name = h.name;
+        let forbidden = is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("te")
+            || (facts.drop_length && name.eq_ignore_ascii_case("content-length"));
+        if forbidden {
+            continue;
+        }
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_bytes(h.value),
+        ) else {
+            return H2Response::Invalid;
+        };
+        parts.headers.append(name, value);
+    }
+    if facts.add_request_id {
+        if let Ok(id) = http::HeaderValue::from_bytes(request_id) {
+            parts.headers.append("x-request-id", id);
+        }
+    }
+    H2Response::Final {
+        head_len,
+        header: parts.into(),
+        facts,
+    }
 }
 
 /// Whether a request head (already parsed once) asks for `100 Continue` before its body.
@@ -697,6 +819,83 @@ mod tests {
 
     /// status, framing, keep-alive, pass-through
     type Decision = Option<(u16, Framing, bool, bool)>;
+
+    /// Responses for HTTP/2 clients: the same framing rules, the fields HTTP/2 forbids
+    /// dropped, 1xx skipped, 101 and fields `http` refuses invalid.
+    #[test]
+    fn responses_for_http2_clients() {
+        use Framing::*;
+        // (response, HEAD request, framing and keep-alive or what else, fields sent on)
+        let cases: &[(&str, bool, Result<(Framing, bool), &str>, &str)] = &[
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n",
+                false,
+                Ok((Length(3), true)),
+                "content-length: 3|x-a: 1|x-request-id: id-1",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                true,
+                Ok((Empty, true)),
+                "content-length: 3|x-request-id: id-1",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\
+                 Connection: keep-alive, x-a\r\nKeep-Alive: timeout=5\r\nUpgrade: h2c\r\n\
+                 TE: trailers\r\nX-Request-Id: theirs\r\n\r\n",
+                false,
+                Ok((Chunked, true)),
+                "x-request-id: theirs",
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+                false,
+                Ok((Empty, false)),
+                "x-request-id: id-1",
+            ),
+            (
+                "HTTP/1.0 200 OK\r\n\r\n",
+                false,
+                Ok((UntilClose, false)),
+                "x-request-id: id-1",
+            ),
+            ("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false, Err("1xx"), ""),
+            ("HTTP/1.1 101 Switching Protocols\r\n\r\n", false, Err("invalid"), ""),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false,
+                Err("invalid"),
+                "",
+            ),
+            ("HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", false, Err("invalid"), ""),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n", false, Err("partial"), ""),
+        ];
+        for (raw, head, want, fields) in cases {
+            let got = match parse_response_for_h2(raw.as_bytes(), *head, b"id-1") {
+                H2Response::Partial => Err("partial"),
+                H2Response::Invalid => Err("invalid"),
+                H2Response::Informational(n) => {
+                    assert_eq!(n, raw.len(), "{raw:?}");
+                    Err("1xx")
+                }
+                H2Response::Final {
+                    head_len,
+                    header,
+                    facts,
+                } => {
+                    assert_eq!(head_len, raw.len(), "{raw:?}");
+                    let sent: Vec<String> = header
+                        .headers
+                        .iter()
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .collect();
+                    assert_eq!(sent.join("|"), *fields, "{raw:?}");
+                    Ok((facts.framing, facts.keep_alive))
+                }
+            };
+            assert_eq!(got, *want, "{raw:?}");
+        }
+    }
 
     #[test]
     fn parse_response_cases() {
