@@ -604,10 +604,9 @@ impl VhostApp {
                 Ok(ended) => ended,
                 Err(_) => return false,
             };
-            if ended.is_some() || !data.is_empty() {
-                if !s.send(&data, ended.is_some()).await {
-                    return false;
-                }
+            let piece = ended.is_some() || !data.is_empty();
+            if piece && !s.send(&data, ended.is_some()).await {
+                return false;
             }
             if let Some(used) = ended {
                 // Bytes after the body: the backend connection is not reused.
@@ -677,7 +676,9 @@ mod tests {
     #[test]
     fn upstream_heads_for_http2_requests() {
         let none = RequestId::NONE;
-        let cases: &[(&str, &[(&str, &str)], bool, &str)] = &[
+        // (path, header fields, trusted forwarder, head sent upstream)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool, &'a str);
+        let cases: &[Case] = &[
             (
                 "/x?y=1",
                 &[("accept", "*/*")],

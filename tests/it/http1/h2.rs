@@ -86,14 +86,24 @@ async fn http2_requests_without_a_body_take_the_lean_path_for_every_response_fra
             assert_eq!(r.version(), reqwest::Version::HTTP_2, "{path}");
             assert_eq!(r.status().as_u16(), status, "{path}");
             for hop in ["connection", "keep-alive", "transfer-encoding"] {
-                assert!(r.headers().get(hop).is_none(), "{path}: {hop} sent to an h2 client");
+                assert!(
+                    r.headers().get(hop).is_none(),
+                    "{path}: {hop} sent to an h2 client"
+                );
             }
             assert!(
                 r.headers().get("x-request-id").is_some(),
                 "{path}: our request id"
             );
-            let got = r.text().await.unwrap_or_else(|e| panic!("{path} body: {e}"));
-            assert!(got == body, "{path} (round {round}): body of {} bytes", got.len());
+            let got = r
+                .text()
+                .await
+                .unwrap_or_else(|e| panic!("{path} body: {e}"));
+            assert!(
+                got == body,
+                "{path} (round {round}): body of {} bytes",
+                got.len()
+            );
         }
         let r = client.head(url("/length")).send().await.expect("HEAD");
         assert_eq!(r.status(), 200);
@@ -112,7 +122,11 @@ async fn http2_requests_without_a_body_take_the_lean_path_for_every_response_fra
         .into_iter()
         .rfind(|r| r.head.starts_with("HEAD /length "))
         .expect("the HEAD request reached the origin");
-    assert!(seen.head.starts_with("HEAD /length HTTP/1.1\r\n"), "{}", seen.head);
+    assert!(
+        seen.head.starts_with("HEAD /length HTTP/1.1\r\n"),
+        "{}",
+        seen.head
+    );
     assert_eq!(seen.header("host").as_deref(), Some("h2.test"));
     assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("https"));
@@ -134,7 +148,8 @@ async fn http2_requests_without_a_body_take_the_lean_path_for_every_response_fra
 async fn an_http2_response_the_backend_cuts_short_is_a_broken_stream() {
     let origin = ScriptedOrigin::start(script_by_path()).await;
     let node = node_with_origin(&origin, "cut.test").await;
-    node.wait_route("cut.test", "/warm", "you asked /warm").await;
+    node.wait_route("cut.test", "/warm", "you asked /warm")
+        .await;
     let client = h2_client(&node, "cut.test");
     for path in ["/cut-length", "/cut-chunked"] {
         let url = format!("https://cut.test:{}{path}", node.https_addr.port());
@@ -162,7 +177,8 @@ async fn http2_requests_skip_a_dead_backend_and_get_our_answer_when_none_is_left
     node.add_backend("dead-a", &dead, &["a"]).await;
     node.add_backend("dead-only", &dead, &["d"]).await;
     node.add_domain("dead.test", "d").await;
-    node.wait_route("live.test", "/warm", "you asked /warm").await;
+    node.wait_route("live.test", "/warm", "you asked /warm")
+        .await;
     let handed_over_before = handovers(&node, "h2").await;
 
     let client = h2_client(&node, "live.test");
