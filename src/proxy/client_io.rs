@@ -5,7 +5,10 @@
 //! read, 64 KiB per connection), buffers writes (a flush per answer) and reads the clock on
 //! every pending read to account "pending time". On the benchmark that was ~1 % of the
 //! proxy's CPU per request, and the buffer is most of the memory of an idle keep-alive
-//! connection. Taking the socket costs four system calls once per connection.
+//! connection. Taking the socket costs five system calls (dup, deregister, close, register,
+//! and a socket option read), so it is taken only once a connection has been kept alive
+//! after its first request (`Client::socket_to_take`): a connection that carries one
+//! request (`Connection: close`) does not pay for it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -24,34 +27,40 @@ pub enum ClientIo {
 }
 
 impl ClientIo {
-    /// Takes the socket out of a plain-TCP Pingora stream that nothing has read from yet;
-    /// anything else (TLS, other transports) stays as it is. `None` if the socket was lost
-    /// on the way (the connection is then closed).
-    pub fn from_accepted(stream: Stream) -> Option<Self> {
-        // `(*stream)`: the stream inside the box, not the box.
-        if stream.get_ssl_digest().is_some() || !(*stream).as_any().is::<L4Stream>() {
-            return Some(Self::Pingora(stream));
+    /// Takes the socket out of a plain-TCP Pingora stream (unbuffered: nothing read ahead
+    /// is left behind in it); anything else (TLS, other transports, a socket already taken)
+    /// stays as it is. `false` if the socket could not be registered with the reactor (the
+    /// connection is then closed).
+    pub fn take_socket(&mut self) -> bool {
+        let Self::Pingora(stream) = self else {
+            return true;
+        };
+        // `(**stream)`: the stream inside the box, not the box.
+        if stream.get_ssl_digest().is_some() {
+            return true;
         }
-        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-            // Checked just above; kept total rather than panicking.
-            return None;
+        let Some(l4) = (**stream).as_any().downcast_ref::<L4Stream>() else {
+            return true;
         };
         // SAFETY: fcntl on the open descriptor owned by `l4`; F_DUPFD_CLOEXEC makes a new
         // descriptor for the same socket.
         let dup = unsafe { libc::fcntl(l4.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
-            return Some(Self::Pingora(l4));
+            // Pingora's stream serves on, only a little slower.
+            return true;
         }
-        // Deregisters Pingora's descriptor from the reactor and closes it; the socket lives
-        // on in `dup` (non-blocking mode and socket options belong to the socket).
-        drop(l4);
         // SAFETY: `dup` is a valid descriptor that nothing else owns.
         let socket = unsafe { std::net::TcpStream::from_raw_fd(dup) };
         match TcpStream::from_std(socket) {
-            Ok(tcp) => Some(Self::Tcp(tcp, None)),
+            Ok(tcp) => {
+                // Drops Pingora's stream: its descriptor is deregistered and closed; the
+                // socket lives on in `dup` (non-blocking mode and options belong to it).
+                *self = Self::Tcp(tcp, None);
+                true
+            }
             Err(e) => {
                 tracing::warn!("client connection dropped: cannot register its socket: {e}");
-                None
+                false
             }
         }
     }

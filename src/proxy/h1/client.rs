@@ -57,6 +57,9 @@ pub(super) struct Client {
     /// did (for the access log).
     pub(super) request_id: RequestId,
     pub(super) trace: Trace,
+    /// A plain connection still read through Pingora's stream: its socket is taken
+    /// (`ClientIo::take_socket`) once the connection is kept alive after a request.
+    pub(super) socket_to_take: bool,
 }
 
 /// What forwarding one request did, for its access log line. Times are taken only when
@@ -99,6 +102,7 @@ impl Client {
             sent: 0,
             request_id: RequestId::NONE,
             trace: Trace::default(),
+            socket_to_take: false,
         }
     }
 
@@ -120,6 +124,13 @@ impl Client {
 
     pub(super) fn ip(&self) -> Option<std::net::IpAddr> {
         self.client_addr.map(|a| a.ip())
+    }
+
+    /// Serves the rest of a plain connection on its own socket (`ClientIo::take_socket`);
+    /// `false` when that failed and the connection must close.
+    pub(super) fn take_socket(&mut self) -> bool {
+        self.socket_to_take = false;
+        self.stream.take_socket()
     }
 
     /// The client is at `addr`, as a PROXY protocol header said.
@@ -147,6 +158,9 @@ impl Client {
             match &mut self.stream {
                 // Readiness comes from the reactor: no system call more per request.
                 ClientIo::Tcp(tcp, _) => tcp.readable().await?,
+                // A new plain connection's first request: read straight into the buffer
+                // (Pingora's stream has no readiness to wait on).
+                ClientIo::Pingora(_) if self.socket_to_take => {}
                 // TLS: one byte, the rest of the record stays decrypted in the TLS buffers.
                 ClientIo::Pingora(stream) => {
                     let mut first = [0u8; 1];

@@ -118,7 +118,11 @@ impl VhostApp {
             self.metrics.request_done(status);
             match outcome {
                 // Shutdown that began during this request drains the connection (above).
-                Outcome::KeepAlive if !head.close => {}
+                Outcome::KeepAlive if !head.close => {
+                    if client.socket_to_take && !client.take_socket() {
+                        return End::Close;
+                    }
+                }
                 Outcome::KeepAlive => return End::Close,
                 Outcome::Close => {
                     // Ended early (our own answer, a failure, the backend's early answer):

@@ -216,10 +216,9 @@ impl VhostApp {
     /// Serves an accepted (and handshaken) connection on the lean loop until it ends or
     /// Pingora's proxy takes it for good.
     async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
-        let Some(io) = ClientIo::from_accepted(stream) else {
-            return;
-        };
-        let mut client = Client::new(io, self.client_timeout);
+        let mut client = Client::new(ClientIo::Pingora(stream), self.client_timeout);
+        // A plain connection keeps Pingora's stream for its first request (`client_io`).
+        client.socket_to_take = !client.tls;
         // TLS connections had their PROXY protocol header read before the handshake.
         if !client.tls && Box::pin(self.proxy_protocol(&mut client)).await.is_none() {
             return;
@@ -272,7 +271,14 @@ impl VhostApp {
             .start(expect, stream, buf, filled, self.client_timeout)
             .await
         {
-            Ok(Some(addr)) => client.set_client_addr(addr),
+            // The address lives with our own socket (`ClientIo::Tcp`), and goes with it to
+            // Pingora's proxy on a hand-over.
+            Ok(Some(addr)) => {
+                if !client.take_socket() {
+                    return None;
+                }
+                client.set_client_addr(addr)
+            }
             Ok(None) => {}
             Err(_) => return None,
         }
