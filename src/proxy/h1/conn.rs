@@ -7,7 +7,7 @@ use pingora_core::server::ShutdownWatch;
 
 use super::super::answers;
 use super::super::chunked::ChunkedTracker;
-use super::super::deadline::deadline_after;
+use super::super::deadline::{deadline_after, Spares, Timer};
 use super::super::replay::RequestEnd;
 use super::super::request_id::RequestId;
 use super::super::rules::{self, Decision};
@@ -31,8 +31,7 @@ impl VhostApp {
         let mut shutdown_rx = shutdown.clone();
         let shutdown_signal = shutdown_rx.changed();
         tokio::pin!(shutdown_signal);
-        let idle = tokio::time::sleep(self.client_timeout);
-        tokio::pin!(idle);
+        let mut idle = Timer::new(Spares::Idle, deadline_after(self.client_timeout));
         let mut served: u64 = 0;
         let mut served_at_arm: u64 = 0;
         let mut draining = false;
@@ -78,7 +77,7 @@ impl VhostApp {
                     _ = &mut shutdown_signal, if client.filled == 0 && !draining => {
                         draining = true;
                         served_at_arm = served;
-                        idle.as_mut().reset(deadline_after(DRAIN_IDLE.min(self.client_timeout)));
+                        idle.reset(deadline_after(DRAIN_IDLE.min(self.client_timeout)));
                         continue;
                     }
                     _ = &mut idle => {
@@ -88,7 +87,7 @@ impl VhostApp {
                             return End::Close;
                         }
                         served_at_arm = served;
-                        idle.as_mut().reset(deadline_after(self.client_timeout));
+                        idle.reset(deadline_after(self.client_timeout));
                         continue;
                     }
                 };

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use super::super::backend_io::BackendIo;
 use super::super::chunked::ChunkedTracker;
-use super::super::deadline::IoDeadline;
+use super::super::deadline::{deadline_after, IoDeadline, Spares, Timer};
 use super::super::outcome::{self, AttemptFailure};
 use super::super::pool;
 use super::super::request_id::RequestId;
@@ -70,12 +70,13 @@ impl Streams {
         OpenStream(self.clone())
     }
 
-    /// Ends after `timeout` without a stream open.
-    async fn idle_for(&self, timeout: Duration) {
+    /// Ends after `timeout` without a stream open (on the connection's one timer).
+    async fn idle_for(&self, timer: &mut Timer, timeout: Duration) {
         while self.open.load(Ordering::Relaxed) != 0 {
             self.none_open.notified().await;
         }
-        tokio::time::sleep(timeout).await;
+        timer.reset(deadline_after(timeout));
+        timer.await;
     }
 }
 
@@ -220,6 +221,7 @@ impl VhostApp {
             return;
         };
         let streams = Arc::new(Streams::default());
+        let mut idle = Timer::new(Spares::Idle, deadline_after(self.client_timeout));
         let mut shutdown_rx = shutdown.clone();
         let mut closing = false;
         let mut refused = 0;
@@ -235,7 +237,7 @@ impl VhostApp {
                         continue;
                     }
                     accepted = HttpSession::from_h2_conn(&mut conn, digest.clone()) => accepted,
-                    _ = streams.idle_for(self.client_timeout) => return,
+                    _ = streams.idle_for(&mut idle, self.client_timeout) => return,
                 }
             };
             match accepted {
