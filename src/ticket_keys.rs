@@ -33,26 +33,38 @@ pub fn new_key(rng: &SystemRandom, now: u64) -> Option<TicketKey> {
     })
 }
 
+/// How long until the next look: every second while the cluster has no key (it issues no
+/// tickets until its first one, made as soon as there is a leader), then often enough that a
+/// rotation is at most ~10 s late, whatever the period.
+pub fn next_check(has_key: bool, rotation: Duration) -> Duration {
+    if has_key {
+        Duration::from_secs(10).min(rotation / 4)
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
 pub async fn run(node: Arc<ClusterNode>, rotation: Duration) {
     let rng = SystemRandom::new();
-    // Checked often enough that a key is at most ~10 s late, whatever the period.
-    let mut tick = tokio::time::interval(Duration::from_secs(10).min(rotation / 4));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        if !node.is_leader() || !node.sm.with_state(|s| due(s, unix_ms(), rotation)) {
-            continue;
+        if node.is_leader() && node.sm.with_state(|s| due(s, unix_ms(), rotation)) {
+            rotate(&node, &rng).await;
         }
-        let Some(key) = new_key(&rng, unix_ms()) else {
-            tracing::warn!("no randomness for a TLS ticket key; trying again later");
-            continue;
-        };
-        let id = key.id;
-        match node.write(Command::RotateTicketKey(key)).await {
-            Ok(_) => tracing::info!(key_id = id, "new TLS session ticket key"),
-            // Not leader any more, or no quorum: the next leader or tick tries again.
-            Err(e) => tracing::warn!("TLS session ticket key not rotated: {e}"),
-        }
+        let has_key = node.sm.with_state(|s| !s.ticket_keys.is_empty());
+        tokio::time::sleep(next_check(has_key, rotation)).await;
+    }
+}
+
+async fn rotate(node: &ClusterNode, rng: &SystemRandom) {
+    let Some(key) = new_key(rng, unix_ms()) else {
+        tracing::warn!("no randomness for a TLS ticket key; trying again later");
+        return;
+    };
+    let id = key.id;
+    match node.write(Command::RotateTicketKey(key)).await {
+        Ok(_) => tracing::info!(key_id = id, "new TLS session ticket key"),
+        // Not leader any more, or no quorum: the next leader or look tries again.
+        Err(e) => tracing::warn!("TLS session ticket key not rotated: {e}"),
     }
 }
 
@@ -76,5 +88,26 @@ mod tests {
         assert!(due(&state, 61_000, period));
         // A clock behind the key's maker does not rotate early.
         assert!(!due(&state, 0, period));
+    }
+
+    /// A new cluster gets its first key within a second of having a leader (it issued no
+    /// tickets for up to 10 s before); then rotations are looked for every 10 s or a
+    /// quarter period.
+    #[test]
+    fn the_first_key_is_looked_for_every_second() {
+        let cases = [
+            (false, 3_600, 1),
+            (true, 3_600, 10),
+            (true, 8, 2),
+            (false, 8, 1),
+        ];
+        for (has_key, rotation, want) in cases {
+            let rotation = Duration::from_secs(rotation);
+            assert_eq!(
+                next_check(has_key, rotation),
+                Duration::from_secs(want),
+                "{has_key} {rotation:?}"
+            );
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod request_id;
 pub mod rules;
 mod send_proxy;
 pub mod service;
+mod session_cache;
 pub mod strict;
 pub mod table;
 pub mod tickets;

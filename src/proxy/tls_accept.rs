@@ -9,9 +9,10 @@ use std::time::Duration;
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
-use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::ResolvesServerCert;
 use rustls::ServerConfig;
 
+use super::session_cache::SessionCache;
 use super::tickets::Tickets;
 
 /// Sessions kept per node for TLS 1.2 session ids, and for resumption when tickets are off.
@@ -64,7 +65,7 @@ impl TlsListener {
         // Our order, not the client's: AES-128-GCM with SHA-256 first (see `provider`).
         config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+        config.session_storage = Arc::new(SessionCache::new(SESSION_CACHE));
         if let Some(tickets) = tickets {
             config.ticketer = tickets;
         }

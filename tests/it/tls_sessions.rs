@@ -176,3 +176,40 @@ async fn the_server_chooses_aes_128_gcm_when_offered() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("AES128-GCM-SHA256"), "TLS 1.2:\n{text}");
 }
+
+/// With tickets off, sessions resume from the node's own cache (`proxy/session_cache.rs`):
+/// a TLS 1.3 session once (it is taken when used), a TLS 1.2 session id as often as the
+/// client offers it; another node has no such session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tickets_sessions_resume_from_the_nodes_cache() {
+    let options = || NodeOptions::new().proxy("tls_session_tickets = false");
+    let node = Node::start(options()).await;
+    let other = Node::start(options()).await;
+    let cert = self_signed(&[HOST]);
+    add_domain(&node, &cert).await;
+    add_domain(&other, &cert).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for version in ["-tls1_3", "-tls1_2"] {
+        let first = dir.path().join(format!("first{version}.pem"));
+        let second = dir.path().join(format!("second{version}.pem"));
+        let third = dir.path().join(format!("third{version}.pem"));
+        let new = s_client(&node, version, None, &first).await;
+        assert!(!reused(&new), "{version}: a first connection is new");
+        let again = s_client(&node, version, Some(&first), &second).await;
+        assert!(
+            reused(&again),
+            "{version}: not resumed from the cache:\n{again}"
+        );
+        let once_more = s_client(&node, version, Some(&first), &third).await;
+        assert_eq!(
+            reused(&once_more),
+            version == "-tls1_2",
+            "{version}: a TLS 1.3 session resumes once, a TLS 1.2 session id again:\n{once_more}"
+        );
+        let elsewhere = s_client(&other, version, Some(&first), &third).await;
+        assert!(
+            !reused(&elsewhere),
+            "{version}: another node resumed:\n{elsewhere}"
+        );
+    }
+}
