@@ -66,6 +66,12 @@ impl TlsListener {
         config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.session_storage = Arc::new(SessionCache::new(SESSION_CACHE));
+        // One TLS 1.3 ticket per handshake (rustls: two), as OpenSSL sends after a
+        // resumption: each costs a seal, a random nonce (a system call) and a record, and a
+        // client resumes each new connection with one. A client that asks for more (RFC 9149
+        // `ticket_request`) gets up to four.
+        config.send_tls13_tickets = 1;
+        config.max_tls13_tickets = 4;
         if let Some(tickets) = tickets {
             config.ticketer = tickets;
         }

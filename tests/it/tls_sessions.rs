@@ -98,6 +98,13 @@ async fn a_session_ticket_from_one_node_resumes_on_another() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         assert!(!reused(&on_node1), "{version}: a first connection is new");
+        if version == "-tls1_3" {
+            // One ticket per handshake, full or resumed (docs/tls.md).
+            for (what, out) in [("full", &on_node1), ("resumed", &on_node2)] {
+                let tickets = out.matches("Post-Handshake New Session Ticket arrived").count();
+                assert_eq!(tickets, 1, "{version} {what} handshake:\n{out}");
+            }
+        }
         assert!(
             reused(&on_node2),
             "{version}: node 1's session did not resume on node 2:\n{on_node2}"
