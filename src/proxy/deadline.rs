@@ -98,7 +98,10 @@ thread_local! {
 }
 
 /// A timer lent from the worker thread's spares for as long as it lives (a connection, an
-/// HTTP/2 stream), then given back.
+/// HTTP/2 stream), then given back. A spare timer keeps the waker of the task that polled it
+/// last, and so that finished task's allocation, until it is lent again: bounded by the
+/// spares kept (a few MiB per worker at most). Not cleared by polling it once more with a
+/// no-op waker: a timer dropped while the runtime shuts down would panic on that poll.
 pub struct Timer {
     sleep: Option<Pin<Box<Sleep>>>,
     kind: Spares,
