@@ -101,7 +101,9 @@ async fn a_session_ticket_from_one_node_resumes_on_another() {
         if version == "-tls1_3" {
             // One ticket per handshake, full or resumed (docs/tls.md).
             for (what, out) in [("full", &on_node1), ("resumed", &on_node2)] {
-                let tickets = out.matches("Post-Handshake New Session Ticket arrived").count();
+                let tickets = out
+                    .matches("Post-Handshake New Session Ticket arrived")
+                    .count();
                 assert_eq!(tickets, 1, "{version} {what} handshake:\n{out}");
             }
         }
