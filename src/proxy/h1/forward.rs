@@ -64,6 +64,22 @@ pub(super) enum AttemptError {
     Timeout,
 }
 
+impl AttemptError {
+    /// What the failure means for the backend and the answer (`outcome`). The client's
+    /// own failure is handled before this is asked; it reads as the backend's upstream
+    /// failure here only so the mapping stays total.
+    pub(super) fn failure(self) -> AttemptFailure {
+        match self {
+            AttemptError::Connect => AttemptFailure::Connect,
+            AttemptError::Tls(kind) => AttemptFailure::Tls(kind),
+            AttemptError::NoAddress => AttemptFailure::NoAddress,
+            AttemptError::Timeout => AttemptFailure::Timeout,
+            AttemptError::Upstream { fault, .. } => AttemptFailure::Upstream(fault.label()),
+            AttemptError::Client => AttemptFailure::Upstream("ClientGone"),
+        }
+    }
+}
+
 /// How a backend failed before answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum UpstreamFault {
@@ -153,13 +169,7 @@ impl VhostApp {
                     n_tried -= 1;
                     continue;
                 }
-                Err(AttemptError::Connect) => AttemptFailure::Connect,
-                Err(AttemptError::Tls(kind)) => AttemptFailure::Tls(kind),
-                Err(AttemptError::NoAddress) => AttemptFailure::NoAddress,
-                Err(AttemptError::Timeout) => AttemptFailure::Timeout,
-                Err(AttemptError::Upstream { fault, .. }) => {
-                    AttemptFailure::Upstream(fault.label())
-                }
+                Err(e) => e.failure(),
             };
             outcome::record_failure(failure, &upstream.runtime, &self.metrics);
             if failure.retriable(retry_allowed) && can_retry && route.has_untried(&tried[..n_tried])

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use super::super::backend_io::BackendIo;
 use super::super::chunked::ChunkedTracker;
 use super::super::deadline::{deadline_after, IoDeadline, Spares, Timer};
-use super::super::outcome::{self, AttemptFailure};
+use super::super::outcome;
 use super::super::pool;
 use super::super::request_id::RequestId;
 use super::super::rules::{self, Decision, MAX_ATTEMPTS};
@@ -37,7 +37,7 @@ use super::super::table::{Target, Upstream};
 use super::buffers;
 use super::forward::{write_upstream, AttemptError, UpstreamFault};
 use super::parse::{parse_response_for_h2, Framing, H2Response};
-use super::{Counted, VhostApp, MAX_HEAD};
+use super::{Counted, VhostApp};
 use crate::live::{BackendRuntime, InFlight};
 use crate::upstream_tls::HandshakeFailure;
 
@@ -400,13 +400,7 @@ impl VhostApp {
                     self.observe_failed_attempt(upstream, addr, started);
                     continue;
                 }
-                Err(AttemptError::Connect) => AttemptFailure::Connect,
-                Err(AttemptError::Tls(kind)) => AttemptFailure::Tls(kind),
-                Err(AttemptError::NoAddress) => AttemptFailure::NoAddress,
-                Err(AttemptError::Timeout) => AttemptFailure::Timeout,
-                Err(AttemptError::Upstream { fault, .. }) => {
-                    AttemptFailure::Upstream(fault.label())
-                }
+                Err(e) => e.failure(),
             };
             outcome::record_failure(failure, &upstream.runtime, &self.metrics);
             if failure.retriable(idempotent) && can_retry && route.has_untried(&tried[..n_tried]) {
@@ -507,21 +501,9 @@ impl VhostApp {
                     } => break (head_len, header, facts),
                 }
             }
-            if filled == resp.len() {
-                if resp.len() >= MAX_HEAD {
-                    return Err(failed(UpstreamFault::InvalidHead));
-                }
-                resp.resize(resp.len() * 2, 0);
-            }
-            let read = s
-                .deadline
-                .run(self.read_timeout, upstream.read(&mut resp[filled..]));
-            filled += match read.await {
-                Err(_) => return Err(AttemptError::Timeout),
-                Ok(Err(_)) => return Err(failed(UpstreamFault::Read)),
-                Ok(Ok(0)) => return Err(failed(UpstreamFault::Closed)),
-                Ok(Ok(n)) => n,
-            };
+            filled += self
+                .read_head_more(upstream, resp, filled, &mut s.deadline, reused)
+                .await?;
         };
         let status = header.status.as_u16();
         let body_in_buf = filled - head_len;

@@ -5,6 +5,7 @@ use tokio::io::AsyncReadExt;
 
 use super::super::backend_io::BackendIo;
 use super::super::chunked::ChunkedTracker;
+use super::super::deadline::IoDeadline;
 use super::client::Client;
 use super::forward::{AttemptError, UpstreamFault};
 use super::parse::{parse_response, Framing, ParsedResponse, RequestHead};
@@ -54,21 +55,9 @@ impl VhostApp {
                     ParsedResponse::Response(r) => break r,
                 }
             }
-            if filled == resp.len() {
-                if resp.len() >= MAX_HEAD {
-                    return Err(failed(UpstreamFault::InvalidHead));
-                }
-                resp.resize(resp.len() * 2, 0);
-            }
-            let read = client
-                .deadline
-                .run(self.read_timeout, upstream.read(&mut resp[filled..]));
-            filled += match read.await {
-                Err(_) => return Err(AttemptError::Timeout),
-                Ok(Err(_)) => return Err(failed(UpstreamFault::Read)),
-                Ok(Ok(0)) => return Err(failed(UpstreamFault::Closed)),
-                Ok(Ok(n)) => n,
-            };
+            filled += self
+                .read_head_more(upstream, resp, filled, &mut client.deadline, reused)
+                .await?;
         };
         let body_in_buf = filled - parsed.head_len;
         let (first_body, mut left, mut chunks) = match parsed.framing {
@@ -197,6 +186,33 @@ impl VhostApp {
             Outcome::KeepAlive
         };
         Ok((parsed.status, parsed.keep_alive && !extra, outcome))
+    }
+
+    /// Reads more of a backend's response head into `resp` after its first `filled` bytes
+    /// (growing it up to the head limit, then the head is invalid); returns the bytes read.
+    /// Both client protocols read heads this way (`h2` too).
+    pub(super) async fn read_head_more(
+        &self,
+        upstream: &mut BackendIo,
+        resp: &mut Vec<u8>,
+        filled: usize,
+        deadline: &mut IoDeadline,
+        reused: bool,
+    ) -> Result<usize, AttemptError> {
+        let failed = |fault: UpstreamFault| AttemptError::Upstream { fault, reused };
+        if filled == resp.len() {
+            if resp.len() >= MAX_HEAD {
+                return Err(failed(UpstreamFault::InvalidHead));
+            }
+            resp.resize(resp.len() * 2, 0);
+        }
+        let read = deadline.run(self.read_timeout, upstream.read(&mut resp[filled..]));
+        match read.await {
+            Err(_) => Err(AttemptError::Timeout),
+            Ok(Err(_)) => Err(failed(UpstreamFault::Read)),
+            Ok(Ok(0)) => Err(failed(UpstreamFault::Closed)),
+            Ok(Ok(n)) => Ok(n),
+        }
     }
 
     /// Copies one read of the backend's body to the client; `None` on error or timeout.
