@@ -18,15 +18,20 @@ use super::tickets::Tickets;
 /// Sessions kept per node for TLS 1.2 session ids, and for resumption when tickets are off.
 const SESSION_CACHE: usize = 20_000;
 
-/// ring's suites, AES-128-GCM with SHA-256 first, then AES-256-GCM, then ChaCha20 (for each
-/// protocol version). OpenSSL-based clients list `TLS_AES_256_GCM_SHA384` first, whose key
-/// schedule hashes with SHA-384; ring runs SHA-384/512 as plain-C rounds on AMD CPUs (its
-/// vector code is taken on Intel only) but SHA-256 with the CPU's SHA instructions, which made
-/// SHA-512 8 % of a resumed handshake's CPU (bench/README.md, session 12). AES-128-GCM is
-/// mandatory for every TLS 1.3 client, so each gets it; a client that offers only ChaCha20
-/// still gets ChaCha20. Go's TLS server makes the same choice.
+/// aws-lc-rs for client handshakes: a resumed TLS 1.3 handshake still makes an X25519 key
+/// pair and shared secret, and ring's X25519 (portable C) was 35 % of the node's CPU for new
+/// connections that resume; aws-lc's (s2n-bignum assembly) halves that, and its SHA-384/512
+/// and random numbers need no special CPU or system call (bench/README.md, session 14). The
+/// control plane and backend connections stay on ring (fewer handshakes, nothing to gain).
+///
+/// The suites are aws-lc-rs's defaults with AES-128-GCM with SHA-256 first, then AES-256-GCM,
+/// then ChaCha20 (for each protocol version). OpenSSL-based clients list
+/// `TLS_AES_256_GCM_SHA384` first, whose key schedule hashes with SHA-384; SHA-256 runs on the
+/// CPU's SHA instructions. AES-128-GCM is mandatory for every TLS 1.3 client, so each gets it;
+/// a client that offers only ChaCha20 still gets ChaCha20. Go's TLS server makes the same
+/// choice.
 fn provider() -> rustls::crypto::CryptoProvider {
-    use rustls::crypto::ring::cipher_suite as cs;
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     rustls::crypto::CryptoProvider {
         cipher_suites: vec![
             cs::TLS13_AES_128_GCM_SHA256,
@@ -39,7 +44,7 @@ fn provider() -> rustls::crypto::CryptoProvider {
             cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
             cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
         ],
-        ..rustls::crypto::ring::default_provider()
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 
@@ -109,11 +114,11 @@ impl TlsListener {
 mod tests {
     use super::*;
 
-    /// The same suites as ring's defaults, only in our order.
+    /// The same suites as aws-lc-rs's defaults, only in our order.
     #[test]
     fn every_default_suite_is_kept_aes_128_gcm_first() {
         let ours: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
-        let mut theirs: Vec<_> = rustls::crypto::ring::default_provider()
+        let mut theirs: Vec<_> = rustls::crypto::aws_lc_rs::default_provider()
             .cipher_suites
             .iter()
             .map(|s| s.suite())

@@ -248,7 +248,8 @@ impl VhostApp {
         }
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
-        let _ = tokio::time::timeout(self.client_timeout, client.stream.close()).await;
+        let then_read = client.linger;
+        let _ = tokio::time::timeout(self.client_timeout, client.stream.close(then_read)).await;
         if client.linger {
             Box::pin(client.drain_unread()).await;
         }
