@@ -60,11 +60,6 @@ pub(super) struct Client {
     /// A plain connection still read through Pingora's stream: its socket is taken
     /// (`ClientIo::take_socket`) once the connection is kept alive after a request.
     pub(super) socket_to_take: bool,
-    /// Served inside Pingora's connection task until a request is answered with keep-alive,
-    /// then moved to a task of its own (`End::KeptAlive`): Pingora's task is ~20 KiB, too
-    /// much for an idle keep-alive connection to hold, and a connection that carries one
-    /// request (`Connection: close`) then needs no second task.
-    pub(super) move_when_kept_alive: bool,
 }
 
 /// What forwarding one request did, for its access log line. Times are taken only when
@@ -108,7 +103,6 @@ impl Client {
             request_id: RequestId::NONE,
             trace: Trace::default(),
             socket_to_take: false,
-            move_when_kept_alive: false,
         }
     }
 

@@ -121,10 +121,6 @@ impl VhostApp {
                     if client.socket_to_take && !client.take_socket() {
                         return End::Close;
                     }
-                    if client.move_when_kept_alive {
-                        client.move_when_kept_alive = false;
-                        return End::KeptAlive;
-                    }
                 }
                 Outcome::KeepAlive => return End::Close,
                 Outcome::Close => {

@@ -193,25 +193,16 @@ impl ServerApp for VhostApp {
             self.serve_h2(stream, shutdown).await;
             return None;
         }
-        // The first request is served here, in Pingora's task: a connection that carries
-        // one request costs no second task. Once a request is answered with keep-alive, the
-        // connection goes on in a task of its own, sized for the HTTP/1 loop: this one
+        // The connection goes on in a task of its own, sized for the HTTP/1 loop: this one
         // (Pingora's, with its TLS accept state inline, and ours around the handshake) is
         // ~20 KiB, and an idle keep-alive connection would hold it for as long as it lives.
         // Same thread: each worker thread runs its own runtime (no work stealing), and the
-        // SNI registration is per thread. Boxed: this future is what every connection
-        // allocates and moves, and the lean loop's state is large.
-        let client = Box::pin(self.open_client(stream)).await?;
-        let client = Box::pin(self.serve_client(client, shutdown)).await?;
+        // SNI registration is per thread.
         let (app, shutdown) = (self.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _open = open;
             let _sni = sni;
-            let mut next = Some(client);
-            // A moved client is not moved again (`move_when_kept_alive` is off): one call.
-            while let Some(client) = next {
-                next = app.serve_client(client, &shutdown).await;
-            }
+            app.serve_connection(stream, &shutdown).await
         });
         None
     }
@@ -222,50 +213,38 @@ impl ServerApp for VhostApp {
 }
 
 impl VhostApp {
-    /// The lean loop's state for an accepted (and handshaken) connection; `None` when a
-    /// PROXY protocol header was wanted and not given (the connection is closed).
-    async fn open_client(&self, stream: Stream) -> Option<Client> {
+    /// Serves an accepted (and handshaken) connection on the lean loop until it ends or
+    /// Pingora's proxy takes it for good.
+    async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let mut client = Client::new(ClientIo::Pingora(stream), self.client_timeout);
         // A plain connection keeps Pingora's stream for its first request (`client_io`).
         client.socket_to_take = !client.tls;
-        client.move_when_kept_alive = true;
         // TLS connections had their PROXY protocol header read before the handshake.
         if !client.tls && Box::pin(self.proxy_protocol(&mut client)).await.is_none() {
-            return None;
+            return;
         }
         client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
-        Some(client)
-    }
-
-    /// Serves a connection on the lean loop until it ends or Pingora's proxy takes it for
-    /// good (`None`), or, while `Client::move_when_kept_alive`, until a request is answered
-    /// with keep-alive (`Some`: the caller moves the connection to a task of its own).
-    async fn serve_client(&self, mut client: Client, shutdown: &ShutdownWatch) -> Option<Client> {
-        loop {
-            let (reason, one) = match self.serve(&mut client, shutdown).await {
-                End::KeptAlive => return Some(client),
-                End::Close => break,
-                End::HandOver(reason, one) => (reason, one),
-            };
+        while let End::HandOver(reason, one) = self.serve(&mut client, shutdown).await {
             self.metrics.handed_over(reason);
-            let moving = client.move_when_kept_alive;
             let (stream, unread) = client.into_parts();
             let Some((head_len, end)) = one else {
                 // An upgrade (a tunnel after a 101), or a request Pingora's parser refuses:
                 // Pingora's proxy may read past its end, so the connection ends with it.
                 let replayed = Replayed::new(unread, stream);
                 Box::pin(self.serve_one_by_pingora(replayed, false, shutdown)).await;
-                return None;
+                return;
             };
             let replayed = Replayed::one_request(unread, stream, head_len, end);
             // Boxed, as every rare and large await here: the task's size is what an idle
             // keep-alive connection costs.
-            let (stream, unread) =
-                Box::pin(self.serve_one_by_pingora(replayed, true, shutdown)).await?;
+            let Some((stream, unread)) =
+                Box::pin(self.serve_one_by_pingora(replayed, true, shutdown)).await
+            else {
+                return;
+            };
             // Back to the lean loop for the next request (pipelined or not).
             client = Client::resume(ClientIo::Pingora(stream), &unread, self.client_timeout);
             client.trusted_forwarder = self.edge.trusts_forwarder(client.ip());
-            client.move_when_kept_alive = moving;
         }
         // Bounded: closing a TLS connection flushes, and a client that stopped reading
         // would hold it.
@@ -274,7 +253,6 @@ impl VhostApp {
         if client.linger {
             Box::pin(client.drain_unread()).await;
         }
-        None
     }
 
     /// A plain connection's PROXY protocol header (`edge`): `None` closes the connection.
@@ -335,9 +313,6 @@ impl VhostApp {
 enum End {
     /// The connection is finished (closed by either side, or after a `close` answer).
     Close,
-    /// A request was answered and the connection stays open: the caller moves it to a task
-    /// of its own before its next request is read (`Client::move_when_kept_alive`).
-    KeptAlive,
     /// Pingora's proxy takes over the connection, starting with the unread bytes: for this
     /// request only when its end is known (head length, body end), else for good.
     HandOver(&'static str, Option<(usize, RequestEnd)>),
