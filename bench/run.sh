@@ -184,6 +184,7 @@ start_front() {
         echo "global"
         echo "    nbthread 1"
         echo "    maxconn $MAXCONN"
+        echo "    no strict-limits"
         echo "defaults"
         echo "    mode tcp"
         echo "    timeout connect 5s"

@@ -9,9 +9,6 @@ use clap::Parser;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
-use pingora_core::listeners::ListenerConfig;
-use pingora_core::protocols::l4::stream::L4BufferSettings;
-use pingora_core::services::listening::Service;
 
 use pingora_vhost::cluster::store;
 use pingora_vhost::config::{self, Config, TlsMode};
@@ -20,6 +17,7 @@ use pingora_vhost::observability::access_log::{self, AccessLog};
 use pingora_vhost::observability::{logging, Metrics};
 use pingora_vhost::proxy::edge::Edge;
 use pingora_vhost::proxy::h1::VhostApp;
+use pingora_vhost::proxy::listeners::ProxyListeners;
 use pingora_vhost::proxy::service::VhostProxy;
 use pingora_vhost::proxy::tls::{self, CertStore, SniResolver};
 use pingora_vhost::proxy::tls_accept::TlsListener;
@@ -300,26 +298,14 @@ fn run(
     };
     // HTTP/1.1 takes the lean path; HTTP/2 and unusual requests go on to Pingora's proxy.
     let tls = TlsListener::new(
-        cfg.proxy.listen_addr.port(),
         Arc::new(SniResolver(data.certs.clone())),
         cfg.proxy.tls_session_tickets.then(|| data.tickets.clone()),
         std::time::Duration::from_secs(cfg.proxy.client_timeout_secs),
     )
     .context("TLS settings")?;
-    let app = VhostApp::new(proxy, &server.configuration).with_tls(tls);
-    let mut proxy_service = Service::new("proxy".to_string(), app);
-    // No buffers under the connections (Pingora's default is 64 KiB to read, 1460 bytes to
-    // write, each held for the connection's life): the lean path reads and writes plain
-    // sockets itself, and rustls keeps TLS records in its own buffers and writes them with
-    // one vectored write.
-    let unbuffered = L4BufferSettings::unbuffered();
-    proxy_service.add_listener(
-        ListenerConfig::tcp(cfg.proxy.listen_addr_http.to_string()).l4_buffer(unbuffered),
-    );
-    // TLS is handshaken by the app (`proxy::tls_accept`): session tickets need our own
-    // rustls config.
-    proxy_service
-        .add_listener(ListenerConfig::tcp(cfg.proxy.listen_addr.to_string()).l4_buffer(unbuffered));
+    let app = Arc::new(VhostApp::new(proxy, &server.configuration).with_tls(tls));
+    // Plain HTTP on our own accept loop, HTTPS on Pingora's listener (`proxy::listeners`).
+    let proxy_service = ProxyListeners::new(app, cfg.proxy.listen_addr_http, cfg.proxy.listen_addr);
 
     let mut control = background_service(
         "control plane",

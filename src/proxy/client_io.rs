@@ -5,10 +5,10 @@
 //! read, 64 KiB per connection), buffers writes (a flush per answer) and reads the clock on
 //! every pending read to account "pending time". On the benchmark that was ~1 % of the
 //! proxy's CPU per request, and the buffer is most of the memory of an idle keep-alive
-//! connection. Taking the socket costs five system calls (dup, deregister, close, register,
-//! and a socket option read), so it is taken only once a connection has been kept alive
-//! after its first request (`Client::socket_to_take`): a connection that carries one
-//! request (`Connection: close`) does not pay for it.
+//! connection. Plain connections come from our own accept loop (`listeners`) as sockets; a
+//! connection that Pingora's proxy served a request on comes back as Pingora's stream, and
+//! its socket is taken again (five system calls: dup, deregister, close, register, and a
+//! socket option read) once it is kept alive after a request.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum ClientIo {
-    /// The socket, and the client address a PROXY protocol header gave (else the peer's).
+    /// The socket, and the client's address: what a PROXY protocol header gave, or the
+    /// peer's as accepted (`None`: asked of the socket when needed).
     Tcp(TcpStream, Option<std::net::SocketAddr>),
     Pingora(Stream),
 }

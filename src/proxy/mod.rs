@@ -12,6 +12,7 @@ mod client_io;
 mod deadline;
 pub mod edge;
 pub mod h1;
+pub mod listeners;
 pub mod name_map;
 pub mod outcome;
 mod pool;

@@ -1,7 +1,7 @@
 //! The HTTPS listener's TLS handshake, done by us rather than by Pingora's listener: its
 //! `TlsSettings` build a rustls `ServerConfig` we cannot reach, and session tickets the whole
-//! cluster can open (`tickets`) need one. The listener is a plain TCP one; connections that
-//! arrive on its port are handshaken here before the HTTP paths see them.
+//! cluster can open (`tickets`) need one. The listener is a plain TCP one (`listeners`); its
+//! connections are handshaken here before the HTTP paths see them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,6 @@ fn provider() -> rustls::crypto::CryptoProvider {
 }
 
 pub struct TlsListener {
-    port: u16,
     acceptor: Acceptor,
     /// A client that does not finish its handshake within this is dropped.
     timeout: Duration,
@@ -58,7 +57,6 @@ pub struct TlsListener {
 impl TlsListener {
     /// `tickets`: `None` when `[proxy] tls_session_tickets = false`.
     pub fn new(
-        port: u16,
         certs: Arc<dyn ResolvesServerCert>,
         tickets: Option<Arc<Tickets>>,
         timeout: Duration,
@@ -81,18 +79,9 @@ impl TlsListener {
             config.ticketer = tickets;
         }
         Ok(Self {
-            port,
             acceptor: Acceptor::from_server_config(Arc::new(config)),
             timeout,
         })
-    }
-
-    /// Whether the connection came in on the HTTPS listener.
-    pub fn is_mine(&self, stream: &Stream) -> bool {
-        stream
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).map(|a| a.port()))
-            == Some(self.port)
     }
 
     /// The TLS handshake; `None` when it fails or times out (the connection is dropped, as

@@ -57,9 +57,14 @@ pub(super) struct Client {
     /// did (for the access log).
     pub(super) request_id: RequestId,
     pub(super) trace: Trace,
-    /// A plain connection still read through Pingora's stream: its socket is taken
-    /// (`ClientIo::take_socket`) once the connection is kept alive after a request.
+    /// A plain connection read through Pingora's stream (back from Pingora's proxy after a
+    /// hand-over): its socket is taken (`ClientIo::take_socket`) once the connection is kept
+    /// alive after a request.
     pub(super) socket_to_take: bool,
+    /// A new connection: its first request is most likely in already, so the first read
+    /// goes straight to the socket rather than through a wait for readiness (a trip through
+    /// the reactor per connection).
+    fresh: bool,
 }
 
 /// What forwarding one request did, for its access log line. Times are taken only when
@@ -103,12 +108,15 @@ impl Client {
             request_id: RequestId::NONE,
             trace: Trace::default(),
             socket_to_take: false,
+            fresh: true,
         }
     }
 
     /// A connection back from Pingora's proxy, with the bytes it did not read.
     pub(super) fn resume(stream: ClientIo, unread: &[u8], client_timeout: Duration) -> Self {
         let mut client = Self::new(stream, client_timeout);
+        client.fresh = false;
+        client.socket_to_take = !client.tls && matches!(client.stream, ClientIo::Pingora(_));
         if unread.len() > client.buf.len() {
             client.buf.resize(unread.len(), 0);
         }
@@ -151,11 +159,13 @@ impl Client {
     /// nothing buffered (a keep-alive connection between requests), the buffer is given back
     /// while the connection waits.
     pub(super) async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        let fresh = std::mem::take(&mut self.fresh);
         if self.filled == 0 {
             buffers::give(std::mem::take(&mut self.buf));
             buffers::give_head(std::mem::take(&mut self.out));
             buffers::give_head(std::mem::take(&mut self.resp_head));
             match &mut self.stream {
+                ClientIo::Tcp(..) if fresh => {}
                 // Readiness comes from the reactor: no system call more per request.
                 ClientIo::Tcp(tcp, _) => tcp.readable().await?,
                 // A new plain connection's first request: read straight into the buffer

@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::apps::{HttpServerApp, HttpServerOptions, ServerApp};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
@@ -163,51 +163,85 @@ impl Drop for OpenConnection {
     }
 }
 
-#[async_trait]
-impl ServerApp for VhostApp {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
+impl VhostApp {
+    /// A connection accepted on the plain HTTP listener (`listeners`), served until it ends.
+    pub(super) async fn serve_plain(
+        &self,
+        socket: std::net::TcpStream,
+        peer: std::net::SocketAddr,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let mut open = OpenConnection::new(&self.data);
-        let stream = match &self.tls {
-            Some(tls) if tls.is_mine(&stream) => {
-                open.https();
-                // A PROXY protocol header comes before the ClientHello.
-                let stream = self.edge.before_tls(stream, self.client_timeout).await?;
-                let done = tls.handshake(stream).await;
-                let counter = &self.data.tls_handshakes[usize::from(done.is_none())];
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                done?
+    ) {
+        let _open = OpenConnection::new(&self.data);
+        // Registered with the reactor of the thread that serves it.
+        let tcp = match tokio::net::TcpStream::from_std(socket) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!("client connection dropped: cannot register its socket: {e}");
+                return;
             }
-            _ => stream,
         };
-        // For the access log, on both paths, for as long as the connection is served.
-        let sni = self
+        // As Pingora's listeners: answers relayed in several writes must not wait for the
+        // client's delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let client = Client::new(ClientIo::Tcp(tcp, Some(peer)), self.client_timeout);
+        self.serve_connection(client, shutdown).await
+    }
+
+    /// A connection accepted on the HTTPS listener (`listeners`): its PROXY protocol header
+    /// (if expected), the TLS handshake, then HTTP/2 or the HTTP/1 loop, in this one task.
+    pub(super) async fn serve_tls(
+        self: &Arc<Self>,
+        socket: std::net::TcpStream,
+        peer: std::net::SocketAddr,
+        shutdown: &ShutdownWatch,
+    ) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        let mut open = OpenConnection::new(&self.data);
+        open.https();
+        let tcp = match tokio::net::TcpStream::from_std(socket) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!("client connection dropped: cannot register its socket: {e}");
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        // Pingora's stream (unbuffered), which the TLS stream wraps; the peer's address as
+        // accepted, in the digest both request paths read it from.
+        let mut l4 = L4Stream::from(tcp);
+        super::edge::set_client_addr(&mut l4, peer);
+        // Boxed: the handshake's state is large and lives only until it ends, while the
+        // task's size is what an idle keep-alive connection costs.
+        let Some(stream) = Box::pin(self.handshake(tls, Box::new(l4))).await else {
+            return;
+        };
+        // For the access log, for as long as the connection is served.
+        let _sni = self
             .data
             .access_log
             .is_on()
             .then(|| super::tls::register_sni(&stream));
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            self.serve_h2(stream, shutdown).await;
-            return None;
+            Box::pin(self.serve_h2(stream, shutdown)).await;
+            return;
         }
-        // The connection goes on in a task of its own, sized for the HTTP/1 loop: this one
-        // (Pingora's, with its TLS accept state inline, and ours around the handshake) is
-        // ~20 KiB, and an idle keep-alive connection would hold it for as long as it lives.
-        // Same thread: each worker thread runs its own runtime (no work stealing), and the
-        // SNI registration is per thread.
-        let (app, shutdown) = (self.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let _open = open;
-            let _sni = sni;
-            app.serve_connection(stream, &shutdown).await
-        });
-        None
+        let client = Client::new(ClientIo::Pingora(stream), self.client_timeout);
+        self.serve_connection(client, shutdown).await
     }
 
-    async fn cleanup(&self) {
+    /// The PROXY protocol header (read before the ClientHello) and the TLS handshake; `None`
+    /// closes the connection.
+    async fn handshake(&self, tls: &TlsListener, stream: Stream) -> Option<Stream> {
+        let stream = self.edge.before_tls(stream, self.client_timeout).await?;
+        let done = tls.handshake(stream).await;
+        let counter = &self.data.tls_handshakes[usize::from(done.is_none())];
+        counter.fetch_add(1, Ordering::Relaxed);
+        done
+    }
+
+    pub(super) async fn cleanup(&self) {
         self.fallback.cleanup().await;
     }
 }
@@ -215,10 +249,7 @@ impl ServerApp for VhostApp {
 impl VhostApp {
     /// Serves an accepted (and handshaken) connection on the lean loop until it ends or
     /// Pingora's proxy takes it for good.
-    async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
-        let mut client = Client::new(ClientIo::Pingora(stream), self.client_timeout);
-        // A plain connection keeps Pingora's stream for its first request (`client_io`).
-        client.socket_to_take = !client.tls;
+    async fn serve_connection(&self, mut client: Client, shutdown: &ShutdownWatch) {
         // TLS connections had their PROXY protocol header read before the handshake.
         if !client.tls && Box::pin(self.proxy_protocol(&mut client)).await.is_none() {
             return;
