@@ -97,6 +97,13 @@ impl Service for ProxyListeners {
     fn name(&self) -> &str {
         "proxy"
     }
+
+    /// What a process started with `--upgrade` claims of the sockets handed to it: Pingora
+    /// closes the rest (a listen address changed across an upgrade must not stay open,
+    /// filling a backlog nobody accepts from).
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        Some(vec![self.http.to_string(), self.https.to_string()])
+    }
 }
 
 /// The listening socket for `addr`: the one a process being upgraded handed over, else a new

@@ -18,11 +18,11 @@ fn file_log_options(path: &Path, extra: &str) -> NodeOptions {
 }
 
 fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // A batch being written can be read in part (the kernel copies a write into the file page
+    // by page; seen once, a line cut at 249 bytes): only whole lines count, as for `tail -f`.
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole.lines().map(str::to_string).collect()
 }
 
 /// The JSON lines of `path` once there are at least `n`.
