@@ -15,7 +15,11 @@
 #   close      a new TCP connection per request: wrk -H 'Connection: close', plain HTTP
 #   close-tls  a new TLS connection per request from a client that resumes its session: wrk
 #              -H 'Connection: close' over HTTPS (wrk keeps the session across reconnects)
-#   resume     TLS resumption: openssl s_time -reuse; CPU µs/connection (and % resumed)
+#   resume     TLS resumption: openssl s_time -reuse; CPU µs/connection (and % resumed). Every
+#              proxy offers TLS 1.2 and 1.3, so this is TLS 1.3 (an X25519 exchange per
+#              resumption)
+#   resume12   the same with the client held to TLS 1.2 (s_time -tls1_2): a resumption
+#              without a key exchange
 #   full-tls   full TLS handshakes: openssl s_time -new; CPU µs/connection
 #   big        1 MiB responses (the origin's /big), keep-alive, wrk: CPU µs/request and per MiB
 #   sweep      plain HTTP/1.1 keep-alive, wrk at each BENCH_SWEEP connection count:
@@ -37,7 +41,7 @@
 # BENCH_MAX_SECONDS.
 #
 # Environment overrides:
-#   BENCH_SHAPES=h2,close,close-tls,resume,full-tls,big,sweep
+#   BENCH_SHAPES=h2,close,close-tls,resume,resume12,full-tls,big,sweep
 #   BENCH_DURATION=8        measured seconds per client run
 #   BENCH_WARMUP=2          warm-up seconds of every shape on every proxy, before the rounds
 #   BENCH_RUNS=5            rounds
@@ -63,7 +67,7 @@ BENCH_PROG=shapes.sh
 # shellcheck source=bench/lib.sh
 . "$SCRIPT_DIR/lib.sh"
 
-ALL_SHAPES="h2,close,close-tls,resume,full-tls,big,sweep"
+ALL_SHAPES="h2,close,close-tls,resume,resume12,full-tls,big,sweep"
 SHAPES="${BENCH_SHAPES:-$ALL_SHAPES}"
 DURATION="${BENCH_DURATION:-8}"
 WARMUP="${BENCH_WARMUP:-2}"
@@ -117,7 +121,7 @@ UNITS=()
 IFS=, read -r -a _shapes <<< "$SHAPES"
 for s in "${_shapes[@]}"; do
     case "$s" in
-        h2|close|close-tls|resume|full-tls|big) UNITS+=("$s") ;;
+        h2|close|close-tls|resume|resume12|full-tls|big) UNITS+=("$s") ;;
         sweep) for n in $SWEEP; do UNITS+=("ka-$n"); done ;;
         *) echo "shapes.sh: BENCH_SHAPES: unknown shape '$s' ($ALL_SHAPES)" >&2; exit 2 ;;
     esac
@@ -197,11 +201,12 @@ h2_unit() {
     return 0
 }
 
-# stime_unit NAME RAW SECONDS -new|-reuse
+# stime_unit NAME RAW SECONDS -new|-reuse [s_time options]
 stime_unit() {
     local name="$1" raw="$2" secs="$3" mode="$4" marks
+    shift 4
     measure_client "$name" "$raw" $((secs + 30)) openssl s_time -connect "127.0.0.1:$PROXY_HTTPS" \
-        "$mode" -time "$secs" -www "$STIME_PAGE"
+        "$mode" -time "$secs" -www "$STIME_PAGE" "$@"
     # "1234 connections in 9 real seconds, 56 bytes read per connection" (the last such line)
     U_COUNT="$(awk '/ connections in .* real seconds/ { n = $1 } END { print n + 0 }' "$raw")"
     U_RATE="$(awk -v n="$U_COUNT" -v w="$M_WALL" 'BEGIN { printf "%.0f", (w > 0) ? n / w : 0 }')"
@@ -229,6 +234,7 @@ run_unit() {
         close)     wrk_unit "$name" "$raw" "$secs" "$CONNECTIONS" "http://127.0.0.1:$PROXY_HTTP/" -H "Connection: close" ;;
         close-tls) wrk_unit "$name" "$raw" "$secs" "$CONNECTIONS" "https://127.0.0.1:$PROXY_HTTPS/" -H "Connection: close" ;;
         resume)    stime_unit "$name" "$raw" "$secs" -reuse ;;
+        resume12)  stime_unit "$name" "$raw" "$secs" -reuse -tls1_2 ;;
         full-tls)  stime_unit "$name" "$raw" "$secs" -new ;;
         big)
             wrk_unit "$name" "$raw" "$secs" "$CONNECTIONS" "http://127.0.0.1:$PROXY_HTTP/big"
@@ -249,7 +255,8 @@ unit_title() {
         h2)        echo "HTTP/2 over TLS (h2load -t1 -c$H2_CONNS -m$H2_STREAMS)" ;;
         close)     echo "new TCP connection per request (wrk -c$CONNECTIONS, Connection: close, plain HTTP)" ;;
         close-tls) echo "new TLS connection per request, client resumes (wrk -c$CONNECTIONS, Connection: close, HTTPS)" ;;
-        resume)    echo "TLS resumption (openssl s_time -reuse)" ;;
+        resume)    echo "TLS resumption (openssl s_time -reuse; TLS 1.3)" ;;
+        resume12)  echo "TLS 1.2 resumption (openssl s_time -reuse -tls1_2)" ;;
         full-tls)  echo "full TLS handshake (openssl s_time -new)" ;;
         big)       echo "$(size_label "$BIG_BYTES") responses, keep-alive (wrk -c$CONNECTIONS, /big)" ;;
         ka-*)      echo "plain HTTP/1.1 keep-alive, ${1#ka-} connections (wrk -c${1#ka-})" ;;
@@ -260,16 +267,16 @@ size_label() {
     elif [ $(($1 % 1024)) -eq 0 ]; then echo "$(($1 / 1024)) KiB"
     else echo "$1-byte"; fi
 }
-unit_per() { case "$1" in resume|full-tls) echo connection ;; *) echo request ;; esac; }
-unit_rate() { case "$1" in resume|full-tls) echo "conn/s" ;; *) echo "req/s" ;; esac; }
-unit_extra() { case "$1" in big) echo "CPU µs/MiB" ;; resume|full-tls) echo "% resumed" ;; *) echo "" ;; esac; }
+unit_per() { case "$1" in resume|resume12|full-tls) echo connection ;; *) echo request ;; esac; }
+unit_rate() { case "$1" in resume|resume12|full-tls) echo "conn/s" ;; *) echo "req/s" ;; esac; }
+unit_extra() { case "$1" in big) echo "CPU µs/MiB" ;; resume|resume12|full-tls) echo "% resumed" ;; *) echo "" ;; esac; }
 
 # unit_checks UNIT -> lines "METRIC AGAINST OP BOUND ITEM": METRIC cpu | rate | mib; AGAINST
 # nginx | haproxy | best (per round, the better of nginx and HAProxy); ITEM: #16's item.
 unit_checks() {
     case "$1" in
         h2)        echo "cpu best <= 1.00 1"; echo "rate best >= 1.00 1" ;;
-        resume)    echo "cpu nginx <= 1.00 2" ;;
+        resume|resume12) echo "cpu nginx <= 1.00 2" ;;
         close|close-tls) echo "cpu nginx <= 1.00 3" ;;
         full-tls)  echo "cpu nginx < 1.00 3" ;;
         big)       echo "mib haproxy <= 1.00 5" ;;
@@ -280,7 +287,7 @@ unit_checks() {
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
-declare -A V_CPU V_RATE V_EXTRA V_PCT V_OTHER V_NOTE ROUNDS_OF READY_NOTE
+declare -A V_CPU V_RATE V_EXTRA V_PCT V_OTHER V_NOTE ROUNDS_OF READY_NOTE TLS_OF
 NOISY_RUNS=0
 ROUNDS_DONE=0
 STOPPED_EARLY=""
@@ -309,6 +316,10 @@ check_ready() {
                 "https://127.0.0.1:$PROXY_HTTPS/" 2>/dev/null || true)"
             [ "$got" = 2 ] || READY_NOTE[$p]="${READY_NOTE[$p]:-}curl --http2 got HTTP/${got:-none}, not h2; "
         fi
+        # "New, TLSv1.3, Cipher is ..." (the session block, with "Protocol :", can come only
+        # with a TLS 1.3 ticket, after s_client has left).
+        TLS_OF[$p]="$(timeout 5 openssl s_client -connect "127.0.0.1:$PROXY_HTTPS" </dev/null 2>/dev/null \
+            | awk -F', ' '/^New, / { print $2; exit }')"
         if has_unit big; then
             got="$(curl -s --max-time 10 -o /dev/null -w '%{http_code} %{size_download}' -H "Host: $HOST_HEADER" \
                 "http://127.0.0.1:$PROXY_HTTP/big" 2>/dev/null || true)"
@@ -494,6 +505,7 @@ report() {
     echo "- machine: $(nproc) CPUs ($CPU_MODEL), kernel $(uname -r); net.ipv4.tcp_tw_reuse=$(cat /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || echo '?'), ports $(tr '\t' '-' < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo '?')"
     echo "- pinning: client + origin on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY; the proxies not being measured are paused (SIGSTOP)"
     echo "- proxies (1 worker each): nginx $NGINX_VER, HAProxy $HAPROXY_VER, $PV_VER; h2 by ALPN on the TLS listener (nginx \`http2\`, HAProxy \`alpn h2,http/1.1\`); TLS session settings: each proxy's defaults; origin connections kept: nginx \`keepalive $UPSTREAM_POOL\`, HAProxy \`pool-max-conn $UPSTREAM_POOL\`, pingora-vhost up to 1024 per address"
+    echo "- TLS version a default client (openssl s_client) gets: $(for p in "${PROXIES[@]}"; do printf '%s %s; ' "$p" "${TLS_OF[$p]:-?}"; done)"
     echo "- clients: wrk $WRK_VER (1 thread), $H2LOAD_VER, $OPENSSL_VER (s_time; each connection sends one HTTP/1.1 request with Connection: close)"
     echo "- origin: nginx, 1 worker, \`return 200 \"ok\\n\"\`$(has_unit big && echo "; /big: a static file of $ORIGIN_BIG_BYTES bytes")"
     echo "- other load: machine ${BUSY_BEFORE}% busy just before the run; $NOISY_RUNS run(s) with more than 10 % of the machine used by other processes$( { [ "$BUSY_BEFORE" -gt 10 ] || [ "$NOISY_RUNS" -gt 0 ]; } && echo ' — **the machine was not idle: numbers are noisy**')"
