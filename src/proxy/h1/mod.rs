@@ -172,17 +172,9 @@ impl VhostApp {
         shutdown: &ShutdownWatch,
     ) {
         let _open = OpenConnection::new(&self.data);
-        // Registered with the reactor of the thread that serves it.
-        let tcp = match tokio::net::TcpStream::from_std(socket) {
-            Ok(tcp) => tcp,
-            Err(e) => {
-                tracing::warn!("client connection dropped: cannot register its socket: {e}");
-                return;
-            }
+        let Some(tcp) = register(socket) else {
+            return;
         };
-        // As Pingora's listeners: answers relayed in several writes must not wait for the
-        // client's delayed ACKs.
-        let _ = tcp.set_nodelay(true);
         let client = Client::new(ClientIo::Tcp(tcp, Some(peer)), self.client_timeout);
         self.serve_connection(client, shutdown).await
     }
@@ -200,14 +192,9 @@ impl VhostApp {
         };
         let mut open = OpenConnection::new(&self.data);
         open.https();
-        let tcp = match tokio::net::TcpStream::from_std(socket) {
-            Ok(tcp) => tcp,
-            Err(e) => {
-                tracing::warn!("client connection dropped: cannot register its socket: {e}");
-                return;
-            }
+        let Some(tcp) = register(socket) else {
+            return;
         };
-        let _ = tcp.set_nodelay(true);
         // Pingora's stream (unbuffered), which the TLS stream wraps; the peer's address as
         // accepted, in the digest both request paths read it from.
         let mut l4 = L4Stream::from(tcp);
@@ -337,6 +324,23 @@ impl VhostApp {
         }
         let (unread, stream) = replayed.into_parts();
         Some((stream, unread))
+    }
+}
+
+/// An accepted socket, registered with the reactor of the thread that serves it; `None`
+/// (logged) drops the connection.
+fn register(socket: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    match tokio::net::TcpStream::from_std(socket) {
+        Ok(tcp) => {
+            // As Pingora's listeners: answers relayed in several writes must not wait for the
+            // client's delayed ACKs.
+            let _ = tcp.set_nodelay(true);
+            Some(tcp)
+        }
+        Err(e) => {
+            tracing::warn!("client connection dropped: cannot register its socket: {e}");
+            None
+        }
     }
 }
 
